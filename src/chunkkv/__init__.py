@@ -1,0 +1,38 @@
+"""chunkkv: ChunkKV KV-cache compression (semantic chunks + layer-wise index reuse) for transformers.
+
+Quick start::
+
+    import chunkkv
+    method = chunkkv.ChunkKV(keep_fraction=0.1, chunk_size=10, reuse_depth=2)
+    ctx = chunkkv.compress(model, input_ids, method=method)      # compressed cache + next logits
+    out = model.generate(torch.cat([input_ids, question_ids], 1), cache=ctx.cache, max_new_tokens=32)
+"""
+
+from .attention import attach, detach
+from .budget import Budget, pyramid_budgets
+from .cache import ChunkKVCache, PrunedLayer
+from .compress import CompressedContext, CompressionStats, compress
+from .errors import BudgetError, ChunkKVError, PromptError, UnsupportedModelError
+from .generation import GenerationResult, Sampling, continue_from, generate
+from .methods import (
+    H2O,
+    METHODS,
+    ChunkKV,
+    FullKV,
+    KVPressChunkKV,
+    KVPressSnapKV,
+    Method,
+    PyramidKV,
+    SnapKV,
+    StreamingLLM,
+    make_method,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "H2O", "METHODS", "Budget", "BudgetError", "ChunkKV", "ChunkKVCache", "ChunkKVError", "CompressedContext",
+    "CompressionStats", "FullKV", "GenerationResult", "KVPressChunkKV", "KVPressSnapKV", "Method", "PromptError",
+    "PrunedLayer", "PyramidKV", "Sampling", "SnapKV", "StreamingLLM", "UnsupportedModelError", "attach",
+    "compress", "continue_from", "detach", "generate", "make_method", "pyramid_budgets",
+]

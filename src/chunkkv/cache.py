@@ -1,0 +1,199 @@
+"""A transformers ``Cache`` whose full-attention layers can hold a pruned prompt.
+
+After pruning, a layer stores fewer tokens than the sequence it represents. Two lengths are
+tracked apart, which is what keeps decoding correct:
+
+* the **logical** length (prompt + generated tokens, padding included) drives positions:
+  ``get_seq_length()`` returns it, so ``generate`` and the models give new tokens the positions
+  that continue the original prompt, and kept keys keep their original rotation;
+* the **stored** length drives masks: ``get_mask_sizes`` describes the stored keys as the last
+  ``stored`` columns of the logical sequence, so a 2-D padding mask over logical positions lines
+  up with new tokens exactly (and masks only left padding or filler slots among stored ones).
+
+Layers may store different lengths (PyramidKV) and rows may keep different counts (filler slots,
+``valid`` False). The attention wrapper in ``attention.py`` applies both; see there.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+
+import torch
+from transformers.cache_utils import (
+    DYNAMIC_LAYER_TYPE_MAPPING,
+    Cache,
+    DynamicLayer,
+    get_layer_types_and_kwargs,
+)
+
+_last_update = threading.local()
+
+
+def take_last_update() -> PrunedLayer | None:
+    """The :class:`PrunedLayer` updated last on this thread, once (used by the attention wrapper)."""
+    ref = getattr(_last_update, "ref", None)
+    _last_update.ref = None
+    return ref() if ref is not None else None
+
+
+class PrunedLayer(DynamicLayer):
+    """A full-attention cache layer that can be pruned once and then grows by appending.
+
+    Attributes:
+        keys, values: ``[B, Hkv, stored, d]``.
+        logical_length: tokens the layer stands for (host int, no sync needed).
+        valid: ``[B, stored]`` bool, False at filler slots; None when every slot is real.
+        kept_index: ``[B, 1 or Hkv, kept]`` original positions kept at pruning (None if never pruned).
+    """
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.logical_length = 0
+        self.valid: torch.Tensor | None = None
+        self.kept_index: torch.Tensor | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        keys, values = super().update(key_states, value_states)
+        new = key_states.shape[-2]
+        self.logical_length += new
+        if self.valid is not None:
+            self.valid = torch.cat([self.valid, self.valid.new_ones(self.valid.shape[0], new)], dim=-1)
+        _last_update.ref = weakref.ref(self)
+        return keys, values
+
+    @property
+    def stored_length(self) -> int:
+        """Tokens actually stored."""
+        return 0 if not self.is_initialized or self.keys.numel() == 0 else self.keys.shape[-2]
+
+    def get_seq_length(self) -> int:
+        return self.logical_length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        stored = self.stored_length
+        return stored + query_length, self.logical_length - stored
+
+    def prune(self, index: torch.Tensor, valid: torch.Tensor | None) -> None:
+        """Keep only the positions ``index [B, 1 or Hkv, S]`` (sorted) of the stored tokens.
+
+        ``valid [B, S]`` marks real slots (None = all real). The logical length is unchanged.
+        """
+        batch, heads, _, dim = self.keys.shape
+        gather = index[..., None].expand(batch, heads, index.shape[-1], dim)
+        self.keys = torch.gather(self.keys, 2, gather)
+        self.values = torch.gather(self.values, 2, gather)
+        self.valid = valid
+        self.kept_index = index
+
+    def crop(self, tokens_to_remove: int) -> None:
+        # transformers passes a negative count of tokens to drop from the end.
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative number of tokens to remove from the end")
+        n = -tokens_to_remove
+        if n == 0 or not self.is_initialized:
+            return
+        super().crop(tokens_to_remove)
+        self.logical_length -= n
+        if self.valid is not None:
+            self.valid = self.valid[:, :-n]
+
+    def _select_batch(self, fn) -> None:
+        if self.valid is not None:
+            self.valid = fn(self.valid)
+        if self.kept_index is not None:
+            self.kept_index = fn(self.kept_index)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._select_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._select_batch(lambda t: t[indices, ...])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._select_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def reset(self) -> None:
+        super().reset()
+        self.logical_length = 0
+        self.valid = None
+        self.kept_index = None
+
+
+class ChunkKVCache(Cache):
+    """A cache for one model: :class:`PrunedLayer` on full-attention layers, the stock dynamic
+    layer elsewhere (sliding-window layers stay bounded by their window and are never pruned).
+
+    Pass it to ``model(...)`` or ``model.generate(..., cache=cache)`` like any transformers cache.
+    """
+
+    def __init__(self, config) -> None:
+        text_config = config.get_text_config(decoder=True)
+        layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
+        layers = [
+            PrunedLayer() if kind == "full_attention" else DYNAMIC_LAYER_TYPE_MAPPING[kind](**kw)
+            for kind, kw in zip(layer_types, layer_kwargs)
+        ]
+        super().__init__(layers=layers)
+        self.layer_types = list(layer_types)
+
+    @property
+    def pruned_layers(self) -> list[int]:
+        """Indices of the layers that can be pruned (full attention)."""
+        return [i for i, layer in enumerate(self.layers) if isinstance(layer, PrunedLayer)]
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        layer = self.layers[layer_idx] if layer_idx < len(self.layers) else None
+        if not isinstance(layer, PrunedLayer):
+            return super().get_mask_sizes(query_length, layer_idx)
+        # One mask serves every full-attention layer: size it for the longest, and let the
+        # attention wrapper take the suffix each layer needs.
+        stored = max(self.layers[i].stored_length for i in self.pruned_layers)
+        return stored + query_length, layer.logical_length - stored
+
+    def stored_lengths(self) -> list[int]:
+        """Tokens stored per layer (what the memory holds)."""
+        return [
+            layer.stored_length if isinstance(layer, PrunedLayer) else (layer.keys.shape[-2] if layer.is_initialized else 0)
+            for layer in self.layers
+        ]
+
+    def kept_counts(self) -> torch.Tensor:
+        """``[num_pruned_layers, B]`` real (non-filler) tokens stored per pruned layer and row."""
+        rows = []
+        for i in self.pruned_layers:
+            layer = self.layers[i]
+            if layer.valid is None:
+                rows.append(torch.full((layer.keys.shape[0],), layer.stored_length, device=layer.keys.device))
+            else:
+                rows.append(layer.valid.sum(-1))
+        return torch.stack(rows)
+
+    def nbytes(self) -> int:
+        """Bytes held by stored keys and values (all layers)."""
+        total = 0
+        for layer in self.layers:
+            if getattr(layer, "is_initialized", False) and layer.keys is not None:
+                total += layer.keys.numel() * layer.keys.element_size()
+                total += layer.values.numel() * layer.values.element_size()
+        return total
+
+    def fork(self) -> ChunkKVCache:
+        """A copy that shares the current tensors; appending to it leaves this cache unchanged.
+
+        Cheap (no tensor copy): cache layers grow by concatenation, which allocates new tensors.
+        Used to answer several questions on one compressed context.
+        """
+        clone = object.__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        clone.layers = [_shallow_copy(layer) for layer in self.layers]
+        return clone
+
+
+def _shallow_copy(layer):
+    copy = object.__new__(type(layer))
+    copy.__dict__.update(layer.__dict__)
+    return copy

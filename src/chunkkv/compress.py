@@ -1,0 +1,251 @@
+"""Prefill with compression: run the prompt once and prune every full-attention layer's cache.
+
+Compression happens once, at prefill, layer by layer: each layer attends over its whole prompt
+(the output is exact), then keeps the selected tokens. Peak memory during prefill therefore
+still includes one layer's full prompt keys and values (plus the activations of a normal prefill);
+what compression saves is every layer's cache *after* its own attention, and everything during
+decoding. See ``docs`` in the README.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from . import selection as sel
+from .attention import attach, attention_modules, compression_session
+from .cache import ChunkKVCache, PrunedLayer
+from .errors import PromptError, UnsupportedModelError
+from .methods import FullKV, LayerInputs, Method, StreamingLLM
+
+
+@dataclass
+class CompressionStats:
+    """What one compression did.
+
+    Attributes:
+        scored_layers: layers that ran scoring and selection (reuse followers are absent).
+        kept: ``{layer: [kept tokens per row]}`` for pruned layers (host ints, exact).
+        prompt_lengths: real prompt tokens per row.
+        select_seconds: time spent scoring, selecting and gathering (only with ``measure=True``).
+        prefill_seconds: wall time of the whole prefill forward pass.
+    """
+
+    scored_layers: list[int] = field(default_factory=list)
+    kept: dict[int, list[int]] = field(default_factory=dict)
+    prompt_lengths: list[int] = field(default_factory=list)
+    select_seconds: float = 0.0
+    prefill_seconds: float = 0.0
+
+    @property
+    def mean_kept_fraction(self) -> float:
+        """Kept tokens over prompt tokens, averaged over pruned layers and rows (1.0 = nothing dropped)."""
+        if not self.kept:
+            return 1.0
+        total = sum(sum(v) for v in self.kept.values())
+        return total / (len(self.kept) * sum(self.prompt_lengths))
+
+
+@dataclass
+class CompressedContext:
+    """A prompt run through the model with a compressed cache, ready to continue.
+
+    Attributes:
+        cache: the compressed :class:`ChunkKVCache`; pass it to ``model.generate(..., cache=...)``
+            together with ``input_ids`` + new tokens, or use :func:`chunkkv.generation.continue_from`.
+        input_ids: ``[B, T]`` the prompt as given (left-padded).
+        attention_mask: ``[B, T]`` its mask (ones when none was given).
+        next_logits: ``[B, vocab]`` logits for the token after the prompt.
+        stats: :class:`CompressionStats`.
+    """
+
+    cache: ChunkKVCache
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    next_logits: torch.Tensor
+    method: Method
+    stats: CompressionStats
+
+    def fork(self) -> CompressedContext:
+        """A copy whose cache can be extended without changing this one (no tensor copies)."""
+        return CompressedContext(
+            self.cache.fork(), self.input_ids, self.attention_mask, self.next_logits, self.method, self.stats
+        )
+
+
+class _Session:
+    """Per-request state for the attention wrapper: plan, reuse schedule, chosen indices."""
+
+    def __init__(self, method, cache, plan, slots, leaders, key_valid, lengths, pad, measure):
+        self.method = method
+        self.cache = cache
+        self.plan = plan  # layer -> kept tensor [B]
+        self.slots = slots  # layer -> host int
+        self.has_fillers = {}  # layer -> bool (host)
+        self.leaders = leaders
+        self.key_valid = key_valid
+        self.lengths = lengths
+        self.pad = pad
+        self.measure = measure
+        self.chosen: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.stats = CompressionStats()
+
+    def on_attention(self, module, layer: PrunedLayer, query, key, kwargs) -> None:
+        idx = module.layer_idx
+        if idx not in self.plan or layer is not self.cache.layers[idx]:
+            return
+        start = _now(key.device) if self.measure else 0.0
+        leader = self.leaders[idx]
+        if leader == idx:
+            inputs = LayerInputs(
+                queries=query,
+                keys=key,
+                scaling=kwargs.get("scaling") or getattr(module, "scaling", key.shape[-1] ** -0.5),
+                softcap=kwargs.get("softcap"),
+                key_valid=self.key_valid,
+                lengths=self.lengths,
+                pad=self.pad,
+                kept=self.plan[idx],
+                slots=self.slots[idx],
+            )
+            index, valid = sel.finalize(self.method.select(inputs), self.pad)
+            self.chosen[idx] = (index, valid if self.has_fillers[idx] else None)
+            self.stats.scored_layers.append(idx)
+        layer.prune(*self.chosen[leader])
+        if self.measure:
+            self.stats.select_seconds += _now(key.device) - start
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _check_prompt(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(input_ids, torch.Tensor):
+        raise PromptError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    if input_ids.dim() != 2:
+        raise PromptError(f"input_ids must have shape [batch, length], got {tuple(input_ids.shape)}")
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise PromptError("the prompt is empty: give at least one token to compress")
+    if input_ids.dtype not in (torch.long, torch.int, torch.int32, torch.int64):
+        raise PromptError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    else:
+        if attention_mask.dim() == 1:
+            attention_mask = attention_mask[None]
+        if attention_mask.shape != input_ids.shape:
+            raise PromptError(
+                f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has {tuple(input_ids.shape)}"
+            )
+        attention_mask = attention_mask.to(device=input_ids.device, dtype=torch.long)
+    return input_ids, attention_mask
+
+
+def _row_lengths(attention_mask: torch.Tensor) -> list[int]:
+    """Real tokens per row; checks the padding is on the left (one host sync per request)."""
+    mask = attention_mask.bool()
+    lengths = mask.sum(-1)
+    width = mask.shape[-1]
+    expected = torch.arange(width, device=mask.device)[None, :] >= (width - lengths)[:, None]
+    lengths_host = lengths.tolist()
+    if not torch.equal(mask, expected):
+        raise PromptError(
+            "the attention_mask is not left-padded: chunkkv needs each row's padding on the left "
+            "(set tokenizer.padding_side = 'left')"
+        )
+    for row, n in enumerate(lengths_host):
+        if n == 0:
+            raise PromptError(f"row {row} of the batch has no real tokens (its attention_mask is all zeros)")
+    return lengths_host
+
+
+@torch.inference_mode()
+def compress(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    method: Method | None = None,
+    *,
+    measure: bool = False,
+) -> CompressedContext:
+    """Prefill ``input_ids`` with ``method`` and return the compressed cache and next-token logits.
+
+    Args:
+        model: a transformers decoder-only causal LM (sdpa or eager attention). It is attached to
+            chunkkv's attention wrapper (see :func:`chunkkv.attention.attach`) if not already.
+        input_ids: ``[B, T]`` or ``[T]`` token ids, left-padded for batches.
+        attention_mask: ``[B, T]`` 1 for real tokens, 0 for left padding (None = no padding).
+        method: a :mod:`chunkkv.methods` method; None or :class:`FullKV` keeps everything.
+        measure: time the selection step (syncs the device around each layer's selection; leave
+            off outside benchmarks).
+
+    Each row chooses its own tokens. Rows shorter than their budget keep every token.
+    """
+    method = method or FullKV()
+    input_ids, attention_mask = _check_prompt(input_ids, attention_mask)
+    attach(model)
+    lengths_host = _row_lengths(attention_mask)
+    width = input_ids.shape[1]
+    if not isinstance(method, (FullKV, StreamingLLM)):
+        short = [(row, n) for row, n in enumerate(lengths_host) if n <= method.window]
+        if short:
+            row, n = short[0]
+            raise PromptError(
+                f"window={method.window} is not shorter than the prompt (row {row} has {n} tokens): the "
+                "observation window must leave a prefix to score; lower `window` or use method 'full'"
+            )
+    cache = ChunkKVCache(model.config)
+    pruned = cache.pruned_layers
+    if not pruned and not isinstance(method, FullKV):
+        raise UnsupportedModelError(
+            "every attention layer of this model is sliding-window, so its cache is already bounded and "
+            "chunkkv has nothing to compress; use method 'full'"
+        )
+    modules = {m.layer_idx for m in attention_modules(model)}
+    missing = [i for i in pruned if i not in modules]
+    if missing:
+        raise UnsupportedModelError(f"layers {missing} have no self_attn module with a matching layer_idx")
+
+    device = input_ids.device
+    lengths = torch.tensor(lengths_host, device=device)
+    stats = CompressionStats(prompt_lengths=lengths_host)
+    session = None
+    if not isinstance(method, FullKV):
+        per_layer = method.kept_per_layer(lengths_host, len(pruned))
+        plan, slots, fillers = {}, {}, {}
+        for pos, layer in enumerate(pruned):
+            kept = per_layer[pos]
+            if all(k == width for k in kept):
+                continue  # nothing to drop on this layer
+            plan[layer] = torch.tensor(kept, device=device)
+            slots[layer] = max(kept)
+            fillers[layer] = any(k != slots[layer] for k in kept)
+            stats.kept[layer] = list(kept)
+        leaders = sel.reuse_leaders(list(plan), method.reuse_depth) if plan else {}
+        key_valid = attention_mask.bool() if any(n != width for n in lengths_host) else None
+        session = _Session(method, cache, plan, slots, leaders, key_valid, lengths, width - lengths, measure)
+        session.has_fillers = fillers
+        session.stats = stats
+
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    start = _now(device)
+    with compression_session(session) if session is not None else contextlib.nullcontext():
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+    stats.prefill_seconds = _now(device) - start
+    return CompressedContext(cache, input_ids, attention_mask, out.logits[:, -1, :], method, stats)
+

@@ -1,0 +1,243 @@
+"""Decoding on a compressed context: the library's own loop and a text-level ``generate``.
+
+The loop feeds new tokens with positions that continue each row's *original* prompt length and a
+2-D attention mask over logical positions, exactly what stock ``model.generate`` does with a
+:class:`~chunkkv.cache.ChunkKVCache`, so both give the same tokens (greedy).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from .compress import CompressedContext, compress
+from .errors import ChunkKVError, PromptError
+from .methods import Method
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Decoding settings. ``do_sample=False`` is greedy (the default, and what tests compare)."""
+
+    max_new_tokens: int = 32
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ChunkKVError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.do_sample and self.temperature <= 0:
+            raise ChunkKVError(f"temperature={self.temperature} must be > 0 when sampling")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ChunkKVError(f"top_p={self.top_p} must be in (0, 1]")
+
+
+def _warpers(sampling: Sampling) -> LogitsProcessorList:
+    warpers = LogitsProcessorList()
+    if sampling.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(sampling.temperature))
+    if sampling.top_k:
+        warpers.append(TopKLogitsWarper(sampling.top_k))
+    if sampling.top_p is not None and sampling.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(sampling.top_p))
+    return warpers
+
+
+def _eos_ids(model, sampling: Sampling) -> list[int]:
+    eos = sampling.eos_token_id
+    if eos is None:
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        return []
+    return [eos] if isinstance(eos, int) else list(eos)
+
+
+@torch.inference_mode()
+def continue_from(
+    model: torch.nn.Module,
+    context: CompressedContext,
+    new_ids: torch.Tensor | None = None,
+    sampling: Sampling | None = None,
+) -> torch.Tensor:
+    """Generate after a compressed context, optionally feeding ``new_ids`` (e.g. a question) first.
+
+    The context's cache is extended in place; use ``context.fork()`` to keep it reusable.
+
+    Args:
+        context: from :func:`chunkkv.compress`.
+        new_ids: ``[B, n]`` tokens to append before generating (same for the whole batch width);
+            None generates straight from the prompt's last logits (query-aware mode).
+        sampling: :class:`Sampling` (greedy by default).
+
+    Returns:
+        ``[B, m]`` generated token ids (``m <= max_new_tokens``); rows that finished early are
+        padded with the pad token, as ``model.generate`` does.
+    """
+    sampling = sampling or Sampling()
+    device = context.input_ids.device
+    batch = context.input_ids.shape[0]
+    mask = context.attention_mask
+    next_pos = mask.sum(-1, keepdim=True)  # each row continues from its own prompt length
+    eos = _eos_ids(model, sampling)
+    pad = sampling.pad_token_id
+    if pad is None:
+        pad = getattr(model.generation_config, "pad_token_id", None)
+    if pad is None:
+        pad = eos[0] if eos else 0
+    warpers = _warpers(sampling)
+    generator = None
+    if sampling.do_sample and sampling.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(sampling.seed)
+
+    def step(ids: torch.Tensor) -> torch.Tensor:
+        nonlocal mask, next_pos
+        n = ids.shape[1]
+        mask = torch.cat([mask, mask.new_ones(batch, n)], dim=-1)
+        positions = next_pos + torch.arange(n, device=device)[None, :]
+        next_pos = next_pos + n
+        out = model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, cache=context.cache,
+            use_cache=True, logits_to_keep=1,
+        )
+        return out.logits[:, -1, :]
+
+    if new_ids is not None:
+        if new_ids.dim() == 1:
+            new_ids = new_ids[None].expand(batch, -1)
+        if new_ids.shape[0] != batch or new_ids.shape[1] == 0:
+            raise PromptError(f"new tokens must have shape [{batch}, n>0], got {tuple(new_ids.shape)}")
+        logits = step(new_ids.to(device))
+    else:
+        logits = context.next_logits
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    eos_t = torch.tensor(eos, device=device) if eos else None
+    out_tokens = []
+    for i in range(sampling.max_new_tokens):
+        scores = logits.float()
+        if sampling.do_sample:
+            scores = warpers(None, scores)
+            token = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator)[:, 0]
+        else:
+            token = scores.argmax(dim=-1)
+        token = torch.where(finished, torch.full_like(token, pad), token)
+        out_tokens.append(token)
+        if eos_t is not None:
+            finished = finished | torch.isin(token, eos_t)
+            # One sync per token to stop early, as transformers' generate does.
+            if bool(finished.all()):
+                break
+        if i + 1 < sampling.max_new_tokens:
+            logits = step(token[:, None])
+    return torch.stack(out_tokens, dim=1)
+
+
+@dataclass
+class Answer:
+    """Answers to one question for every context row, with what they cost."""
+
+    question: str
+    texts: list[str]
+    token_ids: list[list[int]]
+    seconds: float
+
+
+@dataclass
+class GenerationResult:
+    """Output of :func:`generate`."""
+
+    answers: list[Answer]
+    kept_tokens: dict[int, list[int]] = field(default_factory=dict)
+    prompt_tokens: list[int] = field(default_factory=list)
+    cache_bytes: int = 0
+    compress_seconds: float = 0.0
+
+
+def _encode(tokenizer, texts: list[str], device, add_special_tokens: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    try:
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
+    finally:
+        tokenizer.padding_side = side
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+
+@torch.inference_mode()
+def generate(
+    model: torch.nn.Module,
+    tokenizer,
+    context: str | list[str],
+    questions: str | list[str],
+    method: Method | None = None,
+    *,
+    sampling: Sampling | None = None,
+    query_aware: bool = False,
+) -> GenerationResult:
+    """Answer each question on a compressed context (text in, text out).
+
+    By default the context is compressed once without seeing any question (question-agnostic, as
+    kvpress's pipeline does) and every question is answered on the same compressed cache. With
+    ``query_aware=True`` the question is appended to the context before compression, once per
+    question, so the observation window is the question itself.
+
+    Args:
+        context: one document or a batch (each row chooses its own tokens; left padding).
+        questions: one or more questions asked of every context row.
+        method: a compression method; None keeps the full cache.
+    """
+    contexts = [context] if isinstance(context, str) else list(context)
+    qs = [questions] if isinstance(questions, str) else list(questions)
+    if not contexts or any(not c for c in contexts):
+        raise PromptError("the context is empty: give the text to compress")
+    if not qs:
+        raise PromptError("give at least one question")
+    sampling = sampling or Sampling()
+    if sampling.eos_token_id is None and tokenizer.eos_token_id is not None:
+        sampling = Sampling(**{**sampling.__dict__, "eos_token_id": tokenizer.eos_token_id})
+    device = next(model.parameters()).device
+    result = GenerationResult(answers=[])
+    shared = None
+    if not query_aware:
+        ids, mask = _encode(tokenizer, contexts, device, add_special_tokens=True)
+        shared = compress(model, ids, mask, method)
+        result.kept_tokens, result.prompt_tokens = shared.stats.kept, shared.stats.prompt_lengths
+        result.cache_bytes = shared.cache.nbytes()
+        result.compress_seconds = shared.stats.prefill_seconds
+    for question in qs:
+        start = time.perf_counter()
+        if query_aware:
+            ids, mask = _encode(tokenizer, [c + question for c in contexts], device, add_special_tokens=True)
+            ctx = compress(model, ids, mask, method)
+            result.kept_tokens, result.prompt_tokens = ctx.stats.kept, ctx.stats.prompt_lengths
+            result.cache_bytes = max(result.cache_bytes, ctx.cache.nbytes())
+            result.compress_seconds += ctx.stats.prefill_seconds
+            tokens = continue_from(model, ctx, None, sampling)
+        else:
+            q_ids = tokenizer(question, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
+            if q_ids.shape[1] == 0:
+                raise PromptError(f"question {question!r} encodes to no tokens")
+            tokens = continue_from(model, shared.fork(), q_ids, sampling)
+        rows = [_strip(t, sampling, tokenizer) for t in tokens.tolist()]
+        texts = [tokenizer.decode(r, skip_special_tokens=True) for r in rows]
+        result.answers.append(Answer(question, texts, rows, time.perf_counter() - start))
+    return result
+
+
+def _strip(tokens: list[int], sampling: Sampling, tokenizer) -> list[int]:
+    """Cut a row at its first end-of-sequence token."""
+    eos = sampling.eos_token_id
+    stops = set([eos] if isinstance(eos, int) else (eos or []))
+    for i, t in enumerate(tokens):
+        if t in stops:
+            return tokens[:i]
+    return tokens

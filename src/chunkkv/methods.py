@@ -1,0 +1,364 @@
+"""The compression methods: one small frozen dataclass each, all behind one interface.
+
+A method turns one layer's prompt keys and query states into the indices to keep::
+
+    scores  = how much attention each prompt token gets (scoring.py)
+    picks   = which tokens / chunks win, per row, inside an exact budget (selection.py)
+
+The glue in ``compress.py`` calls :meth:`Method.select` once per *leader* layer during prefill and
+gathers keys and values with the result. Budget fields (exactly one):
+
+* ``keep_tokens``     – prompt tokens kept per layer (absolute),
+* ``keep_fraction``   – share of the prompt **kept** (0.1 = keep 10 %),
+* ``remove_fraction`` – share **removed**, i.e. kvpress's ``compression_ratio`` (0.9 = keep 10 %).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, ClassVar
+
+import torch
+
+from . import selection as sel
+from .budget import Budget, pyramid_budgets
+from .errors import BudgetError, ChunkKVError
+from .scoring import accumulated_attention_scores, window_attention_scores
+
+POOLINGS = ("none", "avg", "max")
+
+
+@dataclass
+class LayerInputs:
+    """What a method sees for one layer at prefill.
+
+    Attributes:
+        queries: ``[B, Hq, T, d]`` query states of the whole prompt (post RoPE / q-norm).
+        keys: ``[B, Hkv, T, d]`` key states of the whole prompt.
+        scaling: softmax scale used by the model; ``softcap``: logit soft-cap or None.
+        key_valid: ``[B, T]`` bool, False at left padding (None = no padding).
+        lengths: ``[B]`` real tokens per row; ``pad``: ``[B]`` left padding per row.
+        kept: ``[B]`` tokens this layer keeps per row; ``slots``: ``max(kept)`` (host int).
+    """
+
+    queries: torch.Tensor
+    keys: torch.Tensor
+    scaling: float
+    softcap: float | None
+    key_valid: torch.Tensor | None
+    lengths: torch.Tensor
+    pad: torch.Tensor
+    kept: torch.Tensor
+    slots: int
+
+
+@dataclass(frozen=True)
+class Method:
+    """Common parameters of every method.
+
+    Attributes:
+        keep_tokens / keep_fraction / remove_fraction: the budget (set exactly one).
+        window: observation window ``w``: the last ``w`` prompt tokens score the rest and are
+            always kept (counted inside the budget).
+        reuse_depth: layer-wise index reuse; layers form groups of this many and follow the
+            first layer of their group. 1 = off, 2 = the paper. Only for methods whose selection
+            is shared by all heads of a layer.
+    """
+
+    name: ClassVar[str] = "method"
+    shared_across_heads: ClassVar[bool] = False
+
+    keep_tokens: int | None = None
+    keep_fraction: float | None = None
+    remove_fraction: float | None = None
+    window: int = 32
+    reuse_depth: int = 1
+
+    def __post_init__(self) -> None:
+        self.budget  # validates the budget fields
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 0:
+            raise ChunkKVError(f"window={self.window!r} must be an int >= 0 (tokens of the observation window)")
+        if isinstance(self.reuse_depth, bool) or not isinstance(self.reuse_depth, int) or self.reuse_depth < 1:
+            raise ChunkKVError(
+                f"reuse_depth={self.reuse_depth!r} must be an int >= 1 (1 = no layer-wise reuse, 2 = the paper's setting)"
+            )
+        if self.reuse_depth > 1 and not self.shared_across_heads:
+            raise ChunkKVError(
+                f"{self.name} selects tokens per KV head, so its indices cannot be reused across layers; "
+                "reuse_depth > 1 needs a method with one index set per layer (chunkkv, streamingllm)"
+            )
+
+    # --- budget -----------------------------------------------------------------------------
+    @property
+    def budget(self) -> Budget:
+        """The budget as a :class:`Budget` (raises :class:`BudgetError` when missing or ambiguous)."""
+        budget = Budget(self.keep_tokens, self.keep_fraction, self.remove_fraction)
+        if self.keep_tokens is None and self.keep_fraction is None and self.remove_fraction is None:
+            raise BudgetError(
+                f"{self.name} needs a budget: pass keep_tokens=N (tokens per layer), keep_fraction=F "
+                "(share kept) or remove_fraction=R (share removed, kvpress's compression_ratio)"
+            )
+        return budget
+
+    def kept_per_layer(self, lengths: list[int], num_layers: int) -> list[list[int]]:
+        """Host-side kept counts, ``[layer][row]``, for rows of ``lengths`` real tokens."""
+        per_row = [self.budget.kept(n) for n in lengths]
+        return [per_row for _ in range(num_layers)]
+
+    @property
+    def needs_all_queries(self) -> bool:
+        """True when scoring uses every prompt query (H2O), not just the window."""
+        return False
+
+    def select(self, inputs: LayerInputs) -> torch.Tensor:
+        """Row-relative picks ``[B, 1 or Hkv, slots]`` (``-1`` = filler) for one layer."""
+        raise NotImplementedError
+
+    def with_budget(self, **budget: Any) -> Method:
+        """Copy with another budget, e.g. ``m.with_budget(keep_fraction=0.25)``."""
+        cleared = {"keep_tokens": None, "keep_fraction": None, "remove_fraction": None}
+        cleared.update(budget)
+        return replace(self, **cleared)
+
+    def describe(self) -> str:
+        """One line naming the method and its non-default settings."""
+        parts = [self.budget.describe()]
+        for f in fields(self):
+            if f.name in ("keep_tokens", "keep_fraction", "remove_fraction"):
+                continue
+            value = getattr(self, f.name)
+            if value != f.default:
+                parts.append(f"{f.name}={value}")
+        return f"{self.name}({', '.join(parts)})"
+
+
+@dataclass(frozen=True)
+class _Scored(Method):
+    """Methods that score with the observation window and may pool the scores."""
+
+    pooling: str = "max"
+    kernel: int = 7
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.pooling not in POOLINGS:
+            raise ChunkKVError(f"pooling={self.pooling!r} is not one of {POOLINGS}")
+        if isinstance(self.kernel, bool) or not isinstance(self.kernel, int) or self.kernel < 1:
+            raise ChunkKVError(f"kernel={self.kernel!r} must be an int >= 1 (1 = no pooling)")
+        if self.window < 1:
+            raise ChunkKVError(f"{self.name} scores with the observation window: window must be >= 1, got {self.window}")
+
+    def scores(self, inputs: LayerInputs) -> torch.Tensor:
+        """Row-relative pooled prefix scores ``[B, Hkv, T]`` (``-inf`` outside the prefix)."""
+        win = min(self.window, inputs.queries.shape[2])
+        raw = window_attention_scores(
+            inputs.queries[:, :, -win:], inputs.keys, inputs.scaling, inputs.key_valid, inputs.softcap
+        )
+        aligned = sel.align_rows(raw, inputs.pad)
+        return sel.prefix_scores(aligned, inputs.lengths, inputs.kept, self.window, self.pooling, self.kernel)
+
+
+@dataclass(frozen=True)
+class FullKV(Method):
+    """No compression: the reference every method is compared with."""
+
+    name: ClassVar[str] = "full"
+    shared_across_heads: ClassVar[bool] = True
+
+    @property
+    def budget(self) -> Budget:
+        return Budget.full()
+
+    def select(self, inputs: LayerInputs) -> torch.Tensor:  # pragma: no cover - never called
+        raise RuntimeError("FullKV keeps every token; there is nothing to select")
+
+
+@dataclass(frozen=True)
+class StreamingLLM(Method):
+    """StreamingLLM: ``n_sink`` attention-sink tokens plus the most recent tokens."""
+
+    name: ClassVar[str] = "streamingllm"
+    shared_across_heads: ClassVar[bool] = True
+
+    n_sink: int = 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.n_sink, bool) or not isinstance(self.n_sink, int) or self.n_sink < 0:
+            raise ChunkKVError(f"n_sink={self.n_sink!r} must be an int >= 0")
+
+    def select(self, inputs: LayerInputs) -> torch.Tensor:
+        return sel.select_streaming(inputs.lengths, inputs.kept, self.n_sink, inputs.slots)
+
+
+@dataclass(frozen=True)
+class H2O(Method):
+    """H2O (prefill form): heavy hitters by attention accumulated over all prompt queries, per KV
+    head, plus the recent window."""
+
+    name: ClassVar[str] = "h2o"
+
+    @property
+    def needs_all_queries(self) -> bool:
+        return True
+
+    def select(self, inputs: LayerInputs) -> torch.Tensor:
+        raw = accumulated_attention_scores(
+            inputs.queries, inputs.keys, inputs.scaling, inputs.key_valid, inputs.softcap
+        )
+        aligned = sel.align_rows(raw, inputs.pad)
+        scores = sel.prefix_scores(aligned, inputs.lengths, inputs.kept, self.window)
+        return sel.select_tokens_per_head(scores, inputs.lengths, inputs.kept, self.window, inputs.slots)
+
+
+@dataclass(frozen=True)
+class SnapKV(_Scored):
+    """SnapKV: window attention scores, pooled, top tokens per KV head, window kept."""
+
+    name: ClassVar[str] = "snapkv"
+
+    def select(self, inputs: LayerInputs) -> torch.Tensor:
+        return sel.select_tokens_per_head(self.scores(inputs), inputs.lengths, inputs.kept, self.window, inputs.slots)
+
+
+@dataclass(frozen=True)
+class PyramidKV(SnapKV):
+    """PyramidKV: SnapKV scores with per-layer budgets falling linearly with depth (mean = budget).
+
+    ``beta`` sets the ratio between the deepest layer's prefix budget and the mean (PyramidKV: 20).
+    """
+
+    name: ClassVar[str] = "pyramidkv"
+
+    beta: float = 20.0
+
+    def kept_per_layer(self, lengths: list[int], num_layers: int) -> list[list[int]]:
+        per_row = [
+            pyramid_budgets(self.budget.kept(n), self.window, n, num_layers, self.beta) for n in lengths
+        ]
+        return [[row[layer] for row in per_row] for layer in range(num_layers)]
+
+
+@dataclass(frozen=True)
+class ChunkKV(_Scored):
+    """ChunkKV: keep whole semantic chunks, one index set for every head of a layer.
+
+    Attributes:
+        chunk_size: tokens per chunk (paper: 10).
+        chunk_reduce: ``"mean"`` or ``"sum"`` of token scores inside a chunk (equal rankings for
+            whole chunks; they differ only for the partial last chunk).
+        reuse_depth: layer-wise index reuse (paper: 2).
+    """
+
+    name: ClassVar[str] = "chunkkv"
+    shared_across_heads: ClassVar[bool] = True
+
+    chunk_size: int = 10
+    chunk_reduce: str = "mean"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size <= 0:
+            raise ChunkKVError(f"chunk_size={self.chunk_size!r} must be a positive int (the paper uses 10)")
+        if self.chunk_reduce not in ("mean", "sum"):
+            raise ChunkKVError(f"chunk_reduce={self.chunk_reduce!r} must be 'mean' or 'sum'")
+
+    def select(self, inputs: LayerInputs) -> torch.Tensor:
+        return sel.select_chunks(
+            self.scores(inputs), inputs.lengths, inputs.kept, self.window, inputs.slots,
+            self.chunk_size, self.chunk_reduce,
+        )
+
+
+@dataclass(frozen=True)
+class KVPressChunkKV(ChunkKV):
+    """kvpress 0.5.5 ``ChunkKVPress(SnapKVPress(...))`` semantics, for side-by-side comparison.
+
+    Differences from :class:`ChunkKV` (all kvpress's choices): the budget is ``remove_fraction``
+    (kvpress's ``compression_ratio``); the whole prompt, window included, is cut into chunks and
+    ``max(1, int(n_chunks * (1 - ratio)))`` whole chunks are kept, so the kept count is a multiple
+    of the chunk size rather than exact; window tokens are scored ``max + 1`` instead of being
+    force-kept; SnapKV's average pooling (kernel 5) runs on the prefix only. Each row chooses its
+    own chunks (kvpress uses row 0 for the whole batch).
+    """
+
+    name: ClassVar[str] = "chunkkv-kvpress"
+
+    window: int = 64
+    pooling: str = "avg"
+    kernel: int = 5
+    chunk_size: int = 20
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.remove_fraction is None:
+            raise BudgetError(
+                "the kvpress preset takes its budget as remove_fraction (kvpress's compression_ratio, "
+                "the share REMOVED), e.g. remove_fraction=0.9 keeps about 10 %"
+            )
+
+    def kept_chunks(self, n_tokens: int) -> int:
+        """Chunks kvpress keeps from ``n_tokens`` tokens."""
+        n_chunks = math.ceil(n_tokens / self.chunk_size)
+        return max(1, int(n_chunks * (1 - float(self.remove_fraction))))
+
+    def kept_per_layer(self, lengths: list[int], num_layers: int) -> list[list[int]]:
+        # Upper bound (the partial last chunk may be chosen); unused slots become fillers.
+        per_row = [min(n, self.kept_chunks(n) * self.chunk_size) for n in lengths]
+        return [per_row for _ in range(num_layers)]
+
+    def select(self, inputs: LayerInputs) -> torch.Tensor:
+        win = min(self.window, inputs.queries.shape[2])
+        raw = window_attention_scores(
+            inputs.queries[:, :, -win:], inputs.keys, inputs.scaling, inputs.key_valid, inputs.softcap
+        )
+        aligned = sel.align_rows(raw, inputs.pad)
+        length = aligned.shape[-1]
+        prefix_len = inputs.lengths - win
+        pos = torch.arange(length, device=aligned.device)[None, :]
+        in_prefix = (pos < prefix_len[:, None])[:, None, :]
+        pooled = sel.pool_scores(aligned.masked_fill(~in_prefix, 0.0), self.pooling, self.kernel)
+        pooled = pooled.masked_fill(~in_prefix, 0.0)
+        top = pooled.amax(dim=(1, 2), keepdim=True) + 1  # per row; kvpress takes the batch max
+        in_window = (pos >= prefix_len[:, None]) & (pos < inputs.lengths[:, None])
+        scores = torch.where(in_window[:, None, :], top, pooled)
+        scores = scores.masked_fill(~(pos < inputs.lengths[:, None])[:, None, :], sel.NEG_INF)
+        kept_chunks = torch.div(inputs.kept + self.chunk_size - 1, self.chunk_size, rounding_mode="floor")
+        return sel.select_chunks_kvpress(scores, inputs.lengths, kept_chunks, inputs.slots, self.chunk_size)
+
+
+@dataclass(frozen=True)
+class KVPressSnapKV(SnapKV):
+    """kvpress 0.5.5 ``SnapKVPress`` defaults (window 64, average pooling kernel 5)."""
+
+    name: ClassVar[str] = "snapkv-kvpress"
+
+    window: int = 64
+    pooling: str = "avg"
+    kernel: int = 5
+
+
+METHODS: dict[str, type[Method]] = {
+    cls.name: cls for cls in (FullKV, StreamingLLM, H2O, SnapKV, PyramidKV, ChunkKV, KVPressChunkKV, KVPressSnapKV)
+}
+
+
+def make_method(name: str, **params: Any) -> Method:
+    """Build a method by name, e.g. ``make_method("chunkkv", keep_fraction=0.1, reuse_depth=2)``.
+
+    Parameters that the method does not have are an error, with the list of those it has.
+    """
+    key = name.lower().replace("_", "").replace(" ", "")
+    aliases = {"streaming": "streamingllm", "fullkv": "full", "none": "full", "pyramid": "pyramidkv", "snap": "snapkv"}
+    key = aliases.get(key, key)
+    if key not in METHODS:
+        raise ChunkKVError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}")
+    cls = METHODS[key]
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ChunkKVError(
+            f"{cls.name} has no parameter {', '.join(unknown)}; its parameters are {', '.join(sorted(known))}"
+        )
+    return cls(**params)

@@ -1,0 +1,129 @@
+"""Token importance scores from attention: pure tensor functions, no model needed.
+
+Shapes: ``B`` batch, ``Hq`` query heads, ``Hkv`` key/value heads (``Hq = G * Hkv`` for GQA),
+``T`` prompt length (padded), ``w`` observation window, ``d`` head dim.
+
+All scores are attention probabilities computed in float32 and averaged over the queries that
+produced them and over the query heads of each KV group, so they come out per **KV head**.
+Memory is O(w * T) per head for the window scores and O(block * T) for the accumulated (H2O)
+scores: a ``T x T`` matrix is never materialised.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _grouped_logits(
+    queries: torch.Tensor, keys: torch.Tensor, scaling: float, softcap: float | None
+) -> torch.Tensor:
+    """``[B, Hq, q, d] x [B, Hkv, T, d] -> [B, Hkv, G, q, T]`` float32 logits, as the model computes them."""
+    batch, n_q_heads, q_len, dim = queries.shape
+    n_kv_heads = keys.shape[1]
+    groups = n_q_heads // n_kv_heads
+    q = queries.float().reshape(batch, n_kv_heads, groups, q_len, dim)
+    logits = torch.matmul(q, keys.float().unsqueeze(2).transpose(-1, -2)) * scaling
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
+def _masked_softmax(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    # A fully masked row (a padding query) gets a finite uniform row instead of NaN; callers
+    # zero such rows out through the query mask.
+    logits = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
+    return torch.softmax(logits, dim=-1)
+
+
+def window_attention_scores(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    scaling: float,
+    key_valid: torch.Tensor | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Attention each key receives from the observation window (SnapKV / ChunkKV scores).
+
+    Args:
+        queries: ``[B, Hq, w, d]`` query states of the last ``w`` prompt positions (after RoPE
+            and any q-norm, exactly as the model uses them).
+        keys: ``[B, Hkv, T, d]`` key states of the whole prompt.
+        scaling: the softmax scale the model uses (usually ``d ** -0.5``).
+        key_valid: ``[B, T]`` bool, False at padding; None means no padding.
+        softcap: logit soft-capping (Gemma 2), if the model uses it.
+
+    Returns:
+        ``[B, Hkv, T]`` float32: softmax probabilities (causal inside the window) averaged over
+        the ``w`` window queries and over the query heads of each KV group.
+    """
+    batch, _, win, _ = queries.shape
+    length = keys.shape[2]
+    logits = _grouped_logits(queries, keys, scaling, softcap)  # [B, Hkv, G, w, T]
+    q_pos = torch.arange(length - win, length, device=keys.device)
+    k_pos = torch.arange(length, device=keys.device)
+    allowed = (k_pos[None, :] <= q_pos[:, None])[None]  # [1, w, T]
+    if key_valid is not None:
+        allowed = allowed & key_valid[:, None, :]  # [B, w, T]
+    probs = _masked_softmax(logits, allowed[:, None, None])
+    if key_valid is not None:
+        probs = probs * key_valid[:, None, None, -win:, None]
+    return probs.mean(dim=(2, 3))
+
+
+def accumulated_attention_scores(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    scaling: float,
+    key_valid: torch.Tensor | None = None,
+    softcap: float | None = None,
+    block_elements: int = 1 << 24,
+) -> torch.Tensor:
+    """Attention each key receives from **every** prompt query (H2O's heavy-hitter score).
+
+    Computed in query blocks sized so one block holds about ``block_elements`` float32 logits, so
+    memory stays O(block * T) even for long prompts.
+
+    Args:
+        queries: ``[B, Hq, T, d]`` all prompt query states.
+        keys: ``[B, Hkv, T, d]``.
+        scaling, key_valid, softcap: as in :func:`window_attention_scores`.
+
+    Returns:
+        ``[B, Hkv, T]`` float32: summed causal attention probabilities, averaged over each KV group.
+    """
+    batch, n_q_heads, length, _ = queries.shape
+    block = max(1, min(length, block_elements // max(1, batch * n_q_heads * length)))
+    k_pos = torch.arange(length, device=keys.device)
+    total = keys.new_zeros(batch, keys.shape[1], length, dtype=torch.float32)
+    for start in range(0, length, block):  # blocks of queries, not tokens: bounds memory
+        stop = min(length, start + block)
+        logits = _grouped_logits(queries[:, :, start:stop], keys, scaling, softcap)
+        q_pos = torch.arange(start, stop, device=keys.device)
+        allowed = (k_pos[None, :] <= q_pos[:, None])[None]
+        if key_valid is not None:
+            allowed = allowed & key_valid[:, None, :]
+        probs = _masked_softmax(logits, allowed[:, None, None])
+        if key_valid is not None:
+            probs = probs * key_valid[:, None, None, start:stop, None]
+        total += probs.sum(dim=3).mean(dim=2)
+    return total
+
+
+def pool_scores(scores: torch.Tensor, pooling: str | None, kernel: int) -> torch.Tensor:
+    """Smooth scores along the sequence (last dim) with a same-length 1-D pooling.
+
+    ``pooling`` is ``None``/``"none"``, ``"avg"`` (zero padding counted, as SnapKV/kvpress do) or
+    ``"max"``. Scores outside the region of interest should be zeroed by the caller first.
+    """
+    if pooling in (None, "none") or kernel <= 1:
+        return scores
+    shape = scores.shape
+    flat = scores.reshape(-1, 1, shape[-1])
+    if pooling == "avg":
+        pooled = F.avg_pool1d(flat, kernel_size=kernel, stride=1, padding=kernel // 2)
+    elif pooling == "max":
+        pooled = F.max_pool1d(flat, kernel_size=kernel, stride=1, padding=kernel // 2)
+    else:
+        raise ValueError(f"unknown pooling {pooling!r}: use 'none', 'avg' or 'max'")
+    return pooled[..., : shape[-1]].reshape(shape)

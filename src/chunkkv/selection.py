@@ -1,0 +1,256 @@
+"""Which prompt tokens to keep: pure, vectorised tensor functions.
+
+Conventions shared by every function here:
+
+* Rows are left-padded to a common length ``T``; ``lengths[b]`` real tokens sit at the right end.
+  Selection runs in **row-relative** coordinates (token 0 = the row's first real token), so chunk
+  boundaries and windows are the same whether a row is run alone or inside a padded batch.
+  :func:`align_rows` maps scores into those coordinates, :func:`finalize` maps picks back.
+* ``kept[b]`` is the exact number of tokens row ``b`` keeps (already ``<= lengths[b]``);
+  ``slots`` is ``max(kept)``, a host int that fixes the output shape. Rows keeping fewer than
+  ``slots`` tokens get *filler* slots (index ``-1``), which :func:`finalize` sorts to the front
+  and reports as invalid so attention masks them.
+* The observation window (the last ``min(window, kept[b])`` tokens) is always kept and counted in
+  the budget; the rest, the *prefix budget*, is spent on the prefix by score.
+
+No function loops over tokens or chunks, calls ``.item()`` or otherwise syncs with the host.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .scoring import pool_scores
+
+NEG_INF = float("-inf")
+
+
+def align_rows(x: torch.Tensor, pad: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+    """Shift each left-padded row of ``x [B, ..., T]`` so its first real token is at index 0.
+
+    ``pad[b]`` is the number of padding tokens on the left of row ``b``; vacated slots on the right
+    are set to ``fill``.
+    """
+    length = x.shape[-1]
+    pos = torch.arange(length, device=x.device)
+    src = pos[None, :] + pad[:, None]  # [B, T]
+    ok = src < length
+    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (length,)
+    index = src.clamp(max=length - 1).view(shape).expand_as(x)
+    return torch.gather(x, -1, index).masked_fill(~ok.view(shape), fill)
+
+
+def window_sizes(kept: torch.Tensor, window: int) -> torch.Tensor:
+    """Tokens of the observation window kept per row: ``min(window, kept)``."""
+    return kept.clamp(max=window)
+
+
+def prefix_scores(
+    scores: torch.Tensor,
+    lengths: torch.Tensor,
+    kept: torch.Tensor,
+    window: int,
+    pooling: str | None = None,
+    kernel: int = 1,
+) -> torch.Tensor:
+    """Restrict row-relative ``scores [B, H, T]`` to each row's prefix and pool them there.
+
+    The prefix of row ``b`` is ``[0, lengths[b] - min(window, kept[b]))``. Scores outside it are
+    zeroed before pooling (zero padding, as SnapKV does) and set to ``-inf`` after, so they are
+    never picked.
+    """
+    prefix_len = lengths - window_sizes(kept, window)
+    in_prefix = torch.arange(scores.shape[-1], device=scores.device)[None, :] < prefix_len[:, None]
+    mask = in_prefix[:, None, :]
+    pooled = pool_scores(scores.masked_fill(~mask, 0.0), pooling, kernel)
+    return pooled.masked_fill(~mask, NEG_INF)
+
+
+def _window_picks(lengths: torch.Tensor, kept: torch.Tensor, window: int, width: int) -> torch.Tensor:
+    """``[B, width]`` row-relative indices of each row's kept window, ``-1`` beyond it."""
+    win = window_sizes(kept, window)
+    slot = torch.arange(width, device=lengths.device)[None, :]
+    picks = (lengths - win)[:, None] + slot
+    return torch.where(slot < win[:, None], picks, -1)
+
+
+def _top_prefix(priority: torch.Tensor, budget: torch.Tensor, width: int) -> torch.Tensor:
+    """Top-``budget[b]`` entries of ``priority [B, H, T]`` (``-inf`` = never), ``-1`` past the budget."""
+    if width == 0:
+        return priority.new_empty(priority.shape[:-1] + (0,), dtype=torch.long)
+    top = torch.topk(priority, width, dim=-1, sorted=True).indices
+    slot = torch.arange(width, device=priority.device)
+    return torch.where(slot[None, None, :] < budget[:, None, None], top, -1)
+
+
+def _assemble(
+    prefix_priority: torch.Tensor, lengths: torch.Tensor, kept: torch.Tensor, window: int, slots: int
+) -> torch.Tensor:
+    """Exact-count selection: the prefix budget by priority, then the window."""
+    win_width = min(window, slots)
+    prefix_width = slots - win_width  # = max prefix budget over rows (see module docstring)
+    budget = kept - window_sizes(kept, window)
+    picks = _top_prefix(prefix_priority, budget, prefix_width)
+    win = _window_picks(lengths, kept, window, win_width)
+    win = win[:, None, :].expand(-1, picks.shape[1], -1)
+    return torch.cat([picks, win], dim=-1)
+
+
+def select_tokens_per_head(
+    scores: torch.Tensor, lengths: torch.Tensor, kept: torch.Tensor, window: int, slots: int
+) -> torch.Tensor:
+    """SnapKV / H2O / PyramidKV selection: each KV head keeps its own top tokens.
+
+    Args:
+        scores: ``[B, Hkv, T]`` row-relative prefix scores (``-inf`` outside the prefix), e.g.
+            from :func:`prefix_scores`.
+        lengths, kept: ``[B]`` real and kept token counts.
+        window: observation window size.
+        slots: ``max(kept)`` as a host int.
+
+    Returns:
+        ``[B, Hkv, slots]`` row-relative indices, ``-1`` for fillers, unsorted.
+    """
+    return _assemble(scores, lengths, kept, window, slots)
+
+
+def chunk_priority(
+    scores: torch.Tensor, chunk_size: int, reduce: str = "mean"
+) -> torch.Tensor:
+    """Rank prefix tokens chunk by chunk (ChunkKV), shared by all heads of a layer.
+
+    Args:
+        scores: ``[B, H, T]`` row-relative prefix scores, ``-inf`` outside the prefix.
+        chunk_size: tokens per chunk; chunks start at the row's token 0, the last may be partial.
+        reduce: ``"mean"`` or ``"sum"`` of the head-summed token scores inside a chunk.
+
+    Returns:
+        ``[B, 1, T]`` priority (higher = kept first): whole chunks in order of chunk score, and
+        inside a chunk its tokens by their own score, so taking the top ``k`` keeps the best
+        ``k // chunk_size`` chunks whole and tops up with the best tokens of the next chunk.
+        ``-inf`` outside the prefix.
+    """
+    batch, _, length = scores.shape
+    in_prefix = torch.isfinite(scores[:, 0])  # [B, T]
+    token = torch.where(in_prefix, scores.masked_fill(~torch.isfinite(scores), 0.0).sum(1), 0.0)
+    n_chunks = -(-length // chunk_size)
+    extra = n_chunks * chunk_size - length
+    token_c = torch.nn.functional.pad(token, (0, extra)).view(batch, n_chunks, chunk_size)
+    valid_c = torch.nn.functional.pad(in_prefix, (0, extra)).view(batch, n_chunks, chunk_size)
+    count = valid_c.sum(-1)
+    chunk_score = token_c.sum(-1)
+    if reduce == "mean":
+        chunk_score = chunk_score / count.clamp(min=1)
+    elif reduce != "sum":
+        raise ValueError(f"unknown chunk reduce {reduce!r}: use 'mean' or 'sum'")
+    chunk_score = chunk_score.masked_fill(count == 0, NEG_INF)
+    order = torch.sort(chunk_score, dim=-1, descending=True, stable=True).indices
+    chunk_rank = torch.empty_like(order).scatter_(
+        -1, order, torch.arange(n_chunks, device=scores.device).expand(batch, -1)
+    )
+    inner = token_c.masked_fill(~valid_c, NEG_INF)
+    inner_order = torch.sort(inner, dim=-1, descending=True, stable=True).indices
+    inner_rank = torch.empty_like(inner_order).scatter_(
+        -1, inner_order, torch.arange(chunk_size, device=scores.device).expand(batch, n_chunks, -1)
+    )
+    rank = (chunk_rank[..., None] * chunk_size + inner_rank).view(batch, -1)[:, :length]
+    priority = (-rank).to(torch.float32).masked_fill(~in_prefix, NEG_INF)
+    return priority[:, None, :]
+
+
+def select_chunks(
+    scores: torch.Tensor,
+    lengths: torch.Tensor,
+    kept: torch.Tensor,
+    window: int,
+    slots: int,
+    chunk_size: int,
+    reduce: str = "mean",
+) -> torch.Tensor:
+    """ChunkKV selection: the best whole chunks of the prefix plus the window, one set per layer.
+
+    Args and shapes as in :func:`select_tokens_per_head`; ``scores`` may have any number of heads
+    (they are summed). Returns ``[B, 1, slots]`` row-relative indices, ``-1`` for fillers.
+    """
+    return _assemble(chunk_priority(scores, chunk_size, reduce), lengths, kept, window, slots)
+
+
+def select_chunks_kvpress(
+    scores: torch.Tensor, lengths: torch.Tensor, kept_chunks: torch.Tensor, slots: int, chunk_size: int
+) -> torch.Tensor:
+    """kvpress 0.5.5 ``ChunkKVPress`` semantics, per row (kvpress itself uses row 0 for all rows).
+
+    The whole row (window included) is cut into chunks from token 0; a chunk's score is the mean
+    of its head-summed token scores; the top ``kept_chunks[b]`` chunks are kept whole, so the kept
+    count is a multiple of ``chunk_size`` (or one less partial chunk) rather than exact, and the
+    window is kept only because its tokens carry the highest scores.
+
+    Args:
+        scores: ``[B, H, T]`` row-relative scores over the whole row, ``-inf`` past ``lengths``.
+        kept_chunks: ``[B]`` number of chunks to keep.
+        slots: host int, ``max_b min(lengths[b], kept_chunks[b] * chunk_size)``.
+
+    Returns:
+        ``[B, 1, slots]`` row-relative indices, ``-1`` for fillers.
+    """
+    batch, _, length = scores.shape
+    valid = torch.arange(length, device=scores.device)[None, :] < lengths[:, None]
+    token = torch.where(valid, scores.masked_fill(~torch.isfinite(scores), 0.0).sum(1), 0.0)
+    n_chunks = -(-length // chunk_size)
+    extra = n_chunks * chunk_size - length
+    token_c = torch.nn.functional.pad(token, (0, extra)).view(batch, n_chunks, chunk_size)
+    valid_c = torch.nn.functional.pad(valid, (0, extra)).view(batch, n_chunks, chunk_size)
+    count = valid_c.sum(-1)
+    chunk_score = (token_c.sum(-1) / count.clamp(min=1)).masked_fill(count == 0, NEG_INF)
+    order = torch.sort(chunk_score, dim=-1, descending=True, stable=True).indices
+    chunk_rank = torch.empty_like(order).scatter_(
+        -1, order, torch.arange(n_chunks, device=scores.device).expand(batch, -1)
+    )
+    chosen = (chunk_rank < kept_chunks[:, None]) & (count > 0)
+    token_ok = (chosen[..., None] & valid_c).view(batch, -1)[:, :length]
+    # Earlier tokens first among the chosen; the order is irrelevant after finalize sorts.
+    priority = (-torch.arange(length, device=scores.device, dtype=torch.float32)).expand(batch, -1)
+    priority = priority.masked_fill(~token_ok, NEG_INF)
+    top = torch.topk(priority, slots, dim=-1, sorted=True)
+    picks = torch.where(torch.isfinite(top.values), top.indices, -1)
+    return picks[:, None, :]
+
+
+def select_streaming(lengths: torch.Tensor, kept: torch.Tensor, n_sink: int, slots: int) -> torch.Tensor:
+    """StreamingLLM: the first ``n_sink`` tokens plus the most recent ones, ``[B, 1, slots]``."""
+    sink = kept.clamp(max=n_sink)
+    recent = kept - sink
+    slot = torch.arange(slots, device=lengths.device)[None, :]
+    from_end = (lengths - recent)[:, None] + (slot - sink[:, None])
+    picks = torch.where(slot < sink[:, None], slot, from_end)
+    return torch.where(slot < kept[:, None], picks, -1)[:, None, :]
+
+
+def finalize(picks: torch.Tensor, pad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn row-relative picks into sorted absolute indices and a validity mask.
+
+    Args:
+        picks: ``[B, H, S]`` row-relative indices, ``-1`` for fillers.
+        pad: ``[B]`` left padding of each row.
+
+    Returns:
+        ``(index, valid)``: ``index [B, H, S]`` ascending absolute positions (fillers first, pointing
+        at position 0), and ``valid [B, S]`` False at fillers (the filler count is the same for every
+        head of a row).
+    """
+    absolute = torch.where(picks >= 0, picks + pad[:, None, None], -1)
+    absolute = torch.sort(absolute, dim=-1).values
+    valid = absolute[:, 0, :] >= 0
+    return absolute.clamp(min=0), valid
+
+
+def reuse_leaders(layers: list[int], depth: int) -> dict[int, int]:
+    """Layer-wise index reuse schedule: each layer -> the layer whose indices it uses.
+
+    ``layers`` are the compressible layers in depth order; they form contiguous groups of
+    ``depth`` and every layer uses the indices chosen by the first layer of its group.
+    ``depth=1`` turns reuse off; ``depth >= len(layers)`` shares one index set across the model.
+    """
+    if depth < 1:
+        raise ValueError(f"reuse depth must be >= 1, got {depth}")
+    return {layer: layers[(pos // depth) * depth] for pos, layer in enumerate(layers)}
