@@ -13,7 +13,7 @@ from .budget import Budget, pyramid_budgets
 from .cache import ChunkKVCache, PrunedLayer
 from .compress import CompressedContext, CompressionStats, compress
 from .errors import BudgetError, ChunkKVError, PromptError, UnsupportedModelError
-from .generation import GenerationResult, Sampling, continue_from, generate
+from .generation import GenerationResult, Sampling, continue_from, extend, generate
 from .methods import (
     H2O,
     METHODS,
@@ -34,5 +34,5 @@ __all__ = [
     "H2O", "METHODS", "Budget", "BudgetError", "ChunkKV", "ChunkKVCache", "ChunkKVError", "CompressedContext",
     "CompressionStats", "FullKV", "GenerationResult", "KVPressChunkKV", "KVPressSnapKV", "Method", "PromptError",
     "PrunedLayer", "PyramidKV", "Sampling", "SnapKV", "StreamingLLM", "UnsupportedModelError", "attach",
-    "compress", "continue_from", "detach", "generate", "make_method", "pyramid_budgets",
+    "compress", "continue_from", "detach", "extend", "generate", "make_method", "pyramid_budgets",
 ]

@@ -61,6 +61,33 @@ def _eos_ids(model, sampling: Sampling) -> list[int]:
 
 
 @torch.inference_mode()
+def extend(model: torch.nn.Module, context: CompressedContext, new_ids: torch.Tensor) -> torch.Tensor:
+    """Append ``new_ids [B, n]`` to a compressed context and return their logits ``[B, n, vocab]``.
+
+    Positions continue each row's original prompt (kept keys keep their rotation); the context's
+    cache, attention mask and ``next_logits`` are updated in place.
+    """
+    batch = context.attention_mask.shape[0]
+    if new_ids.dim() == 1:
+        new_ids = new_ids[None]
+    if new_ids.dim() == 2 and new_ids.shape[0] == 1:
+        new_ids = new_ids.expand(batch, -1)  # one question for every row
+    if new_ids.dim() != 2 or new_ids.shape[0] != batch or new_ids.shape[1] == 0:
+        raise PromptError(f"new tokens must have shape [{batch}, n>0], got {tuple(new_ids.shape)}")
+    device = context.attention_mask.device
+    new_ids = new_ids.to(device)
+    n = new_ids.shape[1]
+    positions = context.attention_mask.sum(-1, keepdim=True) + torch.arange(n, device=device)[None, :]
+    mask = torch.cat([context.attention_mask, context.attention_mask.new_ones(batch, n)], dim=-1)
+    out = model(
+        input_ids=new_ids, attention_mask=mask, position_ids=positions, cache=context.cache, use_cache=True
+    )
+    context.attention_mask = mask
+    context.next_logits = out.logits[:, -1, :]
+    return out.logits
+
+
+@torch.inference_mode()
 def continue_from(
     model: torch.nn.Module,
     context: CompressedContext,
@@ -69,11 +96,11 @@ def continue_from(
 ) -> torch.Tensor:
     """Generate after a compressed context, optionally feeding ``new_ids`` (e.g. a question) first.
 
-    The context's cache is extended in place; use ``context.fork()`` to keep it reusable.
+    The context is extended in place; use ``context.fork()`` to keep it reusable.
 
     Args:
         context: from :func:`chunkkv.compress`.
-        new_ids: ``[B, n]`` tokens to append before generating (same for the whole batch width);
+        new_ids: ``[B, n]`` (or ``[n]``, shared by all rows) tokens to append before generating;
             None generates straight from the prompt's last logits (query-aware mode).
         sampling: :class:`Sampling` (greedy by default).
 
@@ -82,10 +109,8 @@ def continue_from(
         padded with the pad token, as ``model.generate`` does.
     """
     sampling = sampling or Sampling()
-    device = context.input_ids.device
-    batch = context.input_ids.shape[0]
-    mask = context.attention_mask
-    next_pos = mask.sum(-1, keepdim=True)  # each row continues from its own prompt length
+    device = context.attention_mask.device
+    batch = context.attention_mask.shape[0]
     eos = _eos_ids(model, sampling)
     pad = sampling.pad_token_id
     if pad is None:
@@ -96,27 +121,9 @@ def continue_from(
     generator = None
     if sampling.do_sample and sampling.seed is not None:
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
-
-    def step(ids: torch.Tensor) -> torch.Tensor:
-        nonlocal mask, next_pos
-        n = ids.shape[1]
-        mask = torch.cat([mask, mask.new_ones(batch, n)], dim=-1)
-        positions = next_pos + torch.arange(n, device=device)[None, :]
-        next_pos = next_pos + n
-        out = model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, cache=context.cache,
-            use_cache=True, logits_to_keep=1,
-        )
-        return out.logits[:, -1, :]
-
     if new_ids is not None:
-        if new_ids.dim() == 1:
-            new_ids = new_ids[None].expand(batch, -1)
-        if new_ids.shape[0] != batch or new_ids.shape[1] == 0:
-            raise PromptError(f"new tokens must have shape [{batch}, n>0], got {tuple(new_ids.shape)}")
-        logits = step(new_ids.to(device))
-    else:
-        logits = context.next_logits
+        extend(model, context, new_ids)
+    logits = context.next_logits
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     eos_t = torch.tensor(eos, device=device) if eos else None
     out_tokens = []
@@ -135,7 +142,8 @@ def continue_from(
             if bool(finished.all()):
                 break
         if i + 1 < sampling.max_new_tokens:
-            logits = step(token[:, None])
+            extend(model, context, token[:, None])
+            logits = context.next_logits
     return torch.stack(out_tokens, dim=1)
 
 

@@ -78,7 +78,9 @@ def _top_prefix(priority: torch.Tensor, budget: torch.Tensor, width: int) -> tor
     """Top-``budget[b]`` entries of ``priority [B, H, T]`` (``-inf`` = never), ``-1`` past the budget."""
     if width == 0:
         return priority.new_empty(priority.shape[:-1] + (0,), dtype=torch.long)
-    top = torch.topk(priority, width, dim=-1, sorted=True).indices
+    # A stable sort, not topk: equal scores (common after max pooling) resolve to the earlier
+    # token, so the selection is deterministic and matches a plain reference implementation.
+    top = torch.sort(priority, dim=-1, descending=True, stable=True).indices[..., :width]
     slot = torch.arange(width, device=priority.device)
     return torch.where(slot[None, None, :] < budget[:, None, None], top, -1)
 
@@ -211,8 +213,8 @@ def select_chunks_kvpress(
     # Earlier tokens first among the chosen; the order is irrelevant after finalize sorts.
     priority = (-torch.arange(length, device=scores.device, dtype=torch.float32)).expand(batch, -1)
     priority = priority.masked_fill(~token_ok, NEG_INF)
-    top = torch.topk(priority, slots, dim=-1, sorted=True)
-    picks = torch.where(torch.isfinite(top.values), top.indices, -1)
+    values, order = torch.sort(priority, dim=-1, descending=True, stable=True)
+    picks = torch.where(torch.isfinite(values[..., :slots]), order[..., :slots], -1)
     return picks[:, None, :]
 
 

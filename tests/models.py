@@ -1,0 +1,116 @@
+"""Tiny random-weight models of each supported family, and the masked ground-truth forward."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+VOCAB = 256
+COMMON = dict(
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=4096, head_dim=16,
+)
+
+
+def tiny_model(family: str = "llama", seed: int = 0, attn: str = "sdpa", **overrides) -> torch.nn.Module:
+    """A deterministic random model of ``family`` in float32, eval mode."""
+    torch.manual_seed(seed)
+    kw = {**COMMON, **overrides}
+    if family == "llama":
+        cfg = transformers.LlamaConfig(**kw)
+        cls = transformers.LlamaForCausalLM
+    elif family == "mistral":
+        cfg = transformers.MistralConfig(sliding_window=None, **kw)
+        cls = transformers.MistralForCausalLM
+    elif family == "qwen2":
+        cfg = transformers.Qwen2Config(use_sliding_window=False, **kw)
+        cls = transformers.Qwen2ForCausalLM
+    elif family == "qwen3":
+        cfg = transformers.Qwen3Config(use_sliding_window=False, **kw)
+        cls = transformers.Qwen3ForCausalLM
+    elif family == "phi3":
+        kw.pop("head_dim")
+        cfg = transformers.Phi3Config(sliding_window=None, pad_token_id=0, **kw)
+        cls = transformers.Phi3ForCausalLM
+    elif family == "gemma2":
+        cfg = transformers.Gemma2Config(sliding_window=4096, **kw)
+        cls = transformers.Gemma2ForCausalLM
+        attn = "eager"  # Gemma 2 soft-caps logits, which sdpa cannot do
+    elif family == "gemma3":
+        layer_types = ["sliding_attention", "full_attention"] * 2  # mixed, as in real Gemma 3
+        cfg = transformers.Gemma3TextConfig(sliding_window=4096, layer_types=layer_types, **kw)
+        cls = transformers.Gemma3ForCausalLM
+    else:
+        raise ValueError(family)
+    cfg._attn_implementation = attn
+    model = cls(cfg).eval()
+    model.generation_config.eos_token_id = None  # random models: never stop early
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+# --- ground truth: full attention with evicted prompt tokens masked for new queries -------------
+_TRUTH: dict = {}
+
+
+def _truth_attention(module, query, key, value, attention_mask, scaling=None, softcap=None, **kwargs):
+    """Eager attention over every token, with per-(layer, kv-head) evictions applied to the queries
+    that come after the prompt. ``_TRUTH`` holds ``prompt_len`` and ``kept[layer] = [B, Hkv, T]``."""
+    groups = query.shape[1] // key.shape[1]
+    k = key.repeat_interleave(groups, dim=1).double()
+    v = value.repeat_interleave(groups, dim=1).double()
+    logits = torch.matmul(query.double(), k.transpose(-1, -2)) * scaling
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    q_len, kv_len = query.shape[2], key.shape[2]
+    allowed = torch.ones(query.shape[0], query.shape[1], q_len, kv_len, dtype=torch.bool)
+    if attention_mask is not None:
+        allowed = allowed & attention_mask.bool()
+    else:
+        allowed = allowed & torch.ones(q_len, kv_len, dtype=torch.bool).tril(kv_len - q_len)
+    kept = _TRUTH["kept"].get(module.layer_idx)
+    if kept is not None:
+        prompt = _TRUTH["prompt_len"]
+        evicted = ~kept.repeat_interleave(groups, dim=1)  # [B, Hq, T]
+        block = torch.zeros_like(allowed)
+        block[:, :, prompt:, :prompt] = evicted[:, :, None, :]
+        allowed = allowed & ~block
+    logits = logits.masked_fill(~allowed, float("-inf"))
+    out = torch.matmul(torch.softmax(logits, dim=-1), v).to(query.dtype)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register("truth", _truth_attention)
+AttentionMaskInterface.register("truth", ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
+def kept_masks(cache, prompt_len: int) -> dict[int, torch.Tensor]:
+    """``{layer: [B, Hkv, prompt_len] bool}`` of the prompt tokens each pruned layer kept."""
+    out = {}
+    for i in cache.pruned_layers:
+        layer = cache.layers[i]
+        if layer.kept_index is None:
+            continue
+        index = layer.kept_index
+        batch, heads = layer.keys.shape[0], layer.keys.shape[1]
+        index = index.expand(batch, heads, -1)
+        valid = layer.valid[:, : index.shape[-1]] if layer.valid is not None else torch.ones_like(index[:, 0], dtype=torch.bool)
+        mask = torch.zeros(batch, heads, prompt_len, dtype=torch.bool)
+        mask.scatter_(-1, index, valid[:, None, :].expand(-1, heads, -1))
+        out[i] = mask
+    return out
+
+
+@torch.inference_mode()
+def truth_logits(model, ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int, kept) -> torch.Tensor:
+    """Logits of a full forward over ``ids`` where post-prompt queries cannot see evicted tokens."""
+    previous = model.config._attn_implementation
+    _TRUTH.update(prompt_len=prompt_len, kept=kept)
+    model.set_attn_implementation("truth")
+    try:
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        return model(input_ids=ids, attention_mask=attention_mask, position_ids=positions).logits
+    finally:
+        model.set_attn_implementation(previous)
