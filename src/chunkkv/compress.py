@@ -227,7 +227,7 @@ def compress(
                 continue  # nothing to drop on this layer
             plan[layer] = torch.tensor(kept, device=device)
             slots[layer] = max(kept)
-            fillers[layer] = any(k != slots[layer] for k in kept)
+            fillers[layer] = not method.exact_budget or any(k != slots[layer] for k in kept)
             stats.kept[layer] = list(kept)
         leaders = sel.reuse_leaders(list(plan), method.reuse_depth) if plan else {}
         key_valid = attention_mask.bool() if any(n != width for n in lengths_host) else None

@@ -68,6 +68,8 @@ class Method:
 
     name: ClassVar[str] = "method"
     shared_across_heads: ClassVar[bool] = False
+    # False when ``kept_per_layer`` is only an upper bound, so rows may end with filler slots.
+    exact_budget: ClassVar[bool] = True
 
     keep_tokens: int | None = None
     keep_fraction: float | None = None
@@ -284,6 +286,7 @@ class KVPressChunkKV(ChunkKV):
     """
 
     name: ClassVar[str] = "chunkkv-kvpress"
+    exact_budget: ClassVar[bool] = False
 
     window: int = 64
     pooling: str = "avg"

@@ -1,0 +1,36 @@
+# chunkkv: two commands from a fresh clone.
+#   make setup  - install chunkkv and its dependencies into .venv
+#   make test   - install the test extras (and the pinned kvpress reference env) and run every test
+#
+# On CPU machines torch==2.13.0 is installed first (a CPU wheel); every later requirement is a range
+# it satisfies, so nothing pulls a CUDA build. On a GPU machine: make setup TORCH_SPEC="torch"
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install -q --disable-pip-version-check
+
+.PHONY: setup setup-test kvpress-env test clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) "$(TORCH_SPEC)"
+	$(PIP) -e .
+	touch $@
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) -e ".[test]"
+	touch $@
+
+setup-test: $(VENV)/.installed-test
+
+kvpress-env:
+	bash tools/kvpress_env.sh >/dev/null
+
+test: setup-test kvpress-env
+	CHUNKKV_REQUIRE_KVPRESS=1 $(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) .venv-kvpress
