@@ -1,0 +1,65 @@
+"""``chunkkv`` command line: one dispatcher, one module per command.
+
+Each command module defines ``add_arguments(parser)`` and ``run(args) -> int``; it is imported only
+when its command runs, so ``chunkkv --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import ChunkKVError
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("chunkkv.commands.demo", "offline demo on the shipped testbed model: full vs SnapKV vs ChunkKV"),
+    "generate": ("chunkkv.commands.generate", "answer questions about a long context with a compressed cache"),
+    "eval": ("chunkkv.evaluation.cli", "run a benchmark (NIAH, LongBench, GSM8K, JailbreakV, synthetic)"),
+    "bench": ("chunkkv.bench.cli", "efficiency benchmark: memory, prefill overhead, decode speed"),
+    "inspect": ("chunkkv.commands.inspect", "HTML report of what each method kept, layer by layer"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="chunkkv",
+        description="ChunkKV KV-cache compression for Hugging Face transformers models.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        if argv and argv[0] not in ("-h", "--help"):
+            parser.print_usage(sys.stderr)
+            print(f"chunkkv: unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
+            return 2
+        parser.print_help()
+        return 0
+    name = argv[0]
+    module_name, help_text = COMMANDS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith("chunkkv"):
+            print(f"chunkkv {name}: not available in this version", file=sys.stderr)
+            return 2
+        raise
+    sub = argparse.ArgumentParser(prog=f"chunkkv {name}", description=help_text)
+    module.add_arguments(sub)
+    args = sub.parse_args(argv[1:])
+    try:
+        return int(module.run(args) or 0)
+    except (ChunkKVError, FileNotFoundError) as exc:
+        print(f"chunkkv {name}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
