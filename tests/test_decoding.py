@@ -23,7 +23,7 @@ METHODS = {
 
 def _prompt(batch: int = 1, length: int = 120, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(1, VOCAB, (batch, length), generator=g)
+    return torch.randint(1, VOCAB, (batch, length), generator=g, device="cpu").to(torch.get_default_device())
 
 
 @pytest.fixture(scope="module")

@@ -50,7 +50,7 @@ def kvpress_run(tmp_path_factory):
     model = tiny_model("llama", seed=11, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2)
     model.save_pretrained(work / "model")
     g = torch.Generator().manual_seed(12)
-    inputs = {n: torch.randint(1, 256, (1, n), generator=g) for n in (300, 517, 1000)}
+    inputs = {n: torch.randint(1, 256, (1, n), generator=g, device="cpu").to(torch.get_default_device()) for n in (300, 517, 1000)}
     cases = []
     for i, (length, ratio, window, kernel, chunk) in enumerate(_cases()):
         base = dict(input_ids=inputs[length].tolist(), compression_ratio=ratio, window_size=window, kernel_size=kernel)
