@@ -18,22 +18,30 @@ import torch.nn.functional as F
 def _grouped_logits(
     queries: torch.Tensor, keys: torch.Tensor, scaling: float, softcap: float | None
 ) -> torch.Tensor:
-    """``[B, Hq, q, d] x [B, Hkv, T, d] -> [B, Hkv, G, q, T]`` float32 logits, as the model computes them."""
+    """``[B, Hq, q, d] x [B, Hkv, T, d] -> [B, Hkv, G * q, T]`` float32 logits, as the model computes them.
+
+    The query heads of a KV group are stacked along the query axis (row ``g * q + i`` is query
+    ``i`` of head ``g`` of the group), so one batched matmul per KV head does the work without
+    repeating keys.
+    """
     batch, n_q_heads, q_len, dim = queries.shape
     n_kv_heads = keys.shape[1]
-    groups = n_q_heads // n_kv_heads
-    q = queries.float().reshape(batch, n_kv_heads, groups, q_len, dim)
-    logits = torch.matmul(q, keys.float().unsqueeze(2).transpose(-1, -2)) * scaling
+    q = queries.float().reshape(batch, n_kv_heads, (n_q_heads // n_kv_heads) * q_len, dim)
+    logits = torch.matmul(q, keys.float().transpose(-1, -2)) * scaling
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
     return logits
 
 
-def _masked_softmax(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    # A fully masked row (a padding query) gets a finite uniform row instead of NaN; callers
-    # zero such rows out through the query mask.
-    logits = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
-    return torch.softmax(logits, dim=-1)
+def _finish(logits: torch.Tensor, key_valid: torch.Tensor | None, query_valid: torch.Tensor | None, groups: int) -> torch.Tensor:
+    """Softmax over keys, zero the rows of padding queries, sum over the stacked queries."""
+    if key_valid is not None:
+        # finfo.min, not -inf: a padding query that sees only padding gets a finite row (then zeroed).
+        logits.masked_fill_(~key_valid[:, None, None, :], torch.finfo(logits.dtype).min)
+    probs = torch.softmax(logits, dim=-1)
+    if query_valid is not None:
+        probs = probs * query_valid.repeat(1, groups)[:, None, :, None]
+    return probs.sum(dim=2)
 
 
 def window_attention_scores(
@@ -57,18 +65,15 @@ def window_attention_scores(
         ``[B, Hkv, T]`` float32: softmax probabilities (causal inside the window) averaged over
         the ``w`` window queries and over the query heads of each KV group.
     """
-    batch, _, win, _ = queries.shape
+    win = queries.shape[2]
+    groups = queries.shape[1] // keys.shape[1]
     length = keys.shape[2]
-    logits = _grouped_logits(queries, keys, scaling, softcap)  # [B, Hkv, G, w, T]
-    q_pos = torch.arange(length - win, length, device=keys.device)
-    k_pos = torch.arange(length, device=keys.device)
-    allowed = (k_pos[None, :] <= q_pos[:, None])[None]  # [1, w, T]
-    if key_valid is not None:
-        allowed = allowed & key_valid[:, None, :]  # [B, w, T]
-    probs = _masked_softmax(logits, allowed[:, None, None])
-    if key_valid is not None:
-        probs = probs * key_valid[:, None, None, -win:, None]
-    return probs.mean(dim=(2, 3))
+    logits = _grouped_logits(queries, keys, scaling, softcap)  # [B, Hkv, G*w, T]
+    # Every window query sees the whole prefix; only the window's own keys need the causal mask.
+    future = torch.ones(win, win, dtype=torch.bool, device=keys.device).triu(1).repeat(groups, 1)
+    logits[..., length - win :].masked_fill_(future, torch.finfo(logits.dtype).min)
+    query_valid = key_valid[:, -win:] if key_valid is not None else None
+    return _finish(logits, key_valid, query_valid, groups) / (groups * win)
 
 
 def accumulated_attention_scores(
@@ -93,20 +98,17 @@ def accumulated_attention_scores(
         ``[B, Hkv, T]`` float32: summed causal attention probabilities, averaged over each KV group.
     """
     batch, n_q_heads, length, _ = queries.shape
+    groups = n_q_heads // keys.shape[1]
     block = max(1, min(length, block_elements // max(1, batch * n_q_heads * length)))
     k_pos = torch.arange(length, device=keys.device)
     total = keys.new_zeros(batch, keys.shape[1], length, dtype=torch.float32)
     for start in range(0, length, block):  # blocks of queries, not tokens: bounds memory
         stop = min(length, start + block)
         logits = _grouped_logits(queries[:, :, start:stop], keys, scaling, softcap)
-        q_pos = torch.arange(start, stop, device=keys.device)
-        allowed = (k_pos[None, :] <= q_pos[:, None])[None]
-        if key_valid is not None:
-            allowed = allowed & key_valid[:, None, :]
-        probs = _masked_softmax(logits, allowed[:, None, None])
-        if key_valid is not None:
-            probs = probs * key_valid[:, None, None, start:stop, None]
-        total += probs.sum(dim=3).mean(dim=2)
+        future = (k_pos[None, :] > torch.arange(start, stop, device=keys.device)[:, None]).repeat(groups, 1)
+        logits.masked_fill_(future, torch.finfo(logits.dtype).min)
+        query_valid = key_valid[:, start:stop] if key_valid is not None else None
+        total += _finish(logits, key_valid, query_valid, groups) / groups
     return total
 
 
