@@ -136,3 +136,18 @@ def test_pyramid_budgets_average_exactly():
         assert sum(counts) == mean * layers
         assert counts == sorted(counts, reverse=True)
         assert all(min(window, mean) <= c <= n for c in counts)
+
+
+def test_detached_model_with_a_cache_that_needs_the_wrapper_fails_loudly():
+    model = tiny_model("llama", num_hidden_layers=3)
+    ids = torch.randint(1, 200, (1, 60))
+    ctx = chunkkv.compress(model, ids, method=chunkkv.PyramidKV(keep_tokens=20, window=4))
+    chunkkv.detach(model)
+    with pytest.raises(UnsupportedModelError, match="chunkkv.attach"):
+        chunkkv.extend(model, ctx.fork(), torch.tensor([[5]]))
+    chunkkv.attach(model)
+    chunkkv.extend(model, ctx.fork(), torch.tensor([[5]]))  # fine once attached
+    # a uniform cache is correct without the wrapper too, so it is not refused
+    uniform = chunkkv.compress(model, ids, method=ChunkKV(keep_tokens=20, window=4))
+    chunkkv.detach(model)
+    chunkkv.extend(model, uniform.fork(), torch.tensor([[5]]))

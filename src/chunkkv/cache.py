@@ -27,6 +27,8 @@ from transformers.cache_utils import (
     get_layer_types_and_kwargs,
 )
 
+from .errors import UnsupportedModelError
+
 _last_update = threading.local()
 
 
@@ -52,8 +54,18 @@ class PrunedLayer(DynamicLayer):
         self.logical_length = 0
         self.valid: torch.Tensor | None = None
         self.kept_index: torch.Tensor | None = None
+        # True when attending over this layer needs chunkkv's attention wrapper (filler slots, or
+        # a stored length that differs from other layers'); set by compress().
+        self.needs_wrapper = False
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        unseen = take_last_update()
+        if unseen is not None and unseen.needs_wrapper:
+            # The previous pruned layer was attended without the wrapper: its masks were wrong.
+            raise UnsupportedModelError(
+                "this model is not attached to chunkkv, but its compressed cache needs chunkkv's attention "
+                "(PyramidKV layers or rows of different kept lengths); call chunkkv.attach(model) first"
+            )
         keys, values = super().update(key_states, value_states)
         new = key_states.shape[-2]
         self.logical_length += new
@@ -121,6 +133,7 @@ class PrunedLayer(DynamicLayer):
         self.logical_length = 0
         self.valid = None
         self.kept_index = None
+        self.needs_wrapper = False
 
 
 class ChunkKVCache(Cache):

@@ -247,5 +247,9 @@ def compress(
             logits_to_keep=1,
         )
     stats.prefill_seconds = _now(device) - start
+    longest = max((cache.layers[i].stored_length for i in pruned), default=0)
+    for i in pruned:
+        layer = cache.layers[i]
+        layer.needs_wrapper = layer.valid is not None or layer.stored_length != longest
     return CompressedContext(cache, input_ids, attention_mask, out.logits[:, -1, :], method, stats)
 
