@@ -76,22 +76,26 @@ class CompressedContext:
         )
 
 
+@dataclass
 class _Session:
-    """Per-request state for the attention wrapper: plan, reuse schedule, chosen indices."""
+    """Per-request state the attention wrapper needs during one compressing prefill.
 
-    def __init__(self, method, cache, plan, slots, leaders, key_valid, lengths, pad, measure):
-        self.method = method
-        self.cache = cache
-        self.plan = plan  # layer -> kept tensor [B]
-        self.slots = slots  # layer -> host int
-        self.has_fillers = {}  # layer -> bool (host)
-        self.leaders = leaders
-        self.key_valid = key_valid
-        self.lengths = lengths
-        self.pad = pad
-        self.measure = measure
-        self.chosen: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        self.stats = CompressionStats()
+    ``plan[layer]`` is the ``[B]`` kept-count tensor of each layer to prune, ``slots[layer]`` its
+    maximum (host int), ``fillers[layer]`` whether some row keeps fewer than ``slots``.
+    """
+
+    method: Method
+    cache: ChunkKVCache
+    plan: dict[int, torch.Tensor]
+    slots: dict[int, int]
+    fillers: dict[int, bool]
+    leaders: dict[int, int]
+    key_valid: torch.Tensor | None
+    lengths: torch.Tensor
+    pad: torch.Tensor
+    measure: bool
+    stats: CompressionStats
+    chosen: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
 
     def on_attention(self, module, layer: PrunedLayer, query, key, kwargs) -> None:
         idx = module.layer_idx
@@ -112,7 +116,7 @@ class _Session:
                 slots=self.slots[idx],
             )
             index, valid = sel.finalize(self.method.select(inputs), self.pad)
-            self.chosen[idx] = (index, valid if self.has_fillers[idx] else None)
+            self.chosen[idx] = (index, valid if self.fillers[idx] else None)
             self.stats.scored_layers.append(idx)
         layer.prune(*self.chosen[leader])
         if self.measure:
@@ -229,11 +233,12 @@ def compress(
             slots[layer] = max(kept)
             fillers[layer] = not method.exact_budget or any(k != slots[layer] for k in kept)
             stats.kept[layer] = list(kept)
-        leaders = sel.reuse_leaders(list(plan), method.reuse_depth) if plan else {}
-        key_valid = attention_mask.bool() if any(n != width for n in lengths_host) else None
-        session = _Session(method, cache, plan, slots, leaders, key_valid, lengths, width - lengths, measure)
-        session.has_fillers = fillers
-        session.stats = stats
+        session = _Session(
+            method=method, cache=cache, plan=plan, slots=slots, fillers=fillers,
+            leaders=sel.reuse_leaders(list(plan), method.reuse_depth) if plan else {},
+            key_valid=attention_mask.bool() if any(n != width for n in lengths_host) else None,
+            lengths=lengths, pad=width - lengths, measure=measure, stats=stats,
+        )
 
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     start = _now(device)

@@ -116,6 +116,41 @@ def select_tokens_per_head(
     return _assemble(scores, lengths, kept, window, slots)
 
 
+def _rank_chunks(
+    token: torch.Tensor, valid: torch.Tensor, chunk_size: int, reduce: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cut ``token [B, T]`` scores into chunks from index 0 and rank them (0 = best).
+
+    Returns ``(chunk_rank [B, C], token_c [B, C, c], valid_c [B, C, c])``; chunks with no valid
+    token rank last. Ties keep the earlier chunk first.
+    """
+    batch, length = token.shape
+    n_chunks = -(-length // chunk_size)
+    extra = n_chunks * chunk_size - length
+    token_c = torch.nn.functional.pad(token, (0, extra)).view(batch, n_chunks, chunk_size)
+    valid_c = torch.nn.functional.pad(valid, (0, extra)).view(batch, n_chunks, chunk_size)
+    count = valid_c.sum(-1)
+    chunk_score = token_c.sum(-1)
+    if reduce == "mean":
+        chunk_score = chunk_score / count.clamp(min=1)
+    elif reduce != "sum":
+        raise ValueError(f"unknown chunk reduce {reduce!r}: use 'mean' or 'sum'")
+    chunk_score = chunk_score.masked_fill(count == 0, NEG_INF)
+    return _ranks(chunk_score), token_c, valid_c
+
+
+def _ranks(x: torch.Tensor) -> torch.Tensor:
+    """Descending rank of each entry along the last dim (0 = largest; ties: earlier first)."""
+    order = torch.sort(x, dim=-1, descending=True, stable=True).indices
+    steps = torch.arange(x.shape[-1], device=x.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, steps)
+
+
+def _head_sum(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``[B, H, T] -> [B, T]``: scores summed over heads, 0 where not ``valid``."""
+    return torch.where(valid, scores.masked_fill(~torch.isfinite(scores), 0.0).sum(1), 0.0)
+
+
 def chunk_priority(
     scores: torch.Tensor, chunk_size: int, reduce: str = "mean"
 ) -> torch.Tensor:
@@ -134,27 +169,8 @@ def chunk_priority(
     """
     batch, _, length = scores.shape
     in_prefix = torch.isfinite(scores[:, 0])  # [B, T]
-    token = torch.where(in_prefix, scores.masked_fill(~torch.isfinite(scores), 0.0).sum(1), 0.0)
-    n_chunks = -(-length // chunk_size)
-    extra = n_chunks * chunk_size - length
-    token_c = torch.nn.functional.pad(token, (0, extra)).view(batch, n_chunks, chunk_size)
-    valid_c = torch.nn.functional.pad(in_prefix, (0, extra)).view(batch, n_chunks, chunk_size)
-    count = valid_c.sum(-1)
-    chunk_score = token_c.sum(-1)
-    if reduce == "mean":
-        chunk_score = chunk_score / count.clamp(min=1)
-    elif reduce != "sum":
-        raise ValueError(f"unknown chunk reduce {reduce!r}: use 'mean' or 'sum'")
-    chunk_score = chunk_score.masked_fill(count == 0, NEG_INF)
-    order = torch.sort(chunk_score, dim=-1, descending=True, stable=True).indices
-    chunk_rank = torch.empty_like(order).scatter_(
-        -1, order, torch.arange(n_chunks, device=scores.device).expand(batch, -1)
-    )
-    inner = token_c.masked_fill(~valid_c, NEG_INF)
-    inner_order = torch.sort(inner, dim=-1, descending=True, stable=True).indices
-    inner_rank = torch.empty_like(inner_order).scatter_(
-        -1, inner_order, torch.arange(chunk_size, device=scores.device).expand(batch, n_chunks, -1)
-    )
+    chunk_rank, token_c, valid_c = _rank_chunks(_head_sum(scores, in_prefix), in_prefix, chunk_size, reduce)
+    inner_rank = _ranks(token_c.masked_fill(~valid_c, NEG_INF))
     rank = (chunk_rank[..., None] * chunk_size + inner_rank).view(batch, -1)[:, :length]
     priority = (-rank).to(torch.float32).masked_fill(~in_prefix, NEG_INF)
     return priority[:, None, :]
@@ -197,18 +213,8 @@ def select_chunks_kvpress(
     """
     batch, _, length = scores.shape
     valid = torch.arange(length, device=scores.device)[None, :] < lengths[:, None]
-    token = torch.where(valid, scores.masked_fill(~torch.isfinite(scores), 0.0).sum(1), 0.0)
-    n_chunks = -(-length // chunk_size)
-    extra = n_chunks * chunk_size - length
-    token_c = torch.nn.functional.pad(token, (0, extra)).view(batch, n_chunks, chunk_size)
-    valid_c = torch.nn.functional.pad(valid, (0, extra)).view(batch, n_chunks, chunk_size)
-    count = valid_c.sum(-1)
-    chunk_score = (token_c.sum(-1) / count.clamp(min=1)).masked_fill(count == 0, NEG_INF)
-    order = torch.sort(chunk_score, dim=-1, descending=True, stable=True).indices
-    chunk_rank = torch.empty_like(order).scatter_(
-        -1, order, torch.arange(n_chunks, device=scores.device).expand(batch, -1)
-    )
-    chosen = (chunk_rank < kept_chunks[:, None]) & (count > 0)
+    chunk_rank, _, valid_c = _rank_chunks(_head_sum(scores, valid), valid, chunk_size, "mean")
+    chosen = (chunk_rank < kept_chunks[:, None]) & valid_c.any(-1)
     token_ok = (chosen[..., None] & valid_c).view(batch, -1)[:, :length]
     # Earlier tokens first among the chosen; the order is irrelevant after finalize sorts.
     priority = (-torch.arange(length, device=scores.device, dtype=torch.float32)).expand(batch, -1)
