@@ -1,5 +1,5 @@
 # chunkkv: two commands from a fresh clone.
-#   make setup  - install chunkkv and its dependencies into .venv
+#   make demo   - install everything needed and run the offline demo
 #   make test   - install the test extras (and the pinned kvpress reference env) and run every test
 #
 # On CPU machines torch==2.13.0 is installed first (a CPU wheel); every later requirement is a range
@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: setup setup-test kvpress-env test clean
+.PHONY: setup setup-test kvpress-env test demo clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ kvpress-env:
 
 test: setup-test kvpress-env
 	CHUNKKV_REQUIRE_KVPRESS=1 $(PY) -m pytest
+
+demo: setup
+	$(VENV)/bin/chunkkv demo
 
 clean:
 	rm -rf $(VENV) .venv-kvpress

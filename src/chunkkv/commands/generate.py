@@ -1,0 +1,209 @@
+"""``chunkkv generate``: answer questions about a long context with a compressed KV cache.
+
+The context is compressed once (question-agnostic, the default) and every ``--question`` is
+answered on a fork of the same compressed cache; with ``--query-aware`` the question is appended
+to the context before compression, once per question. Answers are streamed token by token, then
+the kept cache size (tokens per layer, bytes) and the times are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from ..cli_common import add_method_arguments, add_model_arguments, method_from_args
+from ..errors import ChunkKVError
+from ._common import (
+    TESTBED, Timer, add_sampling_arguments, describe, format_bytes, format_layer_counts, full_cache_bytes, load,
+    read_context, resolve_model, sampling_from_args, set_help,
+)
+
+EPILOG = """\
+examples:
+  chunkkv generate --model Qwen/Qwen2.5-0.5B-Instruct --context-file report.txt \\
+      --question "Who wrote the report?" --question "When was it published?" --keep-fraction 0.1
+  cat book.txt | chunkkv generate --model ./my-model --method snapkv --keep-tokens 512 --question "Summary:"
+  chunkkv generate --context-file doc.txt --question "..." --query-aware --method pyramidkv --remove-fraction 0.9
+  chunkkv generate --context-file doc.txt --question "..." --method full     # no compression, to compare
+  chunkkv generate --context-file doc.txt --keep-fraction 0.2 --do-sample --temperature 0.7 --top-p 0.9 --seed 1
+
+Budgets: --keep-fraction F keeps the share F of the prompt on every layer (0.1 = 10 %),
+--keep-tokens N keeps N tokens, --remove-fraction R removes the share R (kvpress's compression_ratio).
+Every method but 'full' needs one of them. Without --question the model continues the context.
+--model defaults to the shipped testbed, which only knows the synthetic suite's words.
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    describe(
+        parser,
+        "Answer questions about a long context with a compressed KV cache, streaming the answers, then\n"
+        "report the kept cache (tokens per layer, bytes) and the times (compression prefill, decode tok/s).",
+        EPILOG,
+    )
+    g = parser.add_argument_group("input")
+    g.add_argument("--context-file", default=None, metavar="PATH",
+                   help="text file with the context; '-' or omitted with piped stdin reads stdin")
+    g.add_argument("--question", action="append", default=[], metavar="TEXT",
+                   help="a question about the context (repeatable); none: continue the context")
+    g.add_argument("--separator", default="\n", help="text between the context and each question (default: newline)")
+    g.add_argument("--query-aware", action="store_true",
+                   help="compress context + question together, once per question (the question is the "
+                        "observation window); default: compress the context once, before any question")
+    add_model_arguments(parser, default=TESTBED)
+    set_help(parser, "--model", "model folder or hub id (default: the shipped testbed, models/chunkkv-testbed)")
+    add_method_arguments(parser)
+    add_sampling_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    method = method_from_args(args)  # bad method or budget: fail before loading anything
+    sampling_from_args(args)
+    context = read_context(args.context_file)
+    if any(not q.strip() for q in args.question):
+        raise ChunkKVError("--question is empty")
+    resolve_model(args)
+    model, tokenizer = load(args)
+    num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    if str(args.reuse_depth).lower() == "all":
+        method = method_from_args(args, num_layers)
+    sampling = sampling_from_args(args, tokenizer)
+    device = next(model.parameters()).device
+    out = sys.stdout
+
+    questions = args.question or [None]
+    totals = {"tokens": 0, "decode": 0.0, "prefill": 0.0, "question": 0.0}
+    kept_report = None
+    shared = None
+    try:
+        for qi, question in enumerate(questions):
+            if args.query_aware or shared is None:
+                text = context if question is None or not args.query_aware else context + args.separator + question
+                ids = _encode(tokenizer, text, True).to(device)
+                _warn_unknown(tokenizer, ids)
+                from ..compress import compress
+                from ._common import progress
+
+                with progress() as bar:
+                    bar.add_task(f"compressing {ids.shape[1]} tokens with {method.name}", total=None)
+                    ctx = compress(model, ids, method=method)
+                totals["prefill"] += ctx.stats.prefill_seconds
+                kept_report = _kept(ctx, ids.shape[1])
+                if qi == 0:
+                    mode = "query-aware (context + question compressed together)" if args.query_aware and question else \
+                        "question-agnostic (context compressed once, before the questions)"
+                    print(f"method {method.describe()} · {mode}", file=out)
+                print(f"compressed {ids.shape[1]} prompt tokens in {ctx.stats.prefill_seconds:.2f} s: {kept_report['line']}",
+                      file=out, flush=True)
+                if not args.query_aware:
+                    shared = ctx
+            work = ctx if args.query_aware else shared.fork()
+            new_ids = None
+            if question is not None:
+                print(f"\nQ: {question}", file=out)
+                if not args.query_aware:
+                    new_ids = _encode(tokenizer, args.separator + question, False).to(device)
+                    if new_ids.shape[1] == 0:
+                        raise ChunkKVError(f"question {question!r} encodes to no tokens")
+            print("A: " if question is not None else "\n", end="", file=out, flush=True)
+            with Timer(device) as qt:
+                if new_ids is not None:
+                    from ..generation import extend
+
+                    extend(model, work, new_ids)
+            n, seconds = _stream(model, tokenizer, work, sampling, out)
+            totals["tokens"] += n
+            totals["decode"] += seconds
+            totals["question"] += qt.seconds
+            rate = n / seconds if seconds > 0 else float("inf")
+            qpart = f"question {qt.seconds:.2f} s · " if new_ids is not None else ""
+            print(f"\n   [{n} tokens · {qpart}decode {seconds:.2f} s, {rate:.1f} tok/s]", file=out, flush=True)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+    rep = kept_report
+    print(f"\nkept cache: {rep['layers']}", file=out)
+    print(f"KV memory: {format_bytes(rep['bytes'])} ({rep['bytes']:,} bytes) of {format_bytes(rep['full'])} "
+          f"for the full cache ({100 * rep['bytes'] / max(1, rep['full']):.1f} %)", file=out)
+    rate = totals["tokens"] / totals["decode"] if totals["decode"] > 0 else float("inf")
+    print(f"times: compression prefill {totals['prefill']:.2f} s; decode {rate:.1f} tok/s "
+          f"({totals['tokens']} tokens in {totals['decode']:.2f} s)", file=out, flush=True)
+    return 0
+
+
+def _encode(tokenizer, text: str, special: bool) -> torch.Tensor:
+    return tokenizer(text, add_special_tokens=special, return_tensors="pt")["input_ids"]
+
+
+def _warn_unknown(tokenizer, ids: torch.Tensor) -> None:
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None:
+        return
+    share = float((ids == unk).float().mean())
+    if share > 0.05:
+        print(f"chunkkv generate: warning: {100 * share:.0f} % of the prompt's tokens are unknown to this tokenizer "
+              "(the testbed only knows the synthetic suite's words; pass --model for real text)", file=sys.stderr)
+
+
+def _kept(ctx, prompt_len: int) -> dict:
+    counts = {}
+    kept = ctx.cache.kept_counts()  # [pruned layers, 1]
+    for pos, layer in enumerate(ctx.cache.pruned_layers):
+        counts[layer] = int(kept[pos, 0])
+    nbytes, full = ctx.cache.nbytes(), full_cache_bytes(ctx.cache, prompt_len)
+    mean = sum(counts.values()) / max(1, len(counts))
+    line = (f"kept {mean:.0f} of {prompt_len} tokens per layer ({100 * mean / prompt_len:.1f} %), "
+            f"KV {format_bytes(nbytes)} of {format_bytes(full)}")
+    return {"line": line, "layers": format_layer_counts(counts, prompt_len), "bytes": nbytes, "full": full}
+
+
+def _pick(scores: torch.Tensor, sampling, generator) -> torch.Tensor:
+    scores = scores.float()
+    if not sampling.do_sample:
+        return scores.argmax(-1)
+    if sampling.temperature != 1.0:
+        scores = scores / sampling.temperature
+    if sampling.top_k:
+        kth = torch.topk(scores, min(sampling.top_k, scores.shape[-1]), dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if sampling.top_p is not None and sampling.top_p < 1.0:
+        from transformers import TopPLogitsWarper
+
+        scores = TopPLogitsWarper(sampling.top_p)(None, scores)
+    return torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator)[:, 0]
+
+
+@torch.inference_mode()
+def _stream(model, tokenizer, ctx, sampling, out) -> tuple[int, float]:
+    """Decode on ``ctx`` printing each decoded increment; returns (tokens, seconds)."""
+    from ..generation import extend
+
+    device = ctx.attention_mask.device
+    eos = sampling.eos_token_id
+    eos = set([eos] if isinstance(eos, int) else (eos or []))
+    generator = None
+    if sampling.do_sample and sampling.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(sampling.seed)
+    ids: list[int] = []
+    printed = ""
+    with Timer(device) as timer:
+        logits = ctx.next_logits
+        for step in range(sampling.max_new_tokens):
+            token = int(_pick(logits, sampling, generator)[0])
+            if token in eos:
+                break
+            ids.append(token)
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            if not text.endswith("\ufffd") and text.startswith(printed):
+                out.write(text[len(printed):])
+                out.flush()
+                printed = text
+            if step + 1 < sampling.max_new_tokens:
+                logits = extend(model, ctx, torch.tensor([[token]], device=device))[:, -1]
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if text != printed and text.startswith(printed):
+            out.write(text[len(printed):])
+    return len(ids), timer.seconds
