@@ -82,7 +82,8 @@ def load_model(args: argparse.Namespace):
         weights = list(path.glob("*.safetensors")) + list(path.glob("*.bin")) + list(path.glob("*.safetensors.index.json"))
         if not weights:
             raise ChunkKVError(f"--model {source} has a config.json but no weights (*.safetensors or *.bin)")
-    elif source.startswith((".", "/", "~")) or source.count("/") > 1:
+    elif source.startswith((".", "/", "~")) or source.count("/") > 1 or Path(path.parts[0]).is_dir():
+        # A hub id is "org/name"; a missing path under an existing local folder is a typo, not a hub id.
         raise ChunkKVError(f"--model {source}: no such folder")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)

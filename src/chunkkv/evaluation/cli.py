@@ -1,0 +1,176 @@
+"""``chunkkv eval``: one command per benchmark, any method, any budget.
+
+Examples::
+
+    chunkkv eval --model meta-llama/Llama-3.1-8B-Instruct --task longbench --method chunkkv \\
+        --keep-tokens 128 --reuse-depth 2 --query-aware --out runs/lb-chunkkv-128
+    chunkkv eval --model ./my-model --task niah --lengths 1000:32000:8 --method snapkv --keep-fraction 0.1 --out runs/niah
+    accelerate launch --num_processes 8 -m chunkkv.cli eval --model … --task longbench --out runs/lb   # 8 GPUs
+    chunkkv eval --merge --out runs/lb          # merge shards / rewrite metrics without a model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..cli_common import add_method_arguments, add_model_arguments, load_model, method_from_args
+from ..errors import ChunkKVError
+from .distributed import shard_info
+from .runner import EvalConfig, merge_results, run_eval
+
+__all__ = ["add_arguments", "config_from_args", "parse_grid", "run"]
+
+
+def parse_grid(text: str | None, kind: type = float) -> list | None:
+    """``"1000,2000,4000"`` or ``"start:stop:count"`` (evenly spaced, ends included) → list."""
+    if text is None:
+        return None
+    text = text.strip()
+    try:
+        if ":" in text:
+            start, stop, count = text.split(":")
+            a, b, n = float(start), float(stop), int(count)
+            if n < 1:
+                raise ValueError
+            values = [a] if n == 1 else [a + (b - a) * i / (n - 1) for i in range(n)]
+        else:
+            values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ChunkKVError(f"{text!r} is not a list ('1,2,3') or a range ('start:stop:count')") from None
+    return [int(round(v)) for v in values] if kind is int else values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser, default="")
+    add_method_arguments(parser)
+    g = parser.add_argument_group("evaluation")
+    g.add_argument("--task", help="niah | longbench[:task,…] | gsm8k | jailbreakv | synthetic[:task,…]")
+    g.add_argument("--out", help="output folder (resumes if it holds a run with the same settings)")
+    g.add_argument("--limit", type=int, help="at most N samples per (sub)task")
+    g.add_argument("--max-new-tokens", type=int, help="override the benchmark's generation length")
+    g.add_argument("--query-aware", action="store_true",
+                   help="compress context + question together (default: compress the context, then feed the question)")
+    g.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
+                   help="apply the tokenizer's chat template (default: if it has one; LongBench skips it where the official script does)")
+    g.add_argument("--system-prompt", help="system message (with the chat template)")
+    g.add_argument("--chat-template-kwargs", help='JSON options for the chat template, e.g. \'{"enable_thinking": false}\' (Qwen3)')
+    g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (per sample: seed + index); synthetic data seed")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--overwrite", action="store_true", help="delete the folder's earlier results first")
+    g.add_argument("--merge", action="store_true", help="only merge shard files and write metrics (no model)")
+    d = parser.add_argument_group("data")
+    d.add_argument("--data-dir", help="LongBench: folder of the official {task}.jsonl; GSM8K: folder with test/train.jsonl")
+    d.add_argument("--data-file", help="GSM8K test JSONL or JailbreakV CSV")
+    d.add_argument("--max-length", type=int, help="LongBench: prompt tokens after middle truncation (default: model window - max generation)")
+    n = parser.add_argument_group("needle in a haystack / synthetic")
+    n.add_argument("--lengths", help="context lengths in tokens: '1000,2000' or '1000:32000:8'")
+    n.add_argument("--depths", help="needle depths in percent: '0,50,100' or '0:100:11' (NIAH default: 0:100:11)")
+    n.add_argument("--needle", help="NIAH needle sentence")
+    n.add_argument("--retrieval-question", help="NIAH question")
+    n.add_argument("--answer", help="NIAH expected answer for substring scoring (default: the needle)")
+    n.add_argument("--haystack-dir", help="folder of *.txt files for the haystack (default: built-in filler)")
+    n.add_argument("--num-samples", type=int, default=10, help="synthetic: samples per length (and depth)")
+    n.add_argument("--synthetic-haystack", default="varied", help="synthetic: 'varied' or 'repetitive'")
+    m = parser.add_argument_group("GSM8K")
+    m.add_argument("--num-shots", type=int, default=8, help="chain-of-thought exemplars in the compressed context (paper: 8, 50)")
+    m.add_argument("--shots-file", help="JSONL of exemplars (question/answer rows; default: GSM8K train)")
+    j = parser.add_argument_group("JailbreakV")
+    j.add_argument("--judge-model", help="guard model (e.g. Llama-Guard-3-8B); default: refusal-keyword rule")
+    j.add_argument("--jb-formats", help="comma list of attack formats to keep, or 'all' (default: Template,Persuade,Logic)")
+    j.add_argument("--jb-field", help="CSV column with the prompt (default: jailbreak_query)")
+
+
+def config_from_args(args: argparse.Namespace) -> EvalConfig:
+    """The :class:`EvalConfig` the flags describe."""
+    formats = None
+    if args.jb_formats:
+        formats = ["all"] if args.jb_formats.strip().lower() == "all" else [f.strip() for f in args.jb_formats.split(",")]
+    return EvalConfig(
+        task=args.task,
+        out_dir=args.out,
+        limit=args.limit,
+        query_aware=args.query_aware,
+        chat_template=args.chat_template,
+        max_new_tokens=args.max_new_tokens,
+        system_prompt=args.system_prompt,
+        chat_template_kwargs=_json_option(args.chat_template_kwargs),
+        do_sample=args.do_sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        data_dir=args.data_dir,
+        data_file=args.data_file,
+        max_length=args.max_length,
+        lengths=parse_grid(args.lengths, int),
+        depths=parse_grid(args.depths, float),
+        needle=args.needle,
+        retrieval_question=args.retrieval_question,
+        answer=args.answer,
+        haystack_dir=args.haystack_dir,
+        num_shots=args.num_shots,
+        shots_file=args.shots_file,
+        judge_model=args.judge_model,
+        jb_formats=formats,
+        jb_field=args.jb_field,
+        num_samples=args.num_samples,
+        synthetic_haystack=args.synthetic_haystack,
+        model_name=args.model,
+        dtype=args.dtype,
+        progress=not args.no_progress,
+        overwrite=args.overwrite,
+    )
+
+
+def _json_option(text: str | None) -> dict | None:
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ChunkKVError(f"--chat-template-kwargs is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ChunkKVError("--chat-template-kwargs must be a JSON object")
+    return value
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.out:
+        raise ChunkKVError("give --out DIR (the output folder)")
+    if args.merge:
+        metrics = merge_results(args.out)
+        print(f"merged {metrics['samples']} of {metrics['expected']} samples into {args.out}/predictions.jsonl")
+        return 0
+    if not args.task:
+        raise ChunkKVError("give --task (niah, longbench, gsm8k, jailbreakv, synthetic)")
+    if not args.model:
+        raise ChunkKVError("give --model (a local model folder or a hub id)")
+    shard = shard_info()
+    if shard.world > 1:
+        if args.device_map:
+            raise ChunkKVError("--device-map cannot be combined with several processes: each process loads its own copy")
+        import torch
+
+        if args.device is None and torch.cuda.is_available():
+            args.device = f"cuda:{shard.local_rank % torch.cuda.device_count()}"
+    config = config_from_args(args)
+    model, tokenizer = load_model(args)
+    method = method_from_args(args, num_layers=getattr(model.config, "num_hidden_layers", None))
+    metrics = run_eval(model, tokenizer, config, method=method, shard=shard)
+    if metrics is not None:
+        print(_headline(metrics))
+        print(f"results: {args.out}/metrics.json, {args.out}/summary.md, {args.out}/predictions.jsonl")
+    else:
+        print(f"rank {shard.rank}: done; rank 0 merges", file=sys.stderr)
+    return 0
+
+
+def _headline(metrics: dict) -> str:
+    for key in ("average", "accuracy", "safe_rate", "rouge1"):
+        if key in metrics:
+            return f"{metrics['task']} [{metrics['method_label']}]: {key} = {metrics[key]} over {metrics['samples']} samples"
+    return f"{metrics['task']}: {metrics['samples']} samples"

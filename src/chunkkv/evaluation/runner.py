@@ -1,0 +1,410 @@
+"""Run a benchmark: answer every sample on a compressed cache, score it, write it, summarise.
+
+``run_eval`` is the Python API behind ``chunkkv eval``::
+
+    from chunkkv.evaluation import run_eval
+    metrics = run_eval(model, tokenizer, task="longbench:qasper", out_dir="runs/qasper-chunkkv",
+                       method=chunkkv.ChunkKV(keep_fraction=0.1, reuse_depth=2), limit=20)
+
+Each sample is answered alone (batch 1): the context is compressed with :func:`chunkkv.compress`,
+the question is appended with :func:`chunkkv.extend`, and :func:`chunkkv.continue_from` decodes
+(greedy unless ``do_sample``). With ``query_aware=True`` the whole prompt is compressed and decoding
+starts from its last logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..compress import compress
+from ..errors import ChunkKVError
+from ..generation import Sampling, continue_from, extend
+from ..methods import FullKV, Method, StreamingLLM
+from .base import EvalSample, Task, mean
+from .distributed import Shard
+from .prompting import chat_template_available, encode_prompt
+from .store import RecordStore, write_json_atomic, write_text_atomic
+from .tasks import build_task
+
+__all__ = ["EvalConfig", "Generator", "merge_results", "run_eval"]
+
+#: Settings that may change between a run and its resumption.
+_RESUMABLE = {"out_dir", "limit", "progress", "overwrite", "model_max_positions"}
+
+
+@dataclass
+class EvalConfig:
+    """Everything that defines an evaluation run (the CLI flags, as a dataclass).
+
+    Common: ``task`` (``niah``, ``longbench[:t,…]``, ``gsm8k``, ``jailbreakv``, ``synthetic[:t,…]``),
+    ``out_dir``, ``limit`` (samples per subtask), ``query_aware``, ``chat_template`` (None = use it
+    if the tokenizer has one), ``max_new_tokens`` (overrides the benchmark's), ``system_prompt``, ``chat_template_kwargs``,
+    sampling (``do_sample``, ``temperature``, ``top_p``, ``seed``).
+    Data: ``data_dir``, ``data_file``. LongBench: ``max_length``. NIAH: ``lengths``, ``depths``,
+    ``needle``, ``retrieval_question``, ``answer``, ``haystack_dir``. GSM8K: ``num_shots``,
+    ``shots_file``. JailbreakV: ``judge_model``, ``jb_formats``, ``jb_field``. Synthetic:
+    ``lengths``, ``depths``, ``num_samples``, ``seed``, ``synthetic_haystack``.
+    """
+
+    task: str
+    out_dir: str
+    limit: int | None = None
+    query_aware: bool = False
+    chat_template: bool | None = None
+    max_new_tokens: int | None = None
+    system_prompt: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float | None = None
+    seed: int = 0
+    data_dir: str | None = None
+    data_file: str | None = None
+    max_length: int | None = None
+    lengths: list[int] | None = None
+    depths: list[float] | None = None
+    needle: str | None = None
+    retrieval_question: str | None = None
+    answer: str | None = None
+    haystack_dir: str | None = None
+    num_shots: int = 8
+    shots_file: str | None = None
+    judge_model: str | None = None
+    jb_formats: list[str] | None = None
+    jb_field: str | None = None
+    num_samples: int = 10
+    synthetic_haystack: str = "varied"
+    model_name: str = ""
+    dtype: str = ""
+    model_max_positions: int | None = None
+    progress: bool = True
+    overwrite: bool = False
+
+    def fingerprint(self, method: Method | None) -> dict[str, Any]:
+        """The settings a resumed run must share with the run that wrote the folder."""
+        data = {k: v for k, v in dataclasses.asdict(self).items() if k not in _RESUMABLE}
+        data["method"] = describe_method(method)
+        return json.loads(json.dumps(data))
+
+
+def describe_method(method: Method | None) -> dict[str, Any]:
+    """``{"name": ..., <fields>}`` of a method (FullKV when None)."""
+    method = method or FullKV()
+    return {"name": method.name, **dataclasses.asdict(method)}
+
+
+def _as_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+class Generator:
+    """Answers one :class:`EvalSample` on a compressed cache (batch 1)."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, method: Method | None, config: EvalConfig) -> None:
+        self.model, self.tokenizer, self.method, self.config = model, tokenizer, method, config
+        if config.chat_template and not chat_template_available(tokenizer):
+            raise ChunkKVError("--chat-template was given but the tokenizer has no chat template")
+        self.use_chat = chat_template_available(tokenizer) if config.chat_template is None else config.chat_template
+        eos = _as_list(tokenizer.eos_token_id) + _as_list(getattr(model.generation_config, "eos_token_id", None))
+        self.eos = list(dict.fromkeys(eos))
+        newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+        self.newline_id = newline[-1] if newline else None
+        pad = tokenizer.pad_token_id
+        self.pad = pad if pad is not None else (self.eos[0] if self.eos else 0)
+        self.device = model.get_input_embeddings().weight.device
+        self._last: tuple[tuple[int, ...], Any] | None = None
+
+    def _compressed(self, context_ids: list[int], keep: bool):
+        """The compressed context. With ``keep`` it is also held (and forked) for the next sample,
+        which has the same context (GSM8K's exemplars): compression is deterministic, so reusing
+        it gives the same answers. Only one context is held, and only when it will be reused (a
+        held context and its growing fork would otherwise both stay in memory while decoding).
+
+        A context no longer than the method's observation window cannot be scored; it is kept
+        whole (the record says ``"compressed": false``) rather than stopping the run.
+        """
+        key = tuple(context_ids)
+        held = self._last
+        self._last = None  # free the previous context before the next prefill
+        if held is not None and held[0] == key:
+            base = held[1]
+        else:
+            held = None
+            method = FullKV() if self._too_short(len(context_ids)) else self.method
+            base = compress(self.model, torch.tensor([context_ids], device=self.device), method=method)
+        if not keep:
+            return base
+        self._last = (key, base)
+        return base.fork()
+
+    def _too_short(self, n: int) -> bool:
+        method = self.method
+        return method is not None and not isinstance(method, (FullKV, StreamingLLM)) and n <= method.window
+
+    @torch.inference_mode()
+    def __call__(self, sample: EvalSample, seed: int | None = None, reuse_next: bool = False) -> dict[str, Any]:
+        """Generate for one sample: ``{"prediction", "chat", "compressed", "prompt_tokens", "context_tokens",
+        "kept_tokens", "generated_tokens", "seconds"}`` (``kept_tokens``: mean over the pruned
+        layers; the context's length when nothing was pruned). ``reuse_next``: the next sample has
+        the same context, so its compressed cache is kept for it."""
+        start = time.perf_counter()
+        use_chat = self.use_chat and sample.chat
+        enc = encode_prompt(
+            self.tokenizer, sample.context, sample.question, use_chat, self.config.system_prompt,
+            self.config.chat_template_kwargs,
+        )
+        if self.config.query_aware or not sample.context.strip() or not enc.context_ids:
+            context_ids, question_ids = enc.full_ids, []
+        else:
+            context_ids, question_ids = enc.context_ids, enc.question_ids
+        stops = list(self.eos)
+        if sample.stop_newline and self.newline_id is not None:
+            stops.append(self.newline_id)
+        max_new = self.config.max_new_tokens or sample.max_new_tokens
+        sampling = Sampling(
+            max_new_tokens=max_new, do_sample=self.config.do_sample, temperature=self.config.temperature,
+            top_p=self.config.top_p, seed=seed if self.config.do_sample else None,
+            eos_token_id=stops or None, pad_token_id=self.pad,
+        )
+        ctx = self._compressed(context_ids, keep=reuse_next and not self.config.query_aware)
+        if question_ids:
+            extend(self.model, ctx, torch.tensor([question_ids], device=self.device))
+        if sample.min_new_tokens > 0 and stops:
+            logits = ctx.next_logits.clone()
+            logits[:, stops] = float("-inf")  # the first token may not end the answer
+            ctx.next_logits = logits
+        tokens = continue_from(self.model, ctx, None, sampling)[0].tolist()
+        if stops:
+            for i, t in enumerate(tokens):
+                if t in stops:
+                    tokens = tokens[:i]
+                    break
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        for stop in sample.stop_strings:
+            if stop in text:
+                text = text[: text.index(stop)]
+        kept = [row[0] for row in ctx.stats.kept.values()]
+        return {
+            "prediction": text,
+            "chat": use_chat,
+            "compressed": not self._too_short(len(context_ids)),
+            "prompt_tokens": len(context_ids) + len(question_ids),
+            "context_tokens": len(context_ids),
+            "kept_tokens": round(mean([float(k) for k in kept]), 2) if kept else float(len(context_ids)),
+            "generated_tokens": len(tokens),
+            "seconds": round(time.perf_counter() - start, 4),
+        }
+
+
+def _check_run_file(out: Path, fingerprint: dict[str, Any], expected: int | None = None) -> None:
+    """Refuse to resume a folder written with other settings; record ours."""
+    path = out / "run.json"
+    if path.exists():
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            saved = None
+        if saved is not None and saved.get("config") != fingerprint:
+            old = saved.get("config", {})
+            diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+            raise ChunkKVError(
+                f"{out} holds results of a run with other settings ({', '.join(diff)} differ); "
+                "use another --out, or --overwrite to start over"
+            )
+    write_json_atomic(path, {"config": fingerprint, "expected": expected})
+
+
+def _wait_for(store: RecordStore, ids: list[str], log_every: float = 300.0) -> None:
+    """Block until every id has a record in some file of the folder (other ranks' shards)."""
+    interval = float(os.environ.get("CHUNKKV_EVAL_POLL_SECONDS", "10"))
+    wanted = set(ids)
+    last_log = time.monotonic()
+    while True:
+        missing = wanted - set(store.load())
+        if not missing:
+            return
+        if time.monotonic() - last_log > log_every:
+            print(f"chunkkv eval: rank 0 waits for {len(missing)} samples of other ranks", file=sys.stderr)
+            last_log = time.monotonic()
+        time.sleep(interval)
+
+
+def run_eval(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    config: EvalConfig | None = None,
+    *,
+    method: Method | None = None,
+    shard: Shard | None = None,
+    **fields: Any,
+) -> dict[str, Any] | None:
+    """Evaluate ``model`` with ``method`` on ``config.task`` and write the results to ``config.out_dir``.
+
+    Pass an :class:`EvalConfig` or its fields as keywords (``task=…, out_dir=…``). Finished samples
+    already in the folder are skipped (resume). With a ``shard`` of ``world > 1`` this process
+    answers samples ``i`` with ``i % world == rank``; rank 0 then waits for the other ranks'
+    records and merges.
+
+    Returns the metrics (also in ``metrics.json``), or None on ranks other than 0.
+    """
+    if config is None:
+        config = EvalConfig(**fields)
+    elif fields:
+        config = dataclasses.replace(config, **fields)
+    shard = shard or Shard()
+    if not config.model_name:
+        config.model_name = str(getattr(model, "name_or_path", "") or "")
+    if config.model_max_positions is None:
+        config.model_max_positions = getattr(model.config, "max_position_embeddings", None)
+    task = build_task(config)
+    store = RecordStore(config.out_dir, shard.rank, shard.world)
+    if config.overwrite:
+        if shard.world > 1:
+            raise ChunkKVError("--overwrite cannot be used in a sharded run: delete the output folder first")
+        store.reset()
+    samples = task.samples(tokenizer)
+    ids = [s.id for s in samples]
+    if len(set(ids)) != len(ids):
+        raise ChunkKVError(f"the task produced duplicate sample ids (e.g. {_first_duplicate(ids)})")
+    _check_run_file(store.dir, config.fingerprint(method), len(samples))
+    done = store.load()
+    todo = [(i, s) for i, s in enumerate(samples) if shard.owns(i) and s.id not in done]
+    if todo:
+        prepare = getattr(task, "prepare", None)
+        if prepare is not None:
+            prepare(model, tokenizer)
+        generator = Generator(model, tokenizer, method, config)
+        _answer_all(task, generator, store, todo, config, shard, len(samples))
+    store.close()
+    if not shard.is_main:
+        return None
+    if shard.world > 1:
+        _wait_for(store, ids)
+    return finalize(store, task, config, method, order=ids)
+
+
+def _answer_all(task: Task, generator: Generator, store: RecordStore, todo: list[tuple[int, EvalSample]],
+                config: EvalConfig, shard: Shard, total: int) -> None:
+    from tqdm.auto import tqdm
+
+    desc = f"{config.task}" + (f" [rank {shard.rank}/{shard.world}]" if shard.world > 1 else "")
+    bar = tqdm(todo, desc=desc, disable=not config.progress, dynamic_ncols=True, position=shard.local_rank)
+    for k, (index, sample) in enumerate(bar):
+        following = todo[k + 1][1] if k + 1 < len(todo) else None
+        same = following is not None and (following.context, following.chat) == (sample.context, sample.chat)
+        out = generator(sample, seed=config.seed + index, reuse_next=same)
+        scores = task.score(sample, out["prediction"])
+        store.append(
+            {
+                "id": sample.id,
+                "index": index,
+                "subtask": sample.subtask,
+                "prediction": out["prediction"],
+                "chat": out["chat"],
+                "compressed": out["compressed"],
+                "gold": sample.gold,
+                "score": next(iter(scores.values())),
+                "scores": scores,
+                "prompt_tokens": out["prompt_tokens"],
+                "context_tokens": out["context_tokens"],
+                "kept_tokens": out["kept_tokens"],
+                "generated_tokens": out["generated_tokens"],
+                "seconds": out["seconds"],
+                "rank": shard.rank,
+                "meta": sample.meta,
+            }
+        )
+
+
+def _first_duplicate(ids: list[str]) -> str:
+    seen: set[str] = set()
+    for i in ids:
+        if i in seen:
+            return i
+        seen.add(i)
+    return ""
+
+
+def finalize(
+    store: RecordStore, task: Task, config: EvalConfig, method: Method | None, order: list[str] | None = None,
+    method_info: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Merge the record files, compute the metrics and write ``metrics.json`` and ``summary.md``."""
+    records = store.merge(order)
+    if order is not None:
+        wanted = set(order)
+        records = [r for r in records if str(r["id"]) in wanted]
+    expected = len(order) if order is not None else _expected(store.dir)
+    info = method_info or describe_method(method)
+    metrics: dict[str, Any] = {
+        "task": config.task,
+        "model": config.model_name,
+        "method": info,
+        "method_label": _label_from_info(info),
+        "query_aware": config.query_aware,
+        "samples": len(records),
+        "expected": expected,
+        "complete": expected is None or len(records) >= expected,
+        "mean_prompt_tokens": round(mean([r["prompt_tokens"] for r in records]), 1),
+        "mean_kept_tokens": round(mean([r["kept_tokens"] for r in records]), 1),
+        "mean_kept_fraction": round(mean([r["kept_tokens"] / max(1, r["context_tokens"]) for r in records]), 4),
+        "uncompressed": sum(1 for r in records if not r.get("compressed", True)),
+        "seconds": round(sum(r.get("seconds", 0.0) for r in records), 1),
+    }
+    metrics.update(task.aggregate(records) if records else {})
+    write_json_atomic(store.dir / "metrics.json", metrics)
+    lines = [
+        f"# {config.task}: {metrics['method_label']}",
+        "",
+        f"- model: `{config.model_name}`",
+        f"- method: `{json.dumps(info)}`",
+        f"- compression: {'query-aware (context + question)' if config.query_aware else 'question-agnostic (context only)'}",
+        f"- samples: {len(records)} of {expected}" + ("" if metrics["complete"] else " (**incomplete**)"),
+        f"- mean prompt tokens {metrics['mean_prompt_tokens']}, mean kept {metrics['mean_kept_tokens']} "
+        f"({100 * metrics['mean_kept_fraction']:.1f} % of the compressed part)",
+    ]
+    if metrics["uncompressed"]:
+        lines.append(f"- {metrics['uncompressed']} samples were kept whole: their context is not longer than the window")
+    lines.append("")
+    if records:
+        lines += task.report(metrics, records, store.dir)
+    write_text_atomic(store.dir / "summary.md", "\n".join(lines) + "\n")
+    return metrics
+
+
+def _label_from_info(info: dict[str, Any]) -> str:
+    budget = [f"{k}={info[k]}" for k in ("keep_tokens", "keep_fraction", "remove_fraction") if info.get(k) is not None]
+    return " ".join([str(info.get("name", "?")), *budget])
+
+
+def _expected(out: Path) -> int | None:
+    try:
+        return json.loads((out / "run.json").read_text(encoding="utf-8")).get("expected")
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def merge_results(out_dir: str | Path) -> dict[str, Any]:
+    """``--merge``: merge the shard files of a finished (or partial) sharded run and write its
+    metrics, using the settings recorded in ``run.json``; no model is needed."""
+    out = Path(out_dir)
+    path = out / "run.json"
+    if not path.exists():
+        raise ChunkKVError(f"{out} has no run.json: is it a chunkkv eval output folder?")
+    saved = json.loads(path.read_text(encoding="utf-8"))["config"]
+    method_info = saved.pop("method", None)
+    known = {f.name for f in dataclasses.fields(EvalConfig)}
+    config = EvalConfig(out_dir=str(out), **{k: v for k, v in saved.items() if k in known and k != "out_dir"})
+    task = build_task(config)
+    return finalize(RecordStore(out), task, config, None, order=None, method_info=method_info)
