@@ -157,7 +157,7 @@ class _Scored(Method):
         raw = window_attention_scores(
             inputs.queries[:, :, -win:], inputs.keys, inputs.scaling, inputs.key_valid, inputs.softcap
         )
-        aligned = sel.align_rows(raw, inputs.pad)
+        aligned = raw if inputs.key_valid is None else sel.align_rows(raw, inputs.pad)
         return sel.prefix_scores(aligned, inputs.lengths, inputs.kept, self.window, self.pooling, self.kernel)
 
 
@@ -209,7 +209,7 @@ class H2O(Method):
         raw = accumulated_attention_scores(
             inputs.queries, inputs.keys, inputs.scaling, inputs.key_valid, inputs.softcap
         )
-        aligned = sel.align_rows(raw, inputs.pad)
+        aligned = raw if inputs.key_valid is None else sel.align_rows(raw, inputs.pad)
         scores = sel.prefix_scores(aligned, inputs.lengths, inputs.kept, self.window)
         return sel.select_tokens_per_head(scores, inputs.lengths, inputs.kept, self.window, inputs.slots)
 
@@ -316,7 +316,7 @@ class KVPressChunkKV(ChunkKV):
         raw = window_attention_scores(
             inputs.queries[:, :, -win:], inputs.keys, inputs.scaling, inputs.key_valid, inputs.softcap
         )
-        aligned = sel.align_rows(raw, inputs.pad)
+        aligned = raw if inputs.key_valid is None else sel.align_rows(raw, inputs.pad)
         length = aligned.shape[-1]
         prefix_len = inputs.lengths - win
         pos = torch.arange(length, device=aligned.device)[None, :]

@@ -60,10 +60,9 @@ def prefix_scores(
     never picked.
     """
     prefix_len = lengths - window_sizes(kept, window)
-    in_prefix = torch.arange(scores.shape[-1], device=scores.device)[None, :] < prefix_len[:, None]
-    mask = in_prefix[:, None, :]
-    pooled = pool_scores(scores.masked_fill(~mask, 0.0), pooling, kernel)
-    return pooled.masked_fill(~mask, NEG_INF)
+    outside = (torch.arange(scores.shape[-1], device=scores.device)[None, :] >= prefix_len[:, None])[:, None, :]
+    pooled = pool_scores(scores.masked_fill(outside, 0.0), pooling, kernel)
+    return pooled.masked_fill(outside, NEG_INF)
 
 
 def _window_picks(lengths: torch.Tensor, kept: torch.Tensor, window: int, width: int) -> torch.Tensor:
@@ -146,9 +145,9 @@ def _ranks(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(order).scatter_(-1, order, steps)
 
 
-def _head_sum(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """``[B, H, T] -> [B, T]``: scores summed over heads, 0 where not ``valid``."""
-    return torch.where(valid, scores.masked_fill(~torch.isfinite(scores), 0.0).sum(1), 0.0)
+def _head_sum(scores: torch.Tensor) -> torch.Tensor:
+    """``[B, H, T] -> [B, T]``: scores summed over heads; ``-inf`` (excluded) tokens count 0."""
+    return torch.nan_to_num(scores, neginf=0.0).sum(1)
 
 
 def chunk_priority(
@@ -169,7 +168,7 @@ def chunk_priority(
     """
     batch, _, length = scores.shape
     in_prefix = torch.isfinite(scores[:, 0])  # [B, T]
-    chunk_rank, token_c, valid_c = _rank_chunks(_head_sum(scores, in_prefix), in_prefix, chunk_size, reduce)
+    chunk_rank, token_c, valid_c = _rank_chunks(_head_sum(scores), in_prefix, chunk_size, reduce)
     inner_rank = _ranks(token_c.masked_fill(~valid_c, NEG_INF))
     rank = (chunk_rank[..., None] * chunk_size + inner_rank).view(batch, -1)[:, :length]
     priority = (-rank).to(torch.float32).masked_fill(~in_prefix, NEG_INF)
@@ -213,7 +212,7 @@ def select_chunks_kvpress(
     """
     batch, _, length = scores.shape
     valid = torch.arange(length, device=scores.device)[None, :] < lengths[:, None]
-    chunk_rank, _, valid_c = _rank_chunks(_head_sum(scores, valid), valid, chunk_size, "mean")
+    chunk_rank, _, valid_c = _rank_chunks(_head_sum(scores), valid, chunk_size, "mean")
     chosen = (chunk_rank < kept_chunks[:, None]) & valid_c.any(-1)
     token_ok = (chosen[..., None] & valid_c).view(batch, -1)[:, :length]
     # Earlier tokens first among the chosen; the order is irrelevant after finalize sorts.
