@@ -44,7 +44,17 @@ Output JSON::
                                                                   # position order?
                 # only with --timing-repeats N > 0:
                 "timing": {"repeats", "prefill_ms_no_press", "prefill_ms_with_press",
-                           "overhead_ms", "compress_ms_per_layer", "compress_ms_total"}}]}
+                           "overhead_ms", "compress_ms_per_layer", "compress_ms_total",
+                           "compress_ms_samples"},
+                # only with --decode-steps N > 0 (greedy decoding after the compressed prefill,
+                # the way KVPressTextGenerationPipeline does it; the same without any press):
+                "decode": {"steps", "warmup", "ms_per_token", "ms_per_token_min",
+                           "ms_per_token_max", "samples_ms", "cache_len_per_layer"},
+                "decode_no_press": {...same keys...}}]}
+
+With ``--timing-only`` the black-box recovery is skipped (no ``kept`` and no
+``cache_order_sorted_per_layer``; ``kept_len_per_layer`` is read from the compressed cache):
+this is what ``chunkkv bench`` uses to time kvpress side by side with chunkkv.
 
 With ``--keep-going`` a case whose press raises (e.g. kvpress's assertion that the sequence
 is longer than ``window_size``) is recorded as ``{"name", "press", "error": "..."}`` and the
@@ -57,7 +67,9 @@ Example::
         --cases cases.json --out ref.json --timing-repeats 5
 
 Timing uses ``time.perf_counter`` (with ``torch.cuda.synchronize`` on GPU), one warm-up and
-the median of N runs. The thread count is ``--threads`` or, if omitted, the environment
+the median of N runs. The prefill without press is timed once per distinct input (cases that
+share an input share that number). ``--dtype`` loads the model in another dtype (default float32);
+``--device cuda`` needs a CUDA build of torch in this environment. The thread count is ``--threads`` or, if omitted, the environment
 variable ``KVREF_NUM_THREADS`` / ``OMP_NUM_THREADS``; otherwise torch's default.
 """
 
@@ -129,8 +141,9 @@ def _state_dict_matches(model: PreTrainedModel, state: dict[str, torch.Tensor]) 
     return bad
 
 
-def load_model(model_dir: Path, attn_implementation: str, device: str) -> PreTrainedModel:
-    """Load a saved causal LM in float32 and verify its weights against the safetensors files.
+def load_model(model_dir: Path, attn_implementation: str, device: str,
+               dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """Load a saved causal LM (float32 unless ``dtype``) and verify its weights against the files.
 
     Models saved by a newer transformers (e.g. 5.24 in the main venv) load fine in 5.2.0 for
     Llama. Should ``from_pretrained`` fail or load different weights (config drift across
@@ -141,7 +154,7 @@ def load_model(model_dir: Path, attn_implementation: str, device: str) -> PreTra
     model: PreTrainedModel | None = None
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(model_dir), dtype=torch.float32, attn_implementation=attn_implementation
+            str(model_dir), dtype=dtype, attn_implementation=attn_implementation
         )
         bad = _state_dict_matches(model, state)
         if bad:
@@ -154,14 +167,14 @@ def load_model(model_dir: Path, attn_implementation: str, device: str) -> PreTra
     if model is None:
         config = AutoConfig.from_pretrained(str(model_dir))
         config._attn_implementation = attn_implementation
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype,
                                                  attn_implementation=attn_implementation)
         # tie_word_embeddings models may omit lm_head.weight from the file; strict otherwise.
         missing, unexpected = model.load_state_dict(state, strict=False)
         tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
         if unexpected or set(missing) - tied:
             raise RuntimeError(f"state dict mismatch: missing={missing} unexpected={unexpected}")
-    model = model.to(device=device, dtype=torch.float32).eval()
+    model = model.to(device=device, dtype=dtype).eval()
     if model.config._attn_implementation != attn_implementation:
         raise RuntimeError(f"attn_implementation is {model.config._attn_implementation!r}, "
                            f"wanted {attn_implementation!r}")
@@ -331,21 +344,33 @@ def _time_ms(fn: Callable[[], Any], repeats: int, device: torch.device) -> float
     return statistics.median(samples)
 
 
+_NO_PRESS_MS: dict[tuple[int, int], float] = {}
+
+
+def _input_key(input_ids: torch.Tensor) -> int:
+    return hash(tuple(input_ids.flatten().tolist()))
+
+
 def time_case(model: PreTrainedModel, input_ids: torch.Tensor, press: BasePress,
               repeats: int, num_layers: int) -> dict[str, Any]:
     """Median prefill time with/without the press, and per-layer ``compress`` time."""
     device = input_ids.device
-    no_press = _time_ms(lambda: prefill(model, input_ids, None), repeats, device)
+    key = (_input_key(input_ids), repeats)
+    if key not in _NO_PRESS_MS:
+        _NO_PRESS_MS[key] = _time_ms(lambda: prefill(model, input_ids, None), repeats, device)
+    no_press = _NO_PRESS_MS[key]
     timer = CompressTimer(press, device)
     with timer.active():
         with_press = _time_ms(lambda: prefill(model, input_ids, press), repeats, device)
     # drop the warm-up call of each layer, keep the median of the timed ones
     per_layer = []
+    runs: list[list[float]] = []
     for layer in range(num_layers):
         samples = timer.per_layer.get(layer, [])[1:]
         if not samples:
             raise RuntimeError(f"press.compress was never timed for layer {layer}")
         per_layer.append(statistics.median(samples))
+        runs.append(samples)
     return {
         "repeats": repeats,
         "prefill_ms_no_press": no_press,
@@ -353,6 +378,50 @@ def time_case(model: PreTrainedModel, input_ids: torch.Tensor, press: BasePress,
         "overhead_ms": with_press - no_press,
         "compress_ms_per_layer": per_layer,
         "compress_ms_total": sum(per_layer),
+        # total over layers of each timed run (same order as the runs)
+        "compress_ms_samples": [sum(run[i] for run in runs) for i in range(min(len(r) for r in runs))],
+    }
+
+
+_NO_PRESS_DECODE: dict[tuple[int, int, int], dict[str, Any]] = {}
+
+
+@torch.inference_mode()
+def time_decode(model: PreTrainedModel, input_ids: torch.Tensor, press: BasePress | None,
+                steps: int, warmup: int) -> dict[str, Any]:
+    """Greedy decoding after a (compressed) prefill, timed per token.
+
+    Mirrors ``KVPressTextGenerationPipeline`` in kvpress 0.5.5: the press is active only during
+    the context prefill of ``model.model``; then a one-token "question" (the prompt's last token)
+    and ``warmup + steps`` greedy tokens are decoded with ``model(...)`` over the compressed
+    cache, ``position_ids`` continuing the original context length, one ``.item()`` per token.
+    """
+    device = input_ids.device
+    num_layers = model.config.num_hidden_layers
+    cache = prefill(model, input_ids, press)
+    kept = [int(layer_kv(cache, layer)[0].shape[2]) for layer in range(num_layers)]
+    context_length = input_ids.shape[1]
+    position_ids = torch.arange(context_length, context_length + 1, device=device).unsqueeze(0)
+    out = model(input_ids=input_ids[:, -1:], past_key_values=cache, position_ids=position_ids, logits_to_keep=1)
+    token = out.logits[0, -1].argmax()
+    samples: list[float] = []
+    for i in range(warmup + steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        out = model(input_ids=token.view(1, 1), past_key_values=cache, position_ids=position_ids + 1 + i)
+        token = out.logits[0, -1].argmax()
+        token.item()  # the pipeline's per-token stop check
+        _sync(device)
+        if i >= warmup:
+            samples.append((time.perf_counter() - t0) * 1e3)
+    return {
+        "steps": steps,
+        "warmup": warmup,
+        "ms_per_token": statistics.median(samples),
+        "ms_per_token_min": min(samples),
+        "ms_per_token_max": max(samples),
+        "samples_ms": samples,
+        "cache_len_per_layer": kept,
     }
 
 
@@ -362,7 +431,8 @@ def time_case(model: PreTrainedModel, input_ids: torch.Tensor, press: BasePress,
 
 
 def run_case(model: PreTrainedModel, case: dict[str, Any], device: torch.device,
-             atol: float, timing_repeats: int) -> dict[str, Any]:
+             atol: float, timing_repeats: int, *, timing_only: bool = False,
+             decode_steps: int = 0, decode_warmup: int = 2) -> dict[str, Any]:
     """Run one case and return its JSON record."""
     name = str(case["name"])
     if case.get("press") not in PRESS_KINDS:
@@ -377,22 +447,31 @@ def run_case(model: PreTrainedModel, case: dict[str, Any], device: torch.device,
 
     num_layers = model.config.num_hidden_layers
     press = build_press(case)
-    full = prefill(model, input_ids, None)
     pressed = prefill(model, input_ids, press)
-    kept, lens, order_sorted = recover_kept(full, pressed, num_layers, atol, name)
     record: dict[str, Any] = {
         "name": name,
         "press": case["press"],
         "press_repr": repr(press),
         "seq_len": int(input_ids.shape[1]),
         "num_layers": num_layers,
-        "num_kv_heads": int(layer_kv(full, 0)[0].shape[1]),
-        "kept": kept,
-        "kept_len_per_layer": lens,
-        "cache_order_sorted_per_layer": order_sorted,
+        "num_kv_heads": int(layer_kv(pressed, 0)[0].shape[1]),
     }
+    if timing_only:
+        record["kept_len_per_layer"] = [int(layer_kv(pressed, layer)[0].shape[2]) for layer in range(num_layers)]
+    else:
+        full = prefill(model, input_ids, None)
+        kept, lens, order_sorted = recover_kept(full, pressed, num_layers, atol, name)
+        del full
+        record.update(kept=kept, kept_len_per_layer=lens, cache_order_sorted_per_layer=order_sorted)
+    del pressed
     if timing_repeats > 0:
         record["timing"] = time_case(model, input_ids, press, timing_repeats, num_layers)
+    if decode_steps > 0:
+        record["decode"] = time_decode(model, input_ids, press, decode_steps, decode_warmup)
+        key = (_input_key(input_ids), decode_steps, decode_warmup)
+        if key not in _NO_PRESS_DECODE:
+            _NO_PRESS_DECODE[key] = time_decode(model, input_ids, None, decode_steps, decode_warmup)
+        record["decode_no_press"] = _NO_PRESS_DECODE[key]
     return record
 
 
@@ -416,6 +495,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default: $KVREF_NUM_THREADS or $OMP_NUM_THREADS)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="dtype the model is loaded in (default: float32)")
+    p.add_argument("--timing-only", action="store_true",
+                   help="skip the black-box recovery of kept positions (no 'kept' in the output)")
+    p.add_argument("--decode-steps", type=int, default=0,
+                   help="N > 0: also time N greedy decode tokens after the compressed prefill "
+                        "(pipeline-style) and without press")
+    p.add_argument("--decode-warmup", type=int, default=2,
+                   help="untimed decode tokens before the timed ones (default 2)")
     p.add_argument("--attn-implementation", default="sdpa", choices=("sdpa", "eager"),
                    help="sdpa (default). eager makes ChunkKVPress assert and changes SnapKV numerics")
     p.add_argument("--atol", type=float, default=1e-6, help="fallback tolerance for key matching")
@@ -441,12 +529,13 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("case names must be unique")
 
     t_start = time.perf_counter()
-    model = load_model(args.model, args.attn_implementation, args.device)
+    model = load_model(args.model, args.attn_implementation, args.device, getattr(torch, args.dtype))
     results: list[dict[str, Any]] = []
     for case in cases:
         t0 = time.perf_counter()
         try:
-            rec = run_case(model, case, device, args.atol, args.timing_repeats)
+            rec = run_case(model, case, device, args.atol, args.timing_repeats, timing_only=args.timing_only,
+                           decode_steps=args.decode_steps, decode_warmup=args.decode_warmup)
         except KeyMatchError as exc:
             print(f"[kvpress_reference] FATAL key matching failure: {exc}", file=sys.stderr)
             return 3
@@ -468,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch_version": torch.__version__,
         "attn_implementation": model.config._attn_implementation,
         "device": str(device),
-        "dtype": "float32",
+        "dtype": args.dtype,
         "num_threads": torch.get_num_threads(),
         "cases": results,
     }

@@ -1,0 +1,166 @@
+"""``chunkkv bench``: the efficiency benchmark from the command line.
+
+    chunkkv bench                                    # CPU defaults: random 100M Llama, 2k/4k/8k
+    chunkkv bench --contexts 2048,8192,32768 --e2e 8192:1024 --dtype bfloat16   # on a GPU
+    chunkkv bench --model /path/to/llama --contexts 4096 --no-peers
+
+Writes ``results.json``, ``report.md`` and PNG plots to ``--out`` and prints the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from ..cli_common import add_model_arguments, load_model
+from ..errors import ChunkKVError
+from .models import ALIASES, RANDOM_MODELS, is_random_model, random_llama
+from .runner import DEFAULT_METHODS, BenchConfig, run_bench
+
+
+def _int(text: str) -> int:
+    """``8192`` or ``8k`` (= 8192)."""
+    text = text.strip().lower()
+    return int(text[:-1]) * 1024 if text.endswith("k") else int(text)
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [_int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers (8192 or 8k), got {text!r}") from None
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _requests(text: str) -> list[tuple[int, int]]:
+    if text.lower() in ("none", "off", ""):
+        return []
+    out = []
+    for part in text.split(","):
+        try:
+            n_in, n_out = part.split(":")
+            out.append((_int(n_in), int(n_out)))
+        except (ValueError, IndexError):
+            raise argparse.ArgumentTypeError(f"--e2e takes IN:OUT pairs such as 8192:1024, got {part!r}") from None
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser, default="random-100m")
+    parser.epilog = (f"--model may also be one of the random-weight models {', '.join(RANDOM_MODELS)} "
+                     "(speed does not depend on the weights). Defaults marked CPU/GPU depend on --device.")
+    g = parser.add_argument_group("what to measure")
+    g.add_argument("--contexts", type=_ints, help="prompt lengths (CPU: 2048,4096,8192; GPU: 2048,4096,8192,16384,32768)")
+    g.add_argument("--batch-sizes", type=_ints, help="decode batch sizes (CPU: 1,2; GPU: 1,4)")
+    g.add_argument("--budget", type=float, default=0.1, help="share KEPT by every method in the comparison (0.1)")
+    g.add_argument("--decode-fractions", type=_floats, default=[0.5, 0.25, 0.1],
+                   help="kept shares for the decode sweep (0.5,0.25,0.1)")
+    g.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"compared methods ({','.join(DEFAULT_METHODS)})")
+    g.add_argument("--decode-method", default="chunkkv", help="method of the decode sweep (chunkkv)")
+    g.add_argument("--reuse-depths", type=_ints, default=[1, 2, 3, 4], help="ChunkKV reuse depths (1,2,3,4)")
+    g.add_argument("--repeats", type=int, default=3, help="timed runs per configuration, after one untimed (3)")
+    g.add_argument("--decode-steps", type=int, help="timed decode steps per cache (CPU 16, GPU 32)")
+    g.add_argument("--decode-warmup", type=int, default=2, help="untimed decode steps first (2)")
+    g.add_argument("--e2e", type=_requests, help="IN:OUT requests, comma-separated, or none (CPU 4096:64; GPU 8192:1024)")
+    g.add_argument("--e2e-batch", type=int, default=1, help="batch size of the e2e requests (1)")
+    g.add_argument("--e2e-repeats", type=int, help="timed e2e runs (default: --repeats)")
+    g.add_argument("--scaling-contexts", type=_ints, help="lengths for the scaling check (default: --contexts)")
+    g.add_argument("--seed", type=int, default=0)
+    p = parser.add_argument_group("peers (kvpress 0.5.5 in its own environment)")
+    p.add_argument("--no-peers", action="store_true", help="do not run kvpress")
+    p.add_argument("--peer-contexts", type=_ints, help="contexts for kvpress (default: --contexts)")
+    p.add_argument("--kvpress-python", help="python of the kvpress env (default: $KVPRESS_PYTHON or .venv-kvpress)")
+    o = parser.add_argument_group("run and output")
+    o.add_argument("--threads", type=int, help="torch threads (CPU default 2)")
+    o.add_argument("--out", default="bench-results", help="output folder (bench-results)")
+    o.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _log(msg: str) -> None:
+    print(f"[chunkkv bench] {msg}", file=sys.stderr, flush=True)
+
+
+def config_from_args(args: argparse.Namespace, device: torch.device) -> BenchConfig:
+    gpu = device.type == "cuda"
+    contexts = args.contexts or ([2048, 4096, 8192, 16384, 32768] if gpu else [2048, 4096, 8192])
+    return BenchConfig(
+        contexts=contexts,
+        batch_sizes=args.batch_sizes or ([1, 4] if gpu else [1, 2]),
+        budget=args.budget,
+        decode_fractions=args.decode_fractions,
+        methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+        reuse_depths=args.reuse_depths,
+        decode_method=args.decode_method,
+        repeats=args.repeats,
+        decode_steps=args.decode_steps or (32 if gpu else 16),
+        decode_warmup=args.decode_warmup,
+        e2e=args.e2e if args.e2e is not None else ([(8192, 1024)] if gpu else [(4096, 64)]),
+        e2e_batch=args.e2e_batch,
+        e2e_repeats=args.e2e_repeats,
+        scaling_contexts=args.scaling_contexts,
+        peers=not args.no_peers,
+        peer_contexts=args.peer_contexts,
+        kvpress_python=args.kvpress_python,
+        threads=args.threads or (2 if not gpu else None),
+    )
+
+
+def load(args: argparse.Namespace, max_positions: int):
+    """``(model, label, folder or None)`` for ``--model``."""
+    if is_random_model(args.model):
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = args.dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if torch.device(device).type == "cuda" else "float32"
+        name = ALIASES.get(args.model, args.model)
+        model = random_llama(name, dtype=getattr(torch, dtype), device=device, max_positions=max_positions,
+                             attn_implementation=args.attn_implementation)
+        return model, name, None
+    model, _tokenizer = load_model(args)
+    return model, args.model, args.model
+
+
+def run(args: argparse.Namespace) -> int:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    elif device.type == "cpu":
+        torch.set_num_threads(2)
+    cfg = config_from_args(args, device)
+    longest = max(cfg.contexts + [a + b for a, b in cfg.e2e] + (cfg.scaling_contexts or []))
+    model, label, folder = load(args, max(65536, longest + 1024))
+    try:
+        cfg.validate()
+    except ValueError as exc:
+        raise ChunkKVError(str(exc)) from None
+    _log(f"{label} on {next(model.parameters()).device}, contexts {cfg.contexts}, batch sizes {cfg.batch_sizes}, "
+         f"{torch.get_num_threads()} threads")
+    from pathlib import Path
+
+    from .report import to_markdown, write_outputs
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / "results.partial.json"
+
+    def save_partial(result: dict) -> None:
+        partial.write_text(json.dumps(result, indent=1))
+
+    result = run_bench(model, cfg, progress=not args.no_progress, model_label=label, model_dir=folder, log=_log,
+                       on_section=save_partial)
+    partial.unlink(missing_ok=True)
+
+    paths = write_outputs(result, args.out, plots=not args.no_plots)
+    print(to_markdown(result))
+    _log("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0

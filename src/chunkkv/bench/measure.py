@@ -1,0 +1,246 @@
+"""Timing, memory and cache-size measurement used by the efficiency benchmark.
+
+Timing: ``time.perf_counter`` with ``torch.cuda.synchronize`` around every timed region on GPU.
+Summaries (:class:`Stats`) give the median and the spread (min/max and the quartiles).
+
+Peak memory (:class:`MemoryMeter`):
+
+* **CUDA**: ``torch.cuda.reset_peak_memory_stats`` before the region and
+  ``torch.cuda.max_memory_allocated`` after it (tensor bytes held by PyTorch's allocator).
+* **CPU**: peak resident set size of this process. The kernel's high-water mark ``VmHWM``
+  (``/proc/self/status``) is reset to the current RSS by writing ``5`` to ``/proc/self/clear_refs``
+  before the region and read after it, so it catches every page touched, however short-lived,
+  at no cost to the timed code. Before each reset, ``malloc_trim(0)`` hands memory that glibc
+  still caches back to the OS, so the baseline is what is really live and the increase is what
+  the region needs. Where ``clear_refs`` cannot be written (old kernels, some sandboxes) a
+  background thread samples ``VmRSS`` every millisecond instead (it can miss very short peaks;
+  the JSON says which one was used).
+
+KV bytes are counted from the cache tensors themselves (``numel * element_size`` of every layer's
+keys and values), never estimated.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+MiB = 1024 * 1024
+
+
+# --- timing -----------------------------------------------------------------------------------
+def sync(device: torch.device) -> None:
+    """Wait for queued work on ``device`` (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def now(device: torch.device) -> float:
+    """``perf_counter`` after the device has finished its queued work."""
+    sync(device)
+    return time.perf_counter()
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    """Linear-interpolated quantile of an already sorted list (numpy's default method)."""
+    if len(sorted_values) == 1:
+        return sorted_values[0]
+    pos = q * (len(sorted_values) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+@dataclass
+class Stats:
+    """Median and spread of repeated measurements (warm-up runs are never included)."""
+
+    median: float
+    min: float
+    max: float
+    q1: float
+    q3: float
+    n: int
+    samples: list[float]
+
+    @classmethod
+    def of(cls, samples: list[float], digits: int = 6) -> Stats:
+        if not samples:
+            raise ValueError("no samples to summarise")
+        s = sorted(samples)
+        r = lambda x: round(float(x), digits)  # noqa: E731
+        return cls(
+            median=r(statistics.median(s)), min=r(s[0]), max=r(s[-1]), q1=r(_quantile(s, 0.25)),
+            q3=r(_quantile(s, 0.75)), n=len(s), samples=[r(x) for x in samples],
+        )
+
+    def as_dict(self) -> dict:
+        return {
+            "median": self.median, "min": self.min, "max": self.max, "q1": self.q1, "q3": self.q3,
+            "n": self.n, "samples": self.samples,
+        }
+
+
+def stats_dict(samples: list[float], scale: float = 1.0, digits: int = 6) -> dict:
+    """:class:`Stats` of ``samples * scale`` as a plain dict (for JSON)."""
+    return Stats.of([x * scale for x in samples], digits).as_dict()
+
+
+# --- memory -----------------------------------------------------------------------------------
+def _proc_status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+class _RssSampler:
+    """Background thread recording the highest ``VmRSS`` seen (fallback when HWM cannot be reset)."""
+
+    def __init__(self, interval: float = 0.001) -> None:
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.peak = (_proc_status_kib("VmRSS") or 0) * 1024
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            rss = _proc_status_kib("VmRSS")
+            if rss is not None:
+                self.peak = max(self.peak, rss * 1024)
+            time.sleep(self.interval)
+
+    def stop(self) -> int:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        rss = _proc_status_kib("VmRSS")
+        if rss is not None:
+            self.peak = max(self.peak, rss * 1024)
+        return self.peak
+
+
+class MemoryMeter:
+    """Current and peak memory of one device; see the module docstring for the method used.
+
+    Usage::
+
+        meter = MemoryMeter(device)
+        base = meter.current()      # collects garbage first
+        meter.reset_peak()
+        ...                         # the region
+        peak = meter.peak()         # highest memory since reset_peak()
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = torch.device(device)
+        self._libc = _libc() if self.device.type == "cpu" else None
+        self._sampler: _RssSampler | None = None
+        if self.device.type == "cuda":
+            self.method = "cuda: torch.cuda.max_memory_allocated after reset_peak_memory_stats (tensor bytes)"
+            self._hwm = False
+        elif self.device.type == "cpu" and _proc_status_kib("VmRSS") is not None:
+            self._hwm = self._try_reset_hwm()
+            self.method = (
+                "cpu: peak RSS, VmHWM reset through /proc/self/clear_refs, after malloc_trim"
+                if self._hwm
+                else "cpu: peak RSS sampled every 1 ms from /proc/self/status VmRSS, after malloc_trim"
+            )
+        else:
+            self.method = "unavailable"
+            self._hwm = False
+
+    @property
+    def available(self) -> bool:
+        return self.method != "unavailable"
+
+    @staticmethod
+    def _try_reset_hwm() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")
+        except OSError:
+            return False
+        return _proc_status_kib("VmHWM") is not None
+
+    def _collect(self) -> None:
+        gc.collect()
+        if self._libc is not None:
+            try:
+                self._libc.malloc_trim(0)
+            except AttributeError:  # not glibc
+                pass
+
+    def current(self) -> int:
+        """Bytes in use now (after collecting garbage)."""
+        sync(self.device)
+        self._collect()
+        if self.device.type == "cuda":
+            return int(torch.cuda.memory_allocated(self.device))
+        rss = _proc_status_kib("VmRSS")
+        return 0 if rss is None else rss * 1024
+
+    def reset_peak(self) -> None:
+        sync(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self._hwm:
+            self._try_reset_hwm()
+        elif self.available:
+            self._sampler = _RssSampler()
+            self._sampler.start()
+
+    def peak(self) -> int:
+        """Highest bytes in use since :meth:`reset_peak`."""
+        sync(self.device)
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        if self._hwm:
+            return (_proc_status_kib("VmHWM") or 0) * 1024
+        if self._sampler is not None:
+            peak = self._sampler.stop()
+            self._sampler = None
+            return peak
+        return 0
+
+
+# --- cache sizes ------------------------------------------------------------------------------
+def kv_bytes_per_layer(cache) -> list[int]:
+    """Bytes of stored keys + values per cache layer, from the tensors (``numel * element_size``)."""
+    out = []
+    for layer in cache.layers:
+        keys = getattr(layer, "keys", None)
+        values = getattr(layer, "values", None)
+        if not getattr(layer, "is_initialized", False) or keys is None:
+            out.append(0)
+            continue
+        out.append(keys.numel() * keys.element_size() + values.numel() * values.element_size())
+    return out
+
+
+def expected_kv_bytes(batch: int, kv_heads: int, stored: int, head_dim: int, element_size: int) -> int:
+    """Arithmetic size of one layer's cache: ``batch * heads * stored * head_dim * 2 (K and V) * bytes``."""
+    return batch * kv_heads * stored * head_dim * 2 * element_size
