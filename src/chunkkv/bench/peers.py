@@ -149,11 +149,7 @@ def run_peers(bench, log: Callable[[str], None]) -> dict[str, Any]:
                 "kept_ours": max(mine["kept_per_layer"]) if mine["kept_per_layer"] else None,
                 "kept_theirs": max(other["kept_len_per_layer"]),
             }
-            dec = other.get("decode")
-            if dec is not None and "decode" in mine:
-                row["decode_ms_ours"] = mine["decode"]["ms_per_token"]["median"]
-                row["decode_ms_theirs"] = round(dec["ms_per_token"], 4)
-                row["decode_ratio"] = round(row["decode_ms_ours"] / dec["ms_per_token"], 4)
+            _add_decode(row, mine, other.get("decode"))
             result["comparison"].append(row)
         full, any_case = ours.get(("full", c)), theirs.get(("chunkkv", c)) or theirs.get(("snapkv", c))
         if full is not None and any_case is not None:
@@ -163,10 +159,15 @@ def run_peers(bench, log: Callable[[str], None]) -> dict[str, Any]:
                 "prefill_ms_theirs": round(any_case["timing"]["prefill_ms_no_press"], 3),
                 "prefill_ratio": round(full["prefill_s"]["median"] * 1e3 / any_case["timing"]["prefill_ms_no_press"], 4),
             }
-            dec = any_case.get("decode_no_press")
-            if dec is not None and "decode" in full:
-                row["decode_ms_ours"] = full["decode"]["ms_per_token"]["median"]
-                row["decode_ms_theirs"] = round(dec["ms_per_token"], 4)
-                row["decode_ratio"] = round(row["decode_ms_ours"] / dec["ms_per_token"], 4)
+            _add_decode(row, full, any_case.get("decode_no_press"))
             result["comparison"].append(row)
     return result
+
+
+def _add_decode(row: dict, ours: dict, theirs: dict | None) -> None:
+    """Put decode ms/token of both sides and their ratio into a comparison row, when both exist."""
+    if theirs is None or "decode" not in ours:
+        return
+    row["decode_ms_ours"] = ours["decode"]["ms_per_token"]["median"]
+    row["decode_ms_theirs"] = round(theirs["ms_per_token"], 4)
+    row["decode_ratio"] = round(row["decode_ms_ours"] / theirs["ms_per_token"], 4)
