@@ -13,10 +13,9 @@ import torch
 
 import chunkkv
 from chunkkv.cli import main
-from chunkkv.commands import _common
-from chunkkv.commands._common import (
-    format_layer_counts, jaccard, jaccard_matrix, kept_masks, mean_head_jaccard, tokenize_prompt, union_over_heads,
-)
+from chunkkv import cli_common as _common
+from chunkkv.analysis import jaccard, jaccard_matrix, kept_masks, mean_head_jaccard, union_over_heads
+from chunkkv.cli_common import format_layer_counts, tokenize_prompt
 from chunkkv.commands._document import HAYSTACK_SENTENCES, NEEDLE, NEEDLE_VALUE, QUESTION
 from chunkkv.commands._report import ranges
 

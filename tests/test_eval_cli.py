@@ -110,7 +110,7 @@ def test_jailbreakv_keyword_rule_and_guard_model(model_dir, tmp_path):
 
 
 def test_synthetic_suite(model_dir, tmp_path):
-    pytest.importorskip("chunkkv.tasks.synthetic")
+    pytest.importorskip("chunkkv.synthetic")
     out = tmp_path / "syn"
     assert _eval(model_dir, out, "--task", "synthetic:niah_single,vt", "--lengths", "96", "--num-samples", "2",
                  "--max-new-tokens", "6", "--no-chat-template") == 0

@@ -189,8 +189,8 @@ def test_synthetic_task_is_skipped_with_a_clear_error(monkeypatch, tok):
     real = importlib.import_module
 
     def fake(name, *a, **k):
-        if name == "chunkkv.tasks.synthetic":
-            raise ImportError("No module named 'chunkkv.tasks.synthetic'")
+        if name == "chunkkv.synthetic":
+            raise ImportError("No module named 'chunkkv.synthetic'")
         return real(name, *a, **k)
 
     monkeypatch.setattr(synthetic.importlib, "import_module", fake)
@@ -199,7 +199,7 @@ def test_synthetic_task_is_skipped_with_a_clear_error(monkeypatch, tok):
 
 
 def test_synthetic_samples_when_available(tok):
-    pytest.importorskip("chunkkv.tasks.synthetic")
+    pytest.importorskip("chunkkv.synthetic")
     task = build_task(_config(task="synthetic:niah_single", lengths=[128], num_samples=2, depths=[50.0]))
     samples = task.samples(tok)
     assert [s.id for s in samples] == ["niah_single/L128/D50/0", "niah_single/L128/D50/1"]

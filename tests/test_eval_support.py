@@ -45,7 +45,7 @@ def _fixture_text() -> str:
     parts += [niah.FILLER, niah.DEFAULT_NEEDLE, niah.DEFAULT_QUESTION, niah.CONTEXT_TEMPLATE, niah.QUESTION_TEMPLATE]
     parts += ["Question: Answer: The answer is", "safe unsafe"]
     try:
-        from chunkkv.tasks.synthetic import vocabulary_words
+        from chunkkv.synthetic import vocabulary_words
 
         parts.append(" ".join(vocabulary_words()))
     except ImportError:

@@ -9,7 +9,7 @@ import torch
 
 from chunkkv import sweep
 from chunkkv.cli import main
-from chunkkv.commands import _common
+from chunkkv import cli_common as _common
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

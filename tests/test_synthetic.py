@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from chunkkv.tasks import HAYSTACKS, TASKS, Sample, generate_samples, score_sample, score_samples
-from chunkkv.tasks.synthetic import SYLLABLES, vocabulary_words
+from chunkkv.synthetic import HAYSTACKS, TASKS, Sample, generate_samples, score_sample, score_samples
+from chunkkv.synthetic import SYLLABLES, vocabulary_words
 
 
 class CharTokenizer:

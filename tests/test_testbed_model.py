@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from chunkkv.tasks import generate_samples, score_sample  # noqa: E402
+from chunkkv.synthetic import generate_samples, score_sample  # noqa: E402
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "chunkkv-testbed"
 

@@ -4,7 +4,7 @@ What it runs (every number is a flag):
 
 * **budget grid**: every method (full, streamingllm, h2o, snapkv, pyramidkv, chunkkv) x kept
   fractions {50, 25, 10, 5 %} and absolute budgets {64, 128, 256 tokens} x every task of
-  :mod:`chunkkv.tasks.synthetic` (niah_single, niah_multikey, niah_multivalue, niah_multiquery, vt);
+  :mod:`chunkkv.synthetic` (niah_single, niah_multikey, niah_multivalue, niah_multiquery, vt);
 * **chunk sizes**: ChunkKV at the sweep budget (10 %) with chunk sizes {3, 5, 10, 20, 30};
 * **reuse depths**: ChunkKV at the sweep budget with layer-wise index reuse {1, 2, 3, 4, all};
   a depth at least the number of layers is "all layers" (one kept set per request);
@@ -191,7 +191,7 @@ def _value_spans(tokenizer, text: str, context: str, answers: Sequence[str], tas
     """Token positions (in ``text``'s tokenization) of each gold value inside the context."""
     if task == "vt":  # the answers are variable names, which occur on two lines each
         return []
-    from .commands._common import tokenize_prompt
+    from .cli_common import tokenize_prompt
 
     prompt = tokenize_prompt(tokenizer, text)
     spans = []
@@ -224,21 +224,16 @@ def window_for(cfg: SweepConfig, prep: Prepared) -> int:
 
 def run_one(model, tokenizer, prep: Prepared, spec: Spec, cfg: SweepConfig) -> dict[str, Any]:
     """Compress once, decode once; the record of one (sample, spec)."""
-    import torch
-
-    from .commands._common import jaccard_matrix, kept_masks, mean_head_jaccard, union_over_heads
+    from .analysis import adjacent_mean, jaccard_matrix, mean_head_jaccard, stacked_kept_masks, union_over_heads
     from .compress import compress
     from .generation import Sampling, continue_from
-    from .tasks.synthetic import score_sample
+    from .synthetic import score_sample
 
     window = window_for(cfg, prep)
     method = spec.build(window)
     t0 = time.perf_counter()
     ctx = compress(model, prep.ids, method=method)
-    masks_by_layer = kept_masks(ctx.cache, prep.ids.shape[1])
-    layers = sorted(masks_by_layer)
-    heads = max(m.shape[0] for m in masks_by_layer.values())
-    masks = torch.stack([masks_by_layer[i].expand(heads, -1) for i in layers])  # [L, H, T]
+    layers, masks = stacked_kept_masks(ctx.cache, prep.ids.shape[1])  # [L, H, T]
     sampling = Sampling(max_new_tokens=prep.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                         pad_token_id=tokenizer.pad_token_id)
     tokens = continue_from(model, ctx, prep.question_ids, sampling)[0].tolist()
@@ -251,10 +246,8 @@ def run_one(model, tokenizer, prep: Prepared, spec: Spec, cfg: SweepConfig) -> d
         "kept_fraction": round(float(masks.float().mean()), 4),
     }
     if len(layers) > 1:
-        ju = jaccard_matrix(union_over_heads(masks))
-        jh = mean_head_jaccard(masks)
-        rec["jaccard_union"] = float(sum(ju[i, i + 1] for i in range(len(layers) - 1)) / (len(layers) - 1))
-        rec["jaccard_head"] = float(sum(jh[i, i + 1] for i in range(len(layers) - 1)) / (len(layers) - 1))
+        rec["jaccard_union"] = adjacent_mean(jaccard_matrix(union_over_heads(masks)))
+        rec["jaccard_head"] = adjacent_mean(mean_head_jaccard(masks))
     if prep.value_spans:
         last = masks[-1]  # [H, T], the last compressed layer
         union = last.any(0)
@@ -545,7 +538,7 @@ def run_sweep(model, tokenizer, cfg: SweepConfig, out: Path, report: Path | None
     import torch
     from tqdm import tqdm
 
-    from .tasks.synthetic import generate_samples
+    from .synthetic import generate_samples
 
     out.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
@@ -661,9 +654,8 @@ def _list(text: str, cast=str) -> list:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .cli_common import add_model_arguments
-    from .commands._common import TESTBED, describe, set_help
-    from .tasks.synthetic import TASKS
+    from .cli_common import TESTBED, add_model_arguments, describe, set_help
+    from .synthetic import TASKS
 
     describe(
         parser,
@@ -716,7 +708,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> SweepConfig:
     from .methods import METHODS
-    from .tasks.synthetic import TASKS
+    from .synthetic import TASKS
 
     tasks = _list(args.tasks)
     bad = [t for t in tasks if t not in TASKS]
@@ -771,7 +763,7 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from .commands._common import load, resolve_model
+    from .cli_common import load, resolve_model
 
     cfg = config_from_args(args)
     if args.threads and args.threads > 0:

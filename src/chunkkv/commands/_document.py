@@ -1,6 +1,6 @@
 """The demo's document: a long haystack with one multi-token needle, and one question about it.
 
-On the shipped testbed the document comes from the synthetic suite (``chunkkv.tasks.synthetic``,
+On the shipped testbed the document comes from the synthetic suite (``chunkkv.synthetic``,
 task ``niah_single``): the testbed's word-level vocabulary covers only that suite's words. On any
 other model (``--model``) it is the built-in English haystack below with a fixed needle, and an
 answer is right when it contains the needle's value.
@@ -123,7 +123,7 @@ def builtin_document(tokenizer, length: int, depth: float, seed: int = 0) -> Doc
 def synthetic_document(tokenizer, length: int, depth: float, seed: int = 0) -> Document | None:
     """A ``niah_single`` sample of the synthetic suite (None when the suite is unavailable)."""
     try:
-        from ..tasks.synthetic import generate_samples, score_sample
+        from ..synthetic import generate_samples, score_sample
     except ImportError:
         return None
     try:

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from ._common import Prompt, format_bytes
+from ..cli_common import Prompt, format_bytes
 from ._runs import MethodRun
 
 VIRIDIS = ["#440154", "#482878", "#3e4989", "#31688e", "#26828e", "#1f9e89", "#35b779", "#6ece58", "#b5de2b", "#fde725"]

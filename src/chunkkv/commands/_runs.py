@@ -11,7 +11,8 @@ import torch
 
 from ..compress import compress
 from ..generation import Sampling, continue_from
-from ._common import Prompt, Timer, full_cache_bytes, jaccard_matrix, kept_masks, mean_head_jaccard, shares_heads, union_over_heads
+from ..analysis import jaccard_matrix, kept_masks, mean_head_jaccard, shares_heads, union_over_heads
+from ..cli_common import Prompt, Timer, full_cache_bytes
 
 
 @dataclass

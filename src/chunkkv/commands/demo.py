@@ -11,12 +11,11 @@ from __future__ import annotations
 import argparse
 import time
 
-from ..cli_common import add_method_arguments, add_model_arguments
-from ..errors import ChunkKVError
-from ._common import (
-    DEFAULT_METHODS, TESTBED, describe, format_bytes, load, methods_from_args, parse_method_names, progress,
+from ..cli_common import (
+    DEFAULT_METHODS, TESTBED, add_method_arguments, add_model_arguments, describe, format_bytes, load, methods_from_args, parse_method_names, progress,
     resolve_model, set_help, tokenize_prompt,
 )
+from ..errors import ChunkKVError
 from ._document import make_document
 
 EPILOG = """\

@@ -13,12 +13,11 @@ import sys
 
 import torch
 
-from ..cli_common import add_method_arguments, add_model_arguments, method_from_args
-from ..errors import ChunkKVError
-from ._common import (
-    TESTBED, Timer, add_sampling_arguments, describe, format_bytes, format_layer_counts, full_cache_bytes, load,
+from ..cli_common import (
+    TESTBED, Timer, add_method_arguments, add_model_arguments, method_from_args, add_sampling_arguments, describe, format_bytes, format_layer_counts, full_cache_bytes, load,
     read_context, resolve_model, sampling_from_args, set_help,
 )
+from ..errors import ChunkKVError
 
 EPILOG = """\
 examples:
@@ -84,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
                 ids = _encode(tokenizer, text, True).to(device)
                 _warn_unknown(tokenizer, ids)
                 from ..compress import compress
-                from ._common import progress
+                from ..cli_common import progress
 
                 with progress() as bar:
                     bar.add_task(f"compressing {ids.shape[1]} tokens with {method.name}", total=None)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli_common import add_method_arguments, add_model_arguments
-from ..errors import ChunkKVError
-from ._common import (
-    TESTBED, describe, load, methods_from_args, parse_method_names, progress, read_context, resolve_model, set_help,
+from ..cli_common import (
+    TESTBED, add_method_arguments, add_model_arguments, describe, load, methods_from_args, parse_method_names, progress, read_context, resolve_model, set_help,
     tokenize_prompt,
 )
+from ..errors import ChunkKVError
 
 EPILOG = """\
 examples:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from chunkkv.tasks.synthetic import SYLLABLES, Episode, build_episode
+from chunkkv.synthetic import SYLLABLES, Episode, build_episode
 from chunkkv.testbed.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, build_tokenizer
 
 __all__ = ["Batch", "EpisodeEncoder", "TrainingMixture", "choice_loss", "make_batch"]

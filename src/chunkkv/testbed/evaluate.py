@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch
 
-from chunkkv.tasks.synthetic import TASKS, Sample, generate_samples, score_sample
+from chunkkv.synthetic import TASKS, Sample, generate_samples, score_sample
 
 __all__ = ["generate_answer", "evaluate", "format_table"]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordLevel
 
-from chunkkv.tasks.synthetic import vocabulary_words
+from chunkkv.synthetic import vocabulary_words
 
 __all__ = ["SPECIAL_TOKENS", "build_tokenizer", "build_hf_tokenizer", "save_tokenizer"]
 

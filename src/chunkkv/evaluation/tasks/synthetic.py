@@ -1,4 +1,4 @@
-"""The RULER-style synthetic suite of :mod:`chunkkv.tasks.synthetic` as ``--task synthetic[:<task>]``.
+"""The RULER-style synthetic suite of :mod:`chunkkv.synthetic` as ``--task synthetic[:<task>]``.
 
 Samples come from ``generate_samples(task, n, length, seed, tokenizer, depth, haystack)`` for every
 length of ``--lengths`` (and every depth of ``--depths``, if given); the score is the suite's
@@ -24,9 +24,9 @@ DEFAULT_MAX_NEW_TOKENS = 128
 
 
 def synthetic_module() -> Any:
-    """``chunkkv.tasks.synthetic``, or a clear error if this installation does not have it."""
+    """``chunkkv.synthetic``, or a clear error if this installation does not have it."""
     try:
-        return importlib.import_module("chunkkv.tasks.synthetic")
+        return importlib.import_module("chunkkv.synthetic")
     except ImportError as exc:
         raise ChunkKVError(f"the synthetic tasks are not available in this installation ({exc})") from None
 
