@@ -27,12 +27,13 @@ from .methods import (
     StreamingLLM,
     make_method,
 )
+from .multi import PrefillCapture, capture_prefill, compress_from_capture
 
 __version__ = "0.1.0"
 
 __all__ = [
     "H2O", "METHODS", "Budget", "BudgetError", "ChunkKV", "ChunkKVCache", "ChunkKVError", "CompressedContext",
     "CompressionStats", "FullKV", "GenerationResult", "KVPressChunkKV", "KVPressSnapKV", "Method", "PromptError",
-    "PrunedLayer", "PyramidKV", "Sampling", "SnapKV", "StreamingLLM", "UnsupportedModelError", "attach",
-    "compress", "continue_from", "detach", "extend", "generate", "make_method", "pyramid_budgets",
+    "PrefillCapture", "PrunedLayer", "PyramidKV", "Sampling", "SnapKV", "StreamingLLM", "UnsupportedModelError", "attach",
+    "capture_prefill", "compress", "compress_from_capture", "continue_from", "detach", "extend", "generate", "make_method", "pyramid_budgets",
 ]

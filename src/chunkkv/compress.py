@@ -161,6 +161,65 @@ def _now(device: torch.device) -> float:
     return time.perf_counter()
 
 
+@dataclass
+class LayerPlan:
+    """What a method keeps on each pruned layer of one request (host-side, decided before prefill).
+
+    Attributes:
+        counts: ``{layer: [B] kept tokens}`` for every layer that drops something.
+        slots: ``{layer: max kept}`` (host int, the stored length after pruning).
+        fillers: ``{layer: True}`` when some row keeps fewer than ``slots`` (filler slots needed).
+        leaders: ``{layer: leader layer}`` the layer-wise reuse schedule over the planned layers.
+        kept: ``{layer: [kept per row]}`` host ints (for :class:`CompressionStats`).
+    """
+
+    counts: dict[int, torch.Tensor]
+    slots: dict[int, int]
+    fillers: dict[int, bool]
+    leaders: dict[int, int]
+    kept: dict[int, list[int]]
+
+
+def plan_layers(method: Method, lengths: list[int], width: int, pruned: list[int], device) -> LayerPlan:
+    """Kept counts, slots, filler flags and reuse leaders of ``method`` for rows of ``lengths`` real
+    tokens padded to ``width``, over the pruned layers ``pruned`` (in depth order)."""
+    per_layer = method.kept_per_layer(lengths, len(pruned))
+    counts, slots, fillers, kept_host = {}, {}, {}, {}
+    for pos, layer in enumerate(pruned):
+        kept = per_layer[pos]
+        if all(k == width for k in kept):
+            continue  # nothing to drop on this layer
+        counts[layer] = torch.tensor(kept, device=device)
+        slots[layer] = max(kept)
+        fillers[layer] = not method.exact_budget or any(k != slots[layer] for k in kept)
+        kept_host[layer] = list(kept)
+    leaders = sel.reuse_leaders(list(counts), method.reuse_depth) if counts else {}
+    return LayerPlan(counts, slots, fillers, leaders, kept_host)
+
+
+def mark_wrapper_layers(cache: ChunkKVCache) -> None:
+    """Flag the pruned layers whose attention needs chunkkv's wrapper (fillers, or a stored length
+    that differs from the longest layer's: one shared mask is sized for the longest)."""
+    pruned = cache.pruned_layers
+    longest = max((cache.layers[i].stored_length for i in pruned), default=0)
+    for i in pruned:
+        layer = cache.layers[i]
+        layer.needs_wrapper = layer.valid is not None or layer.stored_length != longest
+
+
+def check_window(method: Method, lengths: list[int]) -> None:
+    """Raise :class:`PromptError` when a scoring method's window leaves no prefix in some row."""
+    if isinstance(method, (FullKV, StreamingLLM)):
+        return
+    short = [(row, n) for row, n in enumerate(lengths) if n <= method.window]
+    if short:
+        row, n = short[0]
+        raise PromptError(
+            f"window={method.window} is not shorter than the prompt (row {row} has {n} tokens): the "
+            "observation window must leave a prefix to score; lower `window` or use method 'full'"
+        )
+
+
 def _check_prompt(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     if not isinstance(input_ids, torch.Tensor):
         raise PromptError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
@@ -230,14 +289,7 @@ def compress(
     attach(model)
     lengths_host = _row_lengths(attention_mask)
     width = input_ids.shape[1]
-    if not isinstance(method, (FullKV, StreamingLLM)):
-        short = [(row, n) for row, n in enumerate(lengths_host) if n <= method.window]
-        if short:
-            row, n = short[0]
-            raise PromptError(
-                f"window={method.window} is not shorter than the prompt (row {row} has {n} tokens): the "
-                "observation window must leave a prefix to score; lower `window` or use method 'full'"
-            )
+    check_window(method, lengths_host)
     cache = ChunkKVCache(model.config)
     pruned = cache.pruned_layers
     if not pruned and not isinstance(method, FullKV):
@@ -255,19 +307,11 @@ def compress(
     stats = CompressionStats(prompt_lengths=lengths_host)
     session = None
     if not isinstance(method, FullKV):
-        per_layer = method.kept_per_layer(lengths_host, len(pruned))
-        plan, slots, fillers = {}, {}, {}
-        for pos, layer in enumerate(pruned):
-            kept = per_layer[pos]
-            if all(k == width for k in kept):
-                continue  # nothing to drop on this layer
-            plan[layer] = torch.tensor(kept, device=device)
-            slots[layer] = max(kept)
-            fillers[layer] = not method.exact_budget or any(k != slots[layer] for k in kept)
-            stats.kept[layer] = list(kept)
+        plan = plan_layers(method, lengths_host, width, pruned, device)
+        stats.kept.update(plan.kept)
         session = _Session(
-            method=method, cache=cache, plan=plan, slots=slots, fillers=fillers,
-            leaders=sel.reuse_leaders(list(plan), method.reuse_depth) if plan else {},
+            method=method, cache=cache, plan=plan.counts, slots=plan.slots, fillers=plan.fillers,
+            leaders=plan.leaders,
             key_valid=attention_mask.bool() if any(n != width for n in lengths_host) else None,
             lengths=lengths, pad=width - lengths, measure=measure, stats=stats,
         )
@@ -284,9 +328,6 @@ def compress(
             logits_to_keep=1,
         )
     stats.prefill_seconds = _now(device) - start
-    longest = max((cache.layers[i].stored_length for i in pruned), default=0)
-    for i in pruned:
-        layer = cache.layers[i]
-        layer.needs_wrapper = layer.valid is not None or layer.stored_length != longest
+    mark_wrapper_layers(cache)
     return CompressedContext(cache, input_ids, attention_mask, out.logits[:, -1, :], method, stats)
 

@@ -40,6 +40,9 @@ class LayerInputs:
         key_valid: ``[B, T]`` bool, False at left padding (None = no padding).
         lengths: ``[B]`` real tokens per row; ``pad``: ``[B]`` left padding per row.
         kept: ``[B]`` tokens this layer keeps per row; ``slots``: ``max(kept)`` (host int).
+        memo: raw scores already computed for this layer and prompt, shared by several methods
+            (:mod:`chunkkv.multi`): ``{("window", w): [B, Hkv, T]}``, ``{("accumulated",): [B, Hkv, T]}``.
+            None (``compress``) computes them. ``queries`` may then hold only the last queries.
     """
 
     queries: torch.Tensor
@@ -51,6 +54,21 @@ class LayerInputs:
     pad: torch.Tensor
     kept: torch.Tensor
     slots: int
+    memo: dict | None = None
+
+    def cached(self, key: tuple, compute) -> torch.Tensor:
+        """``compute()``, or the memo's value under ``key`` (stored there on first use)."""
+        if self.memo is None:
+            return compute()
+        if key not in self.memo:
+            self.memo[key] = compute()
+        return self.memo[key]
+
+    def window_scores(self, window: int) -> torch.Tensor:
+        """Raw window attention scores ``[B, Hkv, T]`` of the last ``min(window, q)`` queries."""
+        win = min(window, self.queries.shape[2])
+        return self.cached(("window", win), lambda: window_attention_scores(
+            self.queries[:, :, -win:], self.keys, self.scaling, self.key_valid, self.softcap))
 
 
 @dataclass(frozen=True)
@@ -70,6 +88,8 @@ class Method:
     shared_across_heads: ClassVar[bool] = False
     # False when ``kept_per_layer`` is only an upper bound, so rows may end with filler slots.
     exact_budget: ClassVar[bool] = True
+    # True when ``select`` scores with the queries of the last ``window`` prompt positions.
+    uses_window_queries: ClassVar[bool] = False
 
     keep_tokens: int | None = None
     keep_fraction: float | None = None
@@ -139,6 +159,7 @@ class Method:
 class _Scored(Method):
     """Methods that score with the observation window and may pool the scores."""
 
+    uses_window_queries: ClassVar[bool] = True
     pooling: str = "max"
     kernel: int = 7
 
@@ -153,10 +174,7 @@ class _Scored(Method):
 
     def scores(self, inputs: LayerInputs) -> torch.Tensor:
         """Row-relative pooled prefix scores ``[B, Hkv, T]`` (``-inf`` outside the prefix)."""
-        win = min(self.window, inputs.queries.shape[2])
-        raw = window_attention_scores(
-            inputs.queries[:, :, -win:], inputs.keys, inputs.scaling, inputs.key_valid, inputs.softcap
-        )
+        raw = inputs.window_scores(self.window)
         aligned = raw if inputs.key_valid is None else sel.align_rows(raw, inputs.pad)
         return sel.prefix_scores(aligned, inputs.lengths, inputs.kept, self.window, self.pooling, self.kernel)
 
@@ -206,9 +224,8 @@ class H2O(Method):
         return True
 
     def select(self, inputs: LayerInputs) -> torch.Tensor:
-        raw = accumulated_attention_scores(
-            inputs.queries, inputs.keys, inputs.scaling, inputs.key_valid, inputs.softcap
-        )
+        raw = inputs.cached(("accumulated",), lambda: accumulated_attention_scores(
+            inputs.queries, inputs.keys, inputs.scaling, inputs.key_valid, inputs.softcap))
         aligned = raw if inputs.key_valid is None else sel.align_rows(raw, inputs.pad)
         scores = sel.prefix_scores(aligned, inputs.lengths, inputs.kept, self.window)
         return sel.select_tokens_per_head(scores, inputs.lengths, inputs.kept, self.window, inputs.slots)
@@ -313,9 +330,7 @@ class KVPressChunkKV(ChunkKV):
 
     def select(self, inputs: LayerInputs) -> torch.Tensor:
         win = min(self.window, inputs.queries.shape[2])
-        raw = window_attention_scores(
-            inputs.queries[:, :, -win:], inputs.keys, inputs.scaling, inputs.key_valid, inputs.softcap
-        )
+        raw = inputs.window_scores(self.window)
         aligned = raw if inputs.key_valid is None else sel.align_rows(raw, inputs.pad)
         length = aligned.shape[-1]
         prefix_len = inputs.lengths - win

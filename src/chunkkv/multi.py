@@ -1,0 +1,183 @@
+"""One prefill, many methods: capture a prompt's prefill once and compress it with every method.
+
+Compression prunes each layer only after that layer's own attention over the whole prompt, so the
+prefill's hidden states, and therefore every layer's keys, values and queries, are the same for
+every method (and equal to a full-cache prefill). :func:`capture_prefill` runs that prefill once
+and keeps what the methods need: each layer's full keys and values (the uncompressed cache), the
+queries of the last ``window`` positions, and, on request, H2O's accumulated scores (which need
+every query, so they are computed during the capture instead of storing all queries).
+:func:`compress_from_capture` then builds the :class:`~chunkkv.compress.CompressedContext` that
+``compress(model, ids, mask, method)`` would have built — same kept indices, same next-token
+logits, same cache — by running the method's own ``select`` on the leader layers, reusing the
+leaders' indices on the followers, and gathering. Raw window scores are computed once per layer
+and window and shared by every method (SnapKV, PyramidKV and ChunkKV at any budget or chunk size).
+
+Cost: the capture holds the full cache (the memory of a full-cache prefill) plus ``window``
+queries per layer; every further method costs its selection and gather, not a prefill.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from . import selection as sel
+from .attention import attach, compression_session
+from .cache import ChunkKVCache, PrunedLayer
+from .compress import (
+    CompressedContext, CompressionStats, _check_prompt, _row_lengths, check_window, mark_wrapper_layers, plan_layers,
+)
+from .errors import ChunkKVError, UnsupportedModelError
+from .methods import FullKV, LayerInputs, Method
+from .scoring import accumulated_attention_scores
+
+__all__ = ["PrefillCapture", "capture_prefill", "compress_from_capture"]
+
+
+@dataclass
+class PrefillCapture:
+    """A full-cache prefill of one (batched) prompt, with what the methods need to select.
+
+    Attributes:
+        cache: the uncompressed :class:`ChunkKVCache` (``[B, Hkv, T, d]`` per layer); never modified.
+        input_ids / attention_mask: ``[B, T]`` the prompt as given (left-padded).
+        next_logits: ``[B, vocab]`` logits after the prompt (identical for every method).
+        window: queries kept per layer (the largest observation window a method may use).
+        queries: ``{layer: [B, Hq, window, d]}`` the last ``window`` query states of each layer.
+        scaling / softcap: ``{layer: float | None}`` as the model's attention used them.
+        memo: ``{layer: {key: [B, Hkv, T]}}`` raw scores shared by methods (see ``LayerInputs.memo``).
+        prefill_seconds: wall time of the capture.
+    """
+
+    cache: ChunkKVCache
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    next_logits: torch.Tensor
+    window: int
+    lengths: list[int]
+    queries: dict[int, torch.Tensor] = field(default_factory=dict)
+    scaling: dict[int, float] = field(default_factory=dict)
+    softcap: dict[int, float | None] = field(default_factory=dict)
+    memo: dict[int, dict] = field(default_factory=dict)
+    accumulated: bool = False
+    prefill_seconds: float = 0.0
+
+
+class _Capture:
+    """The attention wrapper's session during a capture: record, never prune."""
+
+    def __init__(self, capture: PrefillCapture, key_valid: torch.Tensor | None) -> None:
+        self.capture = capture
+        self.key_valid = key_valid
+
+    def on_attention(self, module, layer: PrunedLayer, query, key, kwargs) -> None:
+        cap = self.capture
+        idx = module.layer_idx
+        if idx in cap.queries or layer is not cap.cache.layers[idx]:
+            return
+        # A contiguous copy of the window: the scores then see the same values compress() slices.
+        cap.queries[idx] = query[:, :, -cap.window:].contiguous()
+        cap.scaling[idx] = kwargs.get("scaling") or getattr(module, "scaling", key.shape[-1] ** -0.5)
+        cap.softcap[idx] = kwargs.get("softcap")
+        cap.memo[idx] = {}
+        if cap.accumulated:
+            cap.memo[idx][("accumulated",)] = accumulated_attention_scores(
+                query, key, cap.scaling[idx], self.key_valid, cap.softcap[idx])
+
+
+@torch.inference_mode()
+def capture_prefill(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    window: int,
+    accumulated: bool = False,
+) -> PrefillCapture:
+    """Run the prompt once with the full cache and capture what every method needs.
+
+    Args:
+        input_ids: ``[B, T]`` (or ``[T]``) token ids, left-padded for batches.
+        attention_mask: ``[B, T]`` 1 for real tokens (None = no padding).
+        window: the largest observation window of the methods to build (queries kept per layer).
+        accumulated: also compute H2O's accumulated attention scores (needs every query; costs one
+            blocked pass over the prompt per layer, as H2O itself does).
+    """
+    input_ids, attention_mask = _check_prompt(input_ids, attention_mask)
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ChunkKVError(f"window={window!r} must be an int >= 1 (queries to keep per layer)")
+    attach(model)
+    lengths = _row_lengths(attention_mask)
+    width = input_ids.shape[1]
+    cache = ChunkKVCache(model.config)
+    if len(cache.pruned_layers) != len(cache.layers):
+        raise UnsupportedModelError("capture_prefill supports models whose every layer is full attention; use compress()")
+    capture = PrefillCapture(cache, input_ids, attention_mask, None, min(window, width), lengths, accumulated=accumulated)
+    key_valid = attention_mask.bool() if any(n != width for n in lengths) else None
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    start = time.perf_counter()
+    with compression_session(_Capture(capture, key_valid)):
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                    use_cache=True, logits_to_keep=1)
+    capture.prefill_seconds = time.perf_counter() - start
+    capture.next_logits = out.logits[:, -1, :]
+    missing = [i for i in cache.pruned_layers if i not in capture.queries]
+    if missing:
+        raise UnsupportedModelError(f"layers {missing} did not go through chunkkv's attention during the capture")
+    return capture
+
+
+@torch.inference_mode()
+def compress_from_capture(
+    capture: PrefillCapture, method: Method | None = None, *, share_scores: bool = True
+) -> CompressedContext:
+    """The :class:`CompressedContext` ``compress(model, ids, mask, method)`` would return, built from
+    a capture without running the model (the capture is left unchanged and can serve more methods).
+
+    ``share_scores=False`` recomputes the raw window scores for this method alone, so
+    ``stats.select_seconds`` is the method's own scoring + selection + gather time (H2O's
+    accumulated scores always come from the capture).
+
+    Raises :class:`ChunkKVError` when the capture lacks what ``method`` needs (a longer window, or
+    H2O without ``accumulated=True``).
+    """
+    method = method or FullKV()
+    check_window(method, capture.lengths)
+    if method.uses_window_queries and method.window > capture.window:
+        raise ChunkKVError(
+            f"{method.name} scores with window={method.window} but the capture kept {capture.window} queries; "
+            f"capture with window >= {method.window}")
+    if method.needs_all_queries and not capture.accumulated:
+        raise ChunkKVError(f"{method.name} needs every prompt query: capture with accumulated=True")
+    cache = capture.cache.fork()
+    width = capture.input_ids.shape[1]
+    device = capture.input_ids.device
+    lengths = torch.tensor(capture.lengths, device=device)
+    pad = width - lengths
+    key_valid = capture.attention_mask.bool() if any(n != width for n in capture.lengths) else None
+    stats = CompressionStats(prompt_lengths=list(capture.lengths), prefill_seconds=capture.prefill_seconds)
+    if not isinstance(method, FullKV):
+        plan = plan_layers(method, capture.lengths, width, cache.pruned_layers, device)
+        stats.kept.update(plan.kept)
+        chosen: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        start = time.perf_counter()
+        for idx in plan.counts:  # depth order: a leader comes before its followers
+            leader = plan.leaders[idx]
+            if leader == idx:
+                full = capture.cache.layers[idx]
+                inputs = LayerInputs(
+                    queries=capture.queries[idx], keys=full.keys, scaling=capture.scaling[idx],
+                    softcap=capture.softcap[idx], key_valid=key_valid, lengths=lengths, pad=pad,
+                    kept=plan.counts[idx], slots=plan.slots[idx],
+                    memo=capture.memo[idx] if share_scores else
+                    {k: v for k, v in capture.memo[idx].items() if k == ("accumulated",)},
+                )
+                index, valid = sel.finalize(method.select(inputs), pad)
+                chosen[idx] = (index, valid if plan.fillers[idx] else None)
+                stats.scored_layers.append(idx)
+            cache.layers[idx].prune(*chosen[leader])  # the fork's own layer: the capture keeps its tensors
+        mark_wrapper_layers(cache)
+        stats.select_seconds = time.perf_counter() - start
+    return CompressedContext(cache, capture.input_ids, capture.attention_mask.clone(), capture.next_logits, method, stats)
