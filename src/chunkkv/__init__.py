@@ -14,6 +14,7 @@ from .cache import ChunkKVCache, PrunedLayer
 from .compress import CompressedContext, CompressionStats, compress
 from .errors import BudgetError, ChunkKVError, PromptError, UnsupportedModelError
 from .generation import GenerationResult, Sampling, continue_from, extend, generate
+from .persist import ContextFileError, load_context
 from .methods import (
     H2O,
     METHODS,
@@ -35,5 +36,5 @@ __all__ = [
     "H2O", "METHODS", "Budget", "BudgetError", "ChunkKV", "ChunkKVCache", "ChunkKVError", "CompressedContext",
     "CompressionStats", "FullKV", "GenerationResult", "KVPressChunkKV", "KVPressSnapKV", "Method", "PromptError",
     "PrefillCapture", "PrunedLayer", "PyramidKV", "Sampling", "SnapKV", "StreamingLLM", "UnsupportedModelError", "attach",
-    "capture_prefill", "compress", "compress_from_capture", "continue_from", "detach", "extend", "generate", "make_method", "pyramid_budgets",
+    "ContextFileError", "capture_prefill", "compress", "compress_from_capture", "continue_from", "load_context", "detach", "extend", "generate", "make_method", "pyramid_budgets",
 ]

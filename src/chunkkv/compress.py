@@ -10,15 +10,18 @@ decoding. See ``docs`` in the README.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
+import weakref
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 
 from . import selection as sel
 from .attention import attach, attention_modules, compression_session
 from .cache import ChunkKVCache, PrunedLayer
-from .errors import PromptError, UnsupportedModelError
+from .errors import ChunkKVError, PromptError, UnsupportedModelError
 from .methods import FullKV, LayerInputs, Method, StreamingLLM
 
 
@@ -68,6 +71,8 @@ class CompressedContext:
     next_logits: torch.Tensor
     method: Method
     stats: CompressionStats
+    # A weak reference to the model that built the cache (``save`` fingerprints it).
+    source: Callable[[], Any] | None = field(default=None, repr=False, compare=False)
 
     def kept_positions(self, layer: int, row: int = 0, head: int | None = None) -> torch.Tensor:
         """Sorted prompt positions that ``layer`` kept for ``row``: a 1-D ``LongTensor`` on the CPU.
@@ -104,8 +109,23 @@ class CompressedContext:
     def fork(self) -> CompressedContext:
         """A copy whose cache can be extended without changing this one (no tensor copies)."""
         return CompressedContext(
-            self.cache.fork(), self.input_ids, self.attention_mask, self.next_logits, self.method, self.stats
+            self.cache.fork(), self.input_ids, self.attention_mask, self.next_logits, self.method, self.stats,
+            self.source,
         )
+
+    def save(self, path: str | os.PathLike, model: torch.nn.Module | None = None) -> int:
+        """Write this context to a safetensors file; returns its size in bytes.
+
+        Reload it with :func:`chunkkv.load_context` (same model, dtype and weights). ``model``
+        defaults to the one that compressed it. See :mod:`chunkkv.persist`.
+        """
+        from .persist import save_context
+
+        if model is None:
+            model = self.source() if self.source is not None else None
+        if model is None:
+            raise ChunkKVError("this context does not know its model any more: call ctx.save(path, model=model)")
+        return save_context(self, path, model)
 
 
 @dataclass
@@ -329,5 +349,7 @@ def compress(
         )
     stats.prefill_seconds = _now(device) - start
     mark_wrapper_layers(cache)
-    return CompressedContext(cache, input_ids, attention_mask, out.logits[:, -1, :], method, stats)
+    return CompressedContext(
+        cache, input_ids, attention_mask, out.logits[:, -1, :], method, stats, weakref.ref(model)
+    )
 

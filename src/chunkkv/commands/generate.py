@@ -27,6 +27,8 @@ examples:
   chunkkv generate --context-file doc.txt --question "..." --query-aware --method pyramidkv --remove-fraction 0.9
   chunkkv generate --context-file doc.txt --question "..." --method full     # no compression, to compare
   chunkkv generate --context-file doc.txt --keep-fraction 0.2 --do-sample --temperature 0.7 --top-p 0.9 --seed 1
+  chunkkv generate --context-file doc.txt --keep-fraction 0.2 --save-context doc.ckv     # compress once, keep it
+  chunkkv generate --load-context doc.ckv --question "Who?" --question "When?"           # later, another process
 
 Budgets: --keep-fraction F keeps the share F of the prompt on every layer (0.1 = 10 %),
 --keep-tokens N keeps N tokens, --remove-fraction R removes the share R (kvpress's compression_ratio).
@@ -51,6 +53,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--query-aware", action="store_true",
                    help="compress context + question together, once per question (the question is the "
                         "observation window); default: compress the context once, before any question")
+    g.add_argument("--save-context", default=None, metavar="PATH",
+                   help="save the compressed context (safetensors: kept K/V, positions, method, model fingerprint) "
+                        "to PATH after compressing it, before any question")
+    g.add_argument("--load-context", default=None, metavar="PATH",
+                   help="answer the questions on a context saved with --save-context instead of compressing one "
+                        "(same --model, dtype and weights; the method flags are ignored)")
     add_model_arguments(parser, default=TESTBED)
     set_help(parser, "--model", "model folder or hub id (default: the shipped testbed, models/chunkkv-testbed)")
     add_method_arguments(parser)
@@ -58,6 +66,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.load_context is not None:
+        return _run_loaded(args)
+    if args.save_context is not None and args.query_aware:
+        raise ChunkKVError("--save-context saves the context compressed before any question; it cannot be "
+                           "combined with --query-aware (which compresses context + question, once per question)")
     method = method_from_args(args)  # bad method or budget: fail before loading anything
     sampling_from_args(args)
     context = read_context(args.context_file)
@@ -98,6 +111,9 @@ def run(args: argparse.Namespace) -> int:
                       file=out, flush=True)
                 if not args.query_aware:
                     shared = ctx
+                    if args.save_context is not None:
+                        size = ctx.save(args.save_context, model)
+                        print(f"saved the compressed context to {args.save_context} ({format_bytes(size)})", file=out)
             work = ctx if args.query_aware else shared.fork()
             new_ids = None
             if question is not None:
@@ -122,15 +138,76 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    _summary(kept_report, totals, out)
+    return 0
 
-    rep = kept_report
+
+def _answer(model, tokenizer, work, question, separator, sampling, device, out, totals) -> None:
+    """Feed ``question`` (if any) to the compressed context ``work`` and stream the answer."""
+    from ..generation import extend
+
+    new_ids = None
+    if question is not None:
+        print(f"\nQ: {question}", file=out)
+        new_ids = _encode(tokenizer, separator + question, False).to(device)
+        if new_ids.shape[1] == 0:
+            raise ChunkKVError(f"question {question!r} encodes to no tokens")
+    print("A: " if question is not None else "\n", end="", file=out, flush=True)
+    with Timer(device) as qt:
+        if new_ids is not None:
+            extend(model, work, new_ids)
+    n, seconds = _stream(model, tokenizer, work, sampling, out)
+    totals["tokens"] += n
+    totals["decode"] += seconds
+    totals["question"] += qt.seconds
+    rate = n / seconds if seconds > 0 else float("inf")
+    qpart = f"question {qt.seconds:.2f} s · " if new_ids is not None else ""
+    print(f"\n   [{n} tokens · {qpart}decode {seconds:.2f} s, {rate:.1f} tok/s]", file=out, flush=True)
+
+
+def _run_loaded(args: argparse.Namespace) -> int:
+    """Answer the questions on a context saved by ``--save-context`` (no compression here)."""
+    from ..persist import load_context
+
+    if args.context_file is not None:
+        raise ChunkKVError("--load-context replaces the context: give either --context-file or --load-context")
+    if args.query_aware or args.save_context is not None:
+        raise ChunkKVError("--load-context answers on a saved question-agnostic context; drop --query-aware / --save-context")
+    if any(not q.strip() for q in args.question):
+        raise ChunkKVError("--question is empty")
+    resolve_model(args)
+    model, tokenizer = load(args)
+    sampling = sampling_from_args(args, tokenizer)
+    device = next(model.parameters()).device
+    out = sys.stdout
+    with Timer(device) as lt:
+        ctx = load_context(args.load_context, model)
+    if ctx.input_ids.shape[0] != 1:
+        raise ChunkKVError(f"{args.load_context} holds a batch of {ctx.input_ids.shape[0]} contexts; "
+                           "chunkkv generate answers on one (use chunkkv.load_context in Python for batches)")
+    prompt_len = ctx.input_ids.shape[1]
+    kept_report = _kept(ctx, prompt_len)
+    print(f"method {ctx.method.describe()} · loaded from {args.load_context} in {lt.seconds:.2f} s "
+          "(question-agnostic: compressed before the questions)", file=out)
+    print(f"{prompt_len} prompt tokens: {kept_report['line']}", file=out, flush=True)
+    totals = {"tokens": 0, "decode": 0.0, "prefill": 0.0, "question": 0.0}
+    try:
+        for question in args.question or [None]:
+            _answer(model, tokenizer, ctx.fork(), question, args.separator, sampling, device, out, totals)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    _summary(kept_report, totals, out)
+    return 0
+
+
+def _summary(rep: dict, totals: dict, out) -> None:
     print(f"\nkept cache: {rep['layers']}", file=out)
     print(f"KV memory: {format_bytes(rep['bytes'])} ({rep['bytes']:,} bytes) of {format_bytes(rep['full'])} "
           f"for the full cache ({100 * rep['bytes'] / max(1, rep['full']):.1f} %)", file=out)
     rate = totals["tokens"] / totals["decode"] if totals["decode"] > 0 else float("inf")
     print(f"times: compression prefill {totals['prefill']:.2f} s; decode {rate:.1f} tok/s "
           f"({totals['tokens']} tokens in {totals['decode']:.2f} s)", file=out, flush=True)
-    return 0
 
 
 def _encode(tokenizer, text: str, special: bool) -> torch.Tensor:

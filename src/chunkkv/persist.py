@@ -1,0 +1,287 @@
+"""Save a compressed context to disk and load it back for the same model.
+
+One safetensors file holds everything needed to continue exactly where :func:`chunkkv.compress`
+stopped:
+
+* per cache layer ``i``: ``layer.i.keys`` / ``layer.i.values`` ``[B, Hkv, stored, d]`` (the kept
+  K/V, model dtype), and for pruned layers ``layer.i.valid`` ``[B, stored]`` (filler slots) and
+  ``layer.i.kept_index`` ``[B, 1 or Hkv, kept]`` (original positions kept);
+* ``input_ids`` / ``attention_mask`` ``[B, T]`` (the prompt, left-padded) and ``next_logits``
+  ``[B, vocab]``;
+* JSON metadata (key ``chunkkv``): format version, per-layer logical lengths and flags, the method
+  (class name + fields, and its ``describe()`` line), the stats, a fingerprint of the model (config
+  hash, dtype, layers, heads, head dim, a hash of a sample of every weight tensor) and a SHA-256
+  of every tensor's bytes.
+
+Loading checks the fingerprint against the model it is given and the checksums against the data,
+so a context saved for another model or dtype, or a damaged file, raises
+:class:`ContextFileError` instead of producing a silently wrong cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+from .cache import ChunkKVCache, PrunedLayer
+from .compress import CompressedContext, CompressionStats
+from .errors import ChunkKVError
+from .methods import METHODS, Method
+
+FORMAT = "chunkkv-context"
+VERSION = 1
+_META_KEY = "chunkkv"
+# Config entries that do not change what the cache means (how the model was loaded, not what it is).
+_VOLATILE = {
+    "_attn_implementation", "_attn_implementation_autoset", "attn_implementation", "_name_or_path",
+    "transformers_version", "torch_dtype", "dtype", "_commit_hash", "quantization_config", "use_cache",
+    "output_attentions", "output_hidden_states", "return_dict", "_experts_implementation",
+}
+
+
+class ContextFileError(ChunkKVError):
+    """A saved context cannot be used: not a chunkkv file, damaged, or saved for another model."""
+
+
+# --- model fingerprint ----------------------------------------------------------------------------
+def _clean_config(value):
+    if isinstance(value, dict):
+        return {k: _clean_config(v) for k, v in value.items() if k not in _VOLATILE}
+    if isinstance(value, (list, tuple)):
+        return [_clean_config(v) for v in value]
+    return value
+
+
+def model_fingerprint(model: torch.nn.Module) -> dict:
+    """What a saved cache depends on: architecture (config hash), dtype, shapes, and the weights.
+
+    The weight hash covers the first 16 values of every parameter (float32 bytes), which tells two
+    checkpoints of one architecture apart at negligible cost.
+    """
+    text = model.config.get_text_config(decoder=True)
+    config = json.dumps(_clean_config(text.to_dict()), sort_keys=True, default=str)
+    weights = hashlib.sha256()
+    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+        weights.update(name.encode())
+        weights.update(param.detach().reshape(-1)[:16].float().cpu().numpy().tobytes())
+    heads = text.num_attention_heads
+    return {
+        "model_type": getattr(text, "model_type", "?"),
+        "config_sha256": hashlib.sha256(config.encode()).hexdigest(),
+        "weights_sha256": weights.hexdigest(),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "num_layers": text.num_hidden_layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": getattr(text, "num_key_value_heads", None) or heads,
+        "head_dim": getattr(text, "head_dim", None) or text.hidden_size // heads,
+    }
+
+
+def _shape_line(fp: dict) -> str:
+    return (f"{fp['model_type']}, {fp['num_layers']} layers, {fp['num_attention_heads']} query / "
+            f"{fp['num_key_value_heads']} KV heads x {fp['head_dim']}, {fp['dtype']}")
+
+
+# --- checksums ------------------------------------------------------------------------------------
+def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        digest.update(name.encode())
+        digest.update(str(t.dtype).encode())
+        digest.update(str(tuple(t.shape)).encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+# --- save -----------------------------------------------------------------------------------------
+def save_context(context: CompressedContext, path: str | os.PathLike, model: torch.nn.Module) -> int:
+    """Write ``context`` (compressed for ``model``) to ``path``; returns the file size in bytes.
+
+    Save a context before extending it with a question (or save a ``fork()`` taken then): what is
+    saved is the cache as it is now.
+    """
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    layers = []
+    for i, layer in enumerate(context.cache.layers):
+        entry: dict = {"kind": "pruned" if isinstance(layer, PrunedLayer) else (
+            "sliding" if isinstance(layer, DynamicSlidingWindowLayer) else "dynamic")}
+        initialized = bool(getattr(layer, "is_initialized", False)) and layer.keys is not None and layer.keys.numel() > 0
+        entry["initialized"] = initialized
+        if initialized:
+            tensors[f"layer.{i}.keys"] = layer.keys.contiguous()
+            tensors[f"layer.{i}.values"] = layer.values.contiguous()
+        if isinstance(layer, PrunedLayer):
+            entry.update(logical_length=layer.logical_length, needs_wrapper=layer.needs_wrapper)
+            if layer.valid is not None:
+                tensors[f"layer.{i}.valid"] = layer.valid.contiguous()
+            if layer.kept_index is not None:
+                tensors[f"layer.{i}.kept_index"] = layer.kept_index.contiguous()
+        elif isinstance(layer, DynamicSlidingWindowLayer):
+            entry.update(cumulative_length=layer.cumulative_length, sliding_window=layer.sliding_window)
+        elif type(layer) is not DynamicLayer:
+            raise ContextFileError(f"cache layer {i} is a {type(layer).__name__}, which chunkkv cannot save")
+        layers.append(entry)
+    tensors, aliases = _dedupe(tensors)
+    tensors["input_ids"] = context.input_ids.contiguous()
+    tensors["attention_mask"] = context.attention_mask.contiguous()
+    tensors["next_logits"] = context.next_logits.contiguous()
+    method = context.method
+    stats = asdict(context.stats)
+    stats["kept"] = {str(k): v for k, v in stats["kept"].items()}
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "layers": layers,
+        "method": {"name": method.name, "fields": {f.name: getattr(method, f.name) for f in fields(method)},
+                   "describe": method.describe()},
+        "stats": stats,
+        "model": model_fingerprint(model),
+        "aliases": aliases,
+        "tensors_sha256": _tensor_digest(tensors),
+    }
+    path = Path(path)
+    try:
+        save_file({k: v.cpu() for k, v in tensors.items()}, str(path), metadata={_META_KEY: json.dumps(meta)})
+    except OSError as exc:
+        raise ContextFileError(f"cannot write the context to {path}: {exc.strerror or exc}") from None
+    return path.stat().st_size
+
+
+def header_bytes(path: str | os.PathLike) -> int:
+    """Size of the safetensors header (8-byte length + JSON: tensor table and metadata) of a file."""
+    with open(path, "rb") as f:
+        return 8 + int.from_bytes(f.read(8), "little")
+
+
+def _dedupe(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Store tensors shared between layers (reuse followers' ``kept_index``) once.
+
+    Returns the unique tensors and ``{alias: stored name}`` for the others.
+    """
+    unique: dict[str, torch.Tensor] = {}
+    seen: dict[tuple, str] = {}
+    aliases: dict[str, str] = {}
+    for name, t in tensors.items():
+        key = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride(), t.device)
+        if key in seen:
+            aliases[name] = seen[key]
+        else:
+            seen[key] = name
+            unique[name] = t
+    return unique, aliases
+
+
+# --- load -----------------------------------------------------------------------------------------
+def _read(path: Path, device) -> tuple[dict, dict[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise ContextFileError(f"no saved context at {path} (give the file written by ctx.save / --save-context)")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            raw = (f.metadata() or {}).get(_META_KEY)
+            if raw is None:
+                raise ContextFileError(
+                    f"{path} is a safetensors file but not a chunkkv context (no '{_META_KEY}' metadata); "
+                    "save one with ctx.save(path) or `chunkkv generate --save-context`"
+                )
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except ContextFileError:
+        raise
+    except Exception as exc:  # safetensors raises its own error types for bad headers / short files
+        raise ContextFileError(
+            f"{path} is not a readable chunkkv context (truncated, corrupted or another file type): {exc}"
+        ) from None
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError:
+        raise ContextFileError(f"{path}: the chunkkv metadata is not valid JSON (the file is corrupted)") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ContextFileError(f"{path} is not a chunkkv context file (format {meta.get('format') if isinstance(meta, dict) else '?'!r})")
+    if meta.get("version") != VERSION:
+        raise ContextFileError(
+            f"{path} was written in chunkkv context format version {meta.get('version')}, this chunkkv reads "
+            f"version {VERSION}; recompress the document with this version"
+        )
+    if _tensor_digest(tensors) != meta.get("tensors_sha256"):
+        raise ContextFileError(f"{path} is corrupted: its tensors do not match the checksum written when it was saved")
+    return meta, {k: v.to(device) for k, v in tensors.items()}
+
+
+def _check_model(path: Path, saved: dict, model: torch.nn.Module) -> None:
+    here = model_fingerprint(model)
+    if saved["config_sha256"] != here["config_sha256"] or any(
+        saved[k] != here[k] for k in ("num_layers", "num_attention_heads", "num_key_value_heads", "head_dim")
+    ):
+        raise ContextFileError(
+            f"{path} was saved for another model ({_shape_line(saved)}; config {saved['config_sha256'][:12]}) "
+            f"but this model is {_shape_line(here)} (config {here['config_sha256'][:12]}); "
+            "load it with the model it was compressed with, or recompress"
+        )
+    if saved["dtype"] != here["dtype"]:
+        raise ContextFileError(
+            f"{path} holds a cache computed in {saved['dtype']} but the model runs in {here['dtype']}: load the "
+            f"model with dtype={saved['dtype']} (its logits would differ otherwise), or recompress"
+        )
+    if saved["weights_sha256"] != here["weights_sha256"]:
+        raise ContextFileError(
+            f"{path} was saved for a model with the same architecture but different weights (another checkpoint); "
+            "load it with the checkpoint it was compressed with, or recompress"
+        )
+
+
+def load_context(path: str | os.PathLike, model: torch.nn.Module) -> CompressedContext:
+    """Load a context saved by :meth:`CompressedContext.save` for ``model`` (on the model's device).
+
+    Continuing from it gives exactly the tokens and logits of continuing the context in memory.
+    Raises :class:`ContextFileError` when the file is not a chunkkv context, is damaged, or was
+    saved for another model, dtype or checkpoint.
+    """
+    from .attention import attach
+
+    path = Path(path)
+    device = next(model.parameters()).device
+    meta, tensors = _read(path, device)
+    _check_model(path, meta["model"], model)
+    for alias, name in meta.get("aliases", {}).items():
+        tensors[alias] = tensors[name]
+    cache = ChunkKVCache(model.config)
+    if len(cache.layers) != len(meta["layers"]):
+        raise ContextFileError(f"{path} has {len(meta['layers'])} cache layers, this model {len(cache.layers)}")
+    for i, (layer, entry) in enumerate(zip(cache.layers, meta["layers"])):
+        kind = "pruned" if isinstance(layer, PrunedLayer) else ("sliding" if isinstance(layer, DynamicSlidingWindowLayer) else "dynamic")
+        if kind != entry["kind"]:
+            raise ContextFileError(f"{path}: layer {i} was saved as a {entry['kind']} layer, this model's is {kind}")
+        if entry["initialized"]:
+            keys, values = tensors[f"layer.{i}.keys"], tensors[f"layer.{i}.values"]
+            layer.lazy_initialization(keys, values)
+            layer.keys, layer.values = keys, values
+        if kind == "pruned":
+            layer.logical_length = entry["logical_length"]
+            layer.needs_wrapper = entry["needs_wrapper"]
+            layer.valid = tensors.get(f"layer.{i}.valid")
+            layer.kept_index = tensors.get(f"layer.{i}.kept_index")
+        elif kind == "sliding":
+            layer.cumulative_length = entry["cumulative_length"]
+    method_meta = meta["method"]
+    cls = METHODS.get(method_meta["name"])
+    if cls is None:
+        raise ContextFileError(f"{path} was compressed with method {method_meta['name']!r}, unknown to this chunkkv")
+    known = {f.name for f in fields(cls)}
+    method: Method = cls(**{k: v for k, v in method_meta["fields"].items() if k in known})
+    stats = dict(meta["stats"])
+    stats["kept"] = {int(k): v for k, v in stats["kept"].items()}
+    attach(model)  # decoding over a pruned cache needs chunkkv's attention
+    return CompressedContext(
+        cache, tensors["input_ids"], tensors["attention_mask"], tensors["next_logits"], method,
+        CompressionStats(**stats),
+    )

@@ -1,0 +1,214 @@
+"""Saved and reloaded contexts continue exactly like the context in memory; bad files fail clearly."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+import torch
+
+import chunkkv
+from chunkkv import ChunkKV, ContextFileError, PyramidKV, SnapKV
+from chunkkv.persist import header_bytes
+
+from models import VOCAB, tiny_model
+
+
+def _prompt(batch: int = 1, length: int = 120, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, VOCAB, (batch, length), generator=g)
+
+
+def _left_padded(lengths, seed=20):
+    rows = [_prompt(1, n, seed=seed + n)[0] for n in lengths]
+    width = max(lengths)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        ids[b, width - len(r):] = r
+        mask[b, width - len(r):] = 1
+    return ids, mask
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_model("llama")
+
+
+def _kv_bytes(ctx) -> int:
+    return ctx.cache.nbytes()
+
+
+CASES = {
+    "chunkkv-reuse": (ChunkKV(keep_tokens=40, window=8, chunk_size=5, reuse_depth=2), None),
+    "pyramidkv": (PyramidKV(keep_tokens=40, window=8), None),  # layers of different stored lengths
+    "batch-left-padded": (ChunkKV(keep_fraction=0.3, window=6, chunk_size=4), (100, 61, 83)),  # filler slots
+    "snapkv-batch": (SnapKV(keep_tokens=30, window=6), (90, 70)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_loaded_context_continues_exactly_like_memory(llama, tmp_path, case):
+    method, lengths = CASES[case]
+    if lengths is None:
+        ids, mask = _prompt(), None
+    else:
+        ids, mask = _left_padded(lengths)
+    ctx = chunkkv.compress(llama, ids, mask, method=method)
+    if case == "pyramidkv":
+        assert len(set(ctx.cache.stored_lengths())) > 1
+    if case == "batch-left-padded":
+        assert any(ctx.cache.layers[i].valid is not None for i in ctx.cache.pruned_layers)
+    path = tmp_path / "ctx.safetensors"
+    size = ctx.save(path)
+    # the file is the kept K/V plus the prompt ids, mask, next logits and a header
+    extra = ids.numel() * 8 * 2 + ctx.next_logits.numel() * 4
+    # kept positions (int64) and filler masks (bool); reuse followers share their leader's, stored once
+    unique = {}
+    for i in ctx.cache.pruned_layers:
+        for t in (ctx.cache.layers[i].kept_index, ctx.cache.layers[i].valid):
+            if t is not None:
+                unique[t.data_ptr()] = t.numel() * t.element_size()
+    index_bytes = sum(unique.values())
+    assert size == _kv_bytes(ctx) + extra + index_bytes + header_bytes(path)
+    assert header_bytes(path) < 8192
+    loaded = chunkkv.load_context(path, llama)
+    assert loaded.cache.stored_lengths() == ctx.cache.stored_lengths()
+    assert loaded.cache.get_seq_length() == ctx.cache.get_seq_length()
+    assert loaded.method == ctx.method and loaded.stats.kept == ctx.stats.kept
+    assert torch.equal(loaded.next_logits, ctx.next_logits)
+    question = _prompt(1, 5, seed=3)
+    want = chunkkv.extend(llama, ctx.fork(), question)
+    got = chunkkv.extend(llama, loaded.fork(), question)
+    assert torch.equal(got, want)
+    sampling = chunkkv.Sampling(max_new_tokens=10)
+    want_tokens = chunkkv.continue_from(llama, ctx.fork(), question, sampling)
+    got_tokens = chunkkv.continue_from(llama, loaded, question, sampling)
+    assert torch.equal(got_tokens, want_tokens)
+    # stock generate on the loaded cache too
+    batch = ids.shape[0]
+    full_mask = torch.cat([ctx.attention_mask, torch.ones(batch, 5, dtype=torch.long)], 1)
+    reloaded = chunkkv.load_context(path, llama)
+    stock = llama.generate(
+        torch.cat([ids, question.expand(batch, -1)], 1), attention_mask=full_mask, cache=reloaded.cache,
+        max_new_tokens=10, do_sample=False,
+    )[:, ids.shape[1] + 5:]
+    assert torch.equal(stock, want_tokens)
+
+
+def test_loading_in_a_fresh_model_object_of_the_same_checkpoint(llama, tmp_path):
+    ctx = chunkkv.compress(llama, _prompt(seed=4), method=ChunkKV(keep_tokens=30, window=8))
+    ctx.save(tmp_path / "c.safetensors")
+    twin = tiny_model("llama")  # same seed: same weights, a new object that was never attached
+    loaded = chunkkv.load_context(tmp_path / "c.safetensors", twin)
+    q = _prompt(1, 4, seed=5)
+    assert torch.equal(chunkkv.extend(twin, loaded, q), chunkkv.extend(llama, ctx.fork(), q))
+
+
+@pytest.fixture()
+def saved(llama, tmp_path):
+    ctx = chunkkv.compress(llama, _prompt(seed=6), method=ChunkKV(keep_tokens=30, window=8))
+    path = tmp_path / "ctx.safetensors"
+    ctx.save(path)
+    return path
+
+
+def test_another_architecture_is_refused(saved):
+    other = tiny_model("llama", num_hidden_layers=3)
+    with pytest.raises(ContextFileError, match="saved for another model .*3 layers"):
+        chunkkv.load_context(saved, other)
+    other = tiny_model("qwen2")
+    with pytest.raises(ContextFileError, match="saved for another model"):
+        chunkkv.load_context(saved, other)
+
+
+def test_another_dtype_is_refused(saved):
+    other = tiny_model("llama").to(torch.bfloat16)
+    with pytest.raises(ContextFileError, match="computed in float32 but the model runs in bfloat16"):
+        chunkkv.load_context(saved, other)
+
+
+def test_another_checkpoint_of_the_same_architecture_is_refused(saved):
+    other = tiny_model("llama", seed=1)
+    with pytest.raises(ContextFileError, match="same architecture but different weights"):
+        chunkkv.load_context(saved, other)
+
+
+def test_truncated_file_is_refused(saved, llama):
+    data = saved.read_bytes()
+    for cut in (len(data) - 100, len(data) // 2, 20, 4):
+        saved.write_bytes(data[:cut])
+        with pytest.raises(ContextFileError, match="not a readable chunkkv context"):
+            chunkkv.load_context(saved, llama)
+
+
+def test_corrupted_tensor_bytes_are_refused(saved, llama):
+    data = bytearray(saved.read_bytes())
+    data[-50] ^= 0x40  # one bit inside the tensor data (the header is intact)
+    saved.write_bytes(bytes(data))
+    with pytest.raises(ContextFileError, match="corrupted: its tensors do not match the checksum"):
+        chunkkv.load_context(saved, llama)
+
+
+def test_corrupted_header_is_refused(saved, llama):
+    data = bytearray(saved.read_bytes())
+    data[12] = ord("#")  # inside the JSON header
+    saved.write_bytes(bytes(data))
+    with pytest.raises(ContextFileError, match="not a readable chunkkv context|corrupted|not valid JSON"):
+        chunkkv.load_context(saved, llama)
+
+
+def test_other_files_are_refused(tmp_path, llama):
+    from safetensors.torch import save_file
+
+    plain = tmp_path / "weights.safetensors"
+    save_file({"x": torch.zeros(3)}, str(plain))
+    with pytest.raises(ContextFileError, match="safetensors file but not a chunkkv context"):
+        chunkkv.load_context(plain, llama)
+    text = tmp_path / "notes.txt"
+    text.write_text("hello, not a cache at all")
+    with pytest.raises(ContextFileError, match="not a readable chunkkv context"):
+        chunkkv.load_context(text, llama)
+    with pytest.raises(ContextFileError, match="no saved context at"):
+        chunkkv.load_context(tmp_path / "missing.safetensors", llama)
+    # a header claiming an impossible length
+    bogus = tmp_path / "bogus.safetensors"
+    bogus.write_bytes(struct.pack("<Q", 1 << 40) + b"{}")
+    with pytest.raises(ContextFileError, match="not a readable chunkkv context"):
+        chunkkv.load_context(bogus, llama)
+
+
+# --- CLI: --save-context, then --load-context in another run -------------------------------------
+def test_cli_save_then_load_answers_the_same(capsys, tmp_path):
+    from chunkkv.cli import main
+    from test_cli import QUESTION_TEXT, save_tiny_model, write_context
+
+    tiny = save_tiny_model(tmp_path / "model")
+    doc = write_context(tmp_path / "doc.txt")
+    saved = tmp_path / "doc.ckv"
+    common = ["--model", str(tiny), "--device", "cpu", "--max-new-tokens", "6", "--separator", ""]
+    questions = ["--question", QUESTION_TEXT, "--question", " Answer:"]
+    code = main(["generate", *common, "--context-file", str(doc), *questions, "--keep-fraction", "0.2",
+                 "--save-context", str(saved)])
+    first = capsys.readouterr()
+    assert code == 0, first.err
+    assert f"saved the compressed context to {saved}" in first.out
+    code = main(["generate", *common, "--load-context", str(saved), *questions])
+    second = capsys.readouterr()
+    assert code == 0, second.err
+    assert "loaded from" in second.out and "chunkkv(20% kept)" in second.out
+    answers = lambda text: [part.split("\n")[0] for part in text.split("\nA: ")[1:]]  # noqa: E731
+    assert len(answers(first.out)) == 2 and answers(second.out) == answers(first.out)
+    # a saved context used with another model, or a context file given twice: one line, exit 2
+    other = save_tiny_model(tmp_path / "other", seed=1)
+    capsys.readouterr()
+    for argv, message in [
+        (["generate", "--model", str(other), "--device", "cpu", "--load-context", str(saved)], "different weights"),
+        (["generate", *common, "--load-context", str(saved), "--context-file", str(doc)], "either --context-file or"),
+        (["generate", *common, "--load-context", str(tmp_path / "nope.ckv")], "no saved context at"),
+        (["generate", *common, "--context-file", str(doc), "--keep-fraction", "0.2", "--query-aware",
+          "--save-context", str(saved)], "cannot be combined with --query-aware"),
+    ]:
+        assert main(argv) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("chunkkv generate: error: ") and message in lines[0], lines
