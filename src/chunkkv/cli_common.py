@@ -41,8 +41,11 @@ def add_method_arguments(parser: argparse.ArgumentParser, default_method: str = 
     g.add_argument("--n-sink", type=int, help="StreamingLLM sink tokens (default 4)")
 
 
-def method_from_args(args: argparse.Namespace, num_layers: int | None = None) -> Method:
-    """Build the method the flags describe; ``--reuse-depth all`` needs ``num_layers``."""
+def method_from_args(args: argparse.Namespace, num_layers: int | None = None, notice: bool = True) -> Method:
+    """Build the method the flags describe; ``--reuse-depth all`` needs ``num_layers``.
+
+    With ``notice``, says on stdout when ``--method full`` is given a budget (which it ignores).
+    """
     params = {}
     for flag, name in [
         ("keep_fraction", "keep_fraction"), ("keep_tokens", "keep_tokens"), ("remove_fraction", "remove_fraction"),
@@ -61,7 +64,11 @@ def method_from_args(args: argparse.Namespace, num_layers: int | None = None) ->
                 params["reuse_depth"] = int(depth)
             except ValueError:
                 raise ChunkKVError(f"--reuse-depth {depth!r} must be an integer >= 1 or 'all'") from None
-    if args.method in ("full", "none") and not any(k in params for k in ("keep_fraction", "keep_tokens", "remove_fraction")):
+    budgets = [k for k in ("keep_fraction", "keep_tokens", "remove_fraction") if k in params]
+    if str(args.method).lower().replace("_", "").replace(" ", "") in ("full", "none", "fullkv"):
+        if budgets and notice:
+            flags = ", ".join("--" + k.replace("_", "-") for k in budgets)
+            print(f"note: --method {args.method} keeps every token, so {flags} has no effect (nothing is compressed)")
         return make_method("full")
     if not any(k in params for k in ("keep_fraction", "keep_tokens", "remove_fraction")):
         raise ChunkKVError(
@@ -233,7 +240,7 @@ def methods_from_args(args: argparse.Namespace, names: Sequence[str], num_layers
                 setattr(ns, b, None)
         if "remove_fraction" in known and cls.name.endswith("-kvpress") and ns.keep_fraction is not None:
             ns.remove_fraction, ns.keep_fraction = round(1.0 - float(ns.keep_fraction), 12), None
-        methods.append(method_from_args(ns, num_layers))
+        methods.append(method_from_args(ns, num_layers, notice=False))
     return methods
 
 
@@ -382,11 +389,38 @@ def add_model_arguments(parser: argparse.ArgumentParser, default: str | None = N
     g.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"])
 
 
+def check_device(name: str | None, flag: str = "--device") -> None:
+    """Raise :class:`ChunkKVError` unless ``name`` (None = automatic) is a device this torch can use."""
+    if name is None:
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ChunkKVError(f"{flag} {name!r} is not a device torch knows; use cpu, cuda or cuda:N (or mps on a Mac)") from None
+    kind = device.type
+    if kind == "cpu":
+        return
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ChunkKVError(
+                f"{flag} {name}: no CUDA GPU is usable here (torch {torch.__version__}"
+                + (", a CPU-only build" if torch.version.cuda is None else "") + "); use --device cpu"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ChunkKVError(f"{flag} {name}: there are only {torch.cuda.device_count()} CUDA devices (cuda:0 …)")
+        return
+    backend = getattr(torch, kind, None) if kind != "mps" else getattr(torch.backends, "mps", None)
+    available = getattr(backend, "is_available", None)
+    if available is None or not available():
+        raise ChunkKVError(f"{flag} {name}: torch {torch.__version__} has no usable {kind} device here; use --device cpu")
+
+
 def load_model(args: argparse.Namespace):
     """Load ``(model, tokenizer)`` from ``--model`` with clear errors for the common mistakes
     (see :func:`chunkkv.pretrained.load_pretrained`)."""
     from .pretrained import load_pretrained
 
+    check_device(getattr(args, "device", None))
     return load_pretrained(
         args.model, dtype=None if args.dtype == "auto" else args.dtype, device=args.device,
         attn_implementation=args.attn_implementation, device_map=args.device_map,

@@ -30,6 +30,7 @@ kept).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import re
@@ -243,6 +244,7 @@ def run_one(model, tokenizer, prep: Prepared, spec: Spec, cfg: SweepConfig) -> d
 
     rec: dict[str, Any] = {
         "score": score, "prediction": text, "seconds": round(seconds, 4), "window": window,
+        "prompt_tokens": int(prep.ids.shape[1]),
         "kept_fraction": round(float(masks.float().mean()), 4),
     }
     if len(layers) > 1:
@@ -281,7 +283,7 @@ def aggregate(entries: list[Entry], records: dict[tuple, dict], length: int, tas
     rows = []
     for e in entries:
         per_task, counts = {}, {}
-        ju, jh, secs, kept = [], [], [], []
+        ju, jh, secs, kept, prompt = [], [], [], [], []
         vpos: list[list[float]] = []
         vwhole, vhead, vnext = [], [], []
         for task in tasks:
@@ -295,6 +297,7 @@ def aggregate(entries: list[Entry], records: dict[tuple, dict], length: int, tas
                 jh.append(r.get("jaccard_head"))
                 secs.append(r["seconds"])
                 kept.append(r["kept_fraction"])
+                prompt.append(r.get("prompt_tokens"))
                 if "value_pos_kept" in r:
                     vpos.append(r["value_pos_kept"])
                     vwhole.append(r["value_whole"])
@@ -311,6 +314,7 @@ def aggregate(entries: list[Entry], records: dict[tuple, dict], length: int, tas
             "average": round(_mean(list(per_task.values())), 2) if len(per_task) == len(tasks) else None,
             "jaccard_union": _round(_mean(ju)), "jaccard_head": _round(_mean(jh)),
             "kept_fraction": _round(_mean(kept)),
+            "prompt_tokens": _round(_mean(prompt), 1),
             "value_pos_kept": [_round(_mean([v[j] for v in vpos if j < len(v)])) for j in range(width)],
             "value_whole": _round(_mean(vwhole)), "value_whole_one_head": _round(_mean(vhead)),
             "value_next_kept": _round(_mean(vnext)),
@@ -354,7 +358,12 @@ def render_markdown(results: dict[str, Any]) -> str:
     for length in sorted({r["length"] for r in results["rows"]}):
         rows = [r for r in results["rows"] if r["length"] == length]
         n = max((max(r["counts"].values()) for r in rows), default=0)
-        lines += [f"### {length} tokens ({n} samples per task)", ""]
+        real = [r["prompt_tokens"] for r in rows if r.get("prompt_tokens") is not None]
+        if real and abs(_mean(real) - length) > max(2.0, 0.05 * length):  # the prompts are not that long
+            heading = f"### {length} tokens asked, prompts of {_mean(real):.0f} tokens on average ({n} samples per task)"
+        else:
+            heading = f"### {length} tokens ({n} samples per task)"
+        lines += [heading, ""]
         budget = [r for r in rows if r["group"] == "budget"]
         if budget:
             lines += ["**Accuracy by method and budget** (kept fraction, or kept tokens per layer; the window is inside the budget)", "",
@@ -533,8 +542,21 @@ def run_sweep(model, tokenizer, cfg: SweepConfig, out: Path, report: Path | None
 
     ``merge=True`` keeps what an earlier run left in ``out/results.json``: its rows of lengths this
     run does not sweep, its heatmap unless this run makes one, and its runtimes; records are
-    appended to ``records.jsonl``.
+    appended to ``records.jsonl``. ``out`` (and ``report``) are held for the run: a second sweep
+    writing them is refused (:class:`chunkkv.outputs.OutputBusyError`).
     """
+    from .outputs import OutputLock
+
+    out = Path(out)
+    with contextlib.ExitStack() as held:
+        held.enter_context(OutputLock(out, what=f"--out {out}"))
+        if report is not None:
+            held.enter_context(_report_lock(Path(report)))
+        return _run_sweep(model, tokenizer, cfg, out, report, model_name, progress, write_records, merge)
+
+
+def _run_sweep(model, tokenizer, cfg: SweepConfig, out: Path, report: Path | None, model_name: str, progress: bool,
+               write_records: bool, merge: bool) -> dict[str, Any]:
     import torch
     from tqdm import tqdm
 
@@ -744,6 +766,16 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
         raise ChunkKVError("--lengths needs positive lengths and --samples must be >= 1")
     if not lengths and not (heat_lengths and heat_depths):
         raise ChunkKVError("nothing to run: give --lengths or a heatmap (--heatmap-lengths, --heatmap-depths)")
+    for flag, values, low in (("--heatmap-lengths", heat_lengths, 1), ("--tokens", tokens, 1), ("--chunk-sizes", chunk_sizes, 1),
+                              ("--chunk-size", [args.chunk_size], 1), ("--heatmap-samples", [args.heatmap_samples], 0),
+                              ("--extra-new-tokens", [args.extra_new_tokens], 0)):
+        bad = [v for v in values if v < low]
+        if bad:
+            raise ChunkKVError(f"{flag} {bad[0]} must be >= {low}")
+    if any(not 0 <= d <= 100 for d in heat_depths):
+        raise ChunkKVError("--heatmap-depths are percents in 0..100")
+    if reuse_depth < 1:
+        raise ChunkKVError(f"--reuse-depth {reuse_depth} must be >= 1 or 'all'")
     if args.window != "question":
         try:
             if int(args.window) < 1:
@@ -763,24 +795,38 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from .cli_common import load, resolve_model
+    from .cli_common import check_device, load, resolve_model
+    from .outputs import OutputLock, check_output_dir, check_output_file
 
+    # Everything that can be checked without the model is checked before it loads.
     cfg = config_from_args(args)
-    if args.threads and args.threads > 0:
+    if args.threads is not None and args.threads < 1:
+        raise ChunkKVError(f"--threads {args.threads} must be >= 1 (torch CPU threads)")
+    check_device(args.device)
+    out = check_output_dir(args.out)
+    report = check_output_file(args.report, "--report") if args.report else None
+    with contextlib.ExitStack() as held:  # a second sweep writing the same folder or report is refused here
+        held.enter_context(OutputLock(out, what=f"--out {out}"))
+        if report is not None:
+            held.enter_context(_report_lock(report))
         torch.set_num_threads(args.threads)
-    resolve_model(args)
-    model, tokenizer = load(args)
-    out = Path(args.out)
-    report = Path(args.report) if args.report else None
-    t0 = time.perf_counter()
-    name = args.model
-    try:
-        name = str(Path(args.model).resolve().relative_to(Path.cwd()))
-    except (ValueError, OSError):
-        pass
-    results = run_sweep(model, tokenizer, cfg, out, report, model_name=name,
-                        progress=not args.no_progress, write_records=not args.no_records, merge=args.merge)
+        resolve_model(args)
+        model, tokenizer = load(args)
+        t0 = time.perf_counter()
+        name = args.model
+        try:
+            name = str(Path(args.model).resolve().relative_to(Path.cwd()))
+        except (ValueError, OSError):
+            pass
+        results = run_sweep(model, tokenizer, cfg, out, report, model_name=name,
+                            progress=not args.no_progress, write_records=not args.no_records, merge=args.merge)
     print(render_markdown(results))
     print(f"results: {out / 'results.json'}" + (f"; tables: {report}" if report else "")
           + f"; {time.perf_counter() - t0:.0f} s")
     return 0
+
+
+def _report_lock(report: Path):
+    from .outputs import OutputLock
+
+    return OutputLock(report.parent, name=f".{report.name}.chunkkv-lock", what=f"--report {report}")

@@ -15,8 +15,10 @@ import sys
 
 import torch
 
-from ..cli_common import add_model_arguments, load_model
+from ..cli_common import add_model_arguments, check_device, load_model
 from ..errors import ChunkKVError
+from ..methods import make_method
+from ..outputs import OutputLock, check_output_dir
 from .models import ALIASES, RANDOM_MODELS, is_random_model, random_llama
 from .runner import DEFAULT_METHODS, BenchConfig, run_bench
 
@@ -102,11 +104,11 @@ def config_from_args(args: argparse.Namespace, device: torch.device) -> BenchCon
         reuse_depths=args.reuse_depths,
         decode_method=args.decode_method,
         repeats=args.repeats,
-        decode_steps=args.decode_steps or (32 if gpu else 16),
+        decode_steps=args.decode_steps if args.decode_steps is not None else (32 if gpu else 16),
         decode_warmup=args.decode_warmup,
         e2e=args.e2e if args.e2e is not None else ([(8192, 1024)] if gpu else [(4096, 64)]),
         e2e_batch=args.e2e_batch,
-        e2e_repeats=args.e2e_repeats,
+        e2e_repeats=args.e2e_repeats,  # checked in run()
         scaling_contexts=args.scaling_contexts,
         peers=not args.no_peers,
         peer_contexts=args.peer_contexts,
@@ -130,37 +132,55 @@ def load(args: argparse.Namespace, max_positions: int):
     return model, args.model, args.model
 
 
+def _check_counts(args: argparse.Namespace) -> None:
+    for flag, value, low in (("--threads", args.threads, 1), ("--repeats", args.repeats, 1),
+                             ("--decode-steps", args.decode_steps, 1), ("--decode-warmup", args.decode_warmup, 0),
+                             ("--e2e-batch", args.e2e_batch, 1), ("--e2e-repeats", args.e2e_repeats, 1)):
+        if value is not None and value < low:
+            raise ChunkKVError(f"{flag} {value} must be >= {low}")
+    for flag, values in (("--contexts", args.contexts), ("--scaling-contexts", args.scaling_contexts),
+                         ("--peer-contexts", args.peer_contexts), ("--batch-sizes", args.batch_sizes)):
+        if values is not None and (not values or min(values) < 1):
+            raise ChunkKVError(f"{flag} needs positive numbers, got {values}")
+    if args.e2e and any(n_in < 2 or n_out < 1 for n_in, n_out in args.e2e):
+        raise ChunkKVError(f"--e2e requests need IN >= 2 and OUT >= 1, got {args.e2e}")
+
+
 def run(args: argparse.Namespace) -> int:
+    # Everything that can be checked without the model is checked before it loads.
+    _check_counts(args)
+    check_device(args.device)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    elif device.type == "cpu":
-        torch.set_num_threads(2)
     cfg = config_from_args(args, device)
-    longest = max(cfg.contexts + [a + b for a, b in cfg.e2e] + (cfg.scaling_contexts or []))
-    model, label, folder = load(args, max(65536, longest + 1024))
     try:
         cfg.validate()
     except ValueError as exc:
         raise ChunkKVError(str(exc)) from None
-    _log(f"{label} on {next(model.parameters()).device}, contexts {cfg.contexts}, batch sizes {cfg.batch_sizes}, "
-         f"{torch.get_num_threads()} threads")
-    from pathlib import Path
+    for name in [*cfg.methods, cfg.decode_method]:  # unknown method names, before the model loads
+        if name not in ("full", "none"):
+            make_method(name, keep_fraction=cfg.budget)
+    out = check_output_dir(args.out)
+    with OutputLock(out, what=f"--out {out}"):  # a second bench on this folder is refused here
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        elif device.type == "cpu":
+            torch.set_num_threads(2)
+        longest = max(cfg.contexts + [a + b for a, b in cfg.e2e] + (cfg.scaling_contexts or []))
+        model, label, folder = load(args, max(65536, longest + 1024))
+        _log(f"{label} on {next(model.parameters()).device}, contexts {cfg.contexts}, batch sizes {cfg.batch_sizes}, "
+             f"{torch.get_num_threads()} threads")
+        from .report import to_markdown, write_outputs
 
-    from .report import to_markdown, write_outputs
+        partial = out / "results.partial.json"
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    partial = out / "results.partial.json"
+        def save_partial(result: dict) -> None:
+            partial.write_text(json.dumps(result, indent=1))
 
-    def save_partial(result: dict) -> None:
-        partial.write_text(json.dumps(result, indent=1))
+        result = run_bench(model, cfg, progress=not args.no_progress, model_label=label, model_dir=folder, log=_log,
+                           on_section=save_partial)
+        partial.unlink(missing_ok=True)
 
-    result = run_bench(model, cfg, progress=not args.no_progress, model_label=label, model_dir=folder, log=_log,
-                       on_section=save_partial)
-    partial.unlink(missing_ok=True)
-
-    paths = write_outputs(result, args.out, plots=not args.no_plots)
+        paths = write_outputs(result, args.out, plots=not args.no_plots)
     print(to_markdown(result))
     _log("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0

@@ -66,7 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from ..cli_common import check_device
     from ..generation import Sampling
+    from ..outputs import check_output_file
 
     start = time.perf_counter()
     names = parse_method_names(args.methods)
@@ -75,6 +77,13 @@ def run(args: argparse.Namespace) -> int:
         raise ChunkKVError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
     if args.context_tokens < 0:
         raise ChunkKVError(f"--context-tokens {args.context_tokens} must be >= 0")
+    if args.length < 64:
+        raise ChunkKVError(f"--length {args.length} is too short for a haystack: use at least 64 tokens")
+    if not 0 <= args.depth <= 100:
+        raise ChunkKVError(f"--depth {args.depth} must be a percentage in [0, 100]")
+    if args.html:
+        check_output_file(args.html, "--html", create_parent=False)
+    check_device(args.device)
     testbed = resolve_model(args)
     model, tokenizer = load(args)
     num_layers = model.config.get_text_config(decoder=True).num_hidden_layers

@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load(args)
     num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
     if str(args.reuse_depth).lower() == "all":
-        method = method_from_args(args, num_layers)
+        method = method_from_args(args, num_layers, notice=False)
     sampling = sampling_from_args(args, tokenizer)
     device = next(model.parameters()).device
     out = sys.stdout

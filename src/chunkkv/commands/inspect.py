@@ -50,9 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
+    from ..cli_common import check_device
     from ..generation import Sampling
+    from ..outputs import check_output_file
     from ._report import write_report
     from ._runs import run_methods
 
@@ -60,9 +60,8 @@ def run(args: argparse.Namespace) -> int:
     methods_from_args(args, names)  # unknown method or bad budget: fail before loading the model
     if args.max_new_tokens < 0:
         raise ChunkKVError(f"--max-new-tokens {args.max_new_tokens} must be >= 0")
-    out = Path(args.out)
-    if out.is_dir() or not out.parent.exists():
-        raise ChunkKVError(f"--out {args.out}: " + ("is a folder" if out.is_dir() else f"folder {out.parent} does not exist"))
+    out = check_output_file(args.out, "--out", create_parent=False)
+    check_device(args.device)
     context = read_context(args.context_file)
     if args.question is not None and not args.question.strip():
         raise ChunkKVError("--question is empty")

@@ -14,11 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
-from ..cli_common import add_method_arguments, add_model_arguments, load_model, method_from_args
+from ..cli_common import add_method_arguments, add_model_arguments, check_device, load_model, method_from_args
 from ..errors import ChunkKVError
+from ..methods import FullKV, StreamingLLM
 from .distributed import shard_info
-from .runner import EvalConfig, merge_results, run_eval
+from .runner import EvalConfig, merge_results, output_locks, run_eval
+from .tasks import build_task
 
 __all__ = ["add_arguments", "config_from_args", "parse_grid", "run"]
 
@@ -144,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     if args.merge:
         metrics = merge_results(args.out)
         print(f"merged {metrics['samples']} of {metrics['expected']} samples into {args.out}/predictions.jsonl")
-        return 0
+        return _report_incomplete(metrics, args.out)
     if not args.task:
         raise ChunkKVError("give --task (niah, longbench, gsm8k, jailbreakv, synthetic)")
     if not args.model:
@@ -157,16 +160,69 @@ def run(args: argparse.Namespace) -> int:
 
         if args.device is None and torch.cuda.is_available():
             args.device = f"cuda:{shard.local_rank % torch.cuda.device_count()}"
+    # Everything that can be checked without the model is checked before it loads.
     config = config_from_args(args)
-    model, tokenizer = load_model(args)
-    method = method_from_args(args, num_layers=getattr(model.config, "num_hidden_layers", None))
-    metrics = run_eval(model, tokenizer, config, method=method, shard=shard)
-    if metrics is not None:
-        print(_headline(metrics))
-        print(f"results: {args.out}/metrics.json, {args.out}/summary.md, {args.out}/predictions.jsonl")
-    else:
+    build_task(config)  # unknown task names
+    if args.data_file:
+        _check_text_file(args.data_file, "--data-file")
+    check_device(args.device)
+    method = method_from_args(args)
+    _say_if_no_op(method, config)
+    with output_locks(args.out, shard):  # a second run on this folder is refused here, before any work
+        model, tokenizer = load_model(args)
+        if str(getattr(args, "reuse_depth", "")).lower() == "all":
+            method = method_from_args(args, num_layers=getattr(model.config, "num_hidden_layers", None), notice=False)
+        metrics = run_eval(model, tokenizer, config, method=method, shard=shard)
+    if metrics is None:
         print(f"rank {shard.rank}: done; rank 0 merges", file=sys.stderr)
-    return 0
+        return 0
+    print(_headline(metrics))
+    if metrics.get("uncompressed"):
+        print(f"note: {metrics['uncompressed']} of {metrics['samples']} samples were kept whole: their context is "
+              f"not longer than the observation window ({getattr(method, 'window', '?')} tokens)")
+    elif not isinstance(method, FullKV) and metrics.get("mean_kept_fraction", 0) >= 1:
+        print("note: the budget kept every token of every context: compression removed nothing")
+    print(f"results: {args.out}/metrics.json, {args.out}/summary.md, {args.out}/predictions.jsonl")
+    return _report_incomplete(metrics, args.out)
+
+
+def _report_incomplete(metrics: dict, out: str) -> int:
+    """Exit status 1, said on stdout, when some samples have no result."""
+    if metrics.get("complete", True):
+        return 0
+    print(f"INCOMPLETE: {metrics['samples']} of {metrics['expected']} samples have a result in {out}; run the "
+          "same command again (every rank, for a sharded run) to finish the missing ones; finished samples are kept")
+    return 1
+
+
+def _check_text_file(path: str, flag: str) -> None:
+    """A data file that exists and is UTF-8 text (checked before the model loads)."""
+    p = Path(path)
+    if not p.exists():
+        raise ChunkKVError(f"{flag} {path}: no such file")
+    if p.is_dir():
+        raise ChunkKVError(f"{flag} {path} is a folder; give the data file")
+    with open(p, "rb") as f:
+        head = f.read(1 << 16)
+    try:
+        if b"\0" in head:
+            raise UnicodeDecodeError("utf-8", head, 0, 1, "NUL byte")
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 4 or exc.reason == "NUL byte":  # not just a character cut at the 64 KiB edge
+            raise ChunkKVError(f"{flag} {path} is not UTF-8 text (a binary file?): give the JSONL or CSV data file") from None
+
+
+def _say_if_no_op(method, config: EvalConfig) -> None:
+    """Say on stdout, before the run, when the settings cannot compress anything."""
+    window = getattr(method, "window", None)
+    if isinstance(method, FullKV) or window is None or not config.lengths:
+        return
+    if isinstance(method, StreamingLLM):
+        return
+    if max(config.lengths) <= window:
+        print(f"note: every context length ({', '.join(map(str, config.lengths))}) is at most the observation window "
+              f"({window} tokens), so nothing will be compressed; lower --window or use longer --lengths")
 
 
 def _headline(metrics: dict) -> str:

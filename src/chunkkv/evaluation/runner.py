@@ -14,11 +14,13 @@ starts from its last logits.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,13 +31,14 @@ from ..compress import compress
 from ..errors import ChunkKVError
 from ..generation import Sampling, continue_from, extend
 from ..methods import FullKV, Method, StreamingLLM
+from ..outputs import LOCK_NAME, OutputLock, check_output_dir
 from .base import EvalSample, Task, mean
 from .distributed import Shard
 from .prompting import chat_template_available, encode_prompt
 from .store import RecordStore, write_json_atomic, write_text_atomic
 from .tasks import build_task
 
-__all__ = ["EvalConfig", "Generator", "merge_results", "run_eval"]
+__all__ = ["EvalConfig", "Generator", "merge_results", "output_locks", "run_eval"]
 
 #: Settings that may change between a run and its resumption.
 _RESUMABLE = {"out_dir", "limit", "progress", "overwrite", "model_max_positions"}
@@ -89,11 +92,38 @@ class EvalConfig:
     progress: bool = True
     overwrite: bool = False
 
+    def __post_init__(self) -> None:
+        _check_numbers(self)
+
     def fingerprint(self, method: Method | None) -> dict[str, Any]:
         """The settings a resumed run must share with the run that wrote the folder."""
         data = {k: v for k, v in dataclasses.asdict(self).items() if k not in _RESUMABLE}
         data["method"] = describe_method(method)
         return json.loads(json.dumps(data))
+
+
+def _check_numbers(config: EvalConfig) -> None:
+    """Reject counts and lengths that would silently run something else than asked."""
+    if config.limit is not None:
+        if isinstance(config.limit, bool) or not isinstance(config.limit, int) or config.limit < 0:
+            raise ChunkKVError(f"--limit {config.limit} must be a whole number >= 1 (samples per subtask)")
+        if config.limit == 0:
+            raise ChunkKVError("--limit 0 selects no samples, so nothing would run; give --limit N >= 1, "
+                               "or leave it out to run every sample")
+    for name, value, low in (("--max-new-tokens", config.max_new_tokens, 1), ("--max-length", config.max_length, 1),
+                             ("--num-samples", config.num_samples, 1), ("--num-shots", config.num_shots, 0)):
+        if value is not None and value < low:
+            raise ChunkKVError(f"{name} {value} must be >= {low}")
+    bad = [n for n in config.lengths or [] if n < 1]
+    if bad:
+        raise ChunkKVError(f"--lengths {bad[0]} is not a context length: every length must be >= 1 token")
+    bad_depths = [d for d in config.depths or [] if not 0 <= d <= 100]
+    if bad_depths:
+        raise ChunkKVError(f"--depths {bad_depths[0]:g} is outside 0..100 (needle depth in percent of the context)")
+    if config.temperature is not None and config.do_sample and config.temperature <= 0:
+        raise ChunkKVError(f"--temperature {config.temperature} must be > 0 when sampling")
+    if config.top_p is not None and not 0 < config.top_p <= 1:
+        raise ChunkKVError(f"--top-p {config.top_p} must be in (0, 1]")
 
 
 def describe_method(method: Method | None) -> dict[str, Any]:
@@ -240,6 +270,26 @@ def _wait_for(store: RecordStore, ids: list[str], log_every: float = 300.0) -> N
         time.sleep(interval)
 
 
+@contextlib.contextmanager
+def output_locks(out_dir: str | Path, shard: Shard | None = None) -> Iterator[OutputLock]:
+    """Hold ``out_dir`` for this run (see :mod:`chunkkv.outputs`); yields the folder lock.
+
+    One process: the folder lock, exclusive. A sharded run: the folder lock shared by its ranks
+    and this rank's own lock exclusive (a second run's rank ``r`` is refused); rank 0 upgrades
+    the folder lock before merging. Raises :class:`~chunkkv.outputs.OutputBusyError` at once when
+    another run holds the folder.
+    """
+    shard = shard or Shard()
+    check_output_dir(out_dir)
+    what = f"--out {out_dir}"
+    with contextlib.ExitStack() as stack:
+        folder = stack.enter_context(OutputLock(out_dir, shared=shard.world > 1, what=what))
+        if shard.world > 1:
+            stack.enter_context(OutputLock(out_dir, name=f"{LOCK_NAME}.rank{shard.rank}",
+                                           what=f"{what} (rank {shard.rank})"))
+        yield folder
+
+
 def run_eval(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -268,30 +318,32 @@ def run_eval(
     if config.model_max_positions is None:
         config.model_max_positions = getattr(model.config, "max_position_embeddings", None)
     task = build_task(config)
-    store = RecordStore(config.out_dir, shard.rank, shard.world)
-    if config.overwrite:
+    with output_locks(config.out_dir, shard) as lock:
+        store = RecordStore(config.out_dir, shard.rank, shard.world)
+        if config.overwrite:
+            if shard.world > 1:
+                raise ChunkKVError("--overwrite cannot be used in a sharded run: delete the output folder first")
+            store.reset()
+        samples = task.samples(tokenizer)
+        ids = [s.id for s in samples]
+        if len(set(ids)) != len(ids):
+            raise ChunkKVError(f"the task produced duplicate sample ids (e.g. {_first_duplicate(ids)})")
+        _check_run_file(store.dir, config.fingerprint(method), len(samples))
+        done = store.load()
+        todo = [(i, s) for i, s in enumerate(samples) if shard.owns(i) and s.id not in done]
+        if todo:
+            prepare = getattr(task, "prepare", None)
+            if prepare is not None:
+                prepare(model, tokenizer)
+            generator = Generator(model, tokenizer, method, config)
+            _answer_all(task, generator, store, todo, config, shard, len(samples))
+        store.close()
+        if not shard.is_main:
+            return None
         if shard.world > 1:
-            raise ChunkKVError("--overwrite cannot be used in a sharded run: delete the output folder first")
-        store.reset()
-    samples = task.samples(tokenizer)
-    ids = [s.id for s in samples]
-    if len(set(ids)) != len(ids):
-        raise ChunkKVError(f"the task produced duplicate sample ids (e.g. {_first_duplicate(ids)})")
-    _check_run_file(store.dir, config.fingerprint(method), len(samples))
-    done = store.load()
-    todo = [(i, s) for i, s in enumerate(samples) if shard.owns(i) and s.id not in done]
-    if todo:
-        prepare = getattr(task, "prepare", None)
-        if prepare is not None:
-            prepare(model, tokenizer)
-        generator = Generator(model, tokenizer, method, config)
-        _answer_all(task, generator, store, todo, config, shard, len(samples))
-    store.close()
-    if not shard.is_main:
-        return None
-    if shard.world > 1:
-        _wait_for(store, ids)
-    return finalize(store, task, config, method, order=ids)
+            _wait_for(store, ids)
+            lock.upgrade()  # the other ranks have left: nobody appends while the files are merged
+        return finalize(store, task, config, method, order=ids)
 
 
 def _answer_all(task: Task, generator: Generator, store: RecordStore, todo: list[tuple[int, EvalSample]],
@@ -407,4 +459,5 @@ def merge_results(out_dir: str | Path) -> dict[str, Any]:
     known = {f.name for f in dataclasses.fields(EvalConfig)}
     config = EvalConfig(out_dir=str(out), **{k: v for k, v in saved.items() if k in known and k != "out_dir"})
     task = build_task(config)
-    return finalize(RecordStore(out), task, config, None, order=None, method_info=method_info)
+    with OutputLock(out, what=f"--out {out}"):
+        return finalize(RecordStore(out), task, config, None, order=None, method_info=method_info)

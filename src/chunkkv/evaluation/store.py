@@ -7,10 +7,12 @@ Layout of an output folder::
     predictions.rank{r}-of-{w}.jsonl  a process's own records in a sharded run (merged, then removed)
     metrics.json, summary.md          written when every sample is done (or by --merge)
 
-Each record is written as one line, flushed and fsync'ed before the next sample starts. Readers
-skip a line that does not parse (a run killed mid-write leaves a partial last line) and keep the
-first record of each id. A writer first cuts its own file back to the last complete line, so a new
-record never lands behind a partial one.
+Each record is written as one line, flushed and fsync'ed before the next sample starts. A record
+counts only once its line ends with a newline: readers ignore an unterminated last line (a run
+killed mid-write), so its sample is redone, never counted as done; they skip other lines that do
+not parse and keep the first record of each id. A writer first cuts its own file back to the last
+complete line, so a new record never lands behind a partial one. Only one run writes a folder at a
+time (``chunkkv.outputs.OutputLock``), so a merge never replaces a file another run appends to.
 """
 
 from __future__ import annotations
@@ -30,13 +32,16 @@ _SHARD = re.compile(r"^predictions\.rank(\d+)-of-(\d+)\.jsonl$")
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Records of a JSONL file; lines that do not parse as a JSON object are skipped with a warning
-    (except a partial last line, which is expected after an interrupted run)."""
+    """Records of a JSONL file. Only lines that end with a newline count: a last line without one
+    is an interrupted write (even when it parses, its writer may have died before finishing it),
+    so its sample is not done and is redone by a resumed run. Other lines that do not parse as a
+    JSON object are skipped with a warning."""
     if not path.exists():
         return []
     out = []
     lines = path.read_text(encoding="utf-8").split("\n")
-    for n, line in enumerate(lines):
+    # split() leaves the piece after the last newline at the end: "" for a complete file.
+    for n, line in enumerate(lines[:-1]):
         if not line.strip():
             continue
         try:
@@ -44,8 +49,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             obj = None
         if not isinstance(obj, dict) or "id" not in obj:
-            if n != len(lines) - 1:  # the last piece has no newline: an interrupted write
-                warnings.warn(f"{path}:{n + 1}: skipping a line that is not a JSON record", stacklevel=2)
+            warnings.warn(f"{path}:{n + 1}: skipping a line that is not a JSON record", stacklevel=2)
             continue
         out.append(obj)
     return out

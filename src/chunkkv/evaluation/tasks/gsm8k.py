@@ -46,13 +46,20 @@ def format_exemplar(question: str, answer: str) -> str:
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f):
-            if line.strip():
-                row = json.loads(line)
-                if "question" not in row or "answer" not in row:
-                    raise ChunkKVError(f"{path}:{n + 1}: a GSM8K row needs 'question' and 'answer'")
-                rows.append(row)
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f):
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:
+                        raise ChunkKVError(f"{path}:{n + 1}: not a JSON line; GSM8K data is JSONL with "
+                                           "'question' and 'answer' fields") from None
+                    if not isinstance(row, dict) or "question" not in row or "answer" not in row:
+                        raise ChunkKVError(f"{path}:{n + 1}: a GSM8K row needs 'question' and 'answer'")
+                    rows.append(row)
+    except UnicodeDecodeError:
+        raise ChunkKVError(f"{path} is not UTF-8 text (a binary file?); GSM8K data is JSONL") from None
     return rows
 
 

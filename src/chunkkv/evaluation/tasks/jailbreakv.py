@@ -70,6 +70,15 @@ def load_jailbreakv(
     ``formats``: keep rows whose ``format`` is one of these (case-insensitive); None = the text
     formats :data:`TEXT_FORMATS`; ``["all"]`` = every row. Ignored if there is no format column.
     """
+    try:
+        return _load_jailbreakv(path, formats, field)
+    except UnicodeDecodeError:
+        raise ChunkKVError(f"{path} is not UTF-8 text (a binary file?); JailbreakV data is a CSV") from None
+    except csv.Error as exc:
+        raise ChunkKVError(f"{path} is not a readable CSV: {exc}") from None
+
+
+def _load_jailbreakv(path: str | Path, formats: list[str] | None, field: str | None) -> list[dict[str, str]]:
     with open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames:
