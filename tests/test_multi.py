@@ -111,3 +111,23 @@ def test_capture_refuses_what_it_cannot_serve(llama):
         capture_prefill(llama, ids, mask, window=0)
     with pytest.raises(chunkkv.errors.PromptError, match="not shorter than the prompt"):
         compress_from_capture(capture_prefill(llama, ids[:, :6], mask[:, :6], window=8), SnapKV(keep_tokens=3, window=8))
+
+
+def test_stacked_contexts_decode_as_each_alone(llama):
+    from chunkkv.multi import stack_contexts
+
+    ids, mask = _batch((100,), seed=6)
+    question = _batch((4,), seed=7)[0]
+    capture = capture_prefill(llama, ids, mask, window=8, accumulated=True)
+    contexts = [compress_from_capture(capture, m) for m in METHODS]
+    stacked = stack_contexts([c.fork() for c in contexts])
+    assert stacked.input_ids.shape[0] == len(METHODS)
+    sampling = chunkkv.Sampling(max_new_tokens=6)
+    logits = chunkkv.extend(llama, stacked.fork(), question)
+    tokens = chunkkv.continue_from(llama, stacked, question, sampling)
+    for m, ctx in enumerate(contexts):
+        alone = chunkkv.extend(llama, ctx.fork(), question)
+        torch.testing.assert_close(logits[m], alone[0], atol=1e-4, rtol=1e-4)
+        assert torch.equal(tokens[m], chunkkv.continue_from(llama, ctx, question, sampling)[0]), METHODS[m].describe()
+    with pytest.raises(ChunkKVError, match="same prompt"):
+        stack_contexts([contexts[0], compress_from_capture(capture_prefill(llama, *_batch((100,), seed=8), window=8))])

@@ -33,7 +33,7 @@ from .errors import ChunkKVError, UnsupportedModelError
 from .methods import FullKV, LayerInputs, Method
 from .scoring import accumulated_attention_scores
 
-__all__ = ["PrefillCapture", "capture_prefill", "compress_from_capture"]
+__all__ = ["PrefillCapture", "capture_prefill", "compress_from_capture", "stack_contexts"]
 
 
 @dataclass
@@ -181,3 +181,56 @@ def compress_from_capture(
         mark_wrapper_layers(cache)
         stats.select_seconds = time.perf_counter() - start
     return CompressedContext(cache, capture.input_ids, capture.attention_mask.clone(), capture.next_logits, method, stats)
+
+
+def stack_contexts(contexts: list[CompressedContext]) -> CompressedContext:
+    """Several compressed contexts of the same one-row prompt as one batch (row ``m`` = context ``m``).
+
+    Each layer's rows are left-filled with filler slots up to the longest row (``valid`` False, as
+    for a batch whose rows keep different counts), so one decoding loop serves every method: the
+    weights are read once per step for all of them. Row ``m`` decodes as ``contexts[m]`` alone up
+    to floating-point summation order (the batched matmuls), as any batched decoding does.
+
+    ``method`` and ``next_logits`` of the result are the first context's / all rows'; ``stats.kept``
+    lists each context's kept count per layer.
+    """
+    if not contexts:
+        raise ChunkKVError("stack_contexts needs at least one context")
+    first = contexts[0]
+    for ctx in contexts:
+        if ctx.input_ids.shape[0] != 1:
+            raise ChunkKVError("stack_contexts stacks one-row contexts; got a batch of " f"{ctx.input_ids.shape[0]}")
+        if not torch.equal(ctx.input_ids, first.input_ids) or not torch.equal(ctx.attention_mask, first.attention_mask):
+            raise ChunkKVError("stack_contexts needs contexts of the same prompt (same input_ids and attention_mask)")
+    rows = len(contexts)
+    cache = first.cache.fork()
+    width = first.input_ids.shape[1]
+    kept: dict[int, list[int]] = {}
+    for i in cache.pruned_layers:
+        layers = [ctx.cache.layers[i] for ctx in contexts]
+        heads = layers[0].keys.shape[1]
+        slots = max(layer.stored_length for layer in layers)
+        keys, values, index, valid = [], [], [], []
+        for layer in layers:
+            n = layer.stored_length
+            fill = slots - n
+            k = layer.keys
+            keys.append(torch.cat([k.new_zeros(1, heads, fill, k.shape[-1]), k], dim=2))
+            values.append(torch.cat([k.new_zeros(1, heads, fill, layer.values.shape[-1]), layer.values], dim=2))
+            idx = (layer.kept_index if layer.kept_index is not None
+                   else torch.arange(n, device=k.device)[None, None, :] + (layer.logical_length - n))
+            index.append(torch.cat([idx.new_zeros(1, 1, fill).expand(1, idx.shape[1], fill), idx], -1).expand(1, heads, slots))
+            ok = layer.valid if layer.valid is not None else torch.ones(1, n, dtype=torch.bool, device=k.device)
+            valid.append(torch.cat([ok.new_zeros(1, fill), ok], dim=-1))
+        target = cache.layers[i]
+        target.keys, target.values = torch.cat(keys), torch.cat(values)
+        target.kept_index = torch.cat(index)
+        all_valid = torch.cat(valid)
+        target.valid = None if bool(all_valid.all()) else all_valid
+        if all(ctx.stats.kept.get(i) for ctx in contexts):
+            kept[i] = [ctx.stats.kept[i][0] for ctx in contexts]
+    mark_wrapper_layers(cache)
+    stats = CompressionStats(kept=kept, prompt_lengths=[first.stats.prompt_lengths[0]] * rows,
+                             prefill_seconds=first.stats.prefill_seconds)
+    return CompressedContext(cache, first.input_ids.expand(rows, width), first.attention_mask.expand(rows, width),
+                             torch.cat([ctx.next_logits for ctx in contexts]), first.method, stats)
