@@ -70,6 +70,12 @@ def _truth_attention(module, query, key, value, attention_mask, scaling=None, so
         allowed = allowed & attention_mask.bool()
     else:
         allowed = allowed & torch.ones(q_len, kv_len, dtype=torch.bool).tril(kv_len - q_len)
+    evicted_after = _TRUTH.get("evicted_after", {}).get(module.layer_idx)
+    if evicted_after is not None:
+        # Query p sees key j only while j was held: p <= the last position processed before j's eviction.
+        last = evicted_after.repeat_interleave(groups, dim=1)[:, :, None, :kv_len]  # [B, Hq, 1, T]
+        q_pos = torch.arange(kv_len - q_len, kv_len)[None, None, :, None]
+        allowed = allowed & (q_pos <= last)
     kept = _TRUTH["kept"].get(module.layer_idx)
     if kept is not None:
         prompt = _TRUTH["prompt_len"]
@@ -114,3 +120,73 @@ def truth_logits(model, ids: torch.Tensor, attention_mask: torch.Tensor, prompt_
         return model(input_ids=ids, attention_mask=attention_mask, position_ids=positions).logits
     finally:
         model.set_attn_implementation(previous)
+
+
+# --- eviction over time: chunked prefill and decoding budgets -----------------------------------
+NEVER = 1 << 40
+
+
+class EvictionLog:
+    """Records every :meth:`PrunedLayer.prune` (monkeypatched) to rebuild, per layer, row and KV
+    head, the last position processed before each position was evicted (``NEVER`` if still held)."""
+
+    def __init__(self, monkeypatch) -> None:
+        from chunkkv.cache import PrunedLayer
+
+        self.events = []
+        self.max_stored: dict[int, int] = {}
+        original = PrunedLayer.prune
+        log = self
+
+        def prune(layer, index, valid):
+            before = layer.slot_positions()
+            valid_before = layer.valid
+            stored = layer.stored_length
+            original(layer, index, valid)
+            log.max_stored[id(layer)] = max(log.max_stored.get(id(layer), 0), stored)
+            log.events.append((id(layer), layer.logical_length - 1, before, valid_before, layer.kept_index, layer.valid))
+
+        monkeypatch.setattr(PrunedLayer, "prune", prune)
+
+    def evicted_after(self, cache, total: int) -> dict[int, torch.Tensor]:
+        """``{layer: [B, Hkv, total] long}`` for the layers of ``cache`` (the same layer objects)."""
+        index_of = {id(layer): i for i, layer in enumerate(cache.layers)}
+        out: dict[int, torch.Tensor] = {}
+        for lid, last, before, valid_before, after, valid_after in self.events:
+            if lid not in index_of:
+                continue  # another cache's layer
+            i = index_of[lid]
+            layer = cache.layers[i]
+            batch, heads = layer.keys.shape[0], layer.keys.shape[1]
+            table = out.setdefault(i, torch.full((batch, heads, total), NEVER, dtype=torch.long))
+            held = _present(before, valid_before, batch, heads, total)
+            kept = _present(after, valid_after, batch, heads, total)
+            gone = held & ~kept & (table == NEVER)
+            table[gone] = last
+        return out
+
+    def stored_peak(self, cache) -> list[int]:
+        """Most slots each pruned layer of ``cache`` held right before a pruning."""
+        return [self.max_stored.get(id(cache.layers[i]), 0) for i in cache.pruned_layers]
+
+
+def _present(positions, valid, batch, heads, total) -> torch.Tensor:
+    positions = positions.expand(batch, heads, -1)
+    ok = torch.ones(batch, positions.shape[-1], dtype=torch.long) if valid is None else valid.long()
+    count = torch.zeros(batch, heads, total, dtype=torch.long)
+    count.scatter_add_(-1, positions, ok[:, None, :].expand(-1, heads, -1).contiguous())
+    return count > 0
+
+
+@torch.inference_mode()
+def timed_truth_logits(model, ids: torch.Tensor, attention_mask: torch.Tensor, evicted_after) -> torch.Tensor:
+    """Logits of a full forward where each query sees a key only while it was held (see EvictionLog)."""
+    previous = model.config._attn_implementation
+    _TRUTH.update(prompt_len=ids.shape[1], kept={}, evicted_after=evicted_after)
+    model.set_attn_implementation("truth")
+    try:
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        return model(input_ids=ids, attention_mask=attention_mask, position_ids=positions).logits
+    finally:
+        model.set_attn_implementation(previous)
+        _TRUTH.pop("evicted_after", None)

@@ -132,6 +132,29 @@ def test_generate_reads_stdin_query_aware_and_samples(capsys, monkeypatch, tiny,
     assert answer(again) == answer(out)  # --seed makes sampling reproducible
 
 
+def test_generate_bounded_memory_flags_equal_the_library(capsys, tiny, context_file):
+    argv = ["generate", "--model", str(tiny), "--device", "cpu", "--context-file", str(context_file),
+            "--question", QUESTION_TEXT, "--keep-tokens", "48", "--window", "8", "--prefill-chunk", "40",
+            "--decode-budget", "40", "--compress-every", "4", "--max-new-tokens", "20"]
+    code, out, err = run_cli(capsys, argv)
+    assert code == 0, err
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    method = chunkkv.ChunkKV(keep_tokens=48, window=8)
+    expected = chunkkv.generate(
+        model, tokenizer, context_file.read_text(), " " + QUESTION_TEXT, method,
+        sampling=chunkkv.Sampling(max_new_tokens=20), prefill_chunk=40, decode_budget=40, compress_every=4,
+    )
+    assert f"A: {expected.answers[0].texts[0]}\n" in out
+    unbounded = chunkkv.generate(
+        model, tokenizer, context_file.read_text(), " " + QUESTION_TEXT, method, sampling=chunkkv.Sampling(max_new_tokens=20)
+    )
+    assert expected.answers[0].token_ids != unbounded.answers[0].token_ids  # the flags changed the cache
+    assert "kept 48 of" in out
+
+
 def test_generate_full_cache_without_question(capsys, tiny, context_file):
     code, out, err = run_cli(capsys, ["generate", "--model", str(tiny), "--device", "cpu", "--context-file",
                                       str(context_file), "--method", "full", "--max-new-tokens", "3"])
@@ -169,6 +192,13 @@ ERRORS = [
      "per KV head"),
     (["generate", "--context-file", "{ctx}", "--keep-tokens", "8", "--window", "64", "--model", "{tiny}",
       "--device", "cpu"], None),  # fine: window 64 < prompt
+    (["generate", "--context-file", "{ctx}", "--keep-fraction", "0.1", "--compress-every", "8"],
+     "--compress-every needs --decode-budget"),
+    (["generate", "--context-file", "{ctx}", "--method", "full", "--decode-budget", "64"], "needs a method that selects"),
+    (["generate", "--context-file", "{ctx}", "--keep-fraction", "0.1", "--prefill-chunk", "0"], "--prefill-chunk 0"),
+    (["generate", "--context-file", "{ctx}", "--keep-fraction", "0.1", "--decode-budget", "8"], "smaller than the observation"),
+    (["generate", "--context-file", "{ctx}", "--method", "chunkkv-kvpress", "--remove-fraction", "0.9",
+      "--prefill-chunk", "64"], "kvpress semantics"),
     (["inspect", "--context-file", "{ctx}", "--methods", "chunkkv,snapq"], "unknown method 'snapq'"),
     (["inspect", "--context-file", "{ctx}", "--keep-fraction", "0"], "keep_fraction=0.0 is out of range"),
     (["inspect", "--context-file", "/no/such/file.txt"], "--context-file /no/such/file.txt: no such file"),

@@ -13,8 +13,9 @@ from .budget import Budget, pyramid_budgets
 from .cache import ChunkKVCache, PrunedLayer
 from .compress import CompressedContext, CompressionStats, compress
 from .errors import BudgetError, ChunkKVError, PromptError, UnsupportedModelError
-from .generation import GenerationResult, Sampling, continue_from, extend, generate
+from .generation import GenerationResult, Sampling, continue_from, extend, generate, set_decode_budget
 from .persist import ContextFileError, load_context
+from .recompress import DecodeBudget
 from .methods import (
     H2O,
     METHODS,
@@ -37,4 +38,5 @@ __all__ = [
     "CompressionStats", "FullKV", "GenerationResult", "KVPressChunkKV", "KVPressSnapKV", "Method", "PromptError",
     "PrefillCapture", "PrunedLayer", "PyramidKV", "Sampling", "SnapKV", "StreamingLLM", "UnsupportedModelError", "attach",
     "ContextFileError", "capture_prefill", "compress", "compress_from_capture", "continue_from", "load_context", "detach", "extend", "generate", "make_method", "pyramid_budgets",
+    "DecodeBudget", "set_decode_budget",
 ]

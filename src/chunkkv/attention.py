@@ -9,7 +9,9 @@ wrapper calls the original attention unchanged and adds two things:
   attention it can score the prompt and prune the layer's cache;
 * **when attending over a pruned layer** (any later forward, including stock ``generate``): it
   trims the shared mask to this layer's stored length (PyramidKV layers differ) and masks filler
-  slots (rows that keep fewer tokens than the longest row).
+  slots (rows that keep fewer tokens than the longest row);
+* **while a decode budget is set on the cache** (:class:`chunkkv.recompress.DecodeBudget`): after
+  the layer's attention it buffers the recent queries and re-selects when the layer is full.
 
 Nothing is patched globally and a model that is not attached behaves exactly as before.
 """
@@ -84,11 +86,15 @@ def _make_wrapper(inner_name: str) -> Callable:
         if layer is not None and (layer.keys is None or layer.keys.shape[-2] != key.shape[-2]):
             layer = None  # not the keys this call attends over
         session = _SESSION.get()
-        if layer is not None and session is None:
+        if layer is not None:
+            # Also inside a session: a chunked prefill attends over a layer pruned by earlier chunks.
             attention_mask = _layer_mask(attention_mask, layer, query.shape[2], key.shape[2])
         output = inner(module, query, key, value, attention_mask, **kwargs)
-        if session is not None and layer is not None:
-            session.on_attention(module, layer, query, key, kwargs)
+        if layer is not None:
+            if session is not None:
+                session.on_attention(module, layer, query, key, kwargs)
+            elif layer.bound is not None:
+                layer.bound.after_attention(module, layer, query, kwargs)
         return output
 
     chunkkv_attention.__name__ = f"chunkkv_{inner_name}_attention"

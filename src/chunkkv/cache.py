@@ -46,7 +46,10 @@ class PrunedLayer(DynamicLayer):
         keys, values: ``[B, Hkv, stored, d]``.
         logical_length: tokens the layer stands for (host int, no sync needed).
         valid: ``[B, stored]`` bool, False at filler slots; None when every slot is real.
-        kept_index: ``[B, 1 or Hkv, kept]`` original positions kept at pruning (None if never pruned).
+        kept_index: ``[B, 1 or Hkv, kept]`` original positions kept at the last pruning (None if never
+            pruned). Positions are columns of the padded logical sequence (prompt, then new tokens).
+        bound: the decoding budget this layer follows (:class:`chunkkv.recompress.DecodeBudget`), or None.
+        recent_queries: ``[B, Hq, <= window, d]`` the last queries seen while a budget is active.
     """
 
     def __init__(self, **kwargs) -> None:
@@ -54,6 +57,8 @@ class PrunedLayer(DynamicLayer):
         self.logical_length = 0
         self.valid: torch.Tensor | None = None
         self.kept_index: torch.Tensor | None = None
+        self.bound = None
+        self.recent_queries: torch.Tensor | None = None
         # True when attending over this layer needs chunkkv's attention wrapper (filler slots, or
         # a stored length that differs from other layers'); set by compress().
         self.needs_wrapper = False
@@ -86,17 +91,44 @@ class PrunedLayer(DynamicLayer):
         stored = self.stored_length
         return stored + query_length, self.logical_length - stored
 
-    def prune(self, index: torch.Tensor, valid: torch.Tensor | None) -> None:
-        """Keep only the positions ``index [B, 1 or Hkv, S]`` (sorted) of the stored tokens.
+    def slot_positions(self) -> torch.Tensor:
+        """``[B, 1 or Hkv, stored]`` logical position of every stored slot (fillers point at 0).
 
-        ``valid [B, S]`` marks real slots (None = all real). The logical length is unchanged.
+        Slots kept at the last pruning hold ``kept_index``; slots appended since hold consecutive
+        positions from the logical length at that pruning. Built on demand (no per-step cost).
+        """
+        batch, stored = self.keys.shape[0], self.stored_length
+        device = self.keys.device
+        if self.kept_index is None:
+            start = self.logical_length - stored
+            return torch.arange(start, start + stored, device=device).expand(batch, 1, stored)
+        index = self.kept_index
+        # Slots past the kept ones were appended since, at the last logical positions (this holds
+        # for a context loaded from disk too: nothing else needs saving).
+        appended = torch.arange(self.logical_length - (stored - index.shape[-1]), self.logical_length, device=device)
+        if appended.numel() == 0:
+            return index
+        appended = appended.expand(batch, index.shape[1], -1)
+        return torch.cat([index, appended], dim=-1)
+
+    def prune(self, index: torch.Tensor, valid: torch.Tensor | None) -> None:
+        """Keep only the slots ``index [B, 1 or Hkv, S]`` (sorted slot indices) of the stored tokens.
+
+        ``valid [B, S]`` marks real slots (None = all real). The logical length is unchanged;
+        ``kept_index`` becomes the kept slots' logical positions, so a layer pruned again (chunked
+        prefill, a decoding budget) still reports original positions.
         """
         batch, heads, _, dim = self.keys.shape
+        positions = self.slot_positions()
+        if positions.shape[1] != index.shape[1]:
+            width = max(positions.shape[1], index.shape[1])
+            positions = positions.expand(batch, width, -1)
+            index = index.expand(batch, width, -1)
         gather = index[..., None].expand(batch, heads, index.shape[-1], dim)
         self.keys = torch.gather(self.keys, 2, gather)
         self.values = torch.gather(self.values, 2, gather)
         self.valid = valid
-        self.kept_index = index
+        self.kept_index = torch.gather(positions, 2, index)
 
     def crop(self, tokens_to_remove: int) -> None:
         # transformers passes a negative count of tokens to drop from the end.
@@ -109,12 +141,17 @@ class PrunedLayer(DynamicLayer):
         self.logical_length -= n
         if self.valid is not None:
             self.valid = self.valid[:, :-n]
+        if self.kept_index is not None and self.kept_index.shape[-1] > self.stored_length:
+            # The crop reached into the pruned slots: keep the positions of the slots left.
+            self.kept_index = self.kept_index[..., : self.stored_length]
 
     def _select_batch(self, fn) -> None:
         if self.valid is not None:
             self.valid = fn(self.valid)
         if self.kept_index is not None:
             self.kept_index = fn(self.kept_index)
+        if self.recent_queries is not None:
+            self.recent_queries = fn(self.recent_queries)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
@@ -133,6 +170,8 @@ class PrunedLayer(DynamicLayer):
         self.logical_length = 0
         self.valid = None
         self.kept_index = None
+        self.bound = None
+        self.recent_queries = None
         self.needs_wrapper = False
 
 
@@ -193,6 +232,33 @@ class ChunkKVCache(Cache):
                 total += layer.keys.numel() * layer.keys.element_size()
                 total += layer.values.numel() * layer.values.element_size()
         return total
+
+    def set_decode_budget(self, method, keep: int, every: int) -> None:
+        """Bound every full-attention layer while decoding: see :class:`chunkkv.recompress.DecodeBudget`.
+
+        The budget lives on the cache, so it also applies under stock ``model.generate(...,
+        cache=cache)`` (the model must be attached: :func:`chunkkv.attach`).
+        """
+        from .recompress import DecodeBudget  # recompress imports this module
+
+        policy = DecodeBudget.build(method, keep, every, self.pruned_layers)
+        for i in self.pruned_layers:
+            layer = self.layers[i]
+            layer.bound = policy
+            layer.needs_wrapper = True  # an unattached model would never re-select: refuse it
+
+    def clear_decode_budget(self) -> None:
+        """Stop re-selecting while decoding (what is stored stays)."""
+        for i in self.pruned_layers:
+            self.layers[i].bound = None
+            self.layers[i].recent_queries = None
+
+    @property
+    def decode_budget(self):
+        """The active :class:`chunkkv.recompress.DecodeBudget`, or None."""
+        for i in self.pruned_layers:
+            return self.layers[i].bound
+        return None
 
     def fork(self) -> ChunkKVCache:
         """A copy that shares the current tensors; appending to it leaves this cache unchanged.

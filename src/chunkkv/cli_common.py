@@ -39,6 +39,44 @@ def add_method_arguments(parser: argparse.ArgumentParser, default_method: str = 
     g.add_argument("--pooling", choices=["none", "avg", "max"], help="score pooling (default: the method's)")
     g.add_argument("--kernel", type=int, help="pooling kernel size")
     g.add_argument("--n-sink", type=int, help="StreamingLLM sink tokens (default 4)")
+    m = parser.add_argument_group("bounded memory (docs/memory.md)")
+    m.add_argument(
+        "--prefill-chunk", type=int, metavar="C",
+        help="prefill C tokens at a time, re-selecting after each chunk: a layer never holds more than budget + C",
+    )
+    m.add_argument(
+        "--decode-budget", type=int, metavar="N",
+        help="bound the cache while decoding: a layer that reaches N + K tokens keeps N (the method selects)",
+    )
+    m.add_argument(
+        "--compress-every", type=int, metavar="K", help="with --decode-budget: tokens a layer grows before re-selecting (default 32)"
+    )
+
+
+def bounds_from_args(args: argparse.Namespace, method: Method | None = None) -> dict:
+    """``{"prefill_chunk", "decode_budget", "compress_every"}`` from the flags, checked against ``method``.
+
+    Fails before any model is loaded: bad numbers, ``--compress-every`` without ``--decode-budget``,
+    or a method that cannot re-select (full cache, the kvpress preset).
+    """
+    from .recompress import check_bounded_method
+
+    chunk = getattr(args, "prefill_chunk", None)
+    budget = getattr(args, "decode_budget", None)
+    every = getattr(args, "compress_every", None)
+    for flag, value in (("--prefill-chunk", chunk), ("--decode-budget", budget), ("--compress-every", every)):
+        if value is not None and value < 1:
+            raise ChunkKVError(f"{flag} {value} must be a positive number of tokens")
+    if every is not None and budget is None:
+        raise ChunkKVError("--compress-every needs --decode-budget N (the tokens each layer keeps while decoding)")
+    if method is not None:
+        if budget is not None:
+            check_bounded_method(method, "--decode-budget")
+            if method.name != "streamingllm" and budget < method.window:
+                raise ChunkKVError(f"--decode-budget {budget} is smaller than the observation window ({method.window})")
+        if chunk is not None and method.name != "full":
+            check_bounded_method(method, "--prefill-chunk")
+    return {"prefill_chunk": chunk, "decode_budget": budget, "compress_every": every}
 
 
 def method_from_args(args: argparse.Namespace, num_layers: int | None = None, notice: bool = True) -> Method:

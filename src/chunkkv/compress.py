@@ -1,10 +1,11 @@
 """Prefill with compression: run the prompt once and prune every full-attention layer's cache.
 
-Compression happens once, at prefill, layer by layer: each layer attends over its whole prompt
-(the output is exact), then keeps the selected tokens. Peak memory during prefill therefore
-still includes one layer's full prompt keys and values (plus the activations of a normal prefill);
-what compression saves is every layer's cache *after* its own attention, and everything during
-decoding. See ``docs`` in the README.
+By default compression happens once, at prefill, layer by layer: each layer attends over its
+whole prompt (the output is exact), then keeps the selected tokens. Peak memory during prefill
+therefore still includes one layer's full prompt keys and values (plus the activations of a normal
+prefill). With ``prefill_chunk=C`` the prompt goes through in chunks and every layer re-selects
+after each chunk (:mod:`chunkkv.recompress`), so prefill memory is bounded by budget + ``C``
+tokens per layer and one chunk's activations (docs/memory.md).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from . import selection as sel
 from .attention import attach, attention_modules, compression_session
 from .cache import ChunkKVCache, PrunedLayer
 from .errors import ChunkKVError, PromptError, UnsupportedModelError
-from .methods import FullKV, LayerInputs, Method, StreamingLLM
+from .methods import FullKV, Method, StreamingLLM
+from .recompress import check_bounded_method, reselect
 
 
 @dataclass
@@ -104,6 +106,7 @@ class CompressedContext:
             picked = picked[0]  # one index set serves every head
         else:
             picked = picked.flatten() if head is None else picked[head]
+        picked = picked[picked < self.input_ids.shape[1]]  # under a decode budget new tokens are kept too
         return torch.unique(picked) - pad  # sorted; the union over heads when head is None
 
     def fork(self) -> CompressedContext:
@@ -129,50 +132,114 @@ class CompressedContext:
 
 
 @dataclass
-class _Session:
-    """Per-request state the attention wrapper needs during one compressing prefill.
+class _Step:
+    """What every prunable layer does after one chunk's attention (host ints, built before the chunk).
 
-    ``plan[layer]`` is the ``[B]`` kept-count tensor of each layer to prune, ``slots[layer]`` its
-    maximum (host int), ``fillers[layer]`` whether some row keeps fewer than ``slots``.
+    ``plan[layer]``: ``[B]`` kept counts of the layers that prune after this chunk; ``slots``: their
+    maximum; ``fillers``: whether some row keeps fewer than ``slots``; ``real``: ``[B]`` real slots
+    held after the chunk is appended; ``key_valid``: ``[B, S]`` False at filler/padding slots (None
+    when all are real); ``leaders``: reuse schedule among the planned layers.
     """
 
-    method: Method
-    cache: ChunkKVCache
     plan: dict[int, torch.Tensor]
     slots: dict[int, int]
     fillers: dict[int, bool]
+    real: dict[int, torch.Tensor]
+    key_valid: dict[int, torch.Tensor | None]
     leaders: dict[int, int]
-    key_valid: torch.Tensor | None
-    lengths: torch.Tensor
-    pad: torch.Tensor
+    last: bool
+
+
+@dataclass
+class _Session:
+    """Per-request state the attention wrapper needs during one compressing prefill."""
+
+    method: Method
+    cache: ChunkKVCache
     measure: bool
     stats: CompressionStats
+    step: _Step | None = None
     chosen: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
 
     def on_attention(self, module, layer: PrunedLayer, query, key, kwargs) -> None:
         idx = module.layer_idx
-        if idx not in self.plan or layer is not self.cache.layers[idx]:
+        step = self.step
+        if step is None or idx not in step.plan or layer is not self.cache.layers[idx]:
             return
         start = _now(key.device) if self.measure else 0.0
-        leader = self.leaders[idx]
+        leader = step.leaders[idx]
         if leader == idx:
-            inputs = LayerInputs(
-                queries=query,
-                keys=key,
-                scaling=kwargs.get("scaling") or getattr(module, "scaling", key.shape[-1] ** -0.5),
-                softcap=kwargs.get("softcap"),
-                key_valid=self.key_valid,
-                lengths=self.lengths,
-                pad=self.pad,
-                kept=self.plan[idx],
-                slots=self.slots[idx],
+            index, valid = reselect(
+                self.method, query, key,
+                kwargs.get("scaling") or getattr(module, "scaling", key.shape[-1] ** -0.5), kwargs.get("softcap"),
+                step.real[idx], step.plan[idx], step.slots[idx], step.key_valid[idx],
             )
-            index, valid = sel.finalize(self.method.select(inputs), self.pad)
-            self.chosen[idx] = (index, valid if self.fillers[idx] else None)
-            self.stats.scored_layers.append(idx)
+            self.chosen[idx] = (index, valid if step.fillers[idx] else None)
+            if idx not in self.stats.scored_layers:
+                self.stats.scored_layers.append(idx)
+            if step.last and self.method.window > 0 and min(step.slots[idx], query.shape[2]) >= self.method.window:
+                # Seed the decoding window (used only if a decode budget is set later).
+                layer.recent_queries = query[:, :, -self.method.window :]
         layer.prune(*self.chosen[leader])
         if self.measure:
             self.stats.select_seconds += _now(key.device) - start
+
+
+def _chunk_bounds(width: int, chunk: int | None) -> list[int]:
+    """Chunk edges over the padded width, counted back from the end (the first chunk is the partial
+    one), so every row of a left-padded batch sees the same row-relative edges as when run alone."""
+    if chunk is None or chunk >= width:
+        return [0, width]
+    first = width - (-(-width // chunk) - 1) * chunk
+    return [0] + list(range(first, width + 1, chunk))
+
+
+def _plan_steps(
+    method: Method, pruned: list[int], lengths: list[int], width: int, bounds: list[int], device
+) -> list[_Step]:
+    """Host-side plan of every chunk: kept counts ``min(final kept, real tokens seen)`` per layer and row.
+
+    The final kept count is computed once from each row's whole prompt (``keep_fraction`` is a
+    share of the whole prompt), so the cache ends with exactly the one-shot budget.
+    """
+    final = method.kept_per_layer(lengths, len(pruned))
+    pads = [width - n for n in lengths]
+    stored = {layer: 0 for layer in pruned}
+    held = {layer: [0] * len(lengths) for layer in pruned}
+    tensors: dict[tuple, torch.Tensor] = {}
+
+    def tensor(values: list[int]) -> torch.Tensor:
+        key = tuple(values)
+        if key not in tensors:
+            tensors[key] = torch.tensor(values, device=device)
+        return tensors[key]
+
+    steps = []
+    for k in range(len(bounds) - 1):
+        lo, hi = bounds[k], bounds[k + 1]
+        chunk_real = [max(0, hi - max(lo, p)) for p in pads]
+        plan, slots, fillers, real_t, key_valid = {}, {}, {}, {}, {}
+        for pos, layer in enumerate(pruned):
+            size = stored[layer] + hi - lo
+            real = [h + c for h, c in zip(held[layer], chunk_real)]
+            kept = [min(f, r) for f, r in zip(final[pos], real)]
+            if all(k_ == size for k_ in kept):
+                stored[layer], held[layer] = size, real  # nothing to drop on this layer yet
+                continue
+            plan[layer] = tensor(kept)
+            slots[layer] = max(kept)
+            fillers[layer] = not method.exact_budget or any(k_ != slots[layer] for k_ in kept)
+            real_t[layer] = tensor(real)
+            if all(r == size for r in real):
+                key_valid[layer] = None
+            else:
+                key_valid[layer] = torch.arange(size, device=device)[None, :] >= (size - real_t[layer])[:, None]
+            stored[layer], held[layer] = slots[layer], kept
+        steps.append(_Step(
+            plan, slots, fillers, real_t, key_valid,
+            sel.reuse_leaders(list(plan), method.reuse_depth) if plan else {}, last=k == len(bounds) - 2,
+        ))
+    return steps
 
 
 def _now(device: torch.device) -> float:
@@ -240,6 +307,69 @@ def check_window(method: Method, lengths: list[int]) -> None:
         )
 
 
+def _chunk_bounds(width: int, chunk: int | None) -> list[int]:
+    """Chunk edges over the padded width, counted back from the end (the first chunk is the partial
+    one), so every row of a left-padded batch sees the same row-relative edges as when run alone."""
+    if chunk is None or chunk >= width:
+        return [0, width]
+    first = width - (-(-width // chunk) - 1) * chunk
+    return [0] + list(range(first, width + 1, chunk))
+
+
+def _plan_steps(
+    method: Method, pruned: list[int], lengths: list[int], width: int, bounds: list[int], device
+) -> list[_Step]:
+    """Host-side plan of every chunk: kept counts ``min(final kept, real tokens seen)`` per layer and row.
+
+    The final kept count is computed once from each row's whole prompt (``keep_fraction`` is a
+    share of the whole prompt), so the cache ends with exactly the one-shot budget.
+    """
+    final = method.kept_per_layer(lengths, len(pruned))
+    pads = [width - n for n in lengths]
+    stored = {layer: 0 for layer in pruned}
+    held = {layer: [0] * len(lengths) for layer in pruned}
+    tensors: dict[tuple, torch.Tensor] = {}
+
+    def tensor(values: list[int]) -> torch.Tensor:
+        key = tuple(values)
+        if key not in tensors:
+            tensors[key] = torch.tensor(values, device=device)
+        return tensors[key]
+
+    steps = []
+    for k in range(len(bounds) - 1):
+        lo, hi = bounds[k], bounds[k + 1]
+        chunk_real = [max(0, hi - max(lo, p)) for p in pads]
+        plan, slots, fillers, real_t, key_valid = {}, {}, {}, {}, {}
+        for pos, layer in enumerate(pruned):
+            size = stored[layer] + hi - lo
+            real = [h + c for h, c in zip(held[layer], chunk_real)]
+            kept = [min(f, r) for f, r in zip(final[pos], real)]
+            if all(k_ == size for k_ in kept):
+                stored[layer], held[layer] = size, real  # nothing to drop on this layer yet
+                continue
+            plan[layer] = tensor(kept)
+            slots[layer] = max(kept)
+            fillers[layer] = not method.exact_budget or any(k_ != slots[layer] for k_ in kept)
+            real_t[layer] = tensor(real)
+            if all(r == size for r in real):
+                key_valid[layer] = None
+            else:
+                key_valid[layer] = torch.arange(size, device=device)[None, :] >= (size - real_t[layer])[:, None]
+            stored[layer], held[layer] = slots[layer], kept
+        steps.append(_Step(
+            plan, slots, fillers, real_t, key_valid,
+            sel.reuse_leaders(list(plan), method.reuse_depth) if plan else {}, last=k == len(bounds) - 2,
+        ))
+    return steps
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def _check_prompt(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     if not isinstance(input_ids, torch.Tensor):
         raise PromptError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
@@ -290,6 +420,7 @@ def compress(
     method: Method | None = None,
     *,
     measure: bool = False,
+    prefill_chunk: int | None = None,
 ) -> CompressedContext:
     """Prefill ``input_ids`` with ``method`` and return the compressed cache and next-token logits.
 
@@ -301,6 +432,12 @@ def compress(
         method: a :mod:`chunkkv.methods` method; None or :class:`FullKV` keeps everything.
         measure: time the selection step (syncs the device around each layer's selection; leave
             off outside benchmarks).
+        prefill_chunk: run the prompt ``C`` tokens at a time (chunks counted back from the end, so
+            the first may be shorter); after each chunk every prunable layer re-selects over what
+            it holds plus the chunk, scored by the chunk's queries, so no layer ever holds more than
+            its final budget + ``C`` tokens. The final kept count is the one-shot count for the
+            whole prompt (``keep_fraction`` is a share of the whole prompt, known up front). None
+            or ``C >= T``: one pass, exactly today's one-shot compression.
 
     Each row chooses its own tokens. Rows shorter than their budget keep every token.
     """
@@ -309,6 +446,13 @@ def compress(
     attach(model)
     lengths_host = _row_lengths(attention_mask)
     width = input_ids.shape[1]
+    if prefill_chunk is not None and (
+        isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1
+    ):
+        raise PromptError(f"prefill_chunk={prefill_chunk!r} must be a positive int (tokens per prefill chunk) or None")
+    bounds = _chunk_bounds(width, prefill_chunk)
+    if len(bounds) > 2 and not isinstance(method, FullKV):
+        check_bounded_method(method, "prefill_chunk")
     check_window(method, lengths_host)
     cache = ChunkKVCache(model.config)
     pruned = cache.pruned_layers
@@ -323,33 +467,33 @@ def compress(
         raise UnsupportedModelError(f"layers {missing} have no self_attn module with a matching layer_idx")
 
     device = input_ids.device
-    lengths = torch.tensor(lengths_host, device=device)
     stats = CompressionStats(prompt_lengths=lengths_host)
-    session = None
+    session = steps = None
     if not isinstance(method, FullKV):
-        plan = plan_layers(method, lengths_host, width, pruned, device)
-        stats.kept.update(plan.kept)
-        session = _Session(
-            method=method, cache=cache, plan=plan.counts, slots=plan.slots, fillers=plan.fillers,
-            leaders=plan.leaders,
-            key_valid=attention_mask.bool() if any(n != width for n in lengths_host) else None,
-            lengths=lengths, pad=width - lengths, measure=measure, stats=stats,
-        )
+        steps = _plan_steps(method, pruned, lengths_host, width, bounds, device)
+        session = _Session(method=method, cache=cache, measure=measure, stats=stats)
+        final = method.kept_per_layer(lengths_host, len(pruned))
+        touched = {layer for step in steps for layer in step.plan}
+        stats.kept = {layer: list(final[pos]) for pos, layer in enumerate(pruned) if layer in touched}
 
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     start = _now(device)
     with compression_session(session) if session is not None else contextlib.nullcontext():
-        out = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        for k in range(len(bounds) - 1):
+            lo, hi = bounds[k], bounds[k + 1]
+            if session is not None:
+                session.step = steps[k]
+            out = model(
+                input_ids=input_ids[:, lo:hi],
+                attention_mask=attention_mask[:, :hi],
+                position_ids=position_ids[:, lo:hi],
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
     stats.prefill_seconds = _now(device) - start
+    stats.scored_layers.sort()
     mark_wrapper_layers(cache)
     return CompressedContext(
         cache, input_ids, attention_mask, out.logits[:, -1, :], method, stats, weakref.ref(model)
     )
-

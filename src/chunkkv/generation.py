@@ -87,12 +87,38 @@ def extend(model: torch.nn.Module, context: CompressedContext, new_ids: torch.Te
     return out.logits
 
 
+def set_decode_budget(
+    context: CompressedContext,
+    decode_budget: int | None,
+    compress_every: int | None = None,
+    method: Method | None = None,
+) -> None:
+    """Bound ``context``'s cache while it grows (see :class:`chunkkv.recompress.DecodeBudget`).
+
+    ``decode_budget=None`` leaves the cache unbounded. ``compress_every`` defaults to
+    :data:`DEFAULT_COMPRESS_EVERY`; ``method`` defaults to the one that compressed the context.
+    """
+    if decode_budget is None:
+        if compress_every is not None:
+            raise ChunkKVError("compress_every needs decode_budget (the tokens each layer keeps while decoding)")
+        return
+    every = DEFAULT_COMPRESS_EVERY if compress_every is None else compress_every
+    context.cache.set_decode_budget(method or context.method, decode_budget, every)
+
+
+# Tokens a layer may grow past the decode budget before it re-selects (when not given).
+DEFAULT_COMPRESS_EVERY = 32
+
+
 @torch.inference_mode()
 def continue_from(
     model: torch.nn.Module,
     context: CompressedContext,
     new_ids: torch.Tensor | None = None,
     sampling: Sampling | None = None,
+    *,
+    decode_budget: int | None = None,
+    compress_every: int | None = None,
 ) -> torch.Tensor:
     """Generate after a compressed context, optionally feeding ``new_ids`` (e.g. a question) first.
 
@@ -103,6 +129,10 @@ def continue_from(
         new_ids: ``[B, n]`` (or ``[n]``, shared by all rows) tokens to append before generating;
             None generates straight from the prompt's last logits (query-aware mode).
         sampling: :class:`Sampling` (greedy by default).
+        decode_budget, compress_every: bound the cache while decoding: a layer that reaches
+            ``decode_budget + compress_every`` tokens keeps ``decode_budget`` of them, chosen by the
+            context's method (see :class:`chunkkv.recompress.DecodeBudget`). The budget stays set
+            on ``context.cache`` afterwards.
 
     Returns:
         ``[B, m]`` generated token ids (``m <= max_new_tokens``); rows that finished early are
@@ -117,6 +147,7 @@ def continue_from(
         pad = getattr(model.generation_config, "pad_token_id", None)
     if pad is None:
         pad = eos[0] if eos else 0
+    set_decode_budget(context, decode_budget, compress_every)
     warpers = _warpers(sampling)
     generator = None
     if sampling.do_sample and sampling.seed is not None:
@@ -190,6 +221,9 @@ def generate(
     *,
     sampling: Sampling | None = None,
     query_aware: bool = False,
+    prefill_chunk: int | None = None,
+    decode_budget: int | None = None,
+    compress_every: int | None = None,
 ) -> GenerationResult:
     """Answer each question on a compressed context (text in, text out).
 
@@ -202,6 +236,8 @@ def generate(
         context: one document or a batch (each row chooses its own tokens; left padding).
         questions: one or more questions asked of every context row.
         method: a compression method; None keeps the full cache.
+        prefill_chunk: prefill in chunks of this many tokens (see :func:`chunkkv.compress`).
+        decode_budget, compress_every: bound the cache while answering (see :func:`continue_from`).
     """
     contexts = [context] if isinstance(context, str) else list(context)
     qs = [questions] if isinstance(questions, str) else list(questions)
@@ -217,7 +253,7 @@ def generate(
     shared = None
     if not query_aware:
         ids, mask = _encode(tokenizer, contexts, device, add_special_tokens=True)
-        shared = compress(model, ids, mask, method)
+        shared = compress(model, ids, mask, method, prefill_chunk=prefill_chunk)
         result.kept_tokens, result.prompt_tokens = shared.stats.kept, shared.stats.prompt_lengths
         result.cache_bytes = shared.cache.nbytes()
         result.compress_seconds = shared.stats.prefill_seconds
@@ -225,16 +261,18 @@ def generate(
         start = time.perf_counter()
         if query_aware:
             ids, mask = _encode(tokenizer, [c + question for c in contexts], device, add_special_tokens=True)
-            ctx = compress(model, ids, mask, method)
+            ctx = compress(model, ids, mask, method, prefill_chunk=prefill_chunk)
             result.kept_tokens, result.prompt_tokens = ctx.stats.kept, ctx.stats.prompt_lengths
             result.cache_bytes = max(result.cache_bytes, ctx.cache.nbytes())
             result.compress_seconds += ctx.stats.prefill_seconds
-            tokens = continue_from(model, ctx, None, sampling)
+            tokens = continue_from(model, ctx, None, sampling, decode_budget=decode_budget, compress_every=compress_every)
         else:
             q_ids = tokenizer(question, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
             if q_ids.shape[1] == 0:
                 raise PromptError(f"question {question!r} encodes to no tokens")
-            tokens = continue_from(model, shared.fork(), q_ids, sampling)
+            tokens = continue_from(
+                model, shared.fork(), q_ids, sampling, decode_budget=decode_budget, compress_every=compress_every
+            )
         rows = [_strip(t, sampling, tokenizer) for t in tokens.tolist()]
         texts = [tokenizer.decode(r, skip_special_tokens=True) for r in rows]
         result.answers.append(Answer(question, texts, rows, time.perf_counter() - start))

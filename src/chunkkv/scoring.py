@@ -90,24 +90,28 @@ def accumulated_attention_scores(
     memory stays O(block * T) even for long prompts.
 
     Args:
-        queries: ``[B, Hq, T, d]`` all prompt query states.
+        queries: ``[B, Hq, q, d]`` query states of the last ``q <= T`` key positions (all prompt
+            queries at prefill, ``q = T``; a chunk's or the recent decoding queries otherwise).
         keys: ``[B, Hkv, T, d]``.
         scaling, key_valid, softcap: as in :func:`window_attention_scores`.
 
     Returns:
         ``[B, Hkv, T]`` float32: summed causal attention probabilities, averaged over each KV group.
     """
-    batch, n_q_heads, length, _ = queries.shape
+    batch, n_q_heads, q_len, _ = queries.shape
+    length = keys.shape[2]
+    offset = length - q_len  # query i sits at key position offset + i
     groups = n_q_heads // keys.shape[1]
-    block = max(1, min(length, block_elements // max(1, batch * n_q_heads * length)))
+    block = max(1, min(q_len, block_elements // max(1, batch * n_q_heads * length)))
     k_pos = torch.arange(length, device=keys.device)
     total = keys.new_zeros(batch, keys.shape[1], length, dtype=torch.float32)
-    for start in range(0, length, block):  # blocks of queries, not tokens: bounds memory
-        stop = min(length, start + block)
+    for start in range(0, q_len, block):  # blocks of queries, not tokens: bounds memory
+        stop = min(q_len, start + block)
         logits = _grouped_logits(queries[:, :, start:stop], keys, scaling, softcap)
-        future = (k_pos[None, :] > torch.arange(start, stop, device=keys.device)[:, None]).repeat(groups, 1)
+        q_pos = torch.arange(offset + start, offset + stop, device=keys.device)
+        future = (k_pos[None, :] > q_pos[:, None]).repeat(groups, 1)
         logits.masked_fill_(future, torch.finfo(logits.dtype).min)
-        query_valid = key_valid[:, start:stop] if key_valid is not None else None
+        query_valid = key_valid[:, offset + start : offset + stop] if key_valid is not None else None
         total += _finish(logits, key_valid, query_valid, groups) / groups
     return total
 

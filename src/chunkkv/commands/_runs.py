@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..compress import compress
-from ..generation import Sampling, continue_from
+from ..generation import Sampling, continue_from, set_decode_budget
 from ..analysis import jaccard_matrix, kept_masks, mean_head_jaccard, shares_heads, union_over_heads
 from ..cli_common import Prompt, Timer, full_cache_bytes
 
@@ -82,12 +82,15 @@ def run_methods(
     question_ids: torch.Tensor | None = None,
     sampling: Sampling | None = None,
     bar=None,
+    bounds: dict | None = None,
 ) -> list[MethodRun]:
     """Compress ``prompt`` with each method; answer when ``sampling`` is given.
 
     With ``question_ids`` (question-agnostic mode) those tokens are fed after the compressed
     prompt before decoding; otherwise decoding starts right after the prompt (query-aware: the
-    question is the end of the prompt).
+    question is the end of the prompt). ``bounds`` (from :func:`chunkkv.cli_common.bounds_from_args`)
+    applies chunked prefill and a decode budget to the methods that can re-select (not the full
+    cache, which stays the reference, nor the kvpress preset).
     """
     device = next(model.parameters()).device
     ids = prompt.input_ids.to(device)
@@ -96,7 +99,11 @@ def run_methods(
     for method in methods:
         if bar is not None:
             bar.update(task, description=f"{method.name}: prefill {ids.shape[1]} tokens")
-        ctx = compress(model, ids, method=method)
+        bounded = bounds is not None and method.name != "full" and method.exact_budget
+        chunk = bounds["prefill_chunk"] if bounded else None
+        ctx = compress(model, ids, method=method, prefill_chunk=chunk)
+        if bounded and bounds["decode_budget"] is not None:
+            set_decode_budget(ctx, bounds["decode_budget"], bounds["compress_every"])
         masks = kept_masks(ctx.cache, ids.shape[1])
         layers = sorted(masks)
         run = MethodRun(

@@ -12,7 +12,7 @@ import argparse
 import time
 
 from ..cli_common import (
-    DEFAULT_METHODS, TESTBED, add_method_arguments, add_model_arguments, describe, format_bytes, load, methods_from_args, parse_method_names, progress,
+    DEFAULT_METHODS, TESTBED, add_method_arguments, add_model_arguments, bounds_from_args, describe, format_bytes, load, methods_from_args, parse_method_names, progress,
     resolve_model, set_help, tokenize_prompt,
 )
 from ..errors import ChunkKVError
@@ -73,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     names = parse_method_names(args.methods)
     methods_from_args(args, names)  # validates methods and budget before the model loads
+    bounds = bounds_from_args(args)
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ChunkKVError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
     if args.context_tokens < 0:
@@ -103,7 +104,9 @@ def run(args: argparse.Namespace) -> int:
     from ._runs import run_methods
 
     with progress() as bar:
-        runs = run_methods(model, tokenizer, prompt, methods, question_ids=q_ids, sampling=sampling, bar=bar)
+        runs = run_methods(
+            model, tokenizer, prompt, methods, question_ids=q_ids, sampling=sampling, bar=bar, bounds=bounds
+        )
     for r in runs:
         r.correct = doc.is_right(r.answer or "")
 

@@ -14,7 +14,7 @@ import sys
 import torch
 
 from ..cli_common import (
-    TESTBED, Timer, add_method_arguments, add_model_arguments, method_from_args, add_sampling_arguments, describe, format_bytes, format_layer_counts, full_cache_bytes, load,
+    TESTBED, Timer, add_method_arguments, add_model_arguments, bounds_from_args, method_from_args, add_sampling_arguments, describe, format_bytes, format_layer_counts, full_cache_bytes, load,
     read_context, resolve_model, sampling_from_args, set_help,
 )
 from ..errors import ChunkKVError
@@ -72,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         raise ChunkKVError("--save-context saves the context compressed before any question; it cannot be "
                            "combined with --query-aware (which compresses context + question, once per question)")
     method = method_from_args(args)  # bad method or budget: fail before loading anything
+    bounds = bounds_from_args(args, method)
     sampling_from_args(args)
     context = read_context(args.context_file)
     if any(not q.strip() for q in args.question):
@@ -100,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
 
                 with progress() as bar:
                     bar.add_task(f"compressing {ids.shape[1]} tokens with {method.name}", total=None)
-                    ctx = compress(model, ids, method=method)
+                    ctx = compress(model, ids, method=method, prefill_chunk=bounds["prefill_chunk"])
                 totals["prefill"] += ctx.stats.prefill_seconds
                 kept_report = _kept(ctx, ids.shape[1])
                 if qi == 0:
@@ -115,6 +116,10 @@ def run(args: argparse.Namespace) -> int:
                         size = ctx.save(args.save_context, model)
                         print(f"saved the compressed context to {args.save_context} ({format_bytes(size)})", file=out)
             work = ctx if args.query_aware else shared.fork()
+            if bounds["decode_budget"] is not None:
+                from ..generation import set_decode_budget
+
+                set_decode_budget(work, bounds["decode_budget"], bounds["compress_every"])
             new_ids = None
             if question is not None:
                 print(f"\nQ: {question}", file=out)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..cli_common import (
-    TESTBED, add_method_arguments, add_model_arguments, describe, load, methods_from_args, parse_method_names, progress, read_context, resolve_model, set_help,
+    TESTBED, add_method_arguments, add_model_arguments, bounds_from_args, describe, load, methods_from_args, parse_method_names, progress, read_context, resolve_model, set_help,
     tokenize_prompt,
 )
 from ..errors import ChunkKVError
@@ -58,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
 
     names = parse_method_names(args.methods)
     methods_from_args(args, names)  # unknown method or bad budget: fail before loading the model
+    bounds = bounds_from_args(args)
     if args.max_new_tokens < 0:
         raise ChunkKVError(f"--max-new-tokens {args.max_new_tokens} must be >= 0")
     out = check_output_file(args.out, "--out", create_parent=False)
@@ -75,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens > 0:
         sampling = Sampling(max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id)
     with progress() as bar:
-        runs = run_methods(model, tokenizer, prompt, methods, sampling=sampling, bar=bar)
+        runs = run_methods(model, tokenizer, prompt, methods, sampling=sampling, bar=bar, bounds=bounds)
     layers = runs[0].layers
     if args.layer is not None and args.layer not in layers:
         raise ChunkKVError(f"--layer {args.layer} is out of range: the compressed layers are {layers[0]}-{layers[-1]}")

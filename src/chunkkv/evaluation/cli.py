@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..cli_common import add_method_arguments, add_model_arguments, check_device, load_model, method_from_args
+from ..cli_common import add_method_arguments, add_model_arguments, bounds_from_args, check_device, load_model, method_from_args
 from ..errors import ChunkKVError
 from ..methods import FullKV, StreamingLLM
 from .distributed import shard_info
@@ -119,6 +119,9 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         shots_file=args.shots_file,
         judge_model=args.judge_model,
         jb_formats=formats,
+        prefill_chunk=getattr(args, "prefill_chunk", None),
+        decode_budget=getattr(args, "decode_budget", None),
+        compress_every=getattr(args, "compress_every", None),
         jb_field=args.jb_field,
         num_samples=args.num_samples,
         synthetic_haystack=args.synthetic_haystack,
@@ -167,6 +170,7 @@ def run(args: argparse.Namespace) -> int:
         _check_text_file(args.data_file, "--data-file")
     check_device(args.device)
     method = method_from_args(args)
+    bounds_from_args(args, method)
     _say_if_no_op(method, config)
     with output_locks(args.out, shard):  # a second run on this folder is refused here, before any work
         model, tokenizer = load_model(args)

@@ -29,7 +29,7 @@ import torch
 
 from ..compress import compress
 from ..errors import ChunkKVError
-from ..generation import Sampling, continue_from, extend
+from ..generation import Sampling, continue_from, extend, set_decode_budget
 from ..methods import FullKV, Method, StreamingLLM
 from ..outputs import LOCK_NAME, OutputLock, check_output_dir
 from .base import EvalSample, Task, mean
@@ -42,6 +42,7 @@ __all__ = ["EvalConfig", "Generator", "merge_results", "output_locks", "run_eval
 
 #: Settings that may change between a run and its resumption.
 _RESUMABLE = {"out_dir", "limit", "progress", "overwrite", "model_max_positions"}
+_BOUNDS = ("prefill_chunk", "decode_budget", "compress_every")
 
 
 @dataclass
@@ -86,6 +87,9 @@ class EvalConfig:
     jb_field: str | None = None
     num_samples: int = 10
     synthetic_haystack: str = "varied"
+    prefill_chunk: int | None = None
+    decode_budget: int | None = None
+    compress_every: int | None = None
     model_name: str = ""
     dtype: str = ""
     model_max_positions: int | None = None
@@ -98,6 +102,9 @@ class EvalConfig:
     def fingerprint(self, method: Method | None) -> dict[str, Any]:
         """The settings a resumed run must share with the run that wrote the folder."""
         data = {k: v for k, v in dataclasses.asdict(self).items() if k not in _RESUMABLE}
+        for key in _BOUNDS:  # unset: absent, so folders written before these options still resume
+            if data.get(key) is None:
+                data.pop(key, None)
         data["method"] = describe_method(method)
         return json.loads(json.dumps(data))
 
@@ -172,7 +179,8 @@ class Generator:
         else:
             held = None
             method = FullKV() if self._too_short(len(context_ids)) else self.method
-            base = compress(self.model, torch.tensor([context_ids], device=self.device), method=method)
+            chunk = self.config.prefill_chunk if method is self.method else None
+            base = compress(self.model, torch.tensor([context_ids], device=self.device), method=method, prefill_chunk=chunk)
         if not keep:
             return base
         self._last = (key, base)
@@ -208,6 +216,8 @@ class Generator:
             eos_token_id=stops or None, pad_token_id=self.pad,
         )
         ctx = self._compressed(context_ids, keep=reuse_next and not self.config.query_aware)
+        if self.config.decode_budget is not None and self.method is not None:
+            set_decode_budget(ctx, self.config.decode_budget, self.config.compress_every, self.method)
         if question_ids:
             extend(self.model, ctx, torch.tensor([question_ids], device=self.device))
         if sample.min_new_tokens > 0 and stops:

@@ -1,0 +1,251 @@
+"""Bounded memory: chunked prefill and decoding under a budget equal the masked ground truth."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import chunkkv
+from chunkkv import H2O, ChunkKV, ChunkKVError, PyramidKV, SnapKV, StreamingLLM
+
+from models import VOCAB, EvictionLog, timed_truth_logits, tiny_model
+
+METHODS = {
+    "chunkkv": ChunkKV(keep_tokens=40, window=8, chunk_size=5),
+    "chunkkv-reuse2": ChunkKV(keep_fraction=0.3, window=8, reuse_depth=2),
+    "snapkv": SnapKV(keep_tokens=40, window=8),
+    "pyramidkv": PyramidKV(keep_tokens=40, window=8),
+    "h2o": H2O(keep_fraction=0.25, window=4),
+    "streamingllm": StreamingLLM(keep_tokens=30),
+}
+
+
+def _prompt(batch: int = 1, length: int = 120, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, VOCAB, (batch, length), generator=g)
+
+
+def _padded(lengths: tuple[int, ...], seed: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = [_prompt(1, n, seed=seed + n)[0] for n in lengths]
+    width = max(lengths)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        ids[b, width - len(r):] = r
+        mask[b, width - len(r):] = 1
+    return ids, mask
+
+
+def _kept_rows(layer, row: int, pad: int) -> torch.Tensor:
+    """Row-relative kept positions of one row (fillers dropped), ``[H, kept]``."""
+    index = layer.kept_index[row]
+    if layer.valid is not None:
+        index = index[:, layer.valid[row, : index.shape[-1]]]
+    return index - pad
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_model("llama")
+
+
+# --- chunked prefill -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_one_chunk_is_exactly_one_shot(llama, name):
+    method = METHODS[name]
+    for ids, mask in [(_prompt(seed=1), None), _padded((100, 61, 83))]:
+        one_shot = chunkkv.compress(llama, ids, mask, method=method)
+        for chunk in (ids.shape[1], ids.shape[1] + 7):
+            chunked = chunkkv.compress(llama, ids, mask, method=method, prefill_chunk=chunk)
+            assert torch.equal(chunked.next_logits, one_shot.next_logits)
+            assert chunked.stats.kept == one_shot.stats.kept
+            assert chunked.stats.scored_layers == one_shot.stats.scored_layers
+            for i in one_shot.cache.pruned_layers:
+                a, b = one_shot.cache.layers[i], chunked.cache.layers[i]
+                assert torch.equal(a.kept_index, b.kept_index) and torch.equal(a.keys, b.keys)
+                assert (a.valid is None) == (b.valid is None)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_chunked_prefill_equals_full_forward_masked_over_time(llama, name, monkeypatch):
+    method = METHODS[name]
+    ids, question = _prompt(seed=2), _prompt(1, 5, seed=3)
+    log = EvictionLog(monkeypatch)
+    ctx = chunkkv.compress(llama, ids, method=method, prefill_chunk=25)
+    # exactly the one-shot budget at the end, never more than budget + chunk on the way
+    one_shot = chunkkv.compress(llama, ids, method=method)
+    assert ctx.cache.stored_lengths() == one_shot.cache.stored_lengths()
+    budgets = one_shot.cache.stored_lengths()
+    assert all(peak <= b + 25 for peak, b in zip(log.stored_peak(ctx.cache), budgets))
+    assert max(log.stored_peak(ctx.cache)) > 25  # it really held kept + chunk
+    for i in ctx.cache.pruned_layers:  # original prompt positions, window kept
+        kept = ctx.cache.layers[i].kept_index
+        assert int(kept.max()) == 119 and int(kept.min()) >= 0
+    got = chunkkv.extend(llama, ctx, question)
+    full = torch.cat([ids, question], 1)
+    truth = timed_truth_logits(llama, full, torch.ones_like(full), log.evicted_after(ctx.cache, 125))
+    torch.testing.assert_close(got, truth[:, 120:].to(got.dtype), atol=2e-5, rtol=1e-4)
+    # the prompt's own last logits too: they were computed over a cache pruned chunk by chunk
+    torch.testing.assert_close(ctx.next_logits, truth[:, 124].to(got.dtype), atol=2e-5, rtol=1e-4)
+    # and chunking really changed something (else the comparison proves little)
+    assert not torch.equal(ctx.cache.layers[0].kept_index, one_shot.cache.layers[0].kept_index) or name == "streamingllm"
+
+
+@pytest.mark.parametrize("name", ["chunkkv-reuse2", "snapkv", "h2o"])
+def test_chunked_batched_rows_equal_rows_run_alone(llama, name):
+    method = METHODS[name].with_budget(keep_tokens=24) if name != "chunkkv-reuse2" else METHODS[name]
+    lengths = (100, 61, 83)
+    ids, mask = _padded(lengths)
+    question = _prompt(1, 4, seed=30)
+    ctx = chunkkv.compress(llama, ids, mask, method=method, prefill_chunk=16)
+    logits = chunkkv.extend(llama, ctx, question)
+    width = ids.shape[1]
+    for b, n in enumerate(lengths):
+        alone = chunkkv.compress(llama, ids[b:b + 1, width - n:], method=method, prefill_chunk=16)
+        for i in alone.cache.pruned_layers:
+            assert torch.equal(_kept_rows(ctx.cache.layers[i], b, width - n), alone.cache.layers[i].kept_index[0])
+        torch.testing.assert_close(logits[b], chunkkv.extend(llama, alone, question)[0], atol=1e-4, rtol=1e-4)
+
+
+def test_chunked_fraction_budget_is_exact_for_the_whole_prompt(llama):
+    ids = _prompt(length=157, seed=10)
+    for chunk in (10, 64):
+        ctx = chunkkv.compress(llama, ids, method=ChunkKV(keep_fraction=0.1, window=8), prefill_chunk=chunk)
+        assert ctx.cache.stored_lengths() == [15] * 4  # floor(0.1 * 157), not per chunk
+        assert ctx.stats.kept == {i: [15] for i in range(4)}
+
+
+def test_chunked_prefill_refuses_what_it_cannot_do(llama):
+    ids = _prompt()
+    with pytest.raises(ChunkKVError, match="kvpress semantics"):
+        chunkkv.compress(llama, ids, method=chunkkv.KVPressChunkKV(remove_fraction=0.7), prefill_chunk=32)
+    chunkkv.compress(llama, ids, method=chunkkv.KVPressChunkKV(remove_fraction=0.7), prefill_chunk=120)  # one chunk
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ChunkKVError, match="prefill_chunk"):
+            chunkkv.compress(llama, ids, method=METHODS["chunkkv"], prefill_chunk=bad)
+    # full cache in chunks: nothing dropped, same logits as one pass
+    full = chunkkv.compress(llama, ids, prefill_chunk=32)
+    assert full.cache.stored_lengths() == [120] * 4
+    torch.testing.assert_close(full.next_logits, chunkkv.compress(llama, ids).next_logits, atol=1e-5, rtol=1e-5)
+
+
+# --- decoding under a budget ---------------------------------------------------------------------
+
+DECODE = {
+    "chunkkv": ChunkKV(keep_tokens=40, window=8, chunk_size=5),
+    "chunkkv-reuse2": ChunkKV(keep_tokens=40, window=8, reuse_depth=2),
+    "snapkv": SnapKV(keep_tokens=40, window=8),
+    "pyramidkv": PyramidKV(keep_tokens=40, window=8),
+    "h2o": H2O(keep_tokens=40, window=8),
+    "streamingllm": StreamingLLM(keep_tokens=30),
+}
+
+
+@pytest.mark.parametrize("name", list(DECODE))
+def test_decode_budget_equals_full_forward_masked_over_time(llama, name, monkeypatch):
+    method = DECODE[name]
+    ids, new = _prompt(length=60, seed=4), _prompt(1, 36, seed=5)
+    log = EvictionLog(monkeypatch)
+    ctx = chunkkv.compress(llama, ids, method=method)
+    chunkkv.set_decode_budget(ctx, 32, 6)
+    pieces, stored = [], []
+    for lo, hi in [(0, 1), (1, 9), (9, 10), (10, 11), (11, 23)] + [(i, i + 1) for i in range(23, 36)]:
+        pieces.append(chunkkv.extend(llama, ctx, new[:, lo:hi]))
+        stored.append(max(ctx.cache.stored_lengths()))
+    got = torch.cat(pieces, 1)
+    assert ctx.cache.decode_budget.reselections >= 4
+    assert max(stored[5:]) <= 32 + 6  # one-token steps never hold more than N + K
+    full = torch.cat([ids, new], 1)
+    truth = timed_truth_logits(llama, full, torch.ones_like(full), log.evicted_after(ctx.cache, 96))
+    torch.testing.assert_close(got, truth[:, 60:].to(got.dtype), atol=3e-5, rtol=1e-4)
+    for i in ctx.cache.pruned_layers:  # positions stay the original ones; the window is kept
+        layer = ctx.cache.layers[i]
+        positions = layer.slot_positions()
+        assert int(positions.max()) == 95 and bool((positions[..., -8:] == torch.arange(88, 96)).all())
+
+
+def test_decode_budget_at_least_the_total_is_no_compression(llama):
+    ids, question = _prompt(seed=6), _prompt(1, 5, seed=7)
+    method = ChunkKV(keep_tokens=40, window=8)
+    ctx = chunkkv.compress(llama, ids, method=method)
+    want = chunkkv.continue_from(llama, ctx.fork(), question, chunkkv.Sampling(max_new_tokens=20))
+    work = ctx.fork()
+    got = chunkkv.continue_from(
+        llama, work, question, chunkkv.Sampling(max_new_tokens=20), decode_budget=40 + 25, compress_every=1
+    )
+    assert torch.equal(got, want) and work.cache.decode_budget.reselections == 0
+    logits_want = chunkkv.extend(llama, ctx.fork(), question)
+    bounded = ctx.fork()
+    chunkkv.set_decode_budget(bounded, 45, 1)
+    assert torch.equal(chunkkv.extend(llama, bounded, question), logits_want)
+
+
+@pytest.mark.parametrize("name", ["chunkkv-reuse2", "snapkv", "h2o", "streamingllm"])
+def test_stored_length_never_exceeds_budget_plus_every(llama, name):
+    ctx = chunkkv.compress(llama, _prompt(seed=8), method=DECODE[name])
+    chunkkv.set_decode_budget(ctx, 16 if name != "streamingllm" else 12, 5)
+    limit = ctx.cache.decode_budget.limit
+    for step in range(60):
+        chunkkv.extend(llama, ctx, _prompt(1, 1, seed=100 + step))
+        assert max(ctx.cache.stored_lengths()) <= limit
+    assert ctx.cache.get_seq_length() == 180  # logical length keeps counting
+    assert ctx.cache.decode_budget.reselections >= 60 // 5
+
+
+@pytest.mark.parametrize("name", ["chunkkv", "snapkv"])
+def test_decode_budget_batched_rows_equal_rows_alone(llama, name):
+    method = DECODE[name]
+    lengths = (100, 61, 83)
+    ids, mask = _padded(lengths)
+    question = _prompt(1, 4, seed=31)
+    sampling = chunkkv.Sampling(max_new_tokens=30)
+    ctx = chunkkv.compress(llama, ids, mask, method=method)
+    batched = chunkkv.continue_from(llama, ctx, question, sampling, decode_budget=32, compress_every=4)
+    width = ids.shape[1]
+    for b, n in enumerate(lengths):
+        alone = chunkkv.compress(llama, ids[b:b + 1, width - n:], method=method)
+        tokens = chunkkv.continue_from(llama, alone, question, sampling, decode_budget=32, compress_every=4)
+        assert torch.equal(batched[b], tokens[0])
+        for i in alone.cache.pruned_layers:
+            assert torch.equal(_kept_rows(ctx.cache.layers[i], b, width - n), alone.cache.layers[i].kept_index[0])
+
+
+def test_stock_generate_follows_the_budget_on_the_cache(llama):
+    ids, question = _prompt(seed=9), _prompt(1, 5, seed=10)
+    method = ChunkKV(keep_tokens=40, window=8, reuse_depth=2)
+    ctx = chunkkv.compress(llama, ids, method=method)
+    ours_ctx = ctx.fork()
+    ours = chunkkv.continue_from(
+        llama, ours_ctx, question, chunkkv.Sampling(max_new_tokens=40), decode_budget=24, compress_every=8
+    )
+    cache = ctx.fork().cache
+    cache.set_decode_budget(method, 24, 8)
+    stock = llama.generate(torch.cat([ids, question], 1), cache=cache, max_new_tokens=40, do_sample=False)[:, 125:]
+    assert torch.equal(ours, stock)
+    assert max(cache.stored_lengths()) <= 32 and cache.decode_budget.reselections > 0
+    # without the budget the answer differs (so the budget really acted)
+    free = chunkkv.continue_from(llama, ctx.fork(), question, chunkkv.Sampling(max_new_tokens=40))
+    assert not torch.equal(free, ours)
+
+
+def test_decode_budget_errors(llama):
+    ctx = chunkkv.compress(llama, _prompt(seed=11))  # full cache: no method to select with
+    with pytest.raises(ChunkKVError, match="needs a method that selects"):
+        chunkkv.continue_from(llama, ctx, None, decode_budget=32)
+    ctx = chunkkv.compress(llama, _prompt(seed=11), method=ChunkKV(keep_tokens=40, window=8))
+    with pytest.raises(ChunkKVError, match="smaller than chunkkv's observation window"):
+        chunkkv.set_decode_budget(ctx, 4, 4)
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ChunkKVError, match="decode_budget|compress_every"):
+            chunkkv.set_decode_budget(ctx, 32, bad)
+    with pytest.raises(ChunkKVError, match="compress_every needs decode_budget"):
+        chunkkv.continue_from(llama, ctx, None, compress_every=4)
+    chunkkv.detach(llama)  # a bounded cache on a detached model is refused, not silently unbounded
+    try:
+        ctx.cache.set_decode_budget(ctx.method, 32, 4)
+        with pytest.raises(ChunkKVError, match="attach"):
+            llama.generate(torch.cat([ctx.input_ids, _prompt(1, 2)], 1), cache=ctx.cache, max_new_tokens=3)
+    finally:
+        chunkkv.attach(llama)
