@@ -222,3 +222,21 @@ def test_peers_side_by_side_with_kvpress():
     case = next(c for c in peers["cases"] if c["press"] == "chunkkv")
     assert case["decode"]["cache_len_per_layer"] == case["kept_len_per_layer"]
     assert case["decode_no_press"]["cache_len_per_layer"] == [128, 128]
+
+
+def test_prefill_memory_rows_bound_and_resume(tmp_path):
+    from chunkkv.bench.prefill_memory import chunked_bound, report, run_prefill_memory
+
+    model = random_llama("random-tiny")
+    rows = run_prefill_memory(model, [256, 512], [32, 64], 48, tmp_path, quadratic_limit=256, log=lambda _: None)
+    got = {(r["context"], r["mode"], r["chunk"]) for r in rows}
+    assert got == {(256, "full", None), (256, "one-shot", None), (256, "chunked", 32), (256, "chunked", 64),
+                   (512, "chunked", 32), (512, "chunked", 64)}  # full and one-shot stop at quadratic_limit
+    for r in rows:  # the cache ends at the budget (full keeps everything); K/V are 2 layers x 2 heads x 16 x fp32
+        kept = r["context"] if r["mode"] == "full" else 48
+        assert r["kv_mib"] == round(2 * 2 * 2 * kept * 16 * 4 / 2**20, 1)
+    bound = chunked_bound(model.config, 48, 64)
+    assert bound["kv"] == 2 * 2 * 2 * (48 + 64) * 16 * 4 and bound["total"] > bound["kv"]
+    again = run_prefill_memory(model, [256, 512], [32, 64], 48, tmp_path, quadratic_limit=256, log=lambda _: None)
+    assert len(again) == len(rows)  # resumed: nothing measured twice
+    assert "chunked C=64" in report(rows) and "x)" in report(rows)

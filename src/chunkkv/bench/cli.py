@@ -77,6 +77,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--e2e-repeats", type=int, help="timed e2e runs (default: --repeats)")
     g.add_argument("--scaling-contexts", type=_ints, help="lengths for the scaling check (default: --contexts)")
     g.add_argument("--seed", type=int, default=0)
+    m = parser.add_argument_group("prefill memory (chunked prefill, docs/memory.md)")
+    m.add_argument("--prefill-memory", action="store_true",
+                   help="only measure peak prefill memory: full, one-shot and chunked ChunkKV per context")
+    m.add_argument("--prefill-chunks", type=_ints, default=[512, 1024, 2048], help="C of chunked prefill (512,1024,2048)")
+    m.add_argument("--kv", type=_int, default=1024, help="tokens kept per layer (1024)")
+    m.add_argument("--quadratic-limit", type=_int, default=16384,
+                   help="longest prompt for the full cache and one-shot ChunkKV (16k)")
+    m.add_argument("--chunked-limit", type=_int, default=None,
+                   help="beyond this prompt length run only the middle C (default: every C everywhere)")
     p = parser.add_argument_group("peers (kvpress 0.5.5 in its own environment)")
     p.add_argument("--no-peers", action="store_true", help="do not run kvpress")
     p.add_argument("--peer-contexts", type=_ints, help="contexts for kvpress (default: --contexts)")
@@ -151,6 +160,12 @@ def run(args: argparse.Namespace) -> int:
     _check_counts(args)
     check_device(args.device)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.prefill_memory:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        elif device.type == "cpu":
+            torch.set_num_threads(2)
+        return _run_prefill_memory(args, device)
     cfg = config_from_args(args, device)
     try:
         cfg.validate()
@@ -183,4 +198,28 @@ def run(args: argparse.Namespace) -> int:
         paths = write_outputs(result, args.out, plots=not args.no_plots)
     print(to_markdown(result))
     _log("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _run_prefill_memory(args: argparse.Namespace, device: torch.device) -> int:
+    from pathlib import Path
+
+    from .prefill_memory import plot, report, run_prefill_memory
+
+    contexts = args.contexts or [8192, 16384, 32768, 65536]
+    if any(c < 1 for c in args.prefill_chunks) or args.kv < 1:
+        raise ChunkKVError("--prefill-chunks and --kv must be positive token counts")
+    model, label, _ = load(args, max(65536, max(contexts) + 1024))
+    _log(f"prefill memory: {label}, contexts {contexts}, C {args.prefill_chunks}, KV {args.kv}, "
+         f"{torch.get_num_threads()} threads")
+    rows = run_prefill_memory(
+        model, contexts, args.prefill_chunks, args.kv, args.out, quadratic_limit=args.quadratic_limit,
+        chunked_limit=args.chunked_limit, seed=args.seed, log=_log,
+    )
+    text = report(rows)
+    out = Path(args.out)
+    (out / "prefill_memory.md").write_text(text + "\n")
+    if not args.no_plots and rows:
+        plot(rows, out / "prefill_memory.png")
+    print(text)
     return 0
