@@ -37,7 +37,7 @@ kvpress-env:
 	bash tools/kvpress_env.sh >/dev/null
 
 test: setup-test kvpress-env
-	CHUNKKV_REQUIRE_KVPRESS=1 $(PY) -m pytest -q
+	CHUNKKV_REQUIRE_KVPRESS=1 CHUNKKV_REQUIRE_REAL_MODEL=1 $(PY) -m pytest -q
 
 demo: setup
 	$(VENV)/bin/chunkkv demo

