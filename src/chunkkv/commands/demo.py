@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         raise ChunkKVError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
     if args.context_tokens < 0:
         raise ChunkKVError(f"--context-tokens {args.context_tokens} must be >= 0")
-    if args.length < 64:
+    if args.length is not None and args.length < 64:
         raise ChunkKVError(f"--length {args.length} is too short for a haystack: use at least 64 tokens")
     if not 0 <= args.depth <= 100:
         raise ChunkKVError(f"--depth {args.depth} must be a percentage in [0, 100]")
