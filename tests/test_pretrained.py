@@ -141,6 +141,11 @@ def test_kept_positions(tiny_gguf, cache_dir):
     assert all(h.shape == (30,) for h in heads)
     union = snap.kept_positions(0, 0)
     assert torch.equal(union, torch.unique(torch.cat(heads)))
+    from chunkkv.analysis import context_kept_masks, stacked_kept_masks
+
+    for c in (ctx, snap):  # the public accessor agrees with the cache internals (row 0: no padding)
+        assert all(torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+                   for a, b in zip(context_kept_masks(c), stacked_kept_masks(c.cache, 90)))
     full = chunkkv.compress(model, ids[:1])
     assert torch.equal(full.kept_positions(1), torch.arange(90))
     with pytest.raises(ValueError, match="out of range"):

@@ -12,7 +12,7 @@ from typing import Iterable
 import torch
 
 __all__ = [
-    "kept_masks", "stacked_kept_masks", "union_over_heads", "jaccard", "jaccard_matrix", "mean_head_jaccard",
+    "context_kept_masks", "kept_masks", "stacked_kept_masks", "union_over_heads", "jaccard", "jaccard_matrix", "mean_head_jaccard",
     "adjacent_mean", "shares_heads",
 ]
 
@@ -39,6 +39,21 @@ def kept_masks(cache, prompt_len: int, row: int = 0) -> dict[int, torch.Tensor]:
             mask.scatter_(-1, index, True)
         out[i] = mask
     return out
+
+
+def context_kept_masks(ctx, row: int = 0) -> tuple[list[int], torch.Tensor]:
+    """``(layers, masks [L, Hkv, T])`` from a :class:`~chunkkv.compress.CompressedContext`'s public
+    :meth:`~chunkkv.compress.CompressedContext.kept_positions`: for each full-attention layer and KV
+    head, which of the row's ``T`` prompt tokens (padding excluded) it kept."""
+    layers = list(ctx.cache.pruned_layers)
+    width = ctx.input_ids.shape[1]
+    length = int(ctx.attention_mask[row, :width].sum())
+    heads = max(ctx.cache.layers[i].keys.shape[1] for i in layers)
+    masks = torch.zeros(len(layers), heads, length, dtype=torch.bool)
+    for n, i in enumerate(layers):
+        for h in range(heads):
+            masks[n, h, ctx.kept_positions(i, row, head=h)] = True
+    return layers, masks
 
 
 def stacked_kept_masks(cache, prompt_len: int, row: int = 0) -> tuple[list[int], torch.Tensor]:

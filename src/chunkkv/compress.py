@@ -91,11 +91,12 @@ class CompressedContext:
         batch = self.attention_mask.shape[0]
         if not 0 <= row < batch:
             raise ValueError(f"row {row} is out of range: the batch has {batch} rows")
-        pad = int(self.attention_mask.shape[1] - self.attention_mask[row].sum())
+        width = self.input_ids.shape[1]  # the mask grows as tokens are appended; the prompt does not
+        pad = int(width - self.attention_mask[row, :width].sum())
         cache_layer = cache_layers[layer]
         index = getattr(cache_layer, "kept_index", None)
         if index is None:
-            return torch.arange(self.attention_mask.shape[1] - pad)
+            return torch.arange(width - pad)
         heads = index.shape[1]
         if head is not None and not 0 <= head < (cache_layer.keys.shape[1] if heads == 1 else heads):
             raise ValueError(f"head {head} is out of range: layer {layer} has {cache_layer.keys.shape[1]} KV heads")

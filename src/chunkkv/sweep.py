@@ -225,7 +225,7 @@ def window_for(cfg: SweepConfig, prep: Prepared) -> int:
 
 def run_one(model, tokenizer, prep: Prepared, spec: Spec, cfg: SweepConfig) -> dict[str, Any]:
     """Compress once, decode once; the record of one (sample, spec)."""
-    from .analysis import adjacent_mean, jaccard_matrix, mean_head_jaccard, stacked_kept_masks, union_over_heads
+    from .analysis import adjacent_mean, context_kept_masks, jaccard_matrix, mean_head_jaccard, union_over_heads
     from .compress import compress
     from .generation import Sampling, continue_from
     from .synthetic import score_sample
@@ -234,7 +234,7 @@ def run_one(model, tokenizer, prep: Prepared, spec: Spec, cfg: SweepConfig) -> d
     method = spec.build(window)
     t0 = time.perf_counter()
     ctx = compress(model, prep.ids, method=method)
-    layers, masks = stacked_kept_masks(ctx.cache, prep.ids.shape[1])  # [L, H, T]
+    layers, masks = context_kept_masks(ctx)  # [L, H, T]
     sampling = Sampling(max_new_tokens=prep.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                         pad_token_id=tokenizer.pad_token_id)
     tokens = continue_from(model, ctx, prep.question_ids, sampling)[0].tolist()

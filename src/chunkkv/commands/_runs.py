@@ -12,7 +12,7 @@ import torch
 from ..compress import compress
 from ..generation import Sampling, continue_from, set_decode_budget
 from ..multi import capture_prefill, compress_from_capture
-from ..analysis import jaccard_matrix, kept_masks, mean_head_jaccard, shares_heads, union_over_heads
+from ..analysis import context_kept_masks, jaccard_matrix, mean_head_jaccard, shares_heads, union_over_heads
 from ..cli_common import Prompt, Timer, full_cache_bytes
 
 
@@ -110,12 +110,11 @@ def run_methods(
             ctx = compress(model, ids, method=method, prefill_chunk=chunk)
         if bounded and bounds["decode_budget"] is not None:
             set_decode_budget(ctx, bounds["decode_budget"], bounds["compress_every"])
-        masks = kept_masks(ctx.cache, ids.shape[1])
-        layers = sorted(masks)
+        layers, masks = context_kept_masks(ctx)
         run = MethodRun(
             name=method.name,
             description="full" if method.name == "full" else method.describe(),
-            masks=torch.stack([masks[i] for i in layers]),
+            masks=masks,
             layers=layers,
             kept_bytes=ctx.cache.nbytes(),
             full_bytes=full_cache_bytes(ctx.cache, ids.shape[1]),
