@@ -282,6 +282,33 @@ def methods_from_args(args: argparse.Namespace, names: Sequence[str], num_layers
     return methods
 
 
+# --- chat template ------------------------------------------------------------------------------
+def add_chat_argument(group) -> None:
+    group.add_argument(
+        "--chat-template", choices=["auto", "on", "off"], default="auto",
+        help="render context + question as one user turn of the model's chat template (auto: when the "
+        "tokenizer has one, e.g. SmolLM2-Instruct); off: the raw text",
+    )
+
+
+def prompt_parts(tokenizer, context: str, question: str | None, separator: str, mode: str = "auto") -> tuple[str, str, bool]:
+    """``(context_text, question_text, special)``: the prompt cut where the context ends.
+
+    With the chat template (``mode`` on, or auto and the tokenizer has one) the context text carries
+    the template's prefix and the question text its end of turn and assistant header; ``special``
+    says whether the tokenizer should add its own special tokens to the context (raw text only).
+    ``question=None`` gives the context alone (no question follows)."""
+    from .evaluation.prompting import chat_template_available, render_prompt
+
+    use_chat = mode == "on" or (mode == "auto" and chat_template_available(tokenizer))
+    if use_chat and not chat_template_available(tokenizer):
+        raise ChunkKVError("--chat-template on: this tokenizer has no chat template; use --chat-template off")
+    if question is None:
+        return context, "", True
+    head, tail = render_prompt(tokenizer, context, separator + question, use_chat)
+    return head, tail, not use_chat
+
+
 # --- a prompt, token by token -------------------------------------------------------------------
 @dataclass
 class Prompt:

@@ -14,6 +14,7 @@ import sys
 import torch
 
 from ..cli_common import (
+    add_chat_argument, prompt_parts,
     Timer, add_method_arguments, add_model_arguments, bounds_from_args, method_from_args, add_sampling_arguments, describe, format_bytes, format_layer_counts, full_cache_bytes, load,
     read_context, resolve_model, sampling_from_args, set_help,
 )
@@ -50,6 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--question", action="append", default=[], metavar="TEXT",
                    help="a question about the context (repeatable); none: continue the context")
     g.add_argument("--separator", default="\n", help="text between the context and each question (default: newline)")
+    add_chat_argument(g)
     g.add_argument("--query-aware", action="store_true",
                    help="compress context + question together, once per question (the question is the "
                         "observation window); default: compress the context once, before any question")
@@ -94,8 +96,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         for qi, question in enumerate(questions):
             if args.query_aware or shared is None:
-                text = context if question is None or not args.query_aware else context + args.separator + question
-                ids = _encode(tokenizer, text, True).to(device)
+                # question-agnostic: the context part (chat prefix + context) does not depend on the question
+                head, tail, special = prompt_parts(tokenizer, context, question, args.separator, args.chat_template)
+                text = head + tail if args.query_aware else head
+                ids = _encode(tokenizer, text, special).to(device)
                 _warn_unknown(tokenizer, ids)
                 from ..compress import compress
                 from ..cli_common import progress
@@ -125,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
             if question is not None:
                 print(f"\nQ: {question}", file=out)
                 if not args.query_aware:
-                    new_ids = _encode(tokenizer, args.separator + question, False).to(device)
+                    new_ids = _encode(tokenizer, prompt_parts(tokenizer, context, question, args.separator,
+                                                              args.chat_template)[1], False).to(device)
                     if new_ids.shape[1] == 0:
                         raise ChunkKVError(f"question {question!r} encodes to no tokens")
             print("A: " if question is not None else "\n", end="", file=out, flush=True)
@@ -148,14 +153,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _answer(model, tokenizer, work, question, separator, sampling, device, out, totals) -> None:
+def _answer(model, tokenizer, work, question, separator, sampling, device, out, totals, chat="auto") -> None:
     """Feed ``question`` (if any) to the compressed context ``work`` and stream the answer."""
     from ..generation import extend
 
     new_ids = None
     if question is not None:
         print(f"\nQ: {question}", file=out)
-        new_ids = _encode(tokenizer, separator + question, False).to(device)
+        new_ids = _encode(tokenizer, prompt_parts(tokenizer, "", question, separator, chat)[1], False).to(device)
         if new_ids.shape[1] == 0:
             raise ChunkKVError(f"question {question!r} encodes to no tokens")
     print("A: " if question is not None else "\n", end="", file=out, flush=True)
@@ -199,7 +204,7 @@ def _run_loaded(args: argparse.Namespace) -> int:
     totals = {"tokens": 0, "decode": 0.0, "prefill": 0.0, "question": 0.0}
     try:
         for question in args.question or [None]:
-            _answer(model, tokenizer, ctx.fork(), question, args.separator, sampling, device, out, totals)
+            _answer(model, tokenizer, ctx.fork(), question, args.separator, sampling, device, out, totals, args.chat_template)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..cli_common import (
+    add_chat_argument, prompt_parts,
     add_method_arguments, add_model_arguments, bounds_from_args, describe, load, methods_from_args, parse_method_names, progress, read_context, resolve_model, set_help,
     tokenize_prompt,
 )
@@ -37,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--question", default=None, metavar="TEXT",
                    help="question appended to the context (it ends the prompt, so it is the observation window)")
     g.add_argument("--separator", default="\n", help="text between the context and the question (default: newline)")
+    add_chat_argument(g)
     g.add_argument("--methods", default="chunkkv,snapkv", help="comma-separated methods (default chunkkv,snapkv)")
     g.add_argument("--out", default="chunkkv-report.html", metavar="PATH", help="report file (default chunkkv-report.html)")
     g.add_argument("--layer", type=int, default=None, help="layer shown first (default: a middle layer)")
@@ -71,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load(args)
     num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
     methods = methods_from_args(args, names, num_layers)
-    text = context if args.question is None else context + args.separator + args.question
+    head, tail, _ = prompt_parts(tokenizer, context, args.question, args.separator, args.chat_template)
+    text = head + tail
     prompt = tokenize_prompt(tokenizer, text)
     sampling = None
     if args.max_new_tokens > 0:
@@ -83,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         raise ChunkKVError(f"--layer {args.layer} is out of range: the compressed layers are {layers[0]}-{layers[-1]}")
     q_start = None
     if args.question is not None:
-        tokens = prompt.tokens_in(len(context) + len(args.separator), len(text))
+        tokens = prompt.tokens_in(len(head) + len(args.separator), len(text))
         q_start = tokens[0] if tokens else None
     write_report(
         out, prompt, runs, title="chunkkv inspect",
