@@ -74,3 +74,18 @@ def test_readme_quick_start_runs_as_written(smollm2):
     assert printed[0] == expected[0]  # the answer names the needle's secret
     assert "smoked paprika" in printed[0]
     assert printed[1] == expected[1]  # kept count and KV size, exactly as documented
+
+
+def test_chat_template_split_matches_the_template(smollm2):
+    """The context/question cut used by generate() and the commands gives back the model's own
+    chat-templated prompt, with the document entirely in the compressed part."""
+    from chunkkv.cli_common import prompt_parts
+
+    _, tokenizer = smollm2
+    context, question = "Some document text. It ends here.", "What does it say?"
+    head, tail, special = prompt_parts(tokenizer, context, question, "\n\n")
+    want = tokenizer.apply_chat_template([{"role": "user", "content": context + "\n\n" + question}],
+                                         tokenize=False, add_generation_prompt=True)
+    assert head + tail == want and not special
+    assert head.endswith(context) and tail.startswith("\n\n" + question) and tail.endswith("<|im_start|>assistant\n")
+    assert prompt_parts(tokenizer, context, question, "\n\n", "off") == (context, "\n\n" + question, True)
