@@ -131,3 +131,25 @@ def test_stacked_contexts_decode_as_each_alone(llama):
         assert torch.equal(tokens[m], chunkkv.continue_from(llama, ctx, question, sampling)[0]), METHODS[m].describe()
     with pytest.raises(ChunkKVError, match="same prompt"):
         stack_contexts([contexts[0], compress_from_capture(capture_prefill(llama, *_batch((100,), seed=8), window=8))])
+
+
+def test_prefix_of_a_capture_equals_compressing_the_prefix(llama):
+    from chunkkv.multi import capture_prefix
+
+    ids, mask = _batch((110,), seed=11)
+    question = ids[:, 96:]
+    capture = capture_prefill(llama, ids, mask, window=14 + 8)
+    prefix = capture_prefix(capture, 96)
+    sampling = chunkkv.Sampling(max_new_tokens=5)
+    for method in (ChunkKV(keep_fraction=0.2, window=8, reuse_depth=2), SnapKV(keep_tokens=30, window=8),
+                   PyramidKV(keep_tokens=30, window=8), StreamingLLM(keep_tokens=20), FullKV()):
+        want = chunkkv.compress(llama, ids[:, :96], mask[:, :96], method=method)
+        got = compress_from_capture(prefix, method)
+        for i in want.cache.pruned_layers:
+            a, b = got.cache.layers[i], want.cache.layers[i]
+            assert (a.kept_index is None and b.kept_index is None) or torch.equal(a.kept_index, b.kept_index)
+            assert torch.equal(a.keys, b.keys)
+        assert torch.equal(chunkkv.continue_from(llama, got, question, sampling),
+                           chunkkv.continue_from(llama, want, question, sampling))
+    with pytest.raises(ChunkKVError, match="capture with window > 14"):
+        capture_prefix(capture_prefill(llama, ids, mask, window=8), 96)

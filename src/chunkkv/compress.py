@@ -160,6 +160,9 @@ class _Session:
     measure: bool
     stats: CompressionStats
     step: _Step | None = None
+    # The prompt's token ids, for methods that look at tokens (boundary-aware ChunkKV); set only for a
+    # one-shot prefill, where held slots are the prompt's positions.
+    input_ids: torch.Tensor | None = None
     chosen: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
 
     def on_attention(self, module, layer: PrunedLayer, query, key, kwargs) -> None:
@@ -173,7 +176,7 @@ class _Session:
             index, valid = reselect(
                 self.method, query, key,
                 kwargs.get("scaling") or getattr(module, "scaling", key.shape[-1] ** -0.5), kwargs.get("softcap"),
-                step.real[idx], step.plan[idx], step.slots[idx], step.key_valid[idx],
+                step.real[idx], step.plan[idx], step.slots[idx], step.key_valid[idx], input_ids=self.input_ids,
             )
             self.chosen[idx] = (index, valid if step.fillers[idx] else None)
             if idx not in self.stats.scored_layers:
@@ -472,7 +475,8 @@ def compress(
     session = steps = None
     if not isinstance(method, FullKV):
         steps = _plan_steps(method, pruned, lengths_host, width, bounds, device)
-        session = _Session(method=method, cache=cache, measure=measure, stats=stats)
+        session = _Session(method=method, cache=cache, measure=measure, stats=stats,
+                           input_ids=input_ids if len(bounds) == 2 else None)
         final = method.kept_per_layer(lengths_host, len(pruned))
         touched = {layer for step in steps for layer in step.plan}
         stats.kept = {layer: list(final[pos]) for pos, layer in enumerate(pruned) if layer in touched}

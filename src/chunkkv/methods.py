@@ -43,6 +43,8 @@ class LayerInputs:
         memo: raw scores already computed for this layer and prompt, shared by several methods
             (:mod:`chunkkv.multi`): ``{("window", w): [B, Hkv, T]}``, ``{("accumulated",): [B, Hkv, T]}``.
             None (``compress``) computes them. ``queries`` may then hold only the last queries.
+        input_ids: ``[B, T]`` the prompt's token ids (left-padded), for methods that look at the
+            tokens (ChunkKV with ``boundary_ids``).
     """
 
     queries: torch.Tensor
@@ -55,6 +57,7 @@ class LayerInputs:
     kept: torch.Tensor
     slots: int
     memo: dict | None = None
+    input_ids: torch.Tensor | None = None
 
     def cached(self, key: tuple, compute) -> torch.Tensor:
         """``compute()``, or the memo's value under ``key`` (stored there on first use)."""
@@ -151,7 +154,7 @@ class Method:
                 continue
             value = getattr(self, f.name)
             if value != f.default:
-                parts.append(f"{f.name}={value}")
+                parts.append(f"{f.name}={len(value)} ids" if isinstance(value, frozenset) else f"{f.name}={value}")
         return f"{self.name}({', '.join(parts)})"
 
 
@@ -275,6 +278,7 @@ class ChunkKV(_Scored):
 
     chunk_size: int = 10
     chunk_reduce: str = "mean"
+    boundary_ids: frozenset[int] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -282,11 +286,36 @@ class ChunkKV(_Scored):
             raise ChunkKVError(f"chunk_size={self.chunk_size!r} must be a positive int (the paper uses 10)")
         if self.chunk_reduce not in ("mean", "sum"):
             raise ChunkKVError(f"chunk_reduce={self.chunk_reduce!r} must be 'mean' or 'sum'")
+        if self.boundary_ids is not None:
+            if isinstance(self.boundary_ids, (str, bytes)) or not all(
+                    isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.boundary_ids):
+                raise ChunkKVError(
+                    "boundary_ids must be token ids (ints >= 0) of sentence/clause ends, e.g. "
+                    "chunkkv.boundaries.boundary_token_ids(tokenizer)")
+            object.__setattr__(self, "boundary_ids", frozenset(self.boundary_ids))
+
+    def segments(self, inputs: LayerInputs) -> torch.Tensor | None:
+        """Row-relative chunk ids ``[B, T]`` with edges moved to sentence/clause ends (None: fixed chunks)."""
+        if not self.boundary_ids:
+            return None
+        if inputs.input_ids is None:
+            raise ChunkKVError(
+                "boundary-aware chunks (boundary_ids) need the prompt's token ids: they work with a one-shot "
+                "prefill, not with prefill_chunk or a decode budget")
+
+        def compute() -> torch.Tensor:
+            ids = torch.tensor(sorted(self.boundary_ids), device=inputs.input_ids.device)
+            is_end = torch.isin(inputs.input_ids, ids)
+            if inputs.key_valid is not None:
+                is_end = sel.align_rows(is_end, inputs.pad, fill=False)
+            return sel.boundary_segments(is_end, self.chunk_size)
+
+        return inputs.cached(("segments", self.chunk_size, hash(self.boundary_ids)), compute)
 
     def select(self, inputs: LayerInputs) -> torch.Tensor:
         return sel.select_chunks(
             self.scores(inputs), inputs.lengths, inputs.kept, self.window, inputs.slots,
-            self.chunk_size, self.chunk_reduce,
+            self.chunk_size, self.chunk_reduce, self.segments(inputs),
         )
 
 

@@ -33,7 +33,7 @@ from .errors import ChunkKVError, UnsupportedModelError
 from .methods import FullKV, LayerInputs, Method
 from .scoring import accumulated_attention_scores
 
-__all__ = ["PrefillCapture", "capture_prefill", "compress_from_capture", "stack_contexts"]
+__all__ = ["PrefillCapture", "capture_prefill", "capture_prefix", "compress_from_capture", "stack_contexts"]
 
 
 @dataclass
@@ -170,7 +170,7 @@ def compress_from_capture(
                 inputs = LayerInputs(
                     queries=capture.queries[idx], keys=full.keys, scaling=capture.scaling[idx],
                     softcap=capture.softcap[idx], key_valid=key_valid, lengths=lengths, pad=pad,
-                    kept=plan.counts[idx], slots=plan.slots[idx],
+                    kept=plan.counts[idx], slots=plan.slots[idx], input_ids=capture.input_ids,
                     memo=capture.memo[idx] if share_scores else
                     {k: v for k, v in capture.memo[idx].items() if k == ("accumulated",)},
                 )
@@ -233,4 +233,36 @@ def stack_contexts(contexts: list[CompressedContext]) -> CompressedContext:
     stats = CompressionStats(kept=kept, prompt_lengths=[first.stats.prompt_lengths[0]] * rows,
                              prefill_seconds=first.stats.prefill_seconds)
     return CompressedContext(cache, first.input_ids.expand(rows, width), first.attention_mask.expand(rows, width),
-                             torch.cat([ctx.next_logits for ctx in contexts]), first.method, stats)
+                             None if any(c.next_logits is None for c in contexts)
+                             else torch.cat([ctx.next_logits for ctx in contexts]), first.method, stats)
+
+
+def capture_prefix(capture: PrefillCapture, n: int) -> PrefillCapture:
+    """The capture of the first ``n`` prompt tokens, cut from a capture of the whole prompt.
+
+    A causal model's keys, values and queries of a prefix do not depend on what follows, so this
+    is what ``capture_prefill`` of ``input_ids[:, :n]`` would hold — how the question-agnostic
+    setting (compress the context, then feed the question) is served from a query-aware capture.
+    It keeps the queries of positions ``[n - w, n)`` with ``w = capture.window - (T - n)``, so
+    capture with ``window >= (T - n) + method window``. Unpadded prompts only; no H2O scores;
+    ``next_logits`` is None (feed new tokens with :func:`chunkkv.extend` before decoding).
+    """
+    width = capture.input_ids.shape[1]
+    if any(n_real != width for n_real in capture.lengths):
+        raise ChunkKVError("capture_prefix needs an unpadded prompt")
+    if not 0 < n < width:
+        raise ChunkKVError(f"prefix length {n} must be in [1, {width - 1}]")
+    window = capture.window - (width - n)
+    if window < 1:
+        raise ChunkKVError(f"the capture kept {capture.window} queries, none inside the first {n} tokens; "
+                           f"capture with window > {width - n}")
+    cache = capture.cache.fork()
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys[:, :, :n], layer.values[:, :, :n]
+        layer.logical_length = n
+    return PrefillCapture(
+        cache, capture.input_ids[:, :n], capture.attention_mask[:, :n], None, window, [n],
+        queries={i: q[:, :, q.shape[2] - (width - n) - window: q.shape[2] - (width - n)] for i, q in capture.queries.items()},
+        scaling=dict(capture.scaling), softcap=dict(capture.softcap), memo={i: {} for i in capture.memo},
+        prefill_seconds=capture.prefill_seconds,
+    )

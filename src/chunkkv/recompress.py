@@ -35,6 +35,7 @@ def reselect(
     kept: torch.Tensor,
     slots: int,
     key_valid: torch.Tensor | None,
+    input_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose ``kept[b]`` of the held slots of one layer with ``method``'s own scoring.
 
@@ -45,6 +46,8 @@ def reselect(
         real: ``[B]`` real slots per row (the last ``real[b]`` slots of the row).
         kept: ``[B]`` slots to keep per row (``<= real``); ``slots``: ``max(kept)`` or more (host int).
         key_valid: ``[B, S]`` False at filler slots, or None when every slot is real.
+        input_ids: ``[B, S]`` the token id of every held slot, when the slots are the prompt (one-shot
+            prefill); None otherwise (methods that need tokens then refuse).
 
     Returns:
         ``(index, valid)`` as :func:`chunkkv.selection.finalize` gives them: ``index [B, 1 or Hkv, slots]``
@@ -53,7 +56,7 @@ def reselect(
     pad = keys.shape[2] - real
     inputs = LayerInputs(
         queries=queries, keys=keys, scaling=scaling, softcap=softcap, key_valid=key_valid,
-        lengths=real, pad=pad, kept=kept, slots=slots,
+        lengths=real, pad=pad, kept=kept, slots=slots, input_ids=input_ids,
     )
     return sel.finalize(method.select(inputs), pad)
 

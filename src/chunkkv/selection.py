@@ -175,6 +175,66 @@ def chunk_priority(
     return priority[:, None, :]
 
 
+def boundary_segments(is_end: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Chunk ids ``[B, T]`` (long, non-decreasing from 0) for chunks whose edges sit at boundaries.
+
+    The fixed grid's edges ``k * chunk_size`` each move to the nearest position ``p`` within
+    ``chunk_size // 4`` tokens whose previous token ends a sentence or clause (``is_end[p - 1]``),
+    and stay put when there is none. Moves of at most a quarter chunk keep every chunk but the
+    last between ``chunk_size / 2`` and ``3 * chunk_size / 2`` tokens.
+
+    Args:
+        is_end: ``[B, T]`` bool, row-relative: True at tokens that end a sentence or clause.
+        chunk_size: the nominal chunk length ``c``.
+    """
+    batch, length = is_end.shape
+    device = is_end.device
+    n_edges = max(0, -(-length // chunk_size) - 1)
+    if n_edges == 0:
+        return torch.zeros(batch, length, dtype=torch.long, device=device)
+    reach = chunk_size // 4
+    # offsets nearest first (0, -1, +1, -2, +2, ...): argmax over them finds the closest boundary
+    steps = torch.arange(1, reach + 1, device=device)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long, device=device), torch.stack([-steps, steps], 1).flatten()])
+    grid = torch.arange(1, n_edges + 1, device=device) * chunk_size  # [K]
+    cand = grid[:, None] + offsets[None, :]  # [K, O]: a chunk would start at cand
+    inside = (cand >= 1) & (cand <= length - 1)
+    prev = (cand - 1).clamp(0, length - 1).flatten()
+    ok = is_end[:, prev].view(batch, *cand.shape) & inside  # [B, K, O]
+    first = ok.to(torch.int8).argmax(-1)  # [B, K] the nearest boundary's offset slot
+    edges = torch.where(ok.any(-1), cand[torch.arange(n_edges, device=device)[None, :], first], grid[None, :])
+    positions = torch.arange(length, device=device).expand(batch, length).contiguous()
+    return torch.searchsorted(edges.contiguous(), positions, right=True)
+
+
+def segment_priority(scores: torch.Tensor, segments: torch.Tensor, reduce: str = "mean") -> torch.Tensor:
+    """:func:`chunk_priority` for chunks of any lengths given as chunk ids ``segments [B, T]``.
+
+    Whole chunks rank by their score (mean or sum of the head-summed token scores of their prefix
+    tokens), tokens inside a chunk by their own score; returns ``[B, 1, T]``, ``-inf`` outside the
+    prefix. With ``segments = t // c`` it equals :func:`chunk_priority` with chunk size ``c``.
+    """
+    batch, _, length = scores.shape
+    in_prefix = torch.isfinite(scores[:, 0])
+    token = _head_sum(scores)  # [B, T], 0 outside the prefix
+    n_seg = length  # ids are < T
+    total = token.new_zeros(batch, n_seg).scatter_add_(1, segments, token)
+    count = token.new_zeros(batch, n_seg).scatter_add_(1, segments, in_prefix.to(token.dtype))
+    if reduce == "mean":
+        total = total / count.clamp(min=1)
+    elif reduce != "sum":
+        raise ValueError(f"unknown chunk reduce {reduce!r}: use 'mean' or 'sum'")
+    chunk_rank = _ranks(total.masked_fill(count == 0, NEG_INF)).gather(1, segments)  # [B, T]
+    # Order tokens by (chunk rank, own score descending, position): two stable sorts.
+    own = token.masked_fill(~in_prefix, NEG_INF)
+    by_score = torch.sort(own, dim=-1, descending=True, stable=True).indices
+    by_chunk = torch.sort(chunk_rank.gather(1, by_score), dim=-1, stable=True).indices
+    order = by_score.gather(1, by_chunk)
+    steps = torch.arange(length, device=scores.device).expand(batch, length)
+    rank = torch.empty_like(order).scatter_(1, order, steps)
+    return (-rank).to(torch.float32).masked_fill(~in_prefix, NEG_INF)[:, None, :]
+
+
 def select_chunks(
     scores: torch.Tensor,
     lengths: torch.Tensor,
@@ -183,13 +243,17 @@ def select_chunks(
     slots: int,
     chunk_size: int,
     reduce: str = "mean",
+    segments: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """ChunkKV selection: the best whole chunks of the prefix plus the window, one set per layer.
 
     Args and shapes as in :func:`select_tokens_per_head`; ``scores`` may have any number of heads
-    (they are summed). Returns ``[B, 1, slots]`` row-relative indices, ``-1`` for fillers.
+    (they are summed). ``segments [B, T]``: row-relative chunk ids for chunks of varying length
+    (:func:`boundary_segments`); None cuts fixed chunks of ``chunk_size``. Returns ``[B, 1, slots]``
+    row-relative indices, ``-1`` for fillers.
     """
-    return _assemble(chunk_priority(scores, chunk_size, reduce), lengths, kept, window, slots)
+    priority = chunk_priority(scores, chunk_size, reduce) if segments is None else segment_priority(scores, segments, reduce)
+    return _assemble(priority, lengths, kept, window, slots)
 
 
 def select_chunks_kvpress(

@@ -1,0 +1,31 @@
+"""Sentence and clause ends in a tokenizer's vocabulary, for boundary-aware ChunkKV chunks.
+
+``ChunkKV(boundary_ids=boundary_token_ids(tokenizer))`` moves chunk edges to the token after a
+sentence or clause end (see :func:`chunkkv.selection.boundary_segments`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["SENTENCE_ENDS", "CLAUSE_ENDS", "boundary_token_ids"]
+
+SENTENCE_ENDS = ".!?"
+CLAUSE_ENDS = ",;:"
+
+
+def boundary_token_ids(tokenizer: Any, clauses: bool = True) -> frozenset[int]:
+    """Ids of the tokens whose text ends a sentence (``. ! ?``, optionally followed by closing quotes
+    or brackets), a clause (``, ; :`` when ``clauses``) or contains a newline. Special tokens are
+    left out."""
+    ends = SENTENCE_ENDS + (CLAUSE_ENDS if clauses else "")
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    found = set()
+    for token_id in range(len(tokenizer)):
+        if token_id in special:
+            continue
+        text = tokenizer.decode([token_id])
+        stripped = text.rstrip().rstrip("\"')]}\u201d\u2019")
+        if "\n" in text or (stripped and stripped[-1] in ends):
+            found.add(token_id)
+    return frozenset(found)

@@ -1,0 +1,123 @@
+"""Boundary-aware ChunkKV chunks: edges at sentence/clause ends, lengths bounded, exact budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import chunkkv
+from chunkkv import selection as sel
+from chunkkv.boundaries import boundary_token_ids
+from chunkkv.errors import ChunkKVError
+from chunkkv.multi import capture_prefill, compress_from_capture
+
+from models import VOCAB, tiny_model
+
+
+def _random_ends(batch, length, density, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, length, generator=g) < density
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 5, 10, 20])
+@pytest.mark.parametrize("density", [0.0, 0.08, 0.3])
+def test_segments_move_edges_to_the_nearest_boundary_within_a_quarter_chunk(chunk, density):
+    length = 203
+    is_end = _random_ends(2, length, density, seed=chunk)
+    seg = sel.boundary_segments(is_end, chunk)
+    assert seg.shape == (2, length) and seg.dtype == torch.long
+    reach = chunk // 4
+    for b in range(2):
+        s = seg[b].tolist()
+        assert s[0] == 0 and all(0 <= y - x <= 1 for x, y in zip(s, s[1:]))
+        edges = [t for t in range(1, length) if s[t] != s[t - 1]]
+        grid = [k * chunk for k in range(1, -(-length // chunk))]
+        assert len(edges) == len(grid)
+        for e, g in zip(edges, grid):
+            near = [g + o for o in sorted(range(-reach, reach + 1), key=lambda o: (abs(o), o))
+                    if 1 <= g + o <= length - 1 and is_end[b, g + o - 1]]
+            assert e == (near[0] if near else g)
+        sizes = [y - x for x, y in zip([0] + edges, edges + [length])]
+        assert all(chunk / 2 <= n <= 1.5 * chunk for n in sizes[:-1])
+
+
+def test_fixed_segments_rank_exactly_like_fixed_chunks():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(3, 2, 97, generator=g)
+    scores[0, :, 80:] = float("-inf")
+    scores[1, :, 60:] = float("-inf")
+    for chunk in (1, 4, 10):
+        segments = (torch.arange(97) // chunk).expand(3, 97)
+        for reduce in ("mean", "sum"):
+            got = sel.segment_priority(scores, segments, reduce)
+            want = sel.chunk_priority(scores, chunk, reduce)
+            assert torch.equal(torch.isfinite(got), torch.isfinite(want))
+            # the same order of prefix tokens (the values may differ: chunk_priority leaves gaps)
+            order = lambda p: torch.sort(p, dim=-1, descending=True, stable=True).indices  # noqa: E731
+            assert torch.equal(order(got), order(want))
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_model("llama", num_hidden_layers=4)
+
+
+BOUNDARIES = frozenset(range(1, 25))  # ~10 % of the random vocabulary ends a "sentence"
+
+
+@pytest.mark.parametrize("budget", [dict(keep_fraction=0.1), dict(keep_tokens=37), dict(keep_fraction=0.3)])
+def test_boundary_chunks_keep_the_exact_budget_in_whole_segments(llama, budget):
+    ids = torch.randint(1, VOCAB, (1, 300), generator=torch.Generator().manual_seed(1))
+    method = chunkkv.ChunkKV(window=8, chunk_size=10, boundary_ids=BOUNDARIES, **budget)
+    ctx = chunkkv.compress(llama, ids, method=method)
+    want = method.budget.kept(300)
+    segments = sel.boundary_segments(torch.isin(ids, torch.tensor(sorted(BOUNDARIES))), 10)[0]
+    fixed = chunkkv.compress(llama, ids, method=chunkkv.ChunkKV(window=8, chunk_size=10, **budget))
+    differs = False
+    for i in ctx.cache.pruned_layers:
+        kept = ctx.kept_positions(i)
+        assert kept.numel() == want
+        prefix = kept[kept < 300 - 8]
+        counts = torch.bincount(segments[prefix], minlength=int(segments.max()) + 1)
+        sizes = torch.bincount(segments[: 300 - 8], minlength=int(segments.max()) + 1)  # prefix part of each
+        partial = ((counts > 0) & (counts < sizes)).sum()
+        assert partial <= 1  # whole segments, plus at most one topped-up segment
+        differs |= not torch.equal(kept, fixed.kept_positions(i))
+    assert differs  # the option changes what is kept
+
+
+def test_boundary_chunks_from_a_capture_equal_compress_and_no_boundaries_is_fixed(llama):
+    ids = torch.randint(1, VOCAB, (1, 150), generator=torch.Generator().manual_seed(2))
+    method = chunkkv.ChunkKV(keep_fraction=0.2, window=8, chunk_size=5, boundary_ids=BOUNDARIES, reuse_depth=2)
+    capture = capture_prefill(llama, ids, window=8)
+    a, b = chunkkv.compress(llama, ids, method=method), compress_from_capture(capture, method)
+    for i in a.cache.pruned_layers:
+        assert torch.equal(a.cache.layers[i].kept_index, b.cache.layers[i].kept_index)
+    none = chunkkv.ChunkKV(keep_fraction=0.2, window=8, chunk_size=5, boundary_ids=frozenset())
+    fixed = chunkkv.ChunkKV(keep_fraction=0.2, window=8, chunk_size=5)
+    for i in a.cache.pruned_layers:
+        assert torch.equal(compress_from_capture(capture, none).cache.layers[i].kept_index,
+                           compress_from_capture(capture, fixed).cache.layers[i].kept_index)
+
+
+def test_boundary_ids_are_checked_and_described():
+    with pytest.raises(ChunkKVError, match="boundary_ids must be token ids"):
+        chunkkv.ChunkKV(keep_fraction=0.1, boundary_ids="abc")
+    with pytest.raises(ChunkKVError, match="boundary_ids must be token ids"):
+        chunkkv.ChunkKV(keep_fraction=0.1, boundary_ids={-1})
+    assert "boundary_ids=3 ids" in chunkkv.ChunkKV(keep_fraction=0.1, boundary_ids=[5, 6, 7]).describe()
+
+
+def test_boundary_token_ids_finds_punctuation_and_newlines():
+    class Tok:
+        all_special_ids = [0]
+        vocab = ["<s>", "hello", ".", " world.", ",", "\n", "a:", "end.\"", "x", "?)"]
+
+        def __len__(self):
+            return len(self.vocab)
+
+        def decode(self, ids):
+            return "".join(self.vocab[i] for i in ids)
+
+    assert boundary_token_ids(Tok()) == {2, 3, 4, 5, 6, 7, 9}
+    assert boundary_token_ids(Tok(), clauses=False) == {2, 3, 5, 7, 9}

