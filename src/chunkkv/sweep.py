@@ -14,8 +14,10 @@ What it runs (every number is a flag):
   position inside the value), to see token-level fragmentation;
 * **NIAH heatmap**: ``niah_single`` at lengths x depths for full, SnapKV and ChunkKV at 10 %.
 
-Each sample is generated once and tokenized once; each (sample, method, budget) is compressed once
-(configurations shared by several sweeps, e.g. ChunkKV chunk 10 / reuse 1 / 10 %, run once) and
+Each sample is generated once, tokenized once and prefilled once (:mod:`chunkkv.multi`: every
+configuration's cache is built from that one capture, equal to its own ``compress``); each
+(sample, method, budget) is compressed once (configurations shared by several sweeps, e.g. ChunkKV
+chunk 10 / reuse 1 / 10 %, run once) and
 decoded greedily with ``max_new_tokens`` = the gold completion's length + 2 (the shipped testbed
 never emits EOS). Query-aware by default: the question ends the prompt and the observation window
 is the question (``--window question``: the question's token count, per sample).
@@ -223,8 +225,17 @@ def window_for(cfg: SweepConfig, prep: Prepared) -> int:
     return prep.question_len if cfg.window == "question" else int(cfg.window)
 
 
-def run_one(model, tokenizer, prep: Prepared, spec: Spec, cfg: SweepConfig) -> dict[str, Any]:
-    """Compress once, decode once; the record of one (sample, spec)."""
+def capture_for(model, prep: Prepared, cfg: SweepConfig, specs: Sequence[Spec]):
+    """One prefill of the sample that serves every spec (:mod:`chunkkv.multi`)."""
+    from .multi import capture_prefill
+
+    return capture_prefill(model, prep.ids, window=window_for(cfg, prep),
+                           accumulated=any(s.method == "h2o" for s in specs))
+
+
+def run_one(model, tokenizer, prep: Prepared, spec: Spec, cfg: SweepConfig, capture=None) -> dict[str, Any]:
+    """Compress once (from ``capture`` when given: equal to ``compress``, without the prefill),
+    decode once; the record of one (sample, spec)."""
     from .analysis import adjacent_mean, context_kept_masks, jaccard_matrix, mean_head_jaccard, union_over_heads
     from .compress import compress
     from .generation import Sampling, continue_from
@@ -233,7 +244,12 @@ def run_one(model, tokenizer, prep: Prepared, spec: Spec, cfg: SweepConfig) -> d
     window = window_for(cfg, prep)
     method = spec.build(window)
     t0 = time.perf_counter()
-    ctx = compress(model, prep.ids, method=method)
+    if capture is not None:
+        from .multi import compress_from_capture
+
+        ctx = compress_from_capture(capture, method)
+    else:
+        ctx = compress(model, prep.ids, method=method)
     layers, masks = context_kept_masks(ctx)  # [L, H, T]
     sampling = Sampling(max_new_tokens=prep.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                         pad_token_id=tokenizer.pad_token_id)
@@ -613,9 +629,10 @@ def _run_sweep(model, tokenizer, cfg: SweepConfig, out: Path, report: Path | Non
             lines = []
             for i, s in enumerate(samples):
                 prep = prepare(tokenizer, s, cfg, device)
+                capture = capture_for(model, prep, cfg, specs)  # one prefill for every spec
                 for spec in specs:
                     bar.set_postfix_str(f"{task} #{i} {spec.key}", refresh=False)
-                    rec = run_one(model, tokenizer, prep, spec, cfg)
+                    rec = run_one(model, tokenizer, prep, spec, cfg, capture)
                     records[(length, task, i, spec.key)] = rec
                     lines.append(json.dumps({"length": length, "task": task, "index": i, "spec": spec.key, **rec}))
                     bar.update(1)
@@ -645,8 +662,9 @@ def _run_sweep(model, tokenizer, cfg: SweepConfig, out: Path, report: Path | Non
                 scores: dict[str, list[float]] = {s.key: [] for s in hspecs}
                 for s in samples:
                     prep = prepare(tokenizer, s, cfg, device)
+                    capture = capture_for(model, prep, cfg, hspecs)
                     for spec in hspecs:
-                        scores[spec.key].append(run_one(model, tokenizer, prep, spec, cfg)["score"])
+                        scores[spec.key].append(run_one(model, tokenizer, prep, spec, cfg, capture)["score"])
                         bar.update(1)
                 for m, spec in zip(cfg.heatmap_methods, hspecs):
                     results["heatmap"].append({"method": m, "spec": spec.key, "length": length, "depth": depth,

@@ -1,0 +1,372 @@
+"""Tables and plots of the real-model grid (:mod:`chunkkv.realgrid`) for ``docs/quality.md``.
+
+``python -m chunkkv.realreport --out docs/results/real --report docs/quality.md`` reads
+``records.jsonl`` (and ``speedup.jsonl``), writes ``summary.json`` and the PNGs next to them, and
+rewrites the block between ``<!-- real:begin -->`` and ``<!-- real:end -->`` of the report.
+Every accuracy is given with its n and a 95 % Wilson interval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterable
+
+BEGIN, END = "<!-- real:begin -->", "<!-- real:end -->"
+METHODS = ["full", "streamingllm", "h2o", "snapkv", "pyramidkv", "chunkkv"]
+PAPER_JACCARD = {"chunkkv": 57.7, "snapkv": 28.0}  # paper Table 2, Llama-3-8B, adjacent layers
+THRESHOLD = 0.85
+
+
+def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of ``k`` successes in ``n`` trials, as fractions."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def cell(scores: list[float]) -> str:
+    """``"62.5 (n=8, 30.6–86.3)"``: accuracy in percent with n and the Wilson interval."""
+    n = len(scores)
+    if n == 0:
+        return "–"
+    k = sum(scores)
+    lo, hi = wilson(k, n)
+    return f"{100 * k / n:.1f} (n={n}, {100 * lo:.0f}–{100 * hi:.0f})"
+
+
+def load(path: Path) -> list[dict[str, Any]]:
+    """The records, last one wins per (task, length, index, spec)."""
+    out: dict[tuple, dict] = {}
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            out[(r["task"], r["length"], r["index"], r["spec"])] = r
+    return list(out.values())
+
+
+def _nominal(length: int) -> int:
+    return min((512, 1024, 2048, 4096, 8192), key=lambda x: abs(x - length))
+
+
+def _mean(xs: Iterable[float | None]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def _fmt(x: float | None, scale: float = 100.0, nd: int = 1) -> str:
+    return "–" if x is None else f"{scale * x:.{nd}f}"
+
+
+def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Everything the tables need, keyed by name (also written to ``summary.json``)."""
+    for r in records:
+        r["L"] = _nominal(r["length"])
+    by = defaultdict(list)
+    for r in records:
+        by[(r["spec"], r["task"], r["L"])].append(r)
+    tasks = sorted({r["task"] for r in records})
+    lengths = sorted({r["L"] for r in records})
+    full = {(t, L): [r["score"] for r in by[("full", t, L)]] for t in tasks for L in lengths}
+    ok_tasks = [t for t in tasks if all(_mean(full[(t, L)]) is None or _mean(full[(t, L)]) >= THRESHOLD for L in lengths)
+                and any(full[(t, L)] for L in lengths)]
+    return {"by": by, "tasks": tasks, "lengths": lengths, "full": full, "ok_tasks": ok_tasks}
+
+
+def pooled(s: dict, spec: str, lengths: list[int] | None = None, tasks: list[str] | None = None,
+           field: str = "score") -> list[float]:
+    tasks = s["ok_tasks"] if tasks is None else tasks
+    lengths = s["lengths"] if lengths is None else lengths
+    return [r[field] for t in tasks for L in lengths for r in s["by"][(spec, t, L)] if r.get(field) is not None]
+
+
+def spec_key(method: str, fraction: float | None = None, tokens: int | None = None, **extra) -> str:
+    if method == "full":
+        return "full"
+    parts = [method]
+    if fraction is not None:
+        parts.append(f"f{fraction:g}")
+    if tokens is not None:
+        parts.append(f"t{tokens:g}")
+    if method == "chunkkv":
+        parts += [f"c{extra.get('chunk', 10):g}", f"r{extra.get('reuse', 1):g}"]
+    return "/".join(parts) + "".join(f"/{x}" for x in extra.get("suffix", []))
+
+
+def markdown(s: dict, speed: list[dict[str, Any]], model: str) -> str:
+    lines: list[str] = []
+    L_all = s["lengths"]
+    ok = s["ok_tasks"]
+    add = lines.append
+    add(f"Model **{model}** (fp32, CPU, sdpa), Paul Graham essays as the haystack, chat template with an answer "
+        "prefix, greedy decoding, query-aware (the question ends the compressed prompt), observation window 32 "
+        "tokens for every method. Accuracy = every required answer string in the generated text; intervals are "
+        "95 % Wilson. Raw records: `docs/results/real/records.jsonl` (one line per sample and configuration).")
+    add("")
+    add("### Full-cache accuracy per task and length (calibration)")
+    add("")
+    add("| task | " + " | ".join(f"{L} tok" for L in L_all) + " | mean prompt tokens | in averages |")
+    add("|---|" + "---|" * (len(L_all) + 2))
+    for t in s["tasks"]:
+        cells = [cell(s["full"][(t, L)]) for L in L_all]
+        toks = _mean(r["prompt_tokens"] for L in L_all for r in s["by"][("full", t, L)])
+        add(f"| {t} | " + " | ".join(cells) + f" | {toks:.0f} | {'yes' if t in ok else 'no (< 85 %)'} |")
+    add("")
+    add(f"Tasks in the averages below (full cache ≥ 85 % at every length run): {', '.join(ok) or 'none'}.")
+    add("")
+    add("### Headline: KV 128 and 10 % kept, every method (pooled over those tasks)")
+    add("")
+    add("| method | budget | " + " | ".join(f"{L} tok" for L in L_all) + " | all lengths | ROUGE-1 (needle tasks) |")
+    add("|---|---|" + "---|" * (len(L_all) + 2))
+    for m in METHODS:
+        for label, key in (("KV 128", spec_key(m, tokens=128)), ("10 %", spec_key(m, fraction=0.1))):
+            if m == "full":
+                if label != "10 %":
+                    continue
+                label, key = "all", "full"
+            cells = [cell(pooled(s, key, [L])) for L in L_all]
+            rouge = _mean(pooled(s, key, field="rouge1"))
+            add(f"| {m} | {label} | " + " | ".join(cells) + f" | {cell(pooled(s, key))} | {_fmt(rouge, 1, 3)} |")
+    for m in ("streamingllm", "snapkv", "pyramidkv", "chunkkv"):
+        key = spec_key(m, fraction=0.1, suffix=["qa"])
+        cells = [cell(pooled(s, key, [L])) for L in L_all]
+        rouge = _mean(pooled(s, key, field="rouge1"))
+        add(f"| {m} | 10 %, question-agnostic | " + " | ".join(cells) + f" | {cell(pooled(s, key))} | {_fmt(rouge, 1, 3)} |")
+    add("")
+    add("Question-agnostic = the context (everything before the question) is compressed with its own last 32 "
+        "tokens as the window, then the question and answer prefix are fed; today's scoring, no probe. H2O is "
+        "not in that row (its all-query scores of the context alone were not captured).")
+    add("")
+    L0 = L_all[0]
+    add(f"### Every budget at {L0} tokens (pooled over the tasks above)")
+    add("")
+    budgets = [("5 %", dict(fraction=0.05)), ("10 %", dict(fraction=0.1)), ("20 %", dict(fraction=0.2)),
+               ("30 %", dict(fraction=0.3)), ("KV 64", dict(tokens=64)), ("KV 128", dict(tokens=128)),
+               ("KV 256", dict(tokens=256)), ("KV 512", dict(tokens=512))]
+    add("| method | " + " | ".join(b for b, _ in budgets) + " |")
+    add("|---|" + "---|" * len(budgets))
+    add("| full | " + " | ".join(cell(pooled(s, "full", [L0])) if i == 0 else "" for i in range(len(budgets))) + " |")
+    for m in METHODS[1:]:
+        add(f"| {m} | " + " | ".join(cell(pooled(s, spec_key(m, **b), [L0])) for _, b in budgets) + " |")
+    add("")
+    add(f"### ChunkKV chunk size at 10 % ({L0} tokens; time = scoring + selection + gather of all 30 layers, CPU, "
+        "one thread shared with other jobs)")
+    add("")
+    add("| chunk size | accuracy | ROUGE-1 | answer tokens kept (mean over layers) | select time (ms) | adjacent Jaccard |")
+    add("|---|---|---|---|---|---|")
+    for c in (1, 3, 5, 10, 20, 30):
+        key = spec_key("chunkkv", fraction=0.1, chunk=c, suffix=["timed"])
+        add(f"| {c} | {cell(pooled(s, key, [L0]))} | {_fmt(_mean(pooled(s, key, [L0], field='rouge1')), 1, 3)} | "
+            f"{_fmt(_mean(pooled(s, key, [L0], field='answer_kept_mean')))} % | "
+            f"{_fmt(_mean(pooled(s, key, [L0], field='select_seconds')), 1000, 0)} | "
+            f"{_fmt(_mean(pooled(s, key, [L0], field='jaccard_union')))} % |")
+    add("")
+    add(f"### ChunkKV layer-wise index reuse at 10 % ({L0} tokens)")
+    add("")
+    add("| reuse depth | accuracy | ROUGE-1 | select time (ms) | adjacent Jaccard |")
+    add("|---|---|---|---|---|")
+    for d in (1, 2, 3, 5, 10, 30):
+        key = spec_key("chunkkv", fraction=0.1, reuse=d, suffix=["timed"])
+        if d == 1:
+            key = spec_key("chunkkv", fraction=0.1, chunk=10, suffix=["timed"])
+        add(f"| {d} | {cell(pooled(s, key, [L0]))} | {_fmt(_mean(pooled(s, key, [L0], field='rouge1')), 1, 3)} | "
+            f"{_fmt(_mean(pooled(s, key, [L0], field='select_seconds')), 1000, 0)} | "
+            f"{_fmt(_mean(pooled(s, key, [L0], field='jaccard_union')))} % |")
+    add("")
+    add("### Adjacent-layer Jaccard of kept indices at 10 % (all tasks and lengths)")
+    add("")
+    add("| method | union over KV heads | per KV head (mean) | paper Table 2 (Llama-3-8B) |")
+    add("|---|---|---|---|")
+    for m in METHODS[1:]:
+        key = spec_key(m, fraction=0.1)
+        ju = _mean(pooled(s, key, tasks=s["tasks"], field="jaccard_union"))
+        jh = _mean(pooled(s, key, tasks=s["tasks"], field="jaccard_head"))
+        paper = PAPER_JACCARD.get(m)
+        add(f"| {m} | {_fmt(ju)} % | {_fmt(jh)} % | {'–' if paper is None else f'{paper} %'} |")
+    add("")
+    add("### Boundary-aware chunks vs fixed chunks (ChunkKV, chunk 10, no reuse; all lengths)")
+    add("")
+    add("| budget | chunks | accuracy | ROUGE-1 | needle tokens kept | answer kept whole (share of layers) |")
+    add("|---|---|---|---|---|---|")
+    for f in (0.05, 0.1):
+        for label, suffix in (("fixed", []), ("sentence/clause edges", ["bnd"])):
+            key = spec_key("chunkkv", fraction=f, suffix=suffix)
+            add(f"| {100 * f:g} % | {label} | {cell(pooled(s, key))} | {_fmt(_mean(pooled(s, key, field='rouge1')), 1, 3)} | "
+                f"{_fmt(_mean(pooled(s, key, field='needle_kept_mean')))} % | "
+                f"{_fmt(_mean(pooled(s, key, field='answer_whole_layers')))} % |")
+    add("")
+    if speed:
+        add("### One prefill for every method: speed-up measured in one run")
+        add("")
+        add("| sample | configurations | separate `compress` + decode each (s) | one capture + build + one batched decode (s) | speed-up | same answers |")
+        add("|---|---|---|---|---|---|")
+        for row in speed:
+            add(f"| {row['task']}, {row['length']} tok | {row['configs']} | {row['separate_seconds']} | "
+                f"{row['one_prefill_seconds']} | {row['speedup']}× | {row['same_answers']}/{row['configs']} |")
+        add("")
+    return "\n".join(lines)
+
+
+def trails(s: dict, other: str = "snapkv") -> list[dict[str, Any]]:
+    """Samples where ChunkKV failed and ``other`` succeeded at the same budget (10 % and KV 128),
+    with what each kept of the needle and the answer."""
+    out = []
+    for label, kw in (("10 %", dict(fraction=0.1)), ("KV 128", dict(tokens=128))):
+        a, b = spec_key("chunkkv", **kw), spec_key(other, **kw)
+        for t in s["tasks"]:
+            for L in s["lengths"]:
+                mine = {r["index"]: r for r in s["by"][(a, t, L)]}
+                theirs = {r["index"]: r for r in s["by"][(b, t, L)]}
+                for i in sorted(set(mine) & set(theirs)):
+                    if mine[i]["score"] < theirs[i]["score"]:
+                        out.append({"budget": label, "task": t, "length": L, "index": i, "depth": mine[i].get("depth"),
+                                    "chunkkv": mine[i]["prediction"].strip()[:60], other: theirs[i]["prediction"].strip()[:60],
+                                    "chunkkv_answer_kept": mine[i].get("answer_kept_mean"),
+                                    f"{other}_answer_kept": theirs[i].get("answer_kept_mean"),
+                                    "chunkkv_needle_kept": mine[i].get("needle_kept_mean"),
+                                    f"{other}_needle_kept": theirs[i].get("needle_kept_mean")})
+    return out
+
+
+def plots(s: dict, out: Path) -> list[str]:
+    """accuracy_vs_budget.png, niah_heatmap.png, jaccard_heatmap.png; returns the names written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    L0 = s["lengths"][0]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, (name, values, kw) in zip(axes, (("kept fraction (%)", [5, 10, 20, 30], "fraction"),
+                                             ("kept tokens per layer", [64, 128, 256, 512], "tokens"))):
+        full = pooled(s, "full", [L0])
+        if full:
+            ax.axhline(100 * sum(full) / len(full), color="black", ls="--", label=f"full (n={len(full)})")
+        for m in METHODS[1:]:
+            ys, xs, errs = [], [], []
+            for v in values:
+                key = spec_key(m, **({"fraction": v / 100} if kw == "fraction" else {"tokens": v}))
+                sc = pooled(s, key, [L0])
+                if sc:
+                    k, n = sum(sc), len(sc)
+                    lo, hi = wilson(k, n)
+                    xs.append(v)
+                    ys.append(100 * k / n)
+                    errs.append((100 * (k / n - lo), 100 * (hi - k / n)))
+            if xs:
+                ax.errorbar(xs, ys, yerr=list(zip(*errs)), marker="o", capsize=3, label=m, alpha=0.85)
+        ax.set_xlabel(name)
+        ax.set_ylabel("accuracy (%)")
+        ax.set_ylim(-5, 105)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"SmolLM2-135M-Instruct, essays, {L0} tokens, tasks {', '.join(s['ok_tasks'])} (95 % Wilson bars)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_vs_budget.png", dpi=110)
+    plt.close(fig)
+    written.append("accuracy_vs_budget.png")
+
+    depths = [0.0, 0.25, 0.5, 0.75, 1.0]
+    needle_tasks = [t for t in s["ok_tasks"] if t in ("niah_paper", "niah_nl", "multikey")]
+    methods = [("full", "full")] + [(m, spec_key(m, fraction=0.1)) for m in METHODS[1:]]
+    fig, axes = plt.subplots(1, len(methods), figsize=(3 * len(methods), 2.8), sharey=True)
+    for ax, (m, key) in zip(axes, methods):
+        grid = [[None] * len(s["lengths"]) for _ in depths]
+        counts = [[0] * len(s["lengths"]) for _ in depths]
+        for j, L in enumerate(s["lengths"]):
+            for i, d in enumerate(depths):
+                sc = [r["score"] for t in needle_tasks for r in s["by"][(key, t, L)] if r.get("depth") == d]
+                if sc:
+                    grid[i][j] = 100 * sum(sc) / len(sc)
+                    counts[i][j] = len(sc)
+        import numpy as np
+
+        arr = np.array([[np.nan if v is None else v for v in row] for row in grid])
+        ax.imshow(arr, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
+        for i in range(len(depths)):
+            for j in range(len(s["lengths"])):
+                if counts[i][j]:
+                    ax.text(j, i, f"{arr[i, j]:.0f}\nn={counts[i][j]}", ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(s["lengths"])), [str(L) for L in s["lengths"]])
+        ax.set_yticks(range(len(depths)), [f"{int(100 * d)} %" for d in depths])
+        ax.set_title(m + ("" if m == "full" else " 10 %"), fontsize=9)
+        ax.set_xlabel("prompt tokens")
+    axes[0].set_ylabel("needle depth")
+    fig.suptitle(f"NIAH accuracy by depth and length ({', '.join(needle_tasks)}; SmolLM2-135M, essays)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "niah_heatmap.png", dpi=110)
+    plt.close(fig)
+    written.append("niah_heatmap.png")
+
+    mats = {}
+    for m in ("chunkkv", "snapkv", "pyramidkv", "h2o"):
+        rows = [r["jaccard_matrix"] for t in s["tasks"] for L in s["lengths"]
+                for r in s["by"][(spec_key(m, fraction=0.1), t, L)] if r.get("jaccard_matrix")]
+        if rows:
+            import numpy as np
+
+            mats[m] = (np.mean(np.array(rows), axis=0), len(rows))
+    if mats:
+        fig, axes = plt.subplots(1, len(mats), figsize=(4 * len(mats), 3.6))
+        axes = axes if len(mats) > 1 else [axes]
+        for ax, (m, (mat, n)) in zip(axes, mats.items()):
+            im = ax.imshow(mat, vmin=0, vmax=1, cmap="viridis")
+            ax.set_title(f"{m} 10 % (n={n})", fontsize=9)
+            ax.set_xlabel("layer")
+            ax.set_ylabel("layer")
+        fig.colorbar(im, ax=axes, shrink=0.8, label="Jaccard of kept indices (union over KV heads)")
+        fig.suptitle("Layer x layer similarity of kept indices, SmolLM2-135M (30 layers), essays", fontsize=9)
+        fig.savefig(out / "jaccard_heatmap.png", dpi=110)
+        plt.close(fig)
+        written.append("jaccard_heatmap.png")
+    return written
+
+
+def write_block(report: Path, body: str) -> None:
+    text = report.read_text(encoding="utf-8") if report.exists() else ""
+    block = f"{BEGIN}\n{body}\n{END}"
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    else:
+        text = block + "\n\n" + text
+    report.write_text(text, encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m chunkkv.realreport", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="docs/results/real")
+    parser.add_argument("--report", default="docs/quality.md")
+    parser.add_argument("--model", default="SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    records = load(out / "records.jsonl")
+    if not records:
+        print(f"realreport: error: no records in {out / 'records.jsonl'}")
+        return 2
+    speed = [json.loads(x) for x in (out / "speedup.jsonl").read_text().splitlines()] if (out / "speedup.jsonl").exists() else []
+    s = summarise(records)
+    body = markdown(s, speed, args.model)
+    trail = trails(s)
+    (out / "trails.json").write_text(json.dumps(trail, indent=1) + "\n", encoding="utf-8")
+    written = plots(s, out)
+    body += "\n" + "".join(f"\n![{w}](results/real/{w})\n" for w in written)
+    if args.report:
+        write_block(Path(args.report), body)
+    print(body)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
