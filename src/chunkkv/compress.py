@@ -37,6 +37,8 @@ class CompressionStats:
         prompt_lengths: real prompt tokens per row.
         select_seconds: time spent scoring, selecting and gathering (only with ``measure=True``).
         prefill_seconds: wall time of the whole prefill forward pass.
+        scoring_seconds: wall time of the question-agnostic scoring pass (``scoring`` other than
+            ``"window"``; 0 otherwise), on top of the prefill.
     """
 
     scored_layers: list[int] = field(default_factory=list)
@@ -44,6 +46,7 @@ class CompressionStats:
     prompt_lengths: list[int] = field(default_factory=list)
     select_seconds: float = 0.0
     prefill_seconds: float = 0.0
+    scoring_seconds: float = 0.0
 
     @property
     def mean_kept_fraction(self) -> float:
@@ -425,6 +428,8 @@ def compress(
     *,
     measure: bool = False,
     prefill_chunk: int | None = None,
+    scoring_prompt: torch.Tensor | None = None,
+    scoring_block: int = 512,
 ) -> CompressedContext:
     """Prefill ``input_ids`` with ``method`` and return the compressed cache and next-token logits.
 
@@ -442,10 +447,27 @@ def compress(
             its final budget + ``C`` tokens. The final kept count is the one-shot count for the
             whole prompt (``keep_fraction`` is a share of the whole prompt, known up front). None
             or ``C >= T``: one pass, exactly today's one-shot compression.
+        scoring_prompt: ``[n]`` token ids of the instruction for ``method.scoring`` =
+            ``"reconstruction"`` / ``"probe"`` (:func:`chunkkv.agnostic.scoring_prompt` builds them);
+            ``scoring_block``: scoring tokens per forward pass. See :mod:`chunkkv.agnostic`.
 
     Each row chooses its own tokens. Rows shorter than their budget keep every token.
     """
     method = method or FullKV()
+    if method.scoring != "window":
+        # Scoring after the whole context's prefill: every layer needs its full cache first.
+        from .agnostic import compress_agnostic
+
+        if prefill_chunk is not None:
+            raise PromptError(
+                f"scoring={method.scoring!r} scores the context after its whole prefill, on the full cache, so it "
+                "cannot be combined with prefill_chunk (which never holds the full cache); use scoring='window'"
+            )
+        input_ids, attention_mask = _check_prompt(input_ids, attention_mask)
+        check_window(method, _row_lengths(attention_mask))
+        return compress_agnostic(
+            model, input_ids, attention_mask, method, scoring_prompt=scoring_prompt, scoring_block=scoring_block
+        )
     input_ids, attention_mask = _check_prompt(input_ids, attention_mask)
     attach(model)
     lengths_host = _row_lengths(attention_mask)

@@ -27,6 +27,8 @@ from .errors import BudgetError, ChunkKVError
 from .scoring import accumulated_attention_scores, window_attention_scores
 
 POOLINGS = ("none", "avg", "max")
+#: Where token scores come from (see ``Method.scoring``).
+SCORINGS = ("window", "reconstruction", "probe")
 
 
 @dataclass
@@ -85,6 +87,13 @@ class Method:
         reuse_depth: layer-wise index reuse; layers form groups of this many and follow the
             first layer of their group. 1 = off, 2 = the paper. Only for methods whose selection
             is shared by all heads of a layer.
+        scoring: what the token scores are. ``"window"``: attention from the prompt's last
+            ``window`` queries (the papers' setting; query-aware when the question ends the
+            prompt). Question-agnostic alternatives (:mod:`chunkkv.agnostic`), computed after
+            the prompt's prefill on the full cache, whose extra tokens never stay in the cache:
+            ``"reconstruction"``: the largest attention each token receives while the model
+            repeats the context (KVzip's signal); ``"probe"``: the attention a generic
+            question-like prompt gives it. The window is kept in every case.
     """
 
     name: ClassVar[str] = "method"
@@ -93,15 +102,25 @@ class Method:
     exact_budget: ClassVar[bool] = True
     # True when ``select`` scores with the queries of the last ``window`` prompt positions.
     uses_window_queries: ClassVar[bool] = False
+    # True when the method ranks tokens by attention scores (so ``scoring`` applies).
+    scores_tokens: ClassVar[bool] = False
 
     keep_tokens: int | None = None
     keep_fraction: float | None = None
     remove_fraction: float | None = None
     window: int = 32
     reuse_depth: int = 1
+    scoring: str = "window"
 
     def __post_init__(self) -> None:
         self.budget  # validates the budget fields
+        if self.scoring not in SCORINGS:
+            raise ChunkKVError(f"scoring={self.scoring!r} is not one of {', '.join(SCORINGS)}")
+        if self.scoring != "window" and not self.scores_tokens:
+            raise ChunkKVError(
+                f"{self.name} does not score tokens, so scoring={self.scoring!r} means nothing for it; "
+                "use scoring='window' (the default) or a scoring method (chunkkv, snapkv, pyramidkv, h2o)"
+            )
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 0:
             raise ChunkKVError(f"window={self.window!r} must be an int >= 0 (tokens of the observation window)")
         if isinstance(self.reuse_depth, bool) or not isinstance(self.reuse_depth, int) or self.reuse_depth < 1:
@@ -136,6 +155,19 @@ class Method:
         """True when scoring uses every prompt query (H2O), not just the window."""
         return False
 
+    def raw_scores(self, inputs: LayerInputs, window_scores) -> torch.Tensor:
+        """Raw ``[B, Hkv, T]`` scores (padded coordinates): ``window_scores()`` for
+        ``scoring="window"``, else the question-agnostic scores computed before selection."""
+        if self.scoring == "window":
+            return window_scores()
+        scores = (inputs.memo or {}).get((self.scoring,))
+        if scores is None:
+            raise ChunkKVError(
+                f"scoring={self.scoring!r} needs its scoring pass, which chunkkv.compress runs; this selection "
+                "was called without it"
+            )
+        return scores
+
     def select(self, inputs: LayerInputs) -> torch.Tensor:
         """Row-relative picks ``[B, 1 or Hkv, slots]`` (``-1`` = filler) for one layer."""
         raise NotImplementedError
@@ -163,6 +195,7 @@ class _Scored(Method):
     """Methods that score with the observation window and may pool the scores."""
 
     uses_window_queries: ClassVar[bool] = True
+    scores_tokens: ClassVar[bool] = True
     pooling: str = "max"
     kernel: int = 7
 
@@ -177,7 +210,7 @@ class _Scored(Method):
 
     def scores(self, inputs: LayerInputs) -> torch.Tensor:
         """Row-relative pooled prefix scores ``[B, Hkv, T]`` (``-inf`` outside the prefix)."""
-        raw = inputs.window_scores(self.window)
+        raw = self.raw_scores(inputs, lambda: inputs.window_scores(self.window))
         aligned = raw if inputs.key_valid is None else sel.align_rows(raw, inputs.pad)
         return sel.prefix_scores(aligned, inputs.lengths, inputs.kept, self.window, self.pooling, self.kernel)
 
@@ -221,14 +254,15 @@ class H2O(Method):
     head, plus the recent window."""
 
     name: ClassVar[str] = "h2o"
+    scores_tokens: ClassVar[bool] = True
 
     @property
     def needs_all_queries(self) -> bool:
-        return True
+        return self.scoring == "window"
 
     def select(self, inputs: LayerInputs) -> torch.Tensor:
-        raw = inputs.cached(("accumulated",), lambda: accumulated_attention_scores(
-            inputs.queries, inputs.keys, inputs.scaling, inputs.key_valid, inputs.softcap))
+        raw = self.raw_scores(inputs, lambda: inputs.cached(("accumulated",), lambda: accumulated_attention_scores(
+            inputs.queries, inputs.keys, inputs.scaling, inputs.key_valid, inputs.softcap)))
         aligned = raw if inputs.key_valid is None else sel.align_rows(raw, inputs.pad)
         scores = sel.prefix_scores(aligned, inputs.lengths, inputs.kept, self.window)
         return sel.select_tokens_per_head(scores, inputs.lengths, inputs.kept, self.window, inputs.slots)
@@ -359,7 +393,7 @@ class KVPressChunkKV(ChunkKV):
 
     def select(self, inputs: LayerInputs) -> torch.Tensor:
         win = min(self.window, inputs.queries.shape[2])
-        raw = inputs.window_scores(self.window)
+        raw = self.raw_scores(inputs, lambda: inputs.window_scores(self.window))
         aligned = raw if inputs.key_valid is None else sel.align_rows(raw, inputs.pad)
         length = aligned.shape[-1]
         prefix_len = inputs.lengths - win

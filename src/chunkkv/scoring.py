@@ -133,3 +133,61 @@ def pool_scores(scores: torch.Tensor, pooling: str | None, kernel: int) -> torch
     else:
         raise ValueError(f"unknown pooling {pooling!r}: use 'none', 'avg' or 'max'")
     return pooled[..., : shape[-1]].reshape(shape)
+
+
+def max_attention_scores(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    scaling: float,
+    context_len: int,
+    key_valid: torch.Tensor | None = None,
+    query_valid: torch.Tensor | None = None,
+    softcap: float | None = None,
+    reduce: str = "max",
+    block: int | None = None,
+) -> torch.Tensor:
+    """Attention each context key receives from queries that come after it (question-agnostic scores).
+
+    The queries are the **last** ``q`` positions of ``keys`` (a reconstruction or probe prompt fed
+    after the context): each sees every key up to its own position. The softmax runs over all its
+    keys, as the model normalises it; only the first ``context_len`` keys (the context) are scored.
+
+    Args:
+        queries: ``[B, Hq, q, d]`` query states of the scoring tokens (after RoPE / q-norm).
+        keys: ``[B, Hkv, S, d]`` all keys they attend over (``S >= q``), context first.
+        scaling, softcap: as the model's attention uses them.
+        context_len: ``T``, the leading keys to score.
+        key_valid: ``[B, S]`` bool, False at padding (None = none).
+        query_valid: ``[B, q]`` bool, False at padding queries, which then count nothing (None = all real).
+        reduce: ``"max"``: the largest probability over the queries and the query heads of each KV
+            group (KVzip's reconstruction score); ``"sum"``: their sum (a window-style score).
+        block: queries per block (None = all at once). Memory is O(G * block * S) per KV head; the
+            result does not depend on the block size.
+
+    Returns:
+        ``[B, Hkv, T]`` float32.
+    """
+    if reduce not in ("max", "sum"):
+        raise ValueError(f"unknown reduce {reduce!r}: use 'max' or 'sum'")
+    batch, n_q_heads, q_len, _ = queries.shape
+    n_kv_heads, length = keys.shape[1], keys.shape[2]
+    groups = n_q_heads // n_kv_heads
+    block = q_len if block is None else max(1, block)
+    k_pos = torch.arange(length, device=keys.device)
+    total = keys.new_zeros(batch, n_kv_heads, context_len, dtype=torch.float32)
+    for start in range(0, q_len, block):  # blocks of queries, not tokens: bounds memory
+        stop = min(q_len, start + block)
+        logits = _grouped_logits(queries[:, :, start:stop], keys, scaling, softcap)  # [B, Hkv, G*b, S]
+        own = torch.arange(length - q_len + start, length - q_len + stop, device=keys.device)
+        future = (k_pos[None, :] > own[:, None]).repeat(groups, 1)
+        logits.masked_fill_(future, torch.finfo(logits.dtype).min)
+        if key_valid is not None:
+            logits.masked_fill_(~key_valid[:, None, None, :], torch.finfo(logits.dtype).min)
+        probs = torch.softmax(logits, dim=-1)[..., :context_len]
+        if query_valid is not None:
+            probs = probs * query_valid[:, start:stop].repeat(1, groups)[:, None, :, None]
+        if reduce == "max":
+            total = torch.maximum(total, probs.amax(dim=2))
+        else:
+            total += probs.sum(dim=2)
+    return total

@@ -1,0 +1,226 @@
+"""Question-agnostic scoring: score a context before any question is known.
+
+With ``scoring="window"`` a method scores the prompt with its own last ``window`` queries; when the
+prompt is a document compressed before the question, those tokens say nothing about what will be
+asked. The two alternatives here run *after* the context's prefill, on the full cache, and their
+extra tokens never stay in it:
+
+* ``"reconstruction"`` (KVzip's signal): the model is fed a "repeat the previous context" prompt
+  followed by the context itself, teacher-forced, in blocks of ``block`` tokens; each context token
+  scores the **largest** attention it receives from those queries, per KV head (max over the
+  group's query heads). A token the model must look at to reproduce the text scores high.
+* ``"probe"``: a generic question-like prompt (``PROMPTS["probe"]``) is fed once; each token scores
+  the attention it receives from the probe's queries, summed (a window-style score with a better
+  window).
+
+Order of work (why this is not compress's per-layer hook): every layer's full cache is needed
+before scoring, because the scoring tokens attend over the whole context on every layer. So the
+context is prefilled with the full cache (:func:`chunkkv.multi.capture_prefill`), the scoring
+tokens run on a fork of it (the attention wrapper hands each leader layer's queries and keys to
+:func:`chunkkv.scoring.max_attention_scores`), and then every layer is selected and pruned from the
+capture (:func:`chunkkv.multi.compress_from_capture`: ChunkKV ranks whole chunks on the head-summed
+scores, reuse followers take their leader's indices and are not scored; per-head methods pick per
+head). Positions stay the original ones and the next-token logits are the prefill's.
+
+Cost: peak memory of a full-cache prefill; time of the prefill plus one forward pass over the
+scoring tokens (about the context's length for reconstruction) plus the scores themselves.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+
+import torch
+
+from .cache import PrunedLayer
+from .compress import CompressedContext, plan_layers
+from .errors import PromptError, UnsupportedModelError
+from .methods import Method
+from .multi import capture_prefill, compress_from_capture
+from .scoring import max_attention_scores
+
+#: The instructions fed before scoring (after a separator, as a question would be).
+PROMPTS = {
+    "reconstruction": "Repeat the previous context exactly.",
+    "probe": "List every specific fact, name, number and secret stated in the document above.",
+}
+_REDUCE = {"reconstruction": "max", "probe": "sum"}
+
+
+def scoring_prompt(tokenizer, scoring: str, separator: str = "\n\n", instruction: str | None = None) -> torch.Tensor:
+    """Token ids ``[n]`` fed after the context to score it: ``separator + instruction``, then the
+    end of the user's turn and the assistant's opening when the tokenizer has a chat template
+    (the way a question is asked of a chat-templated context), else a newline.
+
+    ``instruction`` defaults to ``PROMPTS[scoring]``.
+    """
+    if scoring not in PROMPTS:
+        raise PromptError(f"scoring={scoring!r} takes no prompt; scoring prompts exist for {', '.join(PROMPTS)}")
+    text = separator + (instruction if instruction is not None else PROMPTS[scoring])
+    suffix = "\n"
+    if getattr(tokenizer, "chat_template", None):
+        marker = "\x00chunkkv\x00"
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": marker}], add_generation_prompt=True, tokenize=False
+        )
+        if marker in rendered:
+            suffix = rendered.split(marker, 1)[1]
+    ids = tokenizer(text + suffix, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    return ids
+
+
+class _ScoringSession:
+    """The attention wrapper's session during the scoring pass: collect scores, never prune."""
+
+    def __init__(self, cache, layers: set[int], context_len: int, reduce: str) -> None:
+        self.cache = cache
+        self.layers = layers
+        self.context_len = context_len
+        self.reduce = reduce
+        self.key_valid: torch.Tensor | None = None
+        self.query_valid: torch.Tensor | None = None
+        self.scores: dict[int, torch.Tensor] = {}
+
+    def on_attention(self, module, layer: PrunedLayer, query, key, kwargs) -> None:
+        idx = module.layer_idx
+        if idx not in self.layers or layer is not self.cache.layers[idx]:
+            return
+        block = max_attention_scores(
+            query, key, kwargs.get("scaling") or getattr(module, "scaling", key.shape[-1] ** -0.5),
+            self.context_len, self.key_valid, self.query_valid, kwargs.get("softcap"), self.reduce,
+        )
+        previous = self.scores.get(idx)
+        if previous is None:
+            self.scores[idx] = block
+        elif self.reduce == "max":
+            self.scores[idx] = torch.maximum(previous, block)
+        else:
+            self.scores[idx] = previous + block
+
+
+def _scoring_tokens(
+    scoring: str, prompt: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+    lengths: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``[B, R]`` scoring tokens and their mask: the prompt, then (reconstruction)
+    each row's own real context tokens."""
+    device = input_ids.device
+    prompt = torch.zeros(0, dtype=input_ids.dtype, device=device) if prompt is None else prompt.to(device).reshape(-1)
+    batch, width = input_ids.shape
+    if scoring == "probe":
+        if prompt.numel() == 0:
+            raise PromptError(
+                "scoring='probe' needs the probe's token ids: pass scoring_prompt="
+                "chunkkv.agnostic.scoring_prompt(tokenizer, 'probe') to compress (chunkkv.generate does it)"
+            )
+        ids = prompt[None].expand(batch, -1)
+        return ids, torch.ones_like(ids)
+    n = prompt.numel()
+    total = n + max(lengths)
+    ids = torch.zeros(batch, total, dtype=input_ids.dtype, device=device)
+    mask = torch.zeros(batch, total, dtype=torch.long, device=device)
+    ids[:, :n] = prompt
+    # Each row's real tokens are the last ``lengths[b]`` of its left-padded row: shift them left
+    # by its padding (one gather, no loop over rows).
+    pad = width - torch.tensor(lengths, device=device)
+    src = (torch.arange(total - n, device=device)[None, :] + pad[:, None]).clamp(max=width - 1)
+    real = torch.arange(total - n, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
+    ids[:, n:] = torch.where(real, torch.gather(input_ids, 1, src), 0)
+    mask[:, :n] = 1
+    mask[:, n:] = real.long()
+    return ids, mask
+
+
+@torch.inference_mode()
+def agnostic_scores(
+    model: torch.nn.Module,
+    capture,
+    scoring: str,
+    layers: list[int],
+    prompt: torch.Tensor | None = None,
+    block: int = 512,
+) -> dict[int, torch.Tensor]:
+    """Run the scoring tokens after a captured prefill and return ``{layer: [B, Hkv, T]}`` scores
+    (padded coordinates, like window scores) for ``layers``. The capture's cache is not changed.
+
+    Args:
+        capture: a :class:`chunkkv.multi.PrefillCapture` of the context.
+        scoring: ``"reconstruction"`` or ``"probe"``.
+        prompt: ``[n]`` token ids of the instruction (:func:`scoring_prompt`); reconstruction may
+            run without one (the context is then repeated right after itself).
+        block: scoring tokens per forward pass (memory O(block x context) per head; the scores do
+            not depend on it).
+    """
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise PromptError(f"scoring_block={block!r} must be an int >= 1 (scoring tokens per forward pass)")
+    ids, mask = _scoring_tokens(scoring, prompt, capture.input_ids, capture.attention_mask, capture.lengths)
+    width = capture.input_ids.shape[1]
+    device = ids.device
+    cache = capture.cache.fork()  # appending to the fork leaves the capture's tensors as they are
+    session = _ScoringSession(cache, set(layers), width, _REDUCE[scoring])
+    real = torch.tensor(capture.lengths, device=device)
+    padded = bool((capture.attention_mask == 0).any()) or bool((mask == 0).any())
+    from .attention import compression_session
+
+    for start in range(0, ids.shape[1], block):
+        stop = min(ids.shape[1], start + block)
+        seen = torch.cat([capture.attention_mask, mask[:, :stop]], dim=1)
+        session.key_valid = seen.bool() if padded else None
+        session.query_valid = mask[:, start:stop].bool() if padded else None
+        positions = real[:, None] + torch.arange(start, stop, device=device)[None, :]
+        with compression_session(session):
+            model(input_ids=ids[:, start:stop], attention_mask=seen, position_ids=positions, cache=cache,
+                  use_cache=True, logits_to_keep=1)
+    missing = [i for i in layers if i not in session.scores]
+    if missing:
+        raise UnsupportedModelError(f"layers {missing} did not go through chunkkv's attention during scoring")
+    return session.scores
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def leader_layers(method: Method, capture) -> list[int]:
+    """The layers whose scores ``method`` needs (reuse followers are not scored)."""
+    plan = plan_layers(method, capture.lengths, capture.input_ids.shape[1], capture.cache.pruned_layers,
+                       capture.input_ids.device)
+    return sorted(layer for layer, leader in plan.leaders.items() if layer == leader)
+
+
+@torch.inference_mode()
+def compress_agnostic(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    method: Method,
+    *,
+    scoring_prompt: torch.Tensor | None = None,
+    scoring_block: int = 512,
+) -> CompressedContext:
+    """:func:`chunkkv.compress` for ``method.scoring`` ``"reconstruction"`` / ``"probe"`` (see the
+    module docstring). ``stats.scoring_seconds`` is the scoring pass's time, ``prefill_seconds``
+    the context's prefill."""
+    from .cache import ChunkKVCache
+
+    probe = ChunkKVCache(model.config)
+    if len(probe.pruned_layers) != len(probe.layers):
+        raise UnsupportedModelError(
+            f"scoring={method.scoring!r} needs a model whose every layer is full attention (sliding-window layers, "
+            "as in Gemma 2/3, are not supported yet); use scoring='window'"
+        )
+    capture = capture_prefill(model, input_ids, attention_mask, window=max(1, method.window))
+    layers = leader_layers(method, capture)
+    device = capture.input_ids.device
+    start = _now(device)
+    scores = agnostic_scores(model, capture, method.scoring, layers, scoring_prompt, scoring_block) if layers else {}
+    seconds = _now(device) - start
+    for layer, value in scores.items():
+        capture.memo[layer][(method.scoring,)] = value
+    ctx = compress_from_capture(capture, method)
+    ctx.stats.scoring_seconds = seconds
+    ctx.source = weakref.ref(model)
+    return ctx

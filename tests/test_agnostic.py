@@ -1,0 +1,205 @@
+"""Question-agnostic scoring (reconstruction / probe): the scores, the cache, decoding, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import chunkkv
+from chunkkv import H2O, ChunkKV, ChunkKVError, PromptError, PyramidKV, SnapKV, StreamingLLM
+from chunkkv.agnostic import agnostic_scores, leader_layers
+from chunkkv.multi import capture_prefill
+from chunkkv.scoring import max_attention_scores
+
+from models import VOCAB, kept_masks, tiny_model, truth_logits
+
+PROMPT = torch.tensor([11, 12, 13, 14, 15])
+
+
+def _prompt(batch: int = 1, length: int = 120, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, VOCAB, (batch, length), generator=g)
+
+
+def _left_padded(lengths, seed=20):
+    rows = [_prompt(1, n, seed=seed + n)[0] for n in lengths]
+    width = max(lengths)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        ids[b, width - len(r):] = r
+        mask[b, width - len(r):] = 1
+    return rows, ids, mask
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_model("llama")
+
+
+# --- the pure scoring math ------------------------------------------------------------------------
+def _reference(queries, keys, scaling, context_len, key_valid, query_valid, reduce):
+    """Plain loops: full softmax per (row, query head, query), then max / sum over the group."""
+    batch, n_q, q_len, _ = queries.shape
+    n_kv, length = keys.shape[1], keys.shape[2]
+    groups = n_q // n_kv
+    out = torch.zeros(batch, n_kv, context_len, dtype=torch.float64)
+    for b in range(batch):
+        for h in range(n_q):
+            for i in range(q_len):
+                if query_valid is not None and not query_valid[b, i]:
+                    continue
+                own = length - q_len + i
+                allowed = torch.arange(length) <= own
+                if key_valid is not None:
+                    allowed &= key_valid[b]
+                logits = (queries[b, h, i].double() @ keys[b, h // groups].double().T) * scaling
+                probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), -1)[:context_len]
+                kv = h // groups
+                out[b, kv] = torch.maximum(out[b, kv], probs) if reduce == "max" else out[b, kv] + probs
+    return out
+
+
+@pytest.mark.parametrize("reduce", ["max", "sum"])
+def test_blocked_scores_equal_one_pass_and_a_plain_reference(reduce):
+    g = torch.Generator().manual_seed(0)
+    batch, n_q, n_kv, context, q_len, d = 2, 4, 2, 30, 11, 8
+    keys = torch.randn(batch, n_kv, context + q_len, d, generator=g)
+    queries = torch.randn(batch, n_q, q_len, d, generator=g)
+    key_valid = torch.ones(batch, context + q_len, dtype=torch.bool)
+    key_valid[1, :7] = False  # left padding of row 1
+    key_valid[1, -2:] = False  # and right padding of its scoring tokens
+    query_valid = key_valid[:, -q_len:]
+    one = max_attention_scores(queries, keys, 0.3, context, key_valid, query_valid, reduce=reduce)
+    want = _reference(queries, keys, 0.3, context, key_valid, query_valid, reduce)
+    torch.testing.assert_close(one.double(), want, atol=1e-6, rtol=1e-5)
+    for block in (1, 3, 5, 10):
+        blocked = max_attention_scores(queries, keys, 0.3, context, key_valid, query_valid, reduce=reduce, block=block)
+        torch.testing.assert_close(blocked, one, atol=1e-7, rtol=1e-6)
+    assert bool((one[1, :, :7] == 0).all())  # padding never scores
+
+
+# --- on a model -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("scoring", ["reconstruction", "probe"])
+def test_scores_do_not_depend_on_the_block_size(llama, scoring):
+    _, ids, mask = _left_padded((50, 37, 44))
+    capture = capture_prefill(llama, ids, mask, window=8)
+    one = agnostic_scores(llama, capture, scoring, [0, 1, 2, 3], PROMPT, block=10_000)
+    before = [layer.keys.clone() for layer in capture.cache.layers]
+    for block in ((1, 7) if scoring == "probe" else (7, 16)):
+        blocked = agnostic_scores(llama, capture, scoring, [0, 1, 2, 3], PROMPT, block=block)
+        for layer in range(4):
+            torch.testing.assert_close(blocked[layer], one[layer], atol=1e-6, rtol=1e-5)
+    # the capture's cache never sees the scoring tokens
+    assert all(torch.equal(layer.keys, b) for layer, b in zip(capture.cache.layers, before))
+    assert capture.cache.stored_lengths() == [50] * 4
+
+
+def test_reconstruction_tokens_are_not_in_the_cache(llama):
+    rows, ids, mask = _left_padded((100, 61, 83))
+    for method in (ChunkKV(keep_tokens=30, window=6, scoring="reconstruction", reuse_depth=2),
+                   SnapKV(keep_fraction=0.3, window=6, scoring="probe")):
+        ctx = chunkkv.compress(llama, ids, mask, method=method, scoring_prompt=PROMPT, scoring_block=16)
+        assert ctx.cache.get_seq_length() == 100  # logical length: the prompt only
+        assert max(ctx.cache.stored_lengths()) <= 30
+        assert ctx.attention_mask.shape == (3, 100)
+        for layer in ctx.cache.pruned_layers:
+            for row, r in enumerate(rows):
+                per_head = method.name == "snapkv"
+                kept = ctx.kept_positions(layer, row, head=1 if per_head else None)
+                assert len(kept) == (int(0.3 * len(r)) if per_head else 30)
+                assert int(kept.max()) < len(r) and int(kept.min()) >= 0
+        assert ctx.stats.scoring_seconds > 0
+    # reuse followers are not scored
+    ctx = chunkkv.compress(llama, ids, mask, method=ChunkKV(keep_tokens=30, window=6, scoring="reconstruction",
+                                                            reuse_depth=2))
+    assert ctx.stats.scored_layers == [0, 2]
+    assert torch.equal(ctx.cache.layers[1].kept_index, ctx.cache.layers[0].kept_index)
+
+
+def test_reconstruction_changes_what_is_kept(llama):
+    ids = _prompt(seed=3)
+    window = chunkkv.compress(llama, ids, method=ChunkKV(keep_tokens=40, window=8))
+    recon = chunkkv.compress(llama, ids, method=ChunkKV(keep_tokens=40, window=8, scoring="reconstruction"))
+    assert not torch.equal(window.cache.layers[0].kept_index, recon.cache.layers[0].kept_index)
+    # the next-token logits are the prefill's, whatever the scoring
+    torch.testing.assert_close(recon.next_logits, window.next_logits, atol=1e-5, rtol=1e-5)
+
+
+METHODS = {
+    "chunkkv-recon": ChunkKV(keep_tokens=40, window=8, chunk_size=5, scoring="reconstruction"),
+    "chunkkv-reuse-probe": ChunkKV(keep_fraction=0.3, window=8, reuse_depth=2, scoring="probe"),
+    "snapkv-recon": SnapKV(keep_tokens=40, window=8, scoring="reconstruction"),
+    "pyramidkv-recon": PyramidKV(keep_tokens=40, window=8, scoring="reconstruction"),
+    "h2o-probe": H2O(keep_fraction=0.25, window=4, scoring="probe"),
+    "kvpress-recon": chunkkv.KVPressChunkKV(remove_fraction=0.7, window=8, scoring="reconstruction"),
+}
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_decoding_equals_full_forward_with_evicted_tokens_masked(llama, name):
+    ids, question = _prompt(seed=4), _prompt(1, 5, seed=5)
+    ctx = chunkkv.compress(llama, ids, method=METHODS[name], scoring_prompt=PROMPT, scoring_block=32)
+    assert max(ctx.cache.stored_lengths()) < 120 and ctx.cache.get_seq_length() == 120
+    kept = kept_masks(ctx.cache, 120)
+    got = chunkkv.extend(llama, ctx.fork(), question)
+    full = torch.cat([ids, question], 1)
+    want = truth_logits(llama, full, torch.ones_like(full), 120, kept)[:, 120:]
+    torch.testing.assert_close(got, want.to(got.dtype), atol=2e-5, rtol=1e-4)
+    # stock generate agrees with the library loop
+    ours = chunkkv.continue_from(llama, ctx.fork(), question, chunkkv.Sampling(max_new_tokens=8))
+    stock = llama.generate(full, cache=ctx.fork().cache, max_new_tokens=8, do_sample=False)[:, 125:]
+    assert torch.equal(ours, stock)
+
+
+@pytest.mark.parametrize("scoring", ["reconstruction", "probe"])
+def test_batched_rows_keep_what_they_keep_alone(llama, scoring):
+    rows, ids, mask = _left_padded((100, 61, 83))
+    method = ChunkKV(keep_fraction=0.3, window=6, chunk_size=4, scoring=scoring)
+    ctx = chunkkv.compress(llama, ids, mask, method=method, scoring_prompt=PROMPT)
+    question = _prompt(1, 4, seed=30)
+    batched = chunkkv.extend(llama, ctx.fork(), question)
+    for b, r in enumerate(rows):
+        alone = chunkkv.compress(llama, r[None], method=method, scoring_prompt=PROMPT)
+        for layer in alone.cache.pruned_layers:
+            assert torch.equal(ctx.kept_positions(layer, b), alone.kept_positions(layer, 0))
+        torch.testing.assert_close(batched[b], chunkkv.extend(llama, alone, question)[0], atol=1e-4, rtol=1e-4)
+
+
+def test_saved_reconstruction_context_round_trips(llama, tmp_path):
+    ctx = chunkkv.compress(llama, _prompt(seed=6), method=ChunkKV(keep_tokens=30, window=8, scoring="reconstruction"))
+    ctx.save(tmp_path / "c.ckv")
+    loaded = chunkkv.load_context(tmp_path / "c.ckv", llama)
+    assert loaded.method.scoring == "reconstruction" and loaded.stats.scoring_seconds == ctx.stats.scoring_seconds
+    q = _prompt(1, 3, seed=7)
+    assert torch.equal(chunkkv.extend(llama, loaded, q), chunkkv.extend(llama, ctx.fork(), q))
+
+
+def test_leader_layers_follow_the_reuse_schedule(llama):
+    capture = capture_prefill(llama, _prompt(), window=8)
+    assert leader_layers(ChunkKV(keep_tokens=30, window=8, reuse_depth=2), capture) == [0, 2]
+    assert leader_layers(SnapKV(keep_tokens=30, window=8), capture) == [0, 1, 2, 3]
+    assert leader_layers(ChunkKV(keep_tokens=500, window=8), capture) == []  # nothing to drop
+
+
+def test_errors(llama):
+    with pytest.raises(ChunkKVError, match="scoring='recon' is not one of window, reconstruction, probe"):
+        ChunkKV(keep_tokens=10, scoring="recon")
+    with pytest.raises(ChunkKVError, match="streamingllm does not score tokens"):
+        StreamingLLM(keep_tokens=10, scoring="reconstruction")
+    with pytest.raises(PromptError, match="scoring='probe' needs the probe's token ids"):
+        chunkkv.compress(llama, _prompt(), method=ChunkKV(keep_tokens=30, window=8, scoring="probe"))
+    with pytest.raises(PromptError, match="scoring_block=0 must be an int >= 1"):
+        chunkkv.compress(llama, _prompt(), method=ChunkKV(keep_tokens=30, window=8, scoring="reconstruction"),
+                         scoring_block=0)
+    with pytest.raises(PromptError, match="window=8 is not shorter than the prompt"):
+        chunkkv.compress(llama, _prompt(length=8), method=ChunkKV(keep_tokens=3, window=8, scoring="reconstruction"))
+    gemma = tiny_model("gemma3")
+    with pytest.raises(chunkkv.UnsupportedModelError, match="sliding-window layers"):
+        chunkkv.compress(gemma, _prompt(length=60), method=ChunkKV(keep_tokens=20, window=4, scoring="reconstruction"))
+    # the selection itself refuses to run without its scores
+    capture = capture_prefill(llama, _prompt(), window=8)
+    from chunkkv.multi import compress_from_capture
+
+    with pytest.raises(ChunkKVError, match="needs its scoring pass"):
+        compress_from_capture(capture, ChunkKV(keep_tokens=30, window=8, scoring="reconstruction"))
