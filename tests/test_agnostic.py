@@ -203,3 +203,38 @@ def test_errors(llama):
 
     with pytest.raises(ChunkKVError, match="needs its scoring pass"):
         compress_from_capture(capture, ChunkKV(keep_tokens=30, window=8, scoring="reconstruction"))
+
+
+# --- text API and CLI -----------------------------------------------------------------------------
+def test_generate_and_cli_score_question_agnostically(capsys, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from chunkkv.agnostic import scoring_prompt
+    from chunkkv.cli import main
+    from test_cli import QUESTION_TEXT, save_tiny_model, write_context
+
+    folder = save_tiny_model(tmp_path / "model")
+    doc = write_context(tmp_path / "doc.txt")
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    method = ChunkKV(keep_fraction=0.2)
+    sampling = chunkkv.Sampling(max_new_tokens=5)
+    result = chunkkv.generate(model, tok, doc.read_text(), [QUESTION_TEXT], method, sampling=sampling,
+                              scoring="reconstruction")
+    # equals compressing by hand with the reconstruction prompt, then asking
+    ids = tok(doc.read_text(), return_tensors="pt")["input_ids"]
+    ctx = chunkkv.compress(model, ids, method=ChunkKV(keep_fraction=0.2, scoring="reconstruction"),
+                           scoring_prompt=scoring_prompt(tok, "reconstruction"))
+    q = tok(QUESTION_TEXT, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    tokens = chunkkv.continue_from(model, ctx, q, sampling)
+    assert result.answers[0].token_ids[0] == tokens[0].tolist()
+    assert result.kept_tokens == ctx.stats.kept
+    code = main(["generate", "--model", str(folder), "--device", "cpu", "--context-file", str(doc), "--question",
+                 QUESTION_TEXT, "--separator", "", "--keep-fraction", "0.2", "--scoring", "probe",
+                 "--max-new-tokens", "4"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "chunkkv(20% kept, scoring=probe)" in out and "+ probe scoring" in out
+    assert main(["generate", "--model", str(folder), "--context-file", str(doc), "--method", "streamingllm",
+                 "--keep-fraction", "0.2", "--scoring", "probe"]) == 2
+    assert "streamingllm does not score tokens" in capsys.readouterr().err

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import time
 import weakref
+from dataclasses import replace
 
 import torch
 
@@ -46,20 +47,42 @@ PROMPTS = {
     "probe": "List every specific fact, name, number and secret stated in the document above.",
 }
 _REDUCE = {"reconstruction": "max", "probe": "sum"}
+#: The scoring question-agnostic ``chunkkv.generate`` / ``chunkkv generate`` use for a scoring
+#: method left at ``scoring="window"`` (chosen by docs/question-agnostic.md's measurements).
+AGNOSTIC_DEFAULT = "window"
 
 
-def scoring_prompt(tokenizer, scoring: str, separator: str = "\n\n", instruction: str | None = None) -> torch.Tensor:
+def agnostic_method(method: Method | None, scoring: str | None = None) -> Method | None:
+    """The method a question-agnostic compression runs: ``scoring`` when given, else
+    :data:`AGNOSTIC_DEFAULT` for a scoring method left at ``"window"``; other methods unchanged."""
+    if method is None or not method.scores_tokens:
+        if scoring not in (None, "window") and method is not None:
+            return replace(method, scoring=scoring)  # raises the method's own clear error
+        return method
+    if scoring is not None:
+        return method if method.scoring == scoring else replace(method, scoring=scoring)
+    if method.scoring == "window" and AGNOSTIC_DEFAULT != "window":
+        return replace(method, scoring=AGNOSTIC_DEFAULT)
+    return method
+
+
+def scoring_prompt(
+    tokenizer, scoring: str, separator: str = "\n\n", instruction: str | None = None, chat: bool | None = None
+) -> torch.Tensor:
     """Token ids ``[n]`` fed after the context to score it: ``separator + instruction``, then the
     end of the user's turn and the assistant's opening when the tokenizer has a chat template
     (the way a question is asked of a chat-templated context), else a newline.
 
-    ``instruction`` defaults to ``PROMPTS[scoring]``.
+    ``instruction`` defaults to ``PROMPTS[scoring]``; ``chat`` (None = when the tokenizer has a
+    chat template) says whether the context was rendered with the chat template.
     """
     if scoring not in PROMPTS:
         raise PromptError(f"scoring={scoring!r} takes no prompt; scoring prompts exist for {', '.join(PROMPTS)}")
     text = separator + (instruction if instruction is not None else PROMPTS[scoring])
     suffix = "\n"
-    if getattr(tokenizer, "chat_template", None):
+    if chat is None:
+        chat = bool(getattr(tokenizer, "chat_template", None))
+    if chat:
         marker = "\x00chunkkv\x00"
         rendered = tokenizer.apply_chat_template(
             [{"role": "user", "content": marker}], add_generation_prompt=True, tokenize=False

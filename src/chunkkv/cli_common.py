@@ -20,7 +20,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .errors import ChunkKVError
-from .methods import METHODS, Method, make_method
+from .methods import METHODS, SCORINGS, Method, make_method
 
 
 def add_method_arguments(parser: argparse.ArgumentParser, default_method: str = "chunkkv") -> None:
@@ -39,6 +39,10 @@ def add_method_arguments(parser: argparse.ArgumentParser, default_method: str = 
     g.add_argument("--pooling", choices=["none", "avg", "max"], help="score pooling (default: the method's)")
     g.add_argument("--kernel", type=int, help="pooling kernel size")
     g.add_argument("--n-sink", type=int, help="StreamingLLM sink tokens (default 4)")
+    g.add_argument("--scoring", choices=list(SCORINGS),
+                   help="how tokens are scored: window (the prompt's last tokens; the papers' setting), "
+                        "reconstruction (attention while the model repeats the context; question-agnostic), "
+                        "probe (attention from a generic question); see docs/question-agnostic.md")
     m = parser.add_argument_group("bounded memory (docs/memory.md)")
     m.add_argument(
         "--prefill-chunk", type=int, metavar="C",
@@ -88,7 +92,7 @@ def method_from_args(args: argparse.Namespace, num_layers: int | None = None, no
     for flag, name in [
         ("keep_fraction", "keep_fraction"), ("keep_tokens", "keep_tokens"), ("remove_fraction", "remove_fraction"),
         ("window", "window"), ("chunk_size", "chunk_size"), ("pooling", "pooling"), ("kernel", "kernel"),
-        ("n_sink", "n_sink"),
+        ("n_sink", "n_sink"), ("scoring", "scoring"),
     ]:
         value = getattr(args, flag, None)
         if value is not None:
@@ -233,7 +237,7 @@ def read_context(path: str | None) -> str:
 _BUDGETS = ("keep_fraction", "keep_tokens", "remove_fraction")
 _SETTINGS = {  # flag attribute -> method field
     "window": "window", "chunk_size": "chunk_size", "pooling": "pooling", "kernel": "kernel", "n_sink": "n_sink",
-    "reuse_depth": "reuse_depth",
+    "reuse_depth": "reuse_depth", "scoring": "scoring",
 }
 
 
@@ -269,7 +273,8 @@ def methods_from_args(args: argparse.Namespace, names: Sequence[str], num_layers
         ns.method = cls.name
         known = {f.name for f in fields(cls)}
         for flag, fname in _SETTINGS.items():
-            if fname not in known or (fname == "reuse_depth" and not cls.shared_across_heads):
+            if fname not in known or (fname == "reuse_depth" and not cls.shared_across_heads) or (
+                    fname == "scoring" and not cls.scores_tokens):
                 setattr(ns, flag, None)
         if all(getattr(ns, b, None) is None for b in _BUDGETS) and cls.name != "full" and default_keep_fraction is not None:
             ns.keep_fraction = default_keep_fraction

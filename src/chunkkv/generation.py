@@ -8,7 +8,7 @@ The loop feeds new tokens with positions that continue each row's *original* pro
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
@@ -225,6 +225,7 @@ def generate(
     decode_budget: int | None = None,
     compress_every: int | None = None,
     chat_template: bool | None = None,
+    scoring: str | None = None,
 ) -> GenerationResult:
     """Answer each question on a compressed context (text in, text out).
 
@@ -243,6 +244,11 @@ def generate(
             chat template (None = when the tokenizer has one). The compressed part is everything up
             to the end of the context; the question, end of turn and assistant header follow it.
             False: the raw text ``context + question``, with the tokenizer's special tokens.
+        scoring: how a scoring method ranks tokens (``"window"``, ``"reconstruction"``, ``"probe"``,
+            see :mod:`chunkkv.agnostic`). None: the method's own setting, except that a
+            question-agnostic run of a method left at ``"window"`` uses
+            :data:`chunkkv.agnostic.AGNOSTIC_DEFAULT` (the document's last tokens say nothing about
+            the questions to come); pass ``scoring="window"`` to force the window.
     """
     contexts = [context] if isinstance(context, str) else list(context)
     qs = [questions] if isinstance(questions, str) else list(questions)
@@ -266,12 +272,20 @@ def generate(
     result = GenerationResult(answers=[])
     shared = None
     if not query_aware:
+        from .agnostic import agnostic_method, scoring_prompt
+
+        method = agnostic_method(method, scoring)
+        prompt = None
+        if method is not None and method.scoring != "window":
+            prompt = scoring_prompt(tokenizer, method.scoring, chat=use_chat)
         heads = [split(c, qs[0])[0] for c in contexts]  # the context part does not depend on the question
         ids, mask = _encode(tokenizer, heads, device, add_special_tokens=not use_chat)
-        shared = compress(model, ids, mask, method, prefill_chunk=prefill_chunk)
+        shared = compress(model, ids, mask, method, prefill_chunk=prefill_chunk, scoring_prompt=prompt)
         result.kept_tokens, result.prompt_tokens = shared.stats.kept, shared.stats.prompt_lengths
         result.cache_bytes = shared.cache.nbytes()
         result.compress_seconds = shared.stats.prefill_seconds
+    if query_aware and scoring is not None and method is not None and method.scoring != scoring:
+        method = replace(method, scoring=scoring)
     for question in qs:
         start = time.perf_counter()
         if query_aware:

@@ -104,17 +104,27 @@ def run(args: argparse.Namespace) -> int:
                 from ..compress import compress
                 from ..cli_common import progress
 
+                prompt = None
+                if not args.query_aware:
+                    from ..agnostic import agnostic_method, scoring_prompt
+
+                    method = agnostic_method(method, args.scoring)
+                    if method.scoring != "window":
+                        # the context is raw text here (no chat template): ask the scoring prompt as a question would be
+                        prompt = scoring_prompt(tokenizer, method.scoring, separator=args.separator, chat=False)
                 with progress() as bar:
                     bar.add_task(f"compressing {ids.shape[1]} tokens with {method.name}", total=None)
-                    ctx = compress(model, ids, method=method, prefill_chunk=bounds["prefill_chunk"])
+                    ctx = compress(model, ids, method=method, prefill_chunk=bounds["prefill_chunk"],
+                                   scoring_prompt=prompt)
                 totals["prefill"] += ctx.stats.prefill_seconds
                 kept_report = _kept(ctx, ids.shape[1])
                 if qi == 0:
                     mode = "query-aware (context + question compressed together)" if args.query_aware and question else \
                         "question-agnostic (context compressed once, before the questions)"
                     print(f"method {method.describe()} · {mode}", file=out)
-                print(f"compressed {ids.shape[1]} prompt tokens in {ctx.stats.prefill_seconds:.2f} s: {kept_report['line']}",
-                      file=out, flush=True)
+                scored = f" + {method.scoring} scoring {ctx.stats.scoring_seconds:.2f} s" if ctx.stats.scoring_seconds else ""
+                print(f"compressed {ids.shape[1]} prompt tokens in {ctx.stats.prefill_seconds:.2f} s{scored}: "
+                      f"{kept_report['line']}", file=out, flush=True)
                 if not args.query_aware:
                     shared = ctx
                     if args.save_context is not None:

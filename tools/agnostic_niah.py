@@ -1,0 +1,243 @@
+"""Question-agnostic NIAH on SmolLM2-135M-Instruct + the Paul Graham essays (issue 14).
+
+Each document: essays cut to ``length`` tokens with 4 distinct needles inserted at 4 depths; the
+document (chat-templated, up to its end) is prefilled ONCE (chunkkv.multi.capture_prefill), scored
+once per question-agnostic scoring (window / probe / reconstruction, all layers), and every
+method x budget is built from that capture; the 4 questions are then asked of each compressed
+cache (question fed after compression). Beside them: the full cache, and query-aware ChunkKV
+(document + question compressed together, once per question).
+
+Resumable: one JSON line per (length, doc, config, question) in --out; rerun to continue.
+Usage: PYTHONPATH=src python tools/agnostic_niah.py --out docs/results/agnostic/niah.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+
+import chunkkv
+from chunkkv.agnostic import agnostic_scores, scoring_prompt
+from chunkkv.haystack import paul_graham_text
+from chunkkv.multi import capture_prefill, compress_from_capture
+from chunkkv.pretrained import load_pretrained
+
+NEEDLES = [
+    ("The secret ingredient in Grandma Rosa's famous soup is smoked paprika.",
+     "What is the secret ingredient in Grandma Rosa's famous soup?", "smoked paprika"),
+    ("The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day.",
+     "What is the best thing to do in San Francisco?", "dolores park"),
+    ("The code name of the hidden research project was Silver Otter.",
+     "What was the code name of the hidden research project?", "silver otter"),
+    ("Maria's lucky number is 7421.", "What is Maria's lucky number?", "7421"),
+]
+DEPTHS = (0.12, 0.37, 0.62, 0.87)
+
+
+def build_document(tok, length: int, doc: int) -> tuple[str, list[int]]:
+    """Essay text of about ``length`` tokens with the 4 needles at shuffled depths (paragraph starts)."""
+    rng = random.Random(1000 * length + doc)
+    text = paul_graham_text(min_chars=length * 6, start=7 * doc + 3)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    budget = length - sum(len(tok(n[0], add_special_tokens=False)["input_ids"]) + 2 for n in NEEDLES)
+    text = tok.decode(ids[:budget])
+    text = text[: text.rfind(".") + 1]
+    order = list(range(4))
+    rng.shuffle(order)
+    sentences = text.split(". ")
+    cuts = []
+    for slot, needle in zip(order, range(4)):
+        cuts.append((int(DEPTHS[slot] * len(sentences)), needle))
+    for at, needle in sorted(cuts, reverse=True):
+        sentences.insert(at, NEEDLES[needle][0].rstrip("."))
+    return ". ".join(sentences), [DEPTHS[slot] for slot in order]
+
+
+def locate(tok, ids: torch.Tensor, document: str) -> list[tuple[int, int]]:
+    """Token span ``[lo, hi)`` of each needle sentence in the context ids (by decoding prefixes)."""
+    text_ids = ids.tolist()
+    full = tok.decode(text_ids)
+
+    def index_at(char: int) -> int:  # first token whose decoded prefix passes ``char``
+        lo, hi = 0, len(text_ids)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if len(tok.decode(text_ids[: mid + 1])) <= char:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    spans = []
+    for needle in NEEDLES:
+        start = full.find(needle[0].rstrip("."))
+        spans.append((index_at(start), index_at(start + len(needle[0]) - 1) + 1))
+    return spans
+
+
+def encode(tok, document: str, question: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(context ids ``[1, T]`` ending with the document, question ids ``[1, n]``) of one chat prompt."""
+    marker = "\x00Q\x00"
+    rendered = tok.apply_chat_template([{"role": "user", "content": document + marker}],
+                                       add_generation_prompt=True, tokenize=False)
+    head, tail = rendered.split(marker)
+    tail = f"\n\nQuestion: {question} Answer in one short sentence." + tail
+    ctx = tok(head, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    q = tok(tail, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    return ctx, q
+
+
+def configs(quick: bool):
+    out = []
+    budgets = [("f", 0.1), ("f", 0.2), ("f", 0.3), ("t", 128), ("t", 512)]
+    if not quick:
+        budgets.append(("t", 256))
+    for kind, value in budgets:
+        b = {"keep_fraction": value} if kind == "f" else {"keep_tokens": value}
+        for scoring in ("window", "probe", "reconstruction"):
+            out.append(("chunkkv", scoring, chunkkv.ChunkKV(scoring=scoring, **b)))
+            if kind == "f" and value == 0.2:
+                out.append(("snapkv", scoring, chunkkv.SnapKV(scoring=scoring, **b)))
+    return out
+
+
+@torch.inference_mode()
+def ask_all(model, ctx, questions: list[torch.Tensor], max_new: int, eos: int, pad: int) -> list[list[int]]:
+    """Greedy answers to every question on one compressed context, decoded as one batch: the
+    context's cache is repeated per question (a fork: the context is unchanged) and the questions
+    are left-padded inside the new block (masked), so positions continue each row's prompt."""
+    n = len(questions)
+    work = ctx.fork()
+    work.cache.batch_repeat_interleave(n)
+    width = max(q.shape[1] for q in questions)
+    ids = torch.full((n, width), pad, dtype=torch.long)
+    qmask = torch.zeros(n, width, dtype=torch.long)
+    for i, q in enumerate(questions):
+        ids[i, width - q.shape[1]:] = q[0]
+        qmask[i, width - q.shape[1]:] = 1
+    mask = torch.cat([work.attention_mask.expand(n, -1), qmask], dim=1)
+    base = work.attention_mask.sum(-1)
+    positions = base[:, None] + (qmask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=work.cache, use_cache=True,
+                logits_to_keep=1)
+    last = positions[:, -1]
+    answers = [[] for _ in range(n)]
+    finished = torch.zeros(n, dtype=torch.bool)
+    for step in range(max_new):
+        token = out.logits[:, -1].argmax(-1)
+        for i in range(n):
+            if not finished[i]:
+                if int(token[i]) == eos:
+                    finished[i] = True
+                else:
+                    answers[i].append(int(token[i]))
+        if bool(finished.all()) or step + 1 == max_new:
+            break
+        mask = torch.cat([mask, torch.ones(n, 1, dtype=torch.long)], dim=1)
+        last = last + 1
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=last[:, None], cache=work.cache,
+                    use_cache=True)
+    return answers
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="docs/results/agnostic/niah.jsonl")
+    ap.add_argument("--lengths", default="1024,2048,4096")
+    ap.add_argument("--docs", type=int, default=4)
+    ap.add_argument("--max-new-tokens", type=int, default=24)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = set()
+    if out.exists():
+        for line in out.read_text().splitlines():
+            r = json.loads(line)
+            done.add((r["length"], r["doc"], r["config"], r.get("q")))
+    model, tok = load_pretrained("smollm2", dtype=torch.float32, device="cpu")
+    from rouge_score import rouge_scorer
+
+    rouge = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True)
+    sampling = chunkkv.Sampling(max_new_tokens=args.max_new_tokens, eos_token_id=tok.eos_token_id)
+    lengths = [int(x) for x in args.lengths.split(",")]
+    grid = configs(args.quick)
+
+    def write(rec):
+        with out.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def ask(ctx, q_ids, needle):
+        tokens = chunkkv.continue_from(model, ctx, q_ids, sampling)[0].tolist()
+        if tok.eos_token_id in tokens:
+            tokens = tokens[: tokens.index(tok.eos_token_id)]
+        text = tok.decode(tokens, skip_special_tokens=True)
+        return text, needle[2] in text.lower(), rouge.score(needle[0], text)["rouge1"].fmeasure
+
+    for doc in range(args.docs):
+        for length in lengths:
+            document, depths = build_document(tok, length, doc)
+            encoded = [encode(tok, document, n[1]) for n in NEEDLES]
+            ids = encoded[0][0]
+            keys = [("full", None)] + [(f"{m}|{s}|{meth.budget.describe()}", None) for m, s, meth in grid]
+            if all((length, doc, k, q) in done for k, _ in keys for q in range(4)) and \
+                    all((length, doc, "qa-chunkkv|window|20% kept", q) in done for q in range(4)):
+                continue
+            t0 = time.perf_counter()
+            capture = capture_prefill(model, ids, window=32)
+            prefill = time.perf_counter() - t0
+            layers = list(range(model.config.num_hidden_layers))
+            timing = {"length": length, "doc": doc, "config": "_timing", "q": None, "tokens": ids.shape[1],
+                      "prefill_s": prefill}
+            for scoring in ("probe", "reconstruction"):
+                t0 = time.perf_counter()
+                scores = agnostic_scores(model, capture, scoring, layers, scoring_prompt(tok, scoring))
+                timing[f"{scoring}_s"] = time.perf_counter() - t0
+                for layer, value in scores.items():
+                    capture.memo[layer][(scoring,)] = value
+            if (length, doc, "_timing", None) not in done:
+                write(timing)
+            print(json.dumps(timing), flush=True)
+            needle_spans = locate(tok, ids[0], document)  # to see what was kept around each needle
+            runs = [("full", chunkkv.FullKV())] + [(f"{m}|{s}|{meth.budget.describe()}", meth) for m, s, meth in grid]
+            for key, method in runs:
+                if all((length, doc, key, q) in done for q in range(4)):
+                    continue
+                ctx = compress_from_capture(capture, method)
+                t0 = time.perf_counter()
+                answers = ask_all(model, ctx, [e[1] for e in encoded], args.max_new_tokens, tok.eos_token_id,
+                                  tok.pad_token_id if tok.pad_token_id is not None else 0)
+                seconds = time.perf_counter() - t0
+                kept = ctx.kept_positions(0, 0, head=0)
+                for qi, needle in enumerate(NEEDLES):
+                    text = tok.decode(answers[qi], skip_special_tokens=True)
+                    lo, hi = needle_spans[qi]
+                    kept_all = [set(ctx.kept_positions(layer, 0, head=0).tolist()) for layer in layers] \
+                        if method is not None and not isinstance(method, chunkkv.FullKV) else None
+                    cover = None if kept_all is None else sum(
+                        len(k & set(range(lo, hi))) / max(1, hi - lo) for k in kept_all) / len(kept_all)
+                    write({"length": length, "doc": doc, "config": key, "q": qi, "depth": depths[qi],
+                           "present": needle[2] in text.lower(), "rouge1": rouge.score(needle[0], text)["rouge1"].fmeasure,
+                           "answer": text, "tokens": ids.shape[1], "kept_layer0": len(kept),
+                           "needle_kept": cover, "decode_s": seconds})
+            key = "qa-chunkkv|window|20% kept"
+            for qi, needle in enumerate(NEEDLES):
+                if (length, doc, key, qi) in done:
+                    continue
+                full_ids = torch.cat(encoded[qi], dim=1)
+                ctx = chunkkv.compress(model, full_ids, method=chunkkv.ChunkKV(keep_fraction=0.2))
+                text, present, r1 = ask(ctx, None, needle)
+                write({"length": length, "doc": doc, "config": key, "q": qi, "depth": depths[qi], "present": present,
+                       "rouge1": r1, "answer": text, "tokens": full_ids.shape[1]})
+            print(f"done length {length} doc {doc}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
