@@ -175,14 +175,19 @@ def max_attention_scores(
     block = q_len if block is None else max(1, block)
     k_pos = torch.arange(length, device=keys.device)
     total = keys.new_zeros(batch, n_kv_heads, context_len, dtype=torch.float32)
+    keys_t = keys.float().transpose(-1, -2)
     for start in range(0, q_len, block):  # blocks of queries, not tokens: bounds memory
         stop = min(q_len, start + block)
-        logits = _grouped_logits(queries[:, :, start:stop], keys, scaling, softcap)  # [B, Hkv, G*b, S]
+        # Scale the (few) queries rather than the (many) logits: one pass less over [G*b, S].
+        q = (queries[:, :, start:stop].float() * scaling).reshape(batch, n_kv_heads, groups * (stop - start), -1)
+        logits = torch.matmul(q, keys_t)  # [B, Hkv, G*b, S], row g*b + i = query i of group head g
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
         own = torch.arange(length - q_len + start, length - q_len + stop, device=keys.device)
-        future = (k_pos[None, :] > own[:, None]).repeat(groups, 1)
-        logits.masked_fill_(future, torch.finfo(logits.dtype).min)
+        hidden = (k_pos[None, :] > own[:, None]).repeat(groups, 1)[None, None]  # causal, [1, 1, G*b, S]
         if key_valid is not None:
-            logits.masked_fill_(~key_valid[:, None, None, :], torch.finfo(logits.dtype).min)
+            hidden = hidden | ~key_valid[:, None, None, :]
+        logits.masked_fill_(hidden, torch.finfo(logits.dtype).min)
         probs = torch.softmax(logits, dim=-1)[..., :context_len]
         if query_valid is not None:
             probs = probs * query_valid[:, start:stop].repeat(1, groups)[:, None, :, None]
