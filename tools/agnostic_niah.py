@@ -150,6 +150,7 @@ def main() -> None:
     ap.add_argument("--out", default="docs/results/agnostic/niah.jsonl")
     ap.add_argument("--lengths", default="1024,2048,4096")
     ap.add_argument("--docs", type=int, default=4)
+    ap.add_argument("--docs-at", default="", help="cap docs per length, e.g. 4096:2")
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true")
@@ -181,8 +182,11 @@ def main() -> None:
         text = tok.decode(tokens, skip_special_tokens=True)
         return text, needle[2] in text.lower(), rouge.score(needle[0], text)["rouge1"].fmeasure
 
+    cap = {int(k): int(v) for k, v in (x.split(":") for x in args.docs_at.split(",") if x)}
     for doc in range(args.docs):
         for length in lengths:
+            if doc >= cap.get(length, args.docs):
+                continue
             document, depths = build_document(tok, length, doc)
             encoded = [encode(tok, document, n[1]) for n in NEEDLES]
             ids = encoded[0][0]

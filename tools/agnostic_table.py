@@ -1,0 +1,85 @@
+"""Tables for docs/question-agnostic.md from tools/agnostic_niah.py's JSONL (Wilson 95 % intervals).
+
+    python tools/agnostic_table.py docs/results/agnostic/niah.jsonl
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections import defaultdict
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return 0.0, 0.0
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def cell(records: list[dict]) -> str:
+    n = len(records)
+    if n == 0:
+        return "–"
+    k = sum(r["present"] for r in records)
+    lo, hi = wilson(k, n)
+    return f"{k}/{n} ({100 * k / n:.0f} %, {100 * lo:.0f}–{100 * hi:.0f})"
+
+
+def main(path: str) -> None:
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    timing = [r for r in rows if r["config"] == "_timing"]
+    rows = [r for r in rows if r["config"] != "_timing"]
+    # only documents whose every config is complete, so each row of a table has the same samples
+    by_doc = defaultdict(set)
+    for r in rows:
+        by_doc[(r["length"], r["doc"])].add((r["config"], r["q"]))
+    configs = sorted({r["config"] for r in rows})
+    full_docs = {d for d, got in by_doc.items() if len(got) == len(configs) * 4}
+    rows = [r for r in rows if (r["length"], r["doc"]) in full_docs]
+    lengths = sorted({r["length"] for r in rows})
+    docs = {length: sorted(d for (l, d) in full_docs if l == length) for length in lengths}
+    print(f"complete documents per length: { {k: len(v) for k, v in docs.items()} } (4 questions each)\n")
+    order = ["full", "qa-chunkkv|window|20% kept"]
+    budgets = ["10% kept", "20% kept", "30% kept", "128 tokens", "256 tokens", "512 tokens"]
+    for method in ("chunkkv", "snapkv"):
+        for budget in budgets:
+            for scoring in ("window", "probe", "reconstruction"):
+                key = f"{method}|{scoring}|{budget}"
+                if key in configs:
+                    order.append(key)
+    header = "| config | " + " | ".join(f"{length} tok" for length in lengths) + " | all | ROUGE-1 | needle kept |"
+    print(header)
+    print("|" + "---|" * (len(lengths) + 4))
+    for key in order:
+        sel = [r for r in rows if r["config"] == key]
+        if not sel:
+            continue
+        per = [cell([r for r in sel if r["length"] == length]) for length in lengths]
+        rouge = sum(r["rouge1"] for r in sel) / len(sel)
+        kept = [r["needle_kept"] for r in sel if r.get("needle_kept") is not None]
+        kept_s = f"{sum(kept) / len(kept):.2f}" if kept else "–"
+        name = {"full": "full cache", "qa-chunkkv|window|20% kept": "query-aware ChunkKV 20 % (window)"}.get(key, key)
+        print(f"| {name} | " + " | ".join(per) + f" | {cell(sel)} | {rouge:.3f} | {kept_s} |")
+    print("\nby needle depth (all lengths):")
+    for key in ["full", "chunkkv|window|20% kept", "chunkkv|probe|20% kept", "chunkkv|reconstruction|20% kept"]:
+        sel = [r for r in rows if r["config"] == key]
+        depths = sorted({r["depth"] for r in sel})
+        print(f"- {key}: " + ", ".join(f"depth {d}: {cell([r for r in sel if r['depth'] == d])}" for d in depths))
+    print("\nby needle (question):")
+    for key in ["full", "chunkkv|window|20% kept", "chunkkv|probe|20% kept", "chunkkv|reconstruction|20% kept"]:
+        sel = [r for r in rows if r["config"] == key]
+        print(f"- {key}: " + ", ".join(f"q{q}: {cell([r for r in sel if r['q'] == q])}" for q in range(4)))
+    print("\nscoring time / prefill time (same process, 1 thread, all 30 layers scored):")
+    for t in timing:
+        print(f"- {t['length']} tok doc {t['doc']}: prefill {t['prefill_s']:.1f} s, probe {t['probe_s']:.1f} s "
+              f"({t['probe_s'] / t['prefill_s']:.2f}x), reconstruction {t['reconstruction_s']:.1f} s "
+              f"({t['reconstruction_s'] / t['prefill_s']:.2f}x)")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "docs/results/agnostic/niah.jsonl")
