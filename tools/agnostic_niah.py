@@ -154,6 +154,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-qa", action="store_true", help="skip query-aware ChunkKV (one prefill per question)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -191,8 +192,8 @@ def main() -> None:
             encoded = [encode(tok, document, n[1]) for n in NEEDLES]
             ids = encoded[0][0]
             keys = [("full", None)] + [(f"{m}|{s}|{meth.budget.describe()}", None) for m, s, meth in grid]
-            if all((length, doc, k, q) in done for k, _ in keys for q in range(4)) and \
-                    all((length, doc, "qa-chunkkv|window|20% kept", q) in done for q in range(4)):
+            if all((length, doc, k, q) in done for k, _ in keys for q in range(4)) and (args.no_qa or
+                    all((length, doc, "qa-chunkkv|window|20% kept", q) in done for q in range(4))):
                 continue
             t0 = time.perf_counter()
             capture = capture_prefill(model, ids, window=32)
@@ -233,7 +234,7 @@ def main() -> None:
                            "needle_kept": cover, "decode_s": seconds})
             key = "qa-chunkkv|window|20% kept"
             for qi, needle in enumerate(NEEDLES):
-                if (length, doc, key, qi) in done:
+                if args.no_qa or (length, doc, key, qi) in done:
                     continue
                 full_ids = torch.cat(encoded[qi], dim=1)
                 ctx = chunkkv.compress(model, full_ids, method=chunkkv.ChunkKV(keep_fraction=0.2))

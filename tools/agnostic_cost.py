@@ -1,0 +1,56 @@
+"""Scoring cost as a ratio to the prefill, from one run (issue 14): SmolLM2, 1 CPU thread.
+
+    PYTHONPATH=src python tools/agnostic_cost.py --lengths 1024,2048,4096
+
+For each length: one NIAH document (tools/agnostic_niah.py), then ``chunkkv.compress`` with
+ChunkKV 20 % for each scoring, reuse depth 1 and 2; prints ``stats.prefill_seconds`` and
+``stats.scoring_seconds`` (the scoring pass alone) and their ratio, and the plain window
+compression's prefill as the baseline. Same process, same document, interleaved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+import chunkkv
+from chunkkv.agnostic import scoring_prompt
+from chunkkv.pretrained import load_pretrained
+
+sys.path.insert(0, str(Path(__file__).parent))
+from agnostic_niah import NEEDLES, build_document, encode  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lengths", default="1024,2048,4096")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    model, tok = load_pretrained("smollm2", dtype=torch.float32, device="cpu")
+    prompts = {s: scoring_prompt(tok, s) for s in ("probe", "reconstruction")}
+    rows = []
+    for length in [int(x) for x in args.lengths.split(",")]:
+        document, _ = build_document(tok, length, 0)
+        ids = encode(tok, document, NEEDLES[0][1])[0]
+        chunkkv.compress(model, ids[:, :256], method=chunkkv.ChunkKV(keep_fraction=0.2))  # warm-up
+        for depth in (1, 2):
+            for scoring in ("window", "probe", "reconstruction"):
+                method = chunkkv.ChunkKV(keep_fraction=0.2, reuse_depth=depth, scoring=scoring)
+                ctx = chunkkv.compress(model, ids, method=method, scoring_prompt=prompts.get(scoring))
+                row = {"length": ids.shape[1], "reuse_depth": depth, "scoring": scoring,
+                       "prefill_s": ctx.stats.prefill_seconds, "scoring_s": ctx.stats.scoring_seconds,
+                       "ratio": ctx.stats.scoring_seconds / ctx.stats.prefill_seconds,
+                       "scored_layers": len(ctx.stats.scored_layers)}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    if args.out:
+        Path(args.out).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
+if __name__ == "__main__":
+    main()
