@@ -314,69 +314,6 @@ def check_window(method: Method, lengths: list[int]) -> None:
         )
 
 
-def _chunk_bounds(width: int, chunk: int | None) -> list[int]:
-    """Chunk edges over the padded width, counted back from the end (the first chunk is the partial
-    one), so every row of a left-padded batch sees the same row-relative edges as when run alone."""
-    if chunk is None or chunk >= width:
-        return [0, width]
-    first = width - (-(-width // chunk) - 1) * chunk
-    return [0] + list(range(first, width + 1, chunk))
-
-
-def _plan_steps(
-    method: Method, pruned: list[int], lengths: list[int], width: int, bounds: list[int], device
-) -> list[_Step]:
-    """Host-side plan of every chunk: kept counts ``min(final kept, real tokens seen)`` per layer and row.
-
-    The final kept count is computed once from each row's whole prompt (``keep_fraction`` is a
-    share of the whole prompt), so the cache ends with exactly the one-shot budget.
-    """
-    final = method.kept_per_layer(lengths, len(pruned))
-    pads = [width - n for n in lengths]
-    stored = {layer: 0 for layer in pruned}
-    held = {layer: [0] * len(lengths) for layer in pruned}
-    tensors: dict[tuple, torch.Tensor] = {}
-
-    def tensor(values: list[int]) -> torch.Tensor:
-        key = tuple(values)
-        if key not in tensors:
-            tensors[key] = torch.tensor(values, device=device)
-        return tensors[key]
-
-    steps = []
-    for k in range(len(bounds) - 1):
-        lo, hi = bounds[k], bounds[k + 1]
-        chunk_real = [max(0, hi - max(lo, p)) for p in pads]
-        plan, slots, fillers, real_t, key_valid = {}, {}, {}, {}, {}
-        for pos, layer in enumerate(pruned):
-            size = stored[layer] + hi - lo
-            real = [h + c for h, c in zip(held[layer], chunk_real)]
-            kept = [min(f, r) for f, r in zip(final[pos], real)]
-            if all(k_ == size for k_ in kept):
-                stored[layer], held[layer] = size, real  # nothing to drop on this layer yet
-                continue
-            plan[layer] = tensor(kept)
-            slots[layer] = max(kept)
-            fillers[layer] = not method.exact_budget or any(k_ != slots[layer] for k_ in kept)
-            real_t[layer] = tensor(real)
-            if all(r == size for r in real):
-                key_valid[layer] = None
-            else:
-                key_valid[layer] = torch.arange(size, device=device)[None, :] >= (size - real_t[layer])[:, None]
-            stored[layer], held[layer] = slots[layer], kept
-        steps.append(_Step(
-            plan, slots, fillers, real_t, key_valid,
-            sel.reuse_leaders(list(plan), method.reuse_depth) if plan else {}, last=k == len(bounds) - 2,
-        ))
-    return steps
-
-
-def _now(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
 def _check_prompt(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     if not isinstance(input_ids, torch.Tensor):
         raise PromptError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
