@@ -22,7 +22,7 @@ def tiny_model(family: str = "llama", seed: int = 0, attn: str = "sdpa", **overr
         cfg = transformers.LlamaConfig(**kw)
         cls = transformers.LlamaForCausalLM
     elif family == "mistral":
-        cfg = transformers.MistralConfig(sliding_window=None, **kw)
+        cfg = transformers.MistralConfig(**{"sliding_window": None, **kw})
         cls = transformers.MistralForCausalLM
     elif family == "qwen2":
         cfg = transformers.Qwen2Config(use_sliding_window=False, **kw)
@@ -32,15 +32,15 @@ def tiny_model(family: str = "llama", seed: int = 0, attn: str = "sdpa", **overr
         cls = transformers.Qwen3ForCausalLM
     elif family == "phi3":
         kw.pop("head_dim")
-        cfg = transformers.Phi3Config(sliding_window=None, pad_token_id=0, **kw)
+        cfg = transformers.Phi3Config(**{"sliding_window": None, "pad_token_id": 0, **kw})
         cls = transformers.Phi3ForCausalLM
     elif family == "gemma2":
-        cfg = transformers.Gemma2Config(sliding_window=4096, **kw)
+        cfg = transformers.Gemma2Config(**{"sliding_window": 4096, **kw})
         cls = transformers.Gemma2ForCausalLM
         attn = "eager"  # Gemma 2 soft-caps logits, which sdpa cannot do
     elif family == "gemma3":
         layer_types = ["sliding_attention", "full_attention"] * 2  # mixed, as in real Gemma 3
-        cfg = transformers.Gemma3TextConfig(sliding_window=4096, layer_types=layer_types, **kw)
+        cfg = transformers.Gemma3TextConfig(**{"sliding_window": 4096, "layer_types": layer_types, **kw})
         cls = transformers.Gemma3ForCausalLM
     else:
         raise ValueError(family)

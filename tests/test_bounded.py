@@ -171,11 +171,14 @@ def test_decode_budget_at_least_the_total_is_no_compression(llama):
     method = ChunkKV(keep_tokens=40, window=8)
     ctx = chunkkv.compress(llama, ids, method=method)
     want = chunkkv.continue_from(llama, ctx.fork(), question, chunkkv.Sampling(max_new_tokens=20))
-    work = ctx.fork()
     got = chunkkv.continue_from(
-        llama, work, question, chunkkv.Sampling(max_new_tokens=20), decode_budget=40 + 25, compress_every=1
+        llama, ctx, question, chunkkv.Sampling(max_new_tokens=20), decode_budget=40 + 25, compress_every=1
     )
-    assert torch.equal(got, want) and work.cache.decode_budget.reselections == 0
+    assert torch.equal(got, want)
+    work = ctx.fork()  # continue_from leaves ctx unbounded; a budget set on a context is shared by its forks
+    chunkkv.set_decode_budget(work, 40 + 25, 1)
+    assert torch.equal(chunkkv.continue_from(llama, work, question, chunkkv.Sampling(max_new_tokens=20)), want)
+    assert work.cache.decode_budget.reselections == 0
     logits_want = chunkkv.extend(llama, ctx.fork(), question)
     bounded = ctx.fork()
     chunkkv.set_decode_budget(bounded, 45, 1)

@@ -62,21 +62,47 @@ def _inner_attention(name: str, module: torch.nn.Module) -> Callable:
 
 
 def _layer_mask(
-    mask: torch.Tensor | None, layer: PrunedLayer, q_len: int, kv_len: int
+    mask: torch.Tensor | None, layer: PrunedLayer, q_len: int, kv_len: int, q_heads: int = 1
 ) -> torch.Tensor | None:
-    """The mask for one pruned layer: the suffix of the shared mask, with filler slots masked."""
+    """The mask for one pruned layer: the suffix of the shared mask, with filler slots masked and,
+    on a sliding-window layer the sequence has outgrown, keys outside the window masked."""
     if mask is not None and mask.shape[-1] > kv_len:
         mask = mask[..., -kv_len:]
     valid = layer.valid
-    if valid is None:
+    window = _window_keep(layer, q_len, kv_len, q_heads)
+    if valid is None and window is None:
         return mask
-    keep = valid[:, None, None, :]
+    keep = valid[:, None, None, :] if valid is not None else None
+    if window is not None:
+        keep = window if keep is None else keep & window
     if mask is None:
         # The model skips the mask only for one query token without padding.
-        return keep.expand(-1, 1, q_len, -1)
+        return keep.expand(-1, -1, q_len, -1)
     if mask.dtype == torch.bool:
         return mask & keep
-    return mask.masked_fill(~keep, torch.finfo(mask.dtype).min)
+    return torch.where(keep, mask, torch.finfo(mask.dtype).min)
+
+
+def _window_keep(layer: PrunedLayer, q_len: int, kv_len: int, q_heads: int) -> torch.Tensor | None:
+    """``[B, 1 or Hq, q_len, kv_len]`` bool: stored keys inside the sliding window of each query,
+    judged by the keys' *original* positions; None while the whole sequence fits in the window.
+
+    The stock sliding mask places stored key ``j`` at position ``logical - stored + j``, which after
+    pruning is at or after its real position, so it can only let too much through: this mask is
+    ANDed with it. Key positions come from :meth:`PrunedLayer.slot_positions` (padded logical
+    coordinates, per KV head for per-head methods).
+    """
+    window = layer.sliding_window
+    logical = layer.logical_length
+    if window is None or logical <= window:
+        return None  # host ints: no sync
+    device = layer.keys.device
+    key_pos = layer.slot_positions()  # [B, 1 or Hkv, stored]: kept positions, then appended tokens
+    q_pos = torch.arange(logical - q_len, logical, device=device)
+    keep = key_pos[:, :, None, :] > (q_pos - window)[None, None, :, None]  # [B, h, q, kv]
+    if keep.shape[1] > 1 and keep.shape[1] != q_heads:
+        keep = keep.repeat_interleave(q_heads // keep.shape[1], dim=1)  # KV head -> its query heads
+    return keep
 
 
 def _make_wrapper(inner_name: str) -> Callable:
@@ -88,7 +114,7 @@ def _make_wrapper(inner_name: str) -> Callable:
         session = _SESSION.get()
         if layer is not None:
             # Also inside a session: a chunked prefill attends over a layer pruned by earlier chunks.
-            attention_mask = _layer_mask(attention_mask, layer, query.shape[2], key.shape[2])
+            attention_mask = _layer_mask(attention_mask, layer, query.shape[2], key.shape[2], query.shape[1])
         output = inner(module, query, key, value, attention_mask, **kwargs)
         if layer is not None:
             if session is not None:

@@ -20,6 +20,7 @@ Everything here is host-side integer arithmetic done once per request, before th
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 from .errors import BudgetError
@@ -44,9 +45,16 @@ class Budget:
                 f"budget given twice ({' and '.join(given)}); set exactly one of keep_tokens, "
                 "keep_fraction (share kept) or remove_fraction (share removed, kvpress's compression_ratio)"
             )
+        for name in ("keep_fraction", "remove_fraction"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+                raise BudgetError(f"{name} must be a number, got {value!r}")
+            if value is not None and not isinstance(value, float):
+                object.__setattr__(self, name, float(value))  # numpy floats, ints: a plain float
         if self.keep_tokens is not None:
-            if isinstance(self.keep_tokens, bool) or not isinstance(self.keep_tokens, int):
-                raise BudgetError(f"keep_tokens must be an int, got {self.keep_tokens!r}")
+            if isinstance(self.keep_tokens, bool) or not isinstance(self.keep_tokens, numbers.Integral):
+                raise BudgetError(f"keep_tokens must be an int (a whole number of tokens), got {self.keep_tokens!r}")
+            object.__setattr__(self, "keep_tokens", int(self.keep_tokens))  # numpy.int64 -> int
             if self.keep_tokens < 1:
                 raise BudgetError(
                     f"keep_tokens={self.keep_tokens} keeps nothing; use a positive number of tokens per layer"

@@ -52,8 +52,12 @@ class PrunedLayer(DynamicLayer):
         recent_queries: ``[B, Hq, <= window, d]`` the last queries seen while a budget is active.
     """
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, sliding_window: int | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
+        # Set on a sliding-window layer whose window held the whole prompt: it is pruned like a
+        # full-attention layer, and once the sequence outgrows the window the attention wrapper
+        # hides the keys whose *original* position fell out of it (see attention._window_keep).
+        self.sliding_window = sliding_window
         self.logical_length = 0
         self.valid: torch.Tensor | None = None
         self.kept_index: torch.Tensor | None = None
@@ -177,18 +181,28 @@ class PrunedLayer(DynamicLayer):
 
 class ChunkKVCache(Cache):
     """A cache for one model: :class:`PrunedLayer` on full-attention layers, the stock dynamic
-    layer elsewhere (sliding-window layers stay bounded by their window and are never pruned).
+    layer elsewhere. With ``prompt_length``, sliding-window layers whose window is at least that
+    long are :class:`PrunedLayer` too (pruned at prefill; their window is applied by original
+    position when decoding outgrows it); shorter windows stay bounded stock layers, never pruned.
 
     Pass it to ``model(...)`` or ``model.generate(..., cache=cache)`` like any transformers cache.
     """
 
-    def __init__(self, config) -> None:
+    def __init__(self, config, prompt_length: int | None = None) -> None:
         text_config = config.get_text_config(decoder=True)
         layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
-        layers = [
-            PrunedLayer() if kind == "full_attention" else DYNAMIC_LAYER_TYPE_MAPPING[kind](**kw)
-            for kind, kw in zip(layer_types, layer_kwargs)
-        ]
+        layers = []
+        for kind, kw in zip(layer_types, layer_kwargs):
+            window = kw.get("sliding_window") if kind == "sliding_attention" else None
+            if kind == "full_attention":
+                layers.append(PrunedLayer())
+            elif window and prompt_length is not None and prompt_length <= window:
+                # The window holds the whole prompt, so the prompt's attention is full attention:
+                # prune it too (transformers 5.24 marks every layer of Mistral / Phi-3 sliding
+                # as soon as the config has a sliding_window, however long).
+                layers.append(PrunedLayer(sliding_window=window))
+            else:
+                layers.append(DYNAMIC_LAYER_TYPE_MAPPING[kind](**kw))
         super().__init__(layers=layers)
         self.layer_types = list(layer_types)
 

@@ -57,20 +57,25 @@ class CompressionStats:
         return total / (len(self.kept) * sum(self.prompt_lengths))
 
 
-@dataclass
+@dataclass(init=False)
 class CompressedContext:
     """A prompt run through the model with a compressed cache, ready to continue.
 
+    Reusing a context gives the same answers each time: :attr:`cache` hands out a fresh fork on
+    every access and :func:`chunkkv.continue_from` works on a fork, so neither changes the context.
+    :func:`chunkkv.extend` is the one API that grows the context in place.
+
     Attributes:
-        cache: the compressed :class:`ChunkKVCache`; pass it to ``model.generate(..., cache=...)``
-            together with ``input_ids`` + new tokens, or use :func:`chunkkv.generation.continue_from`.
+        cache: a fork of the compressed :class:`ChunkKVCache` (a new one per access, sharing the
+            tensors); pass it to ``model.generate(..., cache=ctx.cache)`` together with
+            ``input_ids`` + new tokens, or use :func:`chunkkv.generation.continue_from`.
         input_ids: ``[B, T]`` the prompt as given (left-padded).
-        attention_mask: ``[B, T]`` its mask (ones when none was given).
-        next_logits: ``[B, vocab]`` logits for the token after the prompt.
+        attention_mask: ``[B, T]`` its mask (ones when none was given); grows with :func:`extend`.
+        next_logits: ``[B, vocab]`` logits for the token after the prompt (or the last extension).
         stats: :class:`CompressionStats`.
     """
 
-    cache: ChunkKVCache
+    _cache: ChunkKVCache
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     next_logits: torch.Tensor
@@ -78,6 +83,18 @@ class CompressedContext:
     stats: CompressionStats
     # A weak reference to the model that built the cache (``save`` fingerprints it).
     source: Callable[[], Any] | None = field(default=None, repr=False, compare=False)
+
+    def __init__(self, cache: ChunkKVCache, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 next_logits: torch.Tensor, method: Method, stats: CompressionStats,
+                 source: Callable[[], Any] | None = None) -> None:
+        self._cache = cache
+        self.input_ids, self.attention_mask, self.next_logits = input_ids, attention_mask, next_logits
+        self.method, self.stats, self.source = method, stats, source
+
+    @property
+    def cache(self) -> ChunkKVCache:
+        """A fork of the context's cache (new per access): generating with it leaves the context as it is."""
+        return self._cache.fork()
 
     def kept_positions(self, layer: int, row: int = 0, head: int | None = None) -> torch.Tensor:
         """Sorted prompt positions that ``layer`` kept for ``row``: a 1-D ``LongTensor`` on the CPU.
@@ -88,7 +105,7 @@ class CompressedContext:
         pruned (full cache, or a budget at least the prompt) kept every position. Tokens appended after
         compression (questions, answers) are not included.
         """
-        cache_layers = self.cache.layers
+        cache_layers = self._cache.layers
         if not 0 <= layer < len(cache_layers):
             raise ValueError(f"layer {layer} is out of range: the model has layers 0-{len(cache_layers) - 1}")
         batch = self.attention_mask.shape[0]
@@ -116,7 +133,7 @@ class CompressedContext:
     def fork(self) -> CompressedContext:
         """A copy whose cache can be extended without changing this one (no tensor copies)."""
         return CompressedContext(
-            self.cache.fork(), self.input_ids, self.attention_mask, self.next_logits, self.method, self.stats,
+            self._cache.fork(), self.input_ids, self.attention_mask, self.next_logits, self.method, self.stats,
             self.source,
         )
 
@@ -292,13 +309,16 @@ def plan_layers(method: Method, lengths: list[int], width: int, pruned: list[int
 
 
 def mark_wrapper_layers(cache: ChunkKVCache) -> None:
-    """Flag the pruned layers whose attention needs chunkkv's wrapper (fillers, or a stored length
-    that differs from the longest layer's: one shared mask is sized for the longest)."""
+    """Flag the pruned layers whose attention needs chunkkv's wrapper (fillers, a stored length
+    that differs from the longest layer's: one shared mask is sized for the longest, or a sliding
+    window that decoding may outgrow: only the wrapper knows the kept keys' original positions)."""
     pruned = cache.pruned_layers
     longest = max((cache.layers[i].stored_length for i in pruned), default=0)
     for i in pruned:
         layer = cache.layers[i]
-        layer.needs_wrapper = layer.valid is not None or layer.stored_length != longest
+        layer.needs_wrapper = (
+            layer.valid is not None or layer.stored_length != longest or layer.sliding_window is not None
+        )
 
 
 def check_window(method: Method, lengths: list[int]) -> None:
@@ -312,6 +332,22 @@ def check_window(method: Method, lengths: list[int]) -> None:
             f"window={method.window} is not shorter than the prompt (row {row} has {n} tokens): the "
             "observation window must leave a prefix to score; lower `window` or use method 'full'"
         )
+
+
+def _as_method(method: Method | str | None) -> Method:
+    """``method`` itself, FullKV for None, or the method a name builds (``"full"``; others need a budget)."""
+    if method is None:
+        return FullKV()
+    if isinstance(method, str):
+        from .methods import make_method
+
+        return make_method(method)  # unknown name or missing budget: a clear ChunkKVError
+    if not isinstance(method, Method):
+        raise ChunkKVError(
+            f"method must be a chunkkv method such as chunkkv.ChunkKV(keep_fraction=0.1) or a name, "
+            f"got {type(method).__name__}"
+        )
+    return method
 
 
 def _check_prompt(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -333,6 +369,13 @@ def _check_prompt(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) 
         if attention_mask.shape != input_ids.shape:
             raise PromptError(
                 f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has {tuple(input_ids.shape)}"
+            )
+        if not isinstance(attention_mask, torch.Tensor):
+            raise PromptError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
+        if attention_mask.dtype != torch.bool and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            raise PromptError(
+                "attention_mask may only hold 0 (left padding) and 1 (real token); it holds other values "
+                "(chunkkv would count them as tokens and shift positions)"
             )
         attention_mask = attention_mask.to(device=input_ids.device, dtype=torch.long)
     return input_ids, attention_mask
@@ -361,7 +404,7 @@ def compress(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
-    method: Method | None = None,
+    method: Method | str | None = None,
     *,
     measure: bool = False,
     prefill_chunk: int | None = None,
@@ -375,7 +418,8 @@ def compress(
             chunkkv's attention wrapper (see :func:`chunkkv.attention.attach`) if not already.
         input_ids: ``[B, T]`` or ``[T]`` token ids, left-padded for batches.
         attention_mask: ``[B, T]`` 1 for real tokens, 0 for left padding (None = no padding).
-        method: a :mod:`chunkkv.methods` method; None or :class:`FullKV` keeps everything.
+        method: a :mod:`chunkkv.methods` method (or a name: ``"full"``; a compressing method needs a
+            budget, so build it with :func:`chunkkv.make_method`); None or :class:`FullKV` keeps everything.
         measure: time the selection step (syncs the device around each layer's selection; leave
             off outside benchmarks).
         prefill_chunk: run the prompt ``C`` tokens at a time (chunks counted back from the end, so
@@ -390,7 +434,7 @@ def compress(
 
     Each row chooses its own tokens. Rows shorter than their budget keep every token.
     """
-    method = method or FullKV()
+    method = _as_method(method)
     if method.scoring != "window":
         # Scoring after the whole context's prefill: every layer needs its full cache first.
         from .agnostic import compress_agnostic
@@ -417,12 +461,17 @@ def compress(
     if len(bounds) > 2 and not isinstance(method, FullKV):
         check_bounded_method(method, "prefill_chunk")
     check_window(method, lengths_host)
-    cache = ChunkKVCache(model.config)
+    # Sliding-window layers whose window holds the whole prompt are compressed too (FullKV keeps
+    # the stock, bounded layers).
+    cache = ChunkKVCache(model.config, prompt_length=None if isinstance(method, FullKV) else width)
     pruned = cache.pruned_layers
     if not pruned and not isinstance(method, FullKV):
+        windows = sorted({w for w in (getattr(layer, "sliding_window", None) for layer in cache.layers) if w})
         raise UnsupportedModelError(
-            "every attention layer of this model is sliding-window, so its cache is already bounded and "
-            "chunkkv has nothing to compress; use method 'full'"
+            f"every attention layer of this model is sliding-window (window {', '.join(map(str, windows)) or '?'} "
+            f"tokens) and the prompt ({width} tokens) is longer than the window, so the cache is already "
+            "bounded by the window and chunkkv has nothing to compress; give a prompt no longer than the "
+            "window, or use method 'full'"
         )
     modules = {m.layer_idx for m in attention_modules(model)}
     missing = [i for i in pruned if i not in modules]

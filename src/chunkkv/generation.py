@@ -80,7 +80,7 @@ def extend(model: torch.nn.Module, context: CompressedContext, new_ids: torch.Te
     positions = context.attention_mask.sum(-1, keepdim=True) + torch.arange(n, device=device)[None, :]
     mask = torch.cat([context.attention_mask, context.attention_mask.new_ones(batch, n)], dim=-1)
     out = model(
-        input_ids=new_ids, attention_mask=mask, position_ids=positions, cache=context.cache, use_cache=True
+        input_ids=new_ids, attention_mask=mask, position_ids=positions, cache=context._cache, use_cache=True
     )
     context.attention_mask = mask
     context.next_logits = out.logits[:, -1, :]
@@ -103,7 +103,7 @@ def set_decode_budget(
             raise ChunkKVError("compress_every needs decode_budget (the tokens each layer keeps while decoding)")
         return
     every = DEFAULT_COMPRESS_EVERY if compress_every is None else compress_every
-    context.cache.set_decode_budget(method or context.method, decode_budget, every)
+    context._cache.set_decode_budget(method or context.method, decode_budget, every)
 
 
 # Tokens a layer may grow past the decode budget before it re-selects (when not given).
@@ -122,7 +122,8 @@ def continue_from(
 ) -> torch.Tensor:
     """Generate after a compressed context, optionally feeding ``new_ids`` (e.g. a question) first.
 
-    The context is extended in place; use ``context.fork()`` to keep it reusable.
+    Works on a fork: the context is left as it was, so a second call with the same arguments gives
+    the same tokens (use :func:`extend` to grow a context in place).
 
     Args:
         context: from :func:`chunkkv.compress`.
@@ -131,8 +132,8 @@ def continue_from(
         sampling: :class:`Sampling` (greedy by default).
         decode_budget, compress_every: bound the cache while decoding: a layer that reaches
             ``decode_budget + compress_every`` tokens keeps ``decode_budget`` of them, chosen by the
-            context's method (see :class:`chunkkv.recompress.DecodeBudget`). The budget stays set
-            on ``context.cache`` afterwards.
+            context's method (see :class:`chunkkv.recompress.DecodeBudget`). It is set on the fork
+            this call works on; :func:`set_decode_budget` bounds a context itself (and its forks).
 
     Returns:
         ``[B, m]`` generated token ids (``m <= max_new_tokens``); rows that finished early are
@@ -147,6 +148,7 @@ def continue_from(
         pad = getattr(model.generation_config, "pad_token_id", None)
     if pad is None:
         pad = eos[0] if eos else 0
+    context = context.fork()  # never change the caller's context (no tensor copies)
     set_decode_budget(context, decode_budget, compress_every)
     warpers = _warpers(sampling)
     generator = None
@@ -301,8 +303,8 @@ def generate(
             q_ids = tokenizer(tail, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
             if q_ids.shape[1] == 0:
                 raise PromptError(f"question {question!r} encodes to no tokens")
-            tokens = continue_from(
-                model, shared.fork(), q_ids, sampling, decode_budget=decode_budget, compress_every=compress_every
+            tokens = continue_from(  # works on a fork of the shared context
+                model, shared, q_ids, sampling, decode_budget=decode_budget, compress_every=compress_every
             )
         rows = [_strip(t, sampling, tokenizer) for t in tokens.tolist()]
         texts = [tokenizer.decode(r, skip_special_tokens=True) for r in rows]

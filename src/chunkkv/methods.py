@@ -16,6 +16,7 @@ gathers keys and values with the result. Budget fields (exactly one):
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar
 
@@ -121,6 +122,13 @@ class Method:
                 f"{self.name} does not score tokens, so scoring={self.scoring!r} means nothing for it; "
                 "use scoring='window' (the default) or a scoring method (chunkkv, snapkv, pyramidkv, h2o)"
             )
+        given = Budget(self.keep_tokens, self.keep_fraction, self.remove_fraction)
+        for name in ("keep_tokens", "keep_fraction", "remove_fraction"):
+            object.__setattr__(self, name, getattr(given, name))  # numpy numbers -> int / float
+        for name in ("window", "reuse_depth"):
+            value = getattr(self, name)
+            if isinstance(value, numbers.Integral) and not isinstance(value, (bool, int)):
+                object.__setattr__(self, name, int(value))
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 0:
             raise ChunkKVError(f"window={self.window!r} must be an int >= 0 (tokens of the observation window)")
         if isinstance(self.reuse_depth, bool) or not isinstance(self.reuse_depth, int) or self.reuse_depth < 1:

@@ -120,7 +120,8 @@ def save_context(context: CompressedContext, path: str | os.PathLike, model: tor
             tensors[f"layer.{i}.keys"] = layer.keys.contiguous()
             tensors[f"layer.{i}.values"] = layer.values.contiguous()
         if isinstance(layer, PrunedLayer):
-            entry.update(logical_length=layer.logical_length, needs_wrapper=layer.needs_wrapper)
+            entry.update(logical_length=layer.logical_length, needs_wrapper=layer.needs_wrapper,
+                         sliding_window=layer.sliding_window)
             if layer.valid is not None:
                 tensors[f"layer.{i}.valid"] = layer.valid.contiguous()
             if layer.kept_index is not None:
@@ -259,6 +260,10 @@ def load_context(path: str | os.PathLike, model: torch.nn.Module) -> CompressedC
         raise ContextFileError(f"{path} has {len(meta['layers'])} cache layers, this model {len(cache.layers)}")
     for i, (layer, entry) in enumerate(zip(cache.layers, meta["layers"])):
         kind = "pruned" if isinstance(layer, PrunedLayer) else ("sliding" if isinstance(layer, DynamicSlidingWindowLayer) else "dynamic")
+        if kind == "sliding" and entry["kind"] == "pruned" and entry.get("sliding_window") == layer.sliding_window:
+            # a sliding-window layer whose window held the prompt was pruned (see ChunkKVCache)
+            layer = cache.layers[i] = PrunedLayer(sliding_window=layer.sliding_window)
+            kind = "pruned"
         if kind != entry["kind"]:
             raise ContextFileError(f"{path}: layer {i} was saved as a {entry['kind']} layer, this model's is {kind}")
         if entry["initialized"]:

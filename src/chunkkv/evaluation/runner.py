@@ -127,7 +127,7 @@ def _check_numbers(config: EvalConfig) -> None:
         raise ChunkKVError(f"--lengths {bad[0]} is not a context length: every length must be >= 1 token")
     bad_depths = [d for d in config.depths or [] if not 0 <= d <= 100]
     if bad_depths:
-        raise ChunkKVError(f"--depths {bad_depths[0]:g} is outside 0..100 (needle depth in percent of the context)")
+        raise ChunkKVError(f"--depths {bad_depths[0]:g} is not a percentage in 0..100 (needle depth in the context)")
     if config.temperature is not None and config.do_sample and config.temperature <= 0:
         raise ChunkKVError(f"--temperature {config.temperature} must be > 0 when sampling")
     if config.top_p is not None and not 0 < config.top_p <= 1:
