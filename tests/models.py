@@ -149,7 +149,8 @@ class EvictionLog:
         monkeypatch.setattr(PrunedLayer, "prune", prune)
 
     def evicted_after(self, cache, total: int) -> dict[int, torch.Tensor]:
-        """``{layer: [B, Hkv, total] long}`` for the layers of ``cache`` (the same layer objects)."""
+        """``{layer: [B, Hkv, total] long}`` for the layers of ``cache`` (the same layer objects: pass a
+        context's own ``ctx._cache``, not ``ctx.cache``, which is a fork)."""
         index_of = {id(layer): i for i, layer in enumerate(cache.layers)}
         out: dict[int, torch.Tensor] = {}
         for lid, last, before, valid_before, after, valid_after in self.events:

@@ -78,14 +78,14 @@ def test_chunked_prefill_equals_full_forward_masked_over_time(llama, name, monke
     one_shot = chunkkv.compress(llama, ids, method=method)
     assert ctx.cache.stored_lengths() == one_shot.cache.stored_lengths()
     budgets = one_shot.cache.stored_lengths()
-    assert all(peak <= b + 25 for peak, b in zip(log.stored_peak(ctx.cache), budgets))
-    assert max(log.stored_peak(ctx.cache)) > 25  # it really held kept + chunk
+    assert all(peak <= b + 25 for peak, b in zip(log.stored_peak(ctx._cache), budgets))
+    assert max(log.stored_peak(ctx._cache)) > 25  # it really held kept + chunk
     for i in ctx.cache.pruned_layers:  # original prompt positions, window kept
         kept = ctx.cache.layers[i].kept_index
         assert int(kept.max()) == 119 and int(kept.min()) >= 0
     got = chunkkv.extend(llama, ctx, question)
     full = torch.cat([ids, question], 1)
-    truth = timed_truth_logits(llama, full, torch.ones_like(full), log.evicted_after(ctx.cache, 125))
+    truth = timed_truth_logits(llama, full, torch.ones_like(full), log.evicted_after(ctx._cache, 125))
     torch.testing.assert_close(got, truth[:, 120:].to(got.dtype), atol=2e-5, rtol=1e-4)
     # the prompt's own last logits too: they were computed over a cache pruned chunk by chunk
     torch.testing.assert_close(ctx.next_logits, truth[:, 124].to(got.dtype), atol=2e-5, rtol=1e-4)
@@ -158,7 +158,7 @@ def test_decode_budget_equals_full_forward_masked_over_time(llama, name, monkeyp
     assert ctx.cache.decode_budget.reselections >= 4
     assert max(stored[5:]) <= 32 + 6  # one-token steps never hold more than N + K
     full = torch.cat([ids, new], 1)
-    truth = timed_truth_logits(llama, full, torch.ones_like(full), log.evicted_after(ctx.cache, 96))
+    truth = timed_truth_logits(llama, full, torch.ones_like(full), log.evicted_after(ctx._cache, 96))
     torch.testing.assert_close(got, truth[:, 60:].to(got.dtype), atol=3e-5, rtol=1e-4)
     for i in ctx.cache.pruned_layers:  # positions stay the original ones; the window is kept
         layer = ctx.cache.layers[i]
@@ -247,7 +247,7 @@ def test_decode_budget_errors(llama):
         chunkkv.continue_from(llama, ctx, None, compress_every=4)
     chunkkv.detach(llama)  # a bounded cache on a detached model is refused, not silently unbounded
     try:
-        ctx.cache.set_decode_budget(ctx.method, 32, 4)
+        chunkkv.set_decode_budget(ctx, 32, 4)  # on the context itself: every ctx.cache fork follows it
         with pytest.raises(ChunkKVError, match="attach"):
             llama.generate(torch.cat([ctx.input_ids, _prompt(1, 2)], 1), cache=ctx.cache, max_new_tokens=3)
     finally:
