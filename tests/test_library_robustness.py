@@ -179,3 +179,15 @@ def test_attention_mask_values_other_than_zero_and_one_are_refused(llama):
             chunkkv.compress(llama, ids, bad, method=ChunkKV(keep_tokens=10, window=4))
     ok = torch.ones(1, 40, dtype=torch.bool)
     assert chunkkv.compress(llama, ids, ok, method=ChunkKV(keep_tokens=10, window=4)).cache.stored_lengths() == [10] * 4
+
+
+def test_a_saved_sliding_window_context_reloads_and_continues_the_same(tmp_path):
+    model = tiny_model("mistral", sliding_window=MISTRAL_7B_V01)
+    ids, question = _ids(90, 20), _ids(4, 21)
+    ctx = chunkkv.compress(model, ids, method=ChunkKV(keep_tokens=30, window=6, chunk_size=4))
+    ctx.save(tmp_path / "ctx.safetensors")
+    loaded = chunkkv.load_context(tmp_path / "ctx.safetensors", model)
+    assert all(loaded.cache.layers[i].sliding_window == MISTRAL_7B_V01 for i in range(4))
+    sampling = chunkkv.Sampling(max_new_tokens=6)
+    assert torch.equal(chunkkv.continue_from(model, loaded, question, sampling),
+                       chunkkv.continue_from(model, ctx, question, sampling))
