@@ -244,3 +244,52 @@ def test_shared_context_is_compressed_once_with_the_same_answers(model_dir, tmp_
     run_eval(model, tok, out_dir=str(tmp_path / "fresh"), **kw)
     reuse = [r["prediction"] for r in read_records(tmp_path / "reuse" / "predictions.jsonl")]
     assert reuse == [r["prediction"] for r in read_records(tmp_path / "fresh" / "predictions.jsonl")]
+
+
+def test_several_methods_share_one_prefill_per_sample_with_the_same_results(model_dir, tmp_path, monkeypatch):
+    """run_eval_many writes, per method, what run_eval writes alone; each prompt is prefilled once."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from chunkkv.evaluation.runner import run_eval_many
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    methods = {"full": chunkkv.FullKV(), "chunkkv": chunkkv.ChunkKV(keep_fraction=0.3, window=4, chunk_size=4),
+               "h2o": chunkkv.H2O(keep_fraction=0.3, window=6)}
+    kw = dict(task="niah", lengths=[70], depths=[20.0, 80.0], max_new_tokens=4, progress=False)
+    for query_aware in (False, True):
+        config = chunkkv.evaluation.EvalConfig(out_dir=str(tmp_path / f"many{query_aware}"), query_aware=query_aware, **kw)
+        captures = []
+        real = chunkkv.evaluation.runner.capture_prefill
+        monkeypatch.setattr(chunkkv.evaluation.runner, "capture_prefill",
+                            lambda *a, **k: captures.append(1) or real(*a, **k))
+        many = run_eval_many(model, tok, config, methods)
+        monkeypatch.setattr(chunkkv.evaluation.runner, "capture_prefill", real)
+        assert len(captures) == 2  # two samples, one prefill each for the three methods
+        for name, method in methods.items():
+            alone = run_eval(model, tok, out_dir=str(tmp_path / f"alone{query_aware}{name}"), method=method,
+                             query_aware=query_aware, **kw)
+            got = read_records(tmp_path / f"many{query_aware}" / name / "predictions.jsonl")
+            want = read_records(tmp_path / f"alone{query_aware}{name}" / "predictions.jsonl")
+            assert [(r["id"], r["prediction"], r["kept_tokens"]) for r in got] == \
+                [(r["id"], r["prediction"], r["kept_tokens"]) for r in want]
+            assert many[name]["samples"] == alone["samples"] == 2
+        # resumes: nothing left to do, no prefill
+        captures.clear()
+        monkeypatch.setattr(chunkkv.evaluation.runner, "capture_prefill",
+                            lambda *a, **k: captures.append(1) or real(*a, **k))
+        run_eval_many(model, tok, config, methods)
+        monkeypatch.setattr(chunkkv.evaluation.runner, "capture_prefill", real)
+        assert captures == []
+
+
+def test_methods_flag_runs_every_method_into_its_folder(model_dir, tmp_path):
+    out = tmp_path / "many"
+    assert main(["eval", "--model", str(model_dir), "--methods", "full,snapkv,chunkkv", "--keep-fraction", "0.5",
+                 "--window", "4", "--no-progress", "--out", str(out), "--task", "niah", "--lengths", "60",
+                 "--depths", "50", "--max-new-tokens", "3"]) == 0
+    for name in ("full", "snapkv", "chunkkv"):
+        assert _metrics(out / name)["samples"] == 1
+    assert _metrics(out / "chunkkv")["method"]["keep_fraction"] == 0.5
+    assert main(["eval", "--model", str(model_dir), "--methods", "chunkkv,chunkkv", "--keep-fraction", "0.5",
+                 "--no-progress", "--out", str(tmp_path / "x"), "--task", "niah", "--lengths", "60"]) == 2

@@ -49,6 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser, default="")
     add_method_arguments(parser)
     g = parser.add_argument_group("evaluation")
+    g.add_argument("--methods", help="several methods on the same samples, one prefill per sample, e.g. "
+                   "full,snapkv,chunkkv (each with the budget flags; results in --out/<method>/)")
     g.add_argument("--task", help="niah | longbench[:task,…] | gsm8k | jailbreakv | synthetic[:task,…]")
     g.add_argument("--out", help="output folder (resumes if it holds a run with the same settings)")
     g.add_argument("--limit", type=int, help="at most N samples per (sub)task")
@@ -173,6 +175,8 @@ def run(args: argparse.Namespace) -> int:
     if args.data_file:
         _check_text_file(args.data_file, "--data-file")
     check_device(args.device)
+    if getattr(args, "methods", None):
+        return _run_many(args, config, shard)
     method = method_from_args(args)
     bounds_from_args(args, method)
     _say_if_no_op(method, config)
@@ -192,6 +196,33 @@ def run(args: argparse.Namespace) -> int:
         print("note: the budget kept every token of every context: compression removed nothing")
     print(f"results: {args.out}/metrics.json, {args.out}/summary.md, {args.out}/predictions.jsonl")
     return _report_incomplete(metrics, args.out)
+
+
+def _run_many(args: argparse.Namespace, config: EvalConfig, shard) -> int:
+    """``--methods a,b,c``: every method on the same samples with one prefill per sample."""
+    from ..cli_common import methods_from_args, parse_method_names
+    from .runner import run_eval_many
+
+    names = parse_method_names(args.methods)
+    methods = methods_from_args(args, names)
+    labels = [m.name for m in methods]
+    if len(set(labels)) != len(labels):
+        raise ChunkKVError(f"--methods {args.methods!r} names a method twice")
+    for method in methods:
+        bounds_from_args(args, method)
+        _say_if_no_op(method, config)
+    with output_locks(args.out, shard):
+        model, tokenizer = load_model(args)
+        results = run_eval_many(model, tokenizer, config, dict(zip(labels, methods)), shard=shard)
+    if all(m is None for m in results.values()):
+        print(f"rank {shard.rank}: done; rank 0 merges", file=sys.stderr)
+        return 0
+    status = 0
+    for label, metrics in results.items():
+        print(_headline(metrics))
+        status = max(status, _report_incomplete(metrics, str(Path(args.out) / label)))
+    print(f"results: {args.out}/<method>/metrics.json, summary.md, predictions.jsonl for {', '.join(labels)}")
+    return status
 
 
 def _report_incomplete(metrics: dict, out: str) -> int:

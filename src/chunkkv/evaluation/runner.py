@@ -30,7 +30,8 @@ import torch
 from ..compress import compress
 from ..errors import ChunkKVError
 from ..generation import Sampling, continue_from, extend, set_decode_budget
-from ..methods import FullKV, Method, StreamingLLM
+from ..methods import FullKV, H2O, Method, StreamingLLM
+from ..multi import PrefillCapture, capture_prefill, compress_from_capture
 from ..outputs import LOCK_NAME, OutputLock, check_output_dir
 from .base import EvalSample, Task, mean
 from .distributed import Shard
@@ -38,7 +39,7 @@ from .prompting import chat_template_available, encode_prompt
 from .store import RecordStore, write_json_atomic, write_text_atomic
 from .tasks import build_task
 
-__all__ = ["EvalConfig", "Generator", "merge_results", "output_locks", "run_eval"]
+__all__ = ["EvalConfig", "Generator", "SharedPrefill", "merge_results", "output_locks", "run_eval", "run_eval_many"]
 
 #: Settings that may change between a run and its resumption.
 _RESUMABLE = {"out_dir", "limit", "progress", "overwrite", "model_max_positions"}
@@ -146,11 +147,45 @@ def _as_list(value: Any) -> list[int]:
     return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
 
 
-class Generator:
-    """Answers one :class:`EvalSample` on a compressed cache (batch 1)."""
+class SharedPrefill:
+    """One prefill per context for several methods answering the same samples (:mod:`chunkkv.multi`).
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, method: Method | None, config: EvalConfig) -> None:
+    Holds the capture of the last context it saw; a method asking for the same context gets its
+    compressed cache built from that capture (exactly what ``compress`` would give) instead of a
+    new prefill. ``window``: the largest observation window of the methods; ``accumulated``: some
+    method is H2O (its all-query scores are computed during the capture).
+    """
+
+    def __init__(self, methods: list[Method | None]) -> None:
+        windows = [m.window for m in methods if m is not None and m.uses_window_queries]
+        self.window = max(windows, default=1)
+        self.accumulated = any(isinstance(m, H2O) for m in methods)
+        self._key: tuple[int, ...] | None = None
+        self._capture: PrefillCapture | None = None
+        self.prefills = 0
+
+    def context(self, model: torch.nn.Module, context_ids: list[int], method: Method, device):
+        key = tuple(context_ids)
+        if key != self._key:
+            self._key, self._capture = None, None  # free the previous capture before the next prefill
+            self._capture = capture_prefill(model, torch.tensor([context_ids], device=device), window=self.window,
+                                            accumulated=self.accumulated)
+            self._key = key
+            self.prefills += 1
+        return compress_from_capture(self._capture, method)
+
+
+class Generator:
+    """Answers one :class:`EvalSample` on a compressed cache (batch 1).
+
+    With ``shared`` (a :class:`SharedPrefill`), the compressed context comes from a prefill shared
+    with other methods on the same sample (one-shot prefill only; ``prefill_chunk`` compresses alone).
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, method: Method | None, config: EvalConfig,
+                 shared: SharedPrefill | None = None) -> None:
         self.model, self.tokenizer, self.method, self.config = model, tokenizer, method, config
+        self.shared = shared
         if config.chat_template and not chat_template_available(tokenizer):
             raise ChunkKVError("--chat-template was given but the tokenizer has no chat template")
         self.use_chat = chat_template_available(tokenizer) if config.chat_template is None else config.chat_template
@@ -181,7 +216,11 @@ class Generator:
             held = None
             method = FullKV() if self._too_short(len(context_ids)) else self.method
             chunk = self.config.prefill_chunk if method is self.method else None
-            base = compress(self.model, torch.tensor([context_ids], device=self.device), method=method, prefill_chunk=chunk)
+            if self.shared is not None and chunk is None:
+                base = self.shared.context(self.model, context_ids, method or FullKV(), self.device)
+            else:
+                base = compress(self.model, torch.tensor([context_ids], device=self.device), method=method,
+                                prefill_chunk=chunk)
         if not keep:
             return base
         self._last = (key, base)
@@ -357,6 +396,78 @@ def run_eval(
         return finalize(store, task, config, method, order=ids)
 
 
+def run_eval_many(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    config: EvalConfig,
+    methods: dict[str, Method | None],
+    *,
+    shard: Shard | None = None,
+) -> dict[str, dict[str, Any] | None]:
+    """:func:`run_eval` for several methods on the same samples, one prefill per sample.
+
+    ``methods`` maps a folder name to a method: method ``name`` writes ``<config.out_dir>/<name>/``
+    exactly as ``run_eval(..., out_dir=<that folder>, method=...)`` would (same records, same
+    resume, same metrics), but each sample's prompt is prefilled once for every method that still
+    needs it (:class:`SharedPrefill`; with ``prefill_chunk`` each method compresses alone).
+    Returns ``{name: metrics}`` (None on ranks other than 0).
+    """
+    if not methods:
+        raise ChunkKVError("give at least one method")
+    bad = [n for n in methods if not n or "/" in n or n in (".", "..")]
+    if bad:
+        raise ChunkKVError(f"method folder names must be plain names, got {bad[0]!r}")
+    shard = shard or Shard()
+    if not config.model_name:
+        config = dataclasses.replace(config, model_name=str(getattr(model, "name_or_path", "") or ""))
+    if config.model_max_positions is None:
+        config = dataclasses.replace(config, model_max_positions=getattr(model.config, "max_position_embeddings", None))
+    task = build_task(config)
+    configs = {n: dataclasses.replace(config, out_dir=str(Path(config.out_dir) / n)) for n in methods}
+    with contextlib.ExitStack() as stack:
+        locks = {n: stack.enter_context(output_locks(c.out_dir, shard)) for n, c in configs.items()}
+        samples = task.samples(tokenizer)
+        ids = [s.id for s in samples]
+        if len(set(ids)) != len(ids):
+            raise ChunkKVError(f"the task produced duplicate sample ids (e.g. {_first_duplicate(ids)})")
+        stores, todo = {}, {}
+        for n, c in configs.items():
+            stores[n] = RecordStore(c.out_dir, shard.rank, shard.world)
+            if c.overwrite:
+                if shard.world > 1:
+                    raise ChunkKVError("--overwrite cannot be used in a sharded run: delete the output folder first")
+                stores[n].reset()
+            _check_run_file(stores[n].dir, c.fingerprint(methods[n]), len(samples))
+            done = stores[n].load()
+            todo[n] = {i for i, s in enumerate(samples) if shard.owns(i) and s.id not in done}
+        if any(todo.values()):
+            prepare = getattr(task, "prepare", None)
+            if prepare is not None:
+                prepare(model, tokenizer)
+            shared = SharedPrefill(list(methods.values()))
+            generators = {n: Generator(model, tokenizer, methods[n], configs[n], shared=shared) for n in methods}
+            from tqdm.auto import tqdm
+
+            wanted = [(i, s) for i, s in enumerate(samples) if any(i in t for t in todo.values())]
+            for index, sample in tqdm(wanted, desc=f"{config.task} x {len(methods)} methods",
+                                      disable=not config.progress, dynamic_ncols=True):
+                for n in methods:
+                    if index in todo[n]:
+                        out = generators[n](sample, seed=config.seed + index)
+                        stores[n].append(_record(task, sample, index, out, shard))
+        results: dict[str, dict[str, Any] | None] = {}
+        for n in methods:
+            stores[n].close()
+            if not shard.is_main:
+                results[n] = None
+                continue
+            if shard.world > 1:
+                _wait_for(stores[n], ids)
+                locks[n].upgrade()
+            results[n] = finalize(stores[n], task, configs[n], methods[n], order=ids)
+        return results
+
+
 def _answer_all(task: Task, generator: Generator, store: RecordStore, todo: list[tuple[int, EvalSample]],
                 config: EvalConfig, shard: Shard, total: int) -> None:
     from tqdm.auto import tqdm
@@ -367,27 +478,30 @@ def _answer_all(task: Task, generator: Generator, store: RecordStore, todo: list
         following = todo[k + 1][1] if k + 1 < len(todo) else None
         same = following is not None and (following.context, following.chat) == (sample.context, sample.chat)
         out = generator(sample, seed=config.seed + index, reuse_next=same)
-        scores = task.score(sample, out["prediction"])
-        store.append(
-            {
-                "id": sample.id,
-                "index": index,
-                "subtask": sample.subtask,
-                "prediction": out["prediction"],
-                "chat": out["chat"],
-                "compressed": out["compressed"],
-                "gold": sample.gold,
-                "score": next(iter(scores.values())),
-                "scores": scores,
-                "prompt_tokens": out["prompt_tokens"],
-                "context_tokens": out["context_tokens"],
-                "kept_tokens": out["kept_tokens"],
-                "generated_tokens": out["generated_tokens"],
-                "seconds": out["seconds"],
-                "rank": shard.rank,
-                "meta": sample.meta,
-            }
-        )
+        store.append(_record(task, sample, index, out, shard))
+
+
+def _record(task: Task, sample: EvalSample, index: int, out: dict[str, Any], shard: Shard) -> dict[str, Any]:
+    """The stored record of one answered sample."""
+    scores = task.score(sample, out["prediction"])
+    return {
+        "id": sample.id,
+        "index": index,
+        "subtask": sample.subtask,
+        "prediction": out["prediction"],
+        "chat": out["chat"],
+        "compressed": out["compressed"],
+        "gold": sample.gold,
+        "score": next(iter(scores.values())),
+        "scores": scores,
+        "prompt_tokens": out["prompt_tokens"],
+        "context_tokens": out["context_tokens"],
+        "kept_tokens": out["kept_tokens"],
+        "generated_tokens": out["generated_tokens"],
+        "seconds": out["seconds"],
+        "rank": shard.rank,
+        "meta": sample.meta,
+    }
 
 
 def _first_duplicate(ids: list[str]) -> str:
