@@ -238,3 +238,22 @@ def test_generate_and_cli_score_question_agnostically(capsys, tmp_path):
     assert main(["generate", "--model", str(folder), "--context-file", str(doc), "--method", "streamingllm",
                  "--keep-fraction", "0.2", "--scoring", "probe"]) == 2
     assert "streamingllm does not score tokens" in capsys.readouterr().err
+
+
+def test_question_agnostic_default_and_bounded_memory(llama):
+    from chunkkv.agnostic import AGNOSTIC_DEFAULT, agnostic_method
+
+    method = ChunkKV(keep_fraction=0.2, window=8)
+    assert AGNOSTIC_DEFAULT == "reconstruction"
+    assert agnostic_method(method).scoring == "reconstruction"  # the measured default (docs/question-agnostic.md)
+    assert agnostic_method(method, "window").scoring == "window"
+    assert agnostic_method(method, full_prefill=False).scoring == "window"  # chunked prefill never holds the full cache
+    assert agnostic_method(StreamingLLM(keep_tokens=10)) == StreamingLLM(keep_tokens=10)
+    with pytest.raises(PromptError, match="cannot be combined with prefill_chunk"):
+        chunkkv.compress(llama, _prompt(), method=ChunkKV(keep_tokens=40, window=8, scoring="reconstruction"),
+                         prefill_chunk=32)
+    # a reconstruction-scored context decodes under a decode budget (re-selection uses the window)
+    ctx = chunkkv.compress(llama, _prompt(seed=8), method=ChunkKV(keep_tokens=40, window=8, scoring="reconstruction"))
+    chunkkv.generation.set_decode_budget(ctx, 40, 4)
+    tokens = chunkkv.continue_from(llama, ctx, _prompt(1, 3, seed=9), chunkkv.Sampling(max_new_tokens=12))
+    assert tokens.shape == (1, 12) and max(ctx.cache.stored_lengths()) <= 44

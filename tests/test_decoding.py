@@ -195,7 +195,8 @@ def test_generate_text_api_question_agnostic_and_query_aware(llama):
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>")
     context = " ".join(f"w{(i * 7) % 250}" for i in range(150))
-    result = chunkkv.generate(llama, tokenizer, context, [" w1 w2 w3", " w4 w5"], ChunkKV(keep_fraction=0.2, window=8))
+    result = chunkkv.generate(llama, tokenizer, context, [" w1 w2 w3", " w4 w5"], ChunkKV(keep_fraction=0.2, window=8),
+                              scoring="window")  # the papers' scoring (the default is tested in test_agnostic.py)
     assert [a.question for a in result.answers] == [" w1 w2 w3", " w4 w5"]
     assert result.kept_tokens[0] == [30] and result.prompt_tokens == [150]
     # the question-agnostic answers equal compressing once and continuing by hand

@@ -49,19 +49,21 @@ PROMPTS = {
 _REDUCE = {"reconstruction": "max", "probe": "sum"}
 #: The scoring question-agnostic ``chunkkv.generate`` / ``chunkkv generate`` use for a scoring
 #: method left at ``scoring="window"`` (chosen by docs/question-agnostic.md's measurements).
-AGNOSTIC_DEFAULT = "window"
+AGNOSTIC_DEFAULT = "reconstruction"
 
 
-def agnostic_method(method: Method | None, scoring: str | None = None) -> Method | None:
+def agnostic_method(method: Method | None, scoring: str | None = None, full_prefill: bool = True) -> Method | None:
     """The method a question-agnostic compression runs: ``scoring`` when given, else
-    :data:`AGNOSTIC_DEFAULT` for a scoring method left at ``"window"``; other methods unchanged."""
+    :data:`AGNOSTIC_DEFAULT` for a scoring method left at ``"window"`` (only when the prefill holds
+    the full cache: ``full_prefill=False``, i.e. a chunked prefill, keeps the window); other
+    methods unchanged."""
     if method is None or not method.scores_tokens:
         if scoring not in (None, "window") and method is not None:
             return replace(method, scoring=scoring)  # raises the method's own clear error
         return method
     if scoring is not None:
         return method if method.scoring == scoring else replace(method, scoring=scoring)
-    if method.scoring == "window" and AGNOSTIC_DEFAULT != "window":
+    if method.scoring == "window" and AGNOSTIC_DEFAULT != "window" and full_prefill:
         return replace(method, scoring=AGNOSTIC_DEFAULT)
     return method
 

@@ -103,7 +103,12 @@ def set_decode_budget(
             raise ChunkKVError("compress_every needs decode_budget (the tokens each layer keeps while decoding)")
         return
     every = DEFAULT_COMPRESS_EVERY if compress_every is None else compress_every
-    context._cache.set_decode_budget(method or context.method, decode_budget, every)
+    method = method or context.method
+    if method.scores_tokens and method.scoring != "window":
+        # Re-selection while decoding scores with the recent queries: question-agnostic scoring
+        # (chunkkv.agnostic) only ranks the prompt once, after its prefill.
+        method = replace(method, scoring="window")
+    context._cache.set_decode_budget(method, decode_budget, every)
 
 
 # Tokens a layer may grow past the decode budget before it re-selects (when not given).
@@ -276,7 +281,7 @@ def generate(
     if not query_aware:
         from .agnostic import agnostic_method, scoring_prompt
 
-        method = agnostic_method(method, scoring)
+        method = agnostic_method(method, scoring, prefill_chunk is None)
         prompt = None
         if method is not None and method.scoring != "window":
             prompt = scoring_prompt(tokenizer, method.scoring, chat=use_chat)

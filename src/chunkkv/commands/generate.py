@@ -108,10 +108,10 @@ def run(args: argparse.Namespace) -> int:
                 if not args.query_aware:
                     from ..agnostic import agnostic_method, scoring_prompt
 
-                    method = agnostic_method(method, args.scoring)
+                    method = agnostic_method(method, args.scoring, bounds["prefill_chunk"] is None)
                     if method.scoring != "window":
-                        # the context is raw text here (no chat template): ask the scoring prompt as a question would be
-                        prompt = scoring_prompt(tokenizer, method.scoring, separator=args.separator, chat=False)
+                        # the same scoring prompt chunkkv.generate builds (chat template or not, as the context)
+                        prompt = scoring_prompt(tokenizer, method.scoring, chat=not special)
                 with progress() as bar:
                     bar.add_task(f"compressing {ids.shape[1]} tokens with {method.name}", total=None)
                     ctx = compress(model, ids, method=method, prefill_chunk=bounds["prefill_chunk"],
