@@ -281,3 +281,19 @@ def test_data_files_that_are_not_text_are_clear_errors_in_the_library(tmp_path):
     with pytest.raises(ChunkKVError, match="bad.jsonl:2: not a JSON line"):
         load_gsm8k("test", data_file=bad)
     assert FIXTURES.exists()
+
+
+def test_sweep_heading_reports_the_real_prompt_length():
+    from chunkkv.sweep import render_markdown
+
+    cfg = {"tasks": ["niah_single"], "question_agnostic": False, "window": "question", "extra_new_tokens": 2,
+           "seed": 0, "haystack": "varied", "sweep_fraction": 0.1, "chunk_size": 10, "heatmap_fraction": 0.1}
+
+    def row(length, prompt):
+        return {"length": length, "group": "budget", "method": "full", "label": "full", "spec": "full", "params": {},
+                "tasks": {"niah_single": 100.0}, "counts": {"niah_single": 3}, "average": 100.0,
+                "jaccard_union": None, "jaccard_head": None, "value_pos_kept": [], "prompt_tokens": prompt}
+
+    text = render_markdown({"model": "m", "num_layers": 2, "config": cfg, "rows": [row(10, 29.0), row(1024, 1020.0)]})
+    assert "### 10 tokens asked, prompts of 29 tokens on average (3 samples per task)" in text
+    assert "### 1024 tokens (3 samples per task)" in text
