@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("evaluation")
     g.add_argument("--methods", help="several methods on the same samples, one prefill per sample, e.g. "
                    "full,snapkv,chunkkv (each with the budget flags; results in --out/<method>/)")
-    g.add_argument("--task", help="niah | longbench[:task,…] | gsm8k | jailbreakv | synthetic[:task,…]")
+    g.add_argument("--task", help="niah | longbench[:task,…] | gsm8k | jailbreakv | synthetic[:task,…] | ppl")
     g.add_argument("--out", help="output folder (resumes if it holds a run with the same settings)")
     g.add_argument("--limit", type=int, help="at most N samples per (sub)task")
     g.add_argument("--max-new-tokens", type=int, help="override the benchmark's generation length")
@@ -87,6 +87,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m = parser.add_argument_group("GSM8K")
     m.add_argument("--num-shots", type=int, default=8, help="chain-of-thought exemplars in the compressed context (paper: 8, 50)")
     m.add_argument("--shots-file", help="JSONL of exemplars (question/answer rows; default: GSM8K train)")
+    p = parser.add_argument_group("perplexity (--task ppl: teacher forcing through a bounded cache, docs/memory.md)")
+    p.add_argument("--ppl-methods", default="chunkkv,snapkv,streamingllm,h2o", help="methods (chunkkv,snapkv,streamingllm,h2o)")
+    p.add_argument("--ppl-budgets", default="256,512,1024", help="KV budgets in tokens per layer (256,512,1024)")
+    p.add_argument("--ppl-texts", type=int, default=2, help="texts (the essays joined, each from another essay; 2)")
+    p.add_argument("--ppl-length", type=int, default=8192, help="tokens per text (8192)")
     j = parser.add_argument_group("JailbreakV")
     j.add_argument("--judge-model", help="guard model (e.g. Llama-Guard-3-8B); default: refusal-keyword rule")
     j.add_argument("--jb-formats", help="comma list of attack formats to keep, or 'all' (default: Template,Persuade,Logic)")
@@ -161,6 +166,8 @@ def run(args: argparse.Namespace) -> int:
         raise ChunkKVError("give --task (niah, longbench, gsm8k, jailbreakv, synthetic)")
     if not args.model:
         raise ChunkKVError("give --model (a local model folder or a hub id)")
+    if args.task == "ppl":
+        return _run_ppl(args)
     shard = shard_info()
     if shard.world > 1:
         if args.device_map:
@@ -269,3 +276,32 @@ def _headline(metrics: dict) -> str:
         if key in metrics:
             return f"{metrics['task']} [{metrics['method_label']}]: {key} = {metrics[key]} over {metrics['samples']} samples"
     return f"{metrics['task']}: {metrics['samples']} samples"
+
+
+def _run_ppl(args: argparse.Namespace) -> int:
+    """``--task ppl``: perplexity per method and KV budget against the full cache (docs/memory.md)."""
+    import torch
+
+    from .perplexity import PplConfig, plot, run_ppl, summarize, to_markdown
+
+    config = PplConfig(
+        texts=args.ppl_texts, length=args.ppl_length,
+        budgets=[int(b) for b in args.ppl_budgets.split(",") if b.strip()] if args.ppl_budgets else [],
+        methods=[m.strip() for m in args.ppl_methods.split(",") if m.strip()],
+        every=args.compress_every or 64,
+    )
+    config.validate()
+    check_device(args.device)
+    out = Path(args.out)
+    model, tokenizer = load_model(args)
+    if torch.get_num_threads() > 2 and (args.device or "cpu") == "cpu":
+        torch.set_num_threads(2)
+    rows = run_ppl(model, tokenizer, config, out, log=lambda m: print(m, file=sys.stderr, flush=True))
+    summary = summarize(rows)
+    text = to_markdown(summary, args.model)
+    (out / "ppl_summary.json").write_text(json.dumps(summary, indent=1))
+    (out / "ppl.md").write_text(text + "\n")
+    plot(rows, out / "ppl_vs_position.png")
+    print(text)
+    print(f"results: {out}/ppl.jsonl, {out}/ppl.md, {out}/ppl_summary.json, {out}/ppl_vs_position.png")
+    return 0
