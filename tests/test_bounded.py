@@ -252,3 +252,17 @@ def test_decode_budget_errors(llama):
             llama.generate(torch.cat([ctx.input_ids, _prompt(1, 2)], 1), cache=ctx.cache, max_new_tokens=3)
     finally:
         chunkkv.attach(llama)
+
+
+@pytest.mark.parametrize("family", ["gemma3", "phi3", "qwen3"])
+def test_families_chunked_prefill_and_decode_budget_equal_the_truth(family, monkeypatch):
+    model = tiny_model(family)
+    ids, q = _prompt(length=90, seed=12), _prompt(1, 4, seed=13)
+    log = EvictionLog(monkeypatch)
+    ctx = chunkkv.compress(model, ids, method=ChunkKV(keep_tokens=30, window=6, chunk_size=4), prefill_chunk=20)
+    chunkkv.set_decode_budget(ctx, 24, 4)
+    got = torch.cat([chunkkv.extend(model, ctx, q)] + [chunkkv.extend(model, ctx, q[:, i:i + 1]) for i in range(4)], 1)
+    assert all(ctx.cache.layers[i].stored_length <= 28 for i in ctx.cache.pruned_layers)
+    full = torch.cat([ids, q, q], 1)
+    truth = timed_truth_logits(model, full, torch.ones_like(full), log.evicted_after(ctx.cache, 98))
+    torch.testing.assert_close(got, truth[:, 90:].to(got.dtype), atol=2e-5, rtol=1e-4)

@@ -31,12 +31,14 @@ from .measure import MiB, MemoryMeter, now
 def chunked_bound(config, kept: int, chunk: int, batch: int = 1, element_size: int = 4) -> dict[str, int]:
     """Bytes that must be live at the peak of a chunked prefill, by parts.
 
-    * ``kv``: every layer's keys and values for ``kept + chunk`` tokens;
-    * ``activations``: one chunk through one layer: the residual stream and its normed copy, q/k/v/o
-      (``4 * hidden``), the MLP's gate, up and product (``3 * intermediate``), the attention
-      weights and the mask over ``kept + chunk`` keys (``2 * heads * chunk * (kept + chunk)``
-      floats: CPU sdpa with a mask materialises them), and the window scores of the re-selection
-      (``heads * window * (kept + chunk)``, window 32).
+    * ``kv``: every layer's keys and values for ``kept + chunk`` tokens (an upper bound: at any
+      moment only the layer being run holds ``kept + chunk``, the others ``kept``);
+    * ``activations``: one chunk through one layer: the residual stream, its normed copy, q, the
+      attention output and o-projection, k and v (``6 * hidden`` per token), the MLP's gate, up and
+      product (``3 * intermediate``); the keys and values repeated to every query head for GQA
+      (``2 * heads * (kept + chunk) * head_dim``); the boolean mask (``chunk * (kept + chunk)``
+      bytes); the window scores of the re-selection (``heads * 32 * (kept + chunk)`` floats). The
+      attention weights are not counted: sdpa's fused CPU and CUDA kernels do not materialise them.
     """
     text = config.get_text_config(decoder=True)
     layers = text.num_hidden_layers
@@ -46,7 +48,9 @@ def chunked_bound(config, kept: int, chunk: int, batch: int = 1, element_size: i
     keys = kept + chunk
     kv = layers * 2 * batch * kv_heads * keys * head_dim * element_size
     per_token = 6 * text.hidden_size + 3 * text.intermediate_size
-    activations = batch * element_size * (chunk * per_token + 2 * heads * chunk * keys + heads * 32 * keys)
+    activations = batch * (
+        element_size * (chunk * per_token + 2 * heads * keys * head_dim + heads * 32 * keys) + chunk * keys
+    )
     return {"kv": kv, "activations": activations, "total": kv + activations}
 
 
