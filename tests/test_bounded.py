@@ -264,5 +264,5 @@ def test_families_chunked_prefill_and_decode_budget_equal_the_truth(family, monk
     got = torch.cat([chunkkv.extend(model, ctx, q)] + [chunkkv.extend(model, ctx, q[:, i:i + 1]) for i in range(4)], 1)
     assert all(ctx.cache.layers[i].stored_length <= 28 for i in ctx.cache.pruned_layers)
     full = torch.cat([ids, q, q], 1)
-    truth = timed_truth_logits(model, full, torch.ones_like(full), log.evicted_after(ctx.cache, 98))
+    truth = timed_truth_logits(model, full, torch.ones_like(full), log.evicted_after(ctx._cache, 98))
     torch.testing.assert_close(got, truth[:, 90:].to(got.dtype), atol=2e-5, rtol=1e-4)
