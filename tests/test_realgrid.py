@@ -100,3 +100,19 @@ def test_one_sample_through_every_kind_of_row(tok, tmp_path):
     assert run_grid(model, tok, tmp_path, plan, specs[:3], window=16, progress=False) == 0
     lines = (tmp_path / "records.jsonl").read_text().splitlines()
     assert len(lines) == 3 and {json.loads(x)["spec"] for x in lines} == {s.key for s in specs[:3]}
+
+
+def test_report_tables_have_n_and_wilson_intervals(tmp_path):
+    from chunkkv.realreport import cell, markdown, summarise, trails, wilson
+
+    lo, hi = wilson(0, 10)
+    assert lo == 0.0 and abs(hi - 0.2775) < 1e-3
+    assert cell([1.0, 1.0, 0.0, 1.0]) == "75.0 (n=4, 30–95)"
+    records = [{"task": "niah_paper", "length": 1020, "index": i, "spec": spec, "score": score, "prompt_tokens": 1020,
+                "prediction": "x", "rouge1": 0.5, "depth": 0.5, "answer_whole_layers": 0.2}
+               for i in range(3) for spec, score in (("full", 1.0), ("chunkkv/t128/c10/r1", 0.0), ("snapkv/t128", 1.0))]
+    s = summarise(records)
+    text = markdown(s, [], "tiny")
+    assert "| niah_paper | 100.0 (n=3, 44–100)" in text
+    assert "| chunkkv | KV 128 | 0.0 (n=3, 0–56)" in text
+    assert len(trails(s)) == 3 and trails(s)[0]["other"] == "snapkv"

@@ -119,8 +119,8 @@ def markdown(s: dict, speed: list[dict[str, Any]], model: str) -> str:
     add("|---|" + "---|" * (len(L_all) + 2))
     for t in s["tasks"]:
         cells = [cell(s["full"][(t, L)]) for L in L_all]
-        toks = _mean(r["prompt_tokens"] for L in L_all for r in s["by"][("full", t, L)])
-        add(f"| {t} | " + " | ".join(cells) + f" | {toks:.0f} | {'yes' if t in ok else 'no (< 85 %)'} |")
+        toks = " / ".join(_fmt(_mean(r["prompt_tokens"] for r in s["by"][("full", t, L)]), 1, 0) for L in L_all)
+        add(f"| {t} | " + " | ".join(cells) + f" | {toks} | {'yes' if t in ok else 'no (< 85 %)'} |")
     add("")
     add(f"Tasks in the averages below (full cache ≥ 85 % at every length run): {', '.join(ok) or 'none'}.")
     add("")
@@ -217,25 +217,44 @@ def markdown(s: dict, speed: list[dict[str, Any]], model: str) -> str:
     return "\n".join(lines)
 
 
-def trails(s: dict, other: str = "snapkv") -> list[dict[str, Any]]:
-    """Samples where ChunkKV failed and ``other`` succeeded at the same budget (10 % and KV 128),
-    with what each kept of the needle and the answer."""
+BUDGETS = [("5 %", dict(fraction=0.05)), ("10 %", dict(fraction=0.1)), ("20 %", dict(fraction=0.2)),
+           ("30 %", dict(fraction=0.3)), ("KV 64", dict(tokens=64)), ("KV 128", dict(tokens=128)),
+           ("KV 256", dict(tokens=256)), ("KV 512", dict(tokens=512))]
+
+
+def trails(s: dict) -> list[dict[str, Any]]:
+    """Samples (of the tasks in the averages) where ChunkKV failed and another method succeeded at
+    the same budget, with the share of layers that kept the answer tokens (union over KV heads)."""
     out = []
-    for label, kw in (("10 %", dict(fraction=0.1)), ("KV 128", dict(tokens=128))):
-        a, b = spec_key("chunkkv", **kw), spec_key(other, **kw)
-        for t in s["tasks"]:
-            for L in s["lengths"]:
-                mine = {r["index"]: r for r in s["by"][(a, t, L)]}
-                theirs = {r["index"]: r for r in s["by"][(b, t, L)]}
-                for i in sorted(set(mine) & set(theirs)):
-                    if mine[i]["score"] < theirs[i]["score"]:
-                        out.append({"budget": label, "task": t, "length": L, "index": i, "depth": mine[i].get("depth"),
-                                    "chunkkv": mine[i]["prediction"].strip()[:60], other: theirs[i]["prediction"].strip()[:60],
-                                    "chunkkv_answer_kept": mine[i].get("answer_kept_mean"),
-                                    f"{other}_answer_kept": theirs[i].get("answer_kept_mean"),
-                                    "chunkkv_needle_kept": mine[i].get("needle_kept_mean"),
-                                    f"{other}_needle_kept": theirs[i].get("needle_kept_mean")})
+    for label, kw in BUDGETS:
+        a = spec_key("chunkkv", **kw)
+        for other in ("snapkv", "pyramidkv", "h2o", "streamingllm"):
+            b = spec_key(other, **kw)
+            for t in s["ok_tasks"]:
+                for L in s["lengths"]:
+                    mine = {r["index"]: r for r in s["by"][(a, t, L)]}
+                    theirs = {r["index"]: r for r in s["by"][(b, t, L)]}
+                    for i in sorted(set(mine) & set(theirs)):
+                        if mine[i]["score"] < theirs[i]["score"]:
+                            out.append({"budget": label, "other": other, "task": t, "length": L, "index": i,
+                                        "depth": mine[i].get("depth"), "chunkkv": mine[i]["prediction"].strip()[:50],
+                                        "theirs": theirs[i]["prediction"].strip()[:50],
+                                        "chunkkv_answer_layers": mine[i].get("answer_whole_layers"),
+                                        "their_answer_layers": theirs[i].get("answer_whole_layers")})
     return out
+
+
+def trails_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["### Where ChunkKV trails: every sample it failed and another method answered (same budget)", "",
+             "| budget | task, length, sample (depth) | ChunkKV answered | other method answered | answer kept whole in … of the 30 layers (ChunkKV / other) |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        depth = "" if r["depth"] is None else f" ({100 * r['depth']:.0f} %)"
+        lines.append(f"| {r['budget']} | {r['task']}, {r['length']}, #{r['index']}{depth} | {r['chunkkv']!r} | "
+                     f"{r['other']}: {r['theirs']!r} | {_fmt(r['chunkkv_answer_layers'])} % / {_fmt(r['their_answer_layers'])} % |")
+    if not rows:
+        lines.append("| – | none | | | |")
+    return "\n".join(lines) + "\n"
 
 
 def plots(s: dict, out: Path) -> list[str]:
@@ -360,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     body = markdown(s, speed, args.model)
     trail = trails(s)
     (out / "trails.json").write_text(json.dumps(trail, indent=1) + "\n", encoding="utf-8")
+    body += "\n" + trails_markdown(trail)
     written = plots(s, out)
     body += "\n" + "".join(f"\n![{w}](results/real/{w})\n" for w in written)
     if args.report:
