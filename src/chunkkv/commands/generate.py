@@ -135,27 +135,8 @@ def run(args: argparse.Namespace) -> int:
                 from ..generation import set_decode_budget
 
                 set_decode_budget(work, bounds["decode_budget"], bounds["compress_every"])
-            new_ids = None
-            if question is not None:
-                print(f"\nQ: {question}", file=out)
-                if not args.query_aware:
-                    new_ids = _encode(tokenizer, prompt_parts(tokenizer, context, question, args.separator,
-                                                              args.chat_template)[1], False).to(device)
-                    if new_ids.shape[1] == 0:
-                        raise ChunkKVError(f"question {question!r} encodes to no tokens")
-            print("A: " if question is not None else "\n", end="", file=out, flush=True)
-            with Timer(device) as qt:
-                if new_ids is not None:
-                    from ..generation import extend
-
-                    extend(model, work, new_ids)
-            n, seconds = _stream(model, tokenizer, work, sampling, out)
-            totals["tokens"] += n
-            totals["decode"] += seconds
-            totals["question"] += qt.seconds
-            rate = n / seconds if seconds > 0 else float("inf")
-            qpart = f"question {qt.seconds:.2f} s · " if new_ids is not None else ""
-            print(f"\n   [{n} tokens · {qpart}decode {seconds:.2f} s, {rate:.1f} tok/s]", file=out, flush=True)
+            _answer(model, tokenizer, work, question, args.separator, sampling, device, out, totals,
+                    args.chat_template, feed=not args.query_aware)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
@@ -163,13 +144,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _answer(model, tokenizer, work, question, separator, sampling, device, out, totals, chat="auto") -> None:
-    """Feed ``question`` (if any) to the compressed context ``work`` and stream the answer."""
+def _answer(model, tokenizer, work, question, separator, sampling, device, out, totals, chat="auto",
+            feed: bool = True) -> None:
+    """Feed ``question`` (if any; ``feed=False`` when it already ends the compressed prompt) to the
+    compressed context ``work`` and stream the answer."""
     from ..generation import extend
 
     new_ids = None
     if question is not None:
         print(f"\nQ: {question}", file=out)
+    if question is not None and feed:
         new_ids = _encode(tokenizer, prompt_parts(tokenizer, "", question, separator, chat)[1], False).to(device)
         if new_ids.shape[1] == 0:
             raise ChunkKVError(f"question {question!r} encodes to no tokens")
