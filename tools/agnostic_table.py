@@ -6,19 +6,10 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
 from collections import defaultdict
 
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return 0.0, 0.0
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+from chunkkv.evaluation.metrics import wilson_interval as wilson
 
 
 def cell(records: list[dict]) -> str:

@@ -10,26 +10,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable
+
+from .evaluation.metrics import wilson_interval as wilson
 
 BEGIN, END = "<!-- real:begin -->", "<!-- real:end -->"
 METHODS = ["full", "streamingllm", "h2o", "snapkv", "pyramidkv", "chunkkv"]
 PAPER_JACCARD = {"chunkkv": 57.7, "snapkv": 28.0}  # paper Table 2, Llama-3-8B, adjacent layers
 THRESHOLD = 0.85
-
-
-def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95 % Wilson score interval of ``k`` successes in ``n`` trials, as fractions."""
-    if n == 0:
-        return 0.0, 1.0
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def cell(scores: list[float]) -> str:

@@ -21,6 +21,7 @@ JailbreakV: :func:`is_refusal` (keyword rule) and :func:`parse_guard_verdict` (g
 
 from __future__ import annotations
 
+import math
 import re
 import string
 from collections import Counter
@@ -28,6 +29,7 @@ from collections.abc import Callable, Sequence
 from functools import lru_cache
 
 __all__ = [
+    "wilson_interval",
     "REFUSAL_MARKERS",
     "best_of",
     "classification_score",
@@ -291,3 +293,17 @@ def parse_guard_verdict(output: str) -> bool | None:
     if words[0] == "unsafe":
         return False
     return None
+
+
+def wilson_interval(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of ``k`` successes in ``n`` trials, as fractions (``(0, 1)`` for n = 0).
+
+    The interval every quality table of the project reports beside its accuracy and n.
+    """
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
