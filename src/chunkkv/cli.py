@@ -13,7 +13,7 @@ import sys
 from .errors import ChunkKVError
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("chunkkv.commands.demo", "offline demo on the shipped testbed model: full vs SnapKV vs ChunkKV"),
+    "demo": ("chunkkv.commands.demo", "offline demo on SmolLM2 and the Paul Graham essays: full vs SnapKV vs ChunkKV"),
     "generate": ("chunkkv.commands.generate", "answer questions about a long context with a compressed cache"),
     "eval": ("chunkkv.evaluation.cli", "run a benchmark (NIAH, LongBench, GSM8K, JailbreakV, synthetic)"),
     "bench": ("chunkkv.bench.cli", "efficiency benchmark: memory, prefill overhead, decode speed"),
