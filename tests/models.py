@@ -14,6 +14,25 @@ COMMON = dict(
 )
 
 
+def random_prompt(batch: int = 1, length: int = 120, seed: int = 0) -> torch.Tensor:
+    """``[batch, length]`` random token ids (deterministic in ``seed``; drawn on the CPU, then moved to
+    the default device so ``CHUNKKV_TEST_DEVICE`` runs see the same ids)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, VOCAB, (batch, length), generator=g, device="cpu").to(torch.get_default_device())
+
+
+def left_padded(lengths, seed: int = 20) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """``(rows, ids, mask)``: one random row per length, left-padded with 0 into ``[B, max(lengths)]``."""
+    rows = [random_prompt(1, n, seed=seed + n)[0] for n in lengths]
+    width = max(lengths)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        ids[b, width - len(r):] = r
+        mask[b, width - len(r):] = 1
+    return rows, ids, mask
+
+
 def tiny_model(family: str = "llama", seed: int = 0, attn: str = "sdpa", **overrides) -> torch.nn.Module:
     """A deterministic random model of ``family`` in float32, eval mode."""
     torch.manual_seed(seed)
@@ -110,16 +129,22 @@ def kept_masks(cache, prompt_len: int) -> dict[int, torch.Tensor]:
 
 
 @torch.inference_mode()
-def truth_logits(model, ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int, kept) -> torch.Tensor:
-    """Logits of a full forward over ``ids`` where post-prompt queries cannot see evicted tokens."""
+def _truth_forward(model, ids: torch.Tensor, attention_mask: torch.Tensor, **truth) -> torch.Tensor:
+    """One full forward through the ground-truth attention with ``truth`` as its state."""
     previous = model.config._attn_implementation
-    _TRUTH.update(prompt_len=prompt_len, kept=kept)
+    _TRUTH.update(truth)
     model.set_attn_implementation("truth")
     try:
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         return model(input_ids=ids, attention_mask=attention_mask, position_ids=positions).logits
     finally:
         model.set_attn_implementation(previous)
+        _TRUTH.pop("evicted_after", None)
+
+
+def truth_logits(model, ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int, kept) -> torch.Tensor:
+    """Logits of a full forward over ``ids`` where post-prompt queries cannot see evicted tokens."""
+    return _truth_forward(model, ids, attention_mask, prompt_len=prompt_len, kept=kept)
 
 
 # --- eviction over time: chunked prefill and decoding budgets -----------------------------------
@@ -179,15 +204,6 @@ def _present(positions, valid, batch, heads, total) -> torch.Tensor:
     return count > 0
 
 
-@torch.inference_mode()
 def timed_truth_logits(model, ids: torch.Tensor, attention_mask: torch.Tensor, evicted_after) -> torch.Tensor:
     """Logits of a full forward where each query sees a key only while it was held (see EvictionLog)."""
-    previous = model.config._attn_implementation
-    _TRUTH.update(prompt_len=ids.shape[1], kept={}, evicted_after=evicted_after)
-    model.set_attn_implementation("truth")
-    try:
-        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        return model(input_ids=ids, attention_mask=attention_mask, position_ids=positions).logits
-    finally:
-        model.set_attn_implementation(previous)
-        _TRUTH.pop("evicted_after", None)
+    return _truth_forward(model, ids, attention_mask, prompt_len=ids.shape[1], kept={}, evicted_after=evicted_after)

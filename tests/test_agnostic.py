@@ -11,25 +11,14 @@ from chunkkv.agnostic import agnostic_scores, leader_layers
 from chunkkv.multi import capture_prefill
 from chunkkv.scoring import max_attention_scores
 
-from models import VOCAB, kept_masks, tiny_model, truth_logits
-
-PROMPT = torch.tensor([11, 12, 13, 14, 15])
-
-
-def _prompt(batch: int = 1, length: int = 120, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(1, VOCAB, (batch, length), generator=g)
+from models import kept_masks, left_padded, tiny_model, truth_logits
+from models import random_prompt as _prompt
 
 
 def _left_padded(lengths, seed=20):
-    rows = [_prompt(1, n, seed=seed + n)[0] for n in lengths]
-    width = max(lengths)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for b, r in enumerate(rows):
-        ids[b, width - len(r):] = r
-        mask[b, width - len(r):] = 1
-    return rows, ids, mask
+    return left_padded(lengths, seed)
+
+PROMPT = torch.tensor([11, 12, 13, 14, 15])
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,12 @@ import torch
 import chunkkv
 from chunkkv import H2O, ChunkKV, ChunkKVError, PyramidKV, SnapKV, StreamingLLM
 
-from models import VOCAB, EvictionLog, timed_truth_logits, tiny_model
+from models import EvictionLog, left_padded, timed_truth_logits, tiny_model
+from models import random_prompt as _prompt
+
+
+def _padded(lengths: tuple[int, ...], seed: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
+    return left_padded(lengths, seed)[1:]
 
 METHODS = {
     "chunkkv": ChunkKV(keep_tokens=40, window=8, chunk_size=5),
@@ -18,22 +23,6 @@ METHODS = {
     "h2o": H2O(keep_fraction=0.25, window=4),
     "streamingllm": StreamingLLM(keep_tokens=30),
 }
-
-
-def _prompt(batch: int = 1, length: int = 120, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(1, VOCAB, (batch, length), generator=g)
-
-
-def _padded(lengths: tuple[int, ...], seed: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = [_prompt(1, n, seed=seed + n)[0] for n in lengths]
-    width = max(lengths)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for b, r in enumerate(rows):
-        ids[b, width - len(r):] = r
-        mask[b, width - len(r):] = 1
-    return ids, mask
 
 
 def _kept_rows(layer, row: int, pad: int) -> torch.Tensor:

@@ -9,6 +9,7 @@ import chunkkv
 from chunkkv import ChunkKV, FullKV, H2O, PyramidKV, SnapKV, StreamingLLM
 
 from models import VOCAB, kept_masks, tiny_model, truth_logits
+from models import random_prompt as _prompt
 
 METHODS = {
     "chunkkv": ChunkKV(keep_tokens=40, window=8, chunk_size=5),
@@ -19,11 +20,6 @@ METHODS = {
     "streamingllm": StreamingLLM(keep_tokens=30),
     "kvpress": chunkkv.KVPressChunkKV(remove_fraction=0.7, window=8),
 }
-
-
-def _prompt(batch: int = 1, length: int = 120, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(1, VOCAB, (batch, length), generator=g, device="cpu").to(torch.get_default_device())
 
 
 @pytest.fixture(scope="module")

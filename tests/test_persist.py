@@ -11,23 +11,12 @@ import chunkkv
 from chunkkv import ChunkKV, ContextFileError, PyramidKV, SnapKV
 from chunkkv.persist import header_bytes
 
-from models import VOCAB, tiny_model
-
-
-def _prompt(batch: int = 1, length: int = 120, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(1, VOCAB, (batch, length), generator=g)
+from models import left_padded, tiny_model
+from models import random_prompt as _prompt
 
 
 def _left_padded(lengths, seed=20):
-    rows = [_prompt(1, n, seed=seed + n)[0] for n in lengths]
-    width = max(lengths)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for b, r in enumerate(rows):
-        ids[b, width - len(r):] = r
-        mask[b, width - len(r):] = 1
-    return ids, mask
+    return left_padded(lengths, seed)[1:]
 
 
 @pytest.fixture(scope="module")
