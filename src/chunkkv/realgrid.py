@@ -34,7 +34,7 @@ from .methods import make_method
 from .multi import capture_prefill, capture_prefix, compress_from_capture, stack_contexts
 from .realtasks import REAL_TASKS, RealSample, context_split, make_samples, render, score_prediction
 
-__all__ = ["GridSpec", "default_specs", "run_grid"]
+__all__ = ["GridSpec", "chunked_specs", "default_specs", "run_grid"]
 
 METHODS = ["streamingllm", "h2o", "snapkv", "pyramidkv", "chunkkv"]
 FRACTIONS = [0.05, 0.1, 0.2, 0.3]
@@ -56,6 +56,7 @@ class GridSpec:
     boundaries: bool = False
     agnostic: bool = False
     timed: bool = False  # scores computed for this spec alone, so select_seconds is its own cost
+    prefill_chunk: int | None = None  # chunked prefill (own forward, not served from the capture)
 
     @property
     def key(self) -> str:
@@ -70,6 +71,8 @@ class GridSpec:
             parts.append("qa")
         if self.timed:
             parts.append("timed")
+        if self.prefill_chunk is not None:
+            parts.append(f"p{self.prefill_chunk}")
         return "/".join(parts)
 
     def build(self, window: int, boundary_ids: frozenset[int] | None):
@@ -105,6 +108,17 @@ def default_specs(num_layers: int, methods=METHODS, fractions=FRACTIONS, tokens=
                            **({"chunk_size": 10, "reuse_depth": 1} if m == "chunkkv" else {}))
                   for m in methods if m != "h2o"]
     return list(dict.fromkeys(specs))
+
+
+def chunked_specs(tokens=(128,), fractions=(0.1,), chunks=(256, 512, 1024)) -> list[GridSpec]:
+    """Issue 11's grid: full; ChunkKV one-shot and with chunked prefill of ``chunks`` tokens, at
+    every budget (chunk 10, no reuse)."""
+    budgets = [{"keep_tokens": t} for t in tokens] + [{"keep_fraction": f} for f in fractions]
+    specs = [GridSpec("chunked", "full")]
+    for b in budgets:
+        specs.append(GridSpec("chunked", "chunkkv", chunk_size=10, reuse_depth=1, **b))
+        specs += [GridSpec("chunked", "chunkkv", chunk_size=10, reuse_depth=1, prefill_chunk=c, **b) for c in chunks]
+    return specs
 
 
 def _span_tokens(tokenizer, text: str, needle: str | None) -> list[int]:
@@ -153,6 +167,8 @@ def run_sample(model, tokenizer, sample: RealSample, specs: list[GridSpec], *, w
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         a0 = base + sample.reference.index(answer)
         spans["answer"] = [i for i, (s, e) in enumerate(enc["offset_mapping"]) if s < a0 + len(answer) and e > a0]
+    from .compress import compress
+
     want_h2o = h2o and any(s.method == "h2o" and not s.agnostic for s in specs)
     t0 = time.perf_counter()
     capture = capture_prefill(model, ids, window=window + q_len, accumulated=want_h2o)
@@ -165,9 +181,17 @@ def run_sample(model, tokenizer, sample: RealSample, specs: list[GridSpec], *, w
         if spec.method == "h2o" and not want_h2o:
             continue
         method = spec.build(window, boundary_ids)
-        ctx = compress_from_capture(prefix if spec.agnostic else capture, method, share_scores=not spec.timed)
+        if spec.prefill_chunk is not None:
+            t2 = time.perf_counter()
+            ctx = compress(model, ids, method=method, prefill_chunk=spec.prefill_chunk)
+            prefill_s = time.perf_counter() - t2
+        else:
+            ctx = compress_from_capture(prefix if spec.agnostic else capture, method, share_scores=not spec.timed)
+            prefill_s = None
         info = _kept_stats(ctx, ctx.input_ids.shape[1], spans, spec.key in jaccard_keys)
         info["select_seconds"] = round(ctx.stats.select_seconds, 4)
+        if prefill_s is not None:
+            info["prefill_seconds"] = round(prefill_s, 3)
         rows[spec.agnostic].append((spec, ctx, info))
     records = []
     decode_s = {}
@@ -210,7 +234,7 @@ def _load_done(path: Path) -> set[tuple]:
 def is_headline(spec: GridSpec) -> bool:
     """The rows run at every length: full, KV 128 and 10 % of every method, fixed ChunkKV at 5 %
     (against boundary-aware chunks), boundary-aware chunks and the question-agnostic row."""
-    if spec.group in ("boundary", "agnostic") or spec.method == "full":
+    if spec.group in ("boundary", "agnostic", "chunked") or spec.method == "full":
         return True
     if spec.group != "budget":
         return False
@@ -332,6 +356,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"LENGTH:TASKS:SAMPLES:all|headline;... (default {DEFAULT_PLAN})")
     parser.add_argument("--h2o-lengths", default="1024,2048", help="lengths where H2O runs ('' = none)")
     parser.add_argument("--full-only", action="store_true", help="only the full cache (task calibration)")
+    parser.add_argument("--grid", choices=["budgets", "chunked"], default="budgets",
+                        help="budgets: every method and budget (issue 10); chunked: ChunkKV one-shot vs chunked "
+                             "prefill C=256/512/1024 at KV 128 and 10 %% (issue 11)")
     parser.add_argument("--speedup", type=int, default=0,
                         help="first measure the one-prefill speed-up on N samples (first task and length of the plan)")
     parser.add_argument("--minutes", type=float, default=None, help="start no new sample after this many minutes")
@@ -351,7 +378,12 @@ def main(argv: list[str] | None = None) -> int:
 
     model, tokenizer = load_pretrained(args.model, dtype=torch.float32, device="cpu")
     num_layers = model.config.num_hidden_layers
-    specs = [GridSpec("budget", "full")] if args.full_only else default_specs(num_layers)
+    if args.full_only:
+        specs = [GridSpec("budget", "full")]
+    elif args.grid == "chunked":
+        specs = chunked_specs()
+    else:
+        specs = default_specs(num_layers)
     out = Path(args.out)
     deadline = time.time() + 60 * args.minutes if args.minutes else None
     if args.speedup and plan:
