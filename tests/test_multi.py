@@ -153,3 +153,19 @@ def test_prefix_of_a_capture_equals_compressing_the_prefix(llama):
                            chunkkv.continue_from(llama, want, question, sampling))
     with pytest.raises(ChunkKVError, match="capture with window > 14"):
         capture_prefix(capture_prefill(llama, ids, mask, window=8), 96)
+
+
+@pytest.mark.parametrize("lengths", [(120,), (100, 61, 83)], ids=["one row", "padded batch"])
+def test_decode_budget_from_a_capture_equals_compress(llama, lengths):
+    # compress_every < window: the first re-selection still scores with prompt queries, so the
+    # capture must seed each leader's decoding window exactly as compress() does.
+    ids, mask = _batch(lengths, seed=12)
+    capture = capture_prefill(llama, ids, mask, window=8, accumulated=True)
+    sampling = chunkkv.Sampling(max_new_tokens=20)
+    for method in [ChunkKV(keep_tokens=40, window=8, chunk_size=5, reuse_depth=2), SnapKV(keep_tokens=40, window=8),
+                   H2O(keep_tokens=40, window=4), StreamingLLM(keep_tokens=40)]:
+        want = chunkkv.continue_from(llama, chunkkv.compress(llama, ids, mask, method=method), None, sampling,
+                                     decode_budget=36, compress_every=3)
+        got = chunkkv.continue_from(llama, compress_from_capture(capture, method), None, sampling,
+                                    decode_budget=36, compress_every=3)
+        assert torch.equal(got, want), method.describe()

@@ -178,6 +178,9 @@ def compress_from_capture(
                 chosen[idx] = (index, valid if plan.fillers[idx] else None)
                 stats.scored_layers.append(idx)
             cache.layers[idx].prune(*chosen[leader])  # the fork's own layer: the capture keeps its tensors
+            if leader == idx and 0 < method.window <= min(plan.slots[idx], capture.queries[idx].shape[2]):
+                # Seed the decoding window as compress() does (used only if a decode budget is set later).
+                cache.layers[idx].recent_queries = capture.queries[idx][:, :, -method.window:]
         mark_wrapper_layers(cache)
         stats.select_seconds = time.perf_counter() - start
     return CompressedContext(cache, capture.input_ids, capture.attention_mask.clone(), capture.next_logits, method, stats)
@@ -227,6 +230,10 @@ def stack_contexts(contexts: list[CompressedContext]) -> CompressedContext:
         target.kept_index = torch.cat(index)
         all_valid = torch.cat(valid)
         target.valid = None if bool(all_valid.all()) else all_valid
+        # One decode window per row, or none (a budget set later then starts from decoded queries).
+        recent = [layer.recent_queries for layer in layers]
+        same = all(r is not None and r.shape == recent[0].shape for r in recent)
+        target.recent_queries = torch.cat(recent) if same else None
         if all(ctx.stats.kept.get(i) for ctx in contexts):
             kept[i] = [ctx.stats.kept[i][0] for ctx in contexts]
     mark_wrapper_layers(cache)
