@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("evaluation")
     g.add_argument("--methods", help="several methods on the same samples, one prefill per sample, e.g. "
                    "full,snapkv,chunkkv (each with the budget flags; results in --out/<method>/)")
-    g.add_argument("--task", help="niah | longbench[:task,…] | gsm8k | jailbreakv | synthetic[:task,…] | ppl")
+    g.add_argument("--task", help="niah | longbench[:task,…] | gsm8k | jailbreakv | synthetic[:task,…] | ppl | recall")
     g.add_argument("--out", help="output folder (resumes if it holds a run with the same settings)")
     g.add_argument("--limit", type=int, help="at most N samples per (sub)task")
     g.add_argument("--max-new-tokens", type=int, help="override the benchmark's generation length")
@@ -92,6 +92,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--ppl-budgets", default="256,512,1024", help="KV budgets in tokens per layer (256,512,1024)")
     p.add_argument("--ppl-texts", type=int, default=2, help="texts (the essays joined, each from another essay; 2)")
     p.add_argument("--ppl-length", type=int, default=8192, help="tokens per text (8192)")
+    r = parser.add_argument_group("passage recall (--task recall: a long output under a decode budget, docs/memory.md)")
+    r.add_argument("--recall-methods", default="chunkkv,snapkv,pyramidkv,h2o,streamingllm", help="methods")
+    r.add_argument("--recall-budgets", default="512,256",
+                   help="KV budgets: each runs as prompt budget alone and as prompt + decode budget (512,256)")
+    r.add_argument("--recall-samples", type=int, default=12, help="samples (12)")
+    r.add_argument("--recall-length", type=int, default=2048, help="context tokens (2048)")
+    r.add_argument("--recall-new-tokens", type=int, default=128, help="tokens generated per answer (128)")
     j = parser.add_argument_group("JailbreakV")
     j.add_argument("--judge-model", help="guard model (e.g. Llama-Guard-3-8B); default: refusal-keyword rule")
     j.add_argument("--jb-formats", help="comma list of attack formats to keep, or 'all' (default: Template,Persuade,Logic)")
@@ -168,6 +175,8 @@ def run(args: argparse.Namespace) -> int:
         raise ChunkKVError("give --model (a local model folder or a hub id)")
     if args.task == "ppl":
         return _run_ppl(args)
+    if args.task == "recall":
+        return _run_recall(args)
     shard = shard_info()
     if shard.world > 1:
         if args.device_map:
@@ -304,4 +313,35 @@ def _run_ppl(args: argparse.Namespace) -> int:
     plot(rows, out / "ppl_vs_position.png")
     print(text)
     print(f"results: {out}/ppl.jsonl, {out}/ppl.md, {out}/ppl_summary.json, {out}/ppl_vs_position.png")
+    return 0
+
+
+def _run_recall(args: argparse.Namespace) -> int:
+    """``--task recall``: a long output (continue a passage of the context) with decode budgets."""
+    import torch
+
+    from .recall import RecallConfig, run_recall, summarize, to_markdown
+
+    try:
+        budgets = [int(b) for b in args.recall_budgets.split(",") if b.strip()]
+    except ValueError:
+        raise ChunkKVError(f"--recall-budgets {args.recall_budgets!r} must be comma-separated token counts") from None
+    config = RecallConfig(
+        samples=args.recall_samples, length=args.recall_length, new_tokens=args.recall_new_tokens, budgets=budgets,
+        methods=[m.strip() for m in args.recall_methods.split(",") if m.strip()], every=args.compress_every or 32,
+        seed=args.seed,
+    )
+    config.validate()
+    check_device(args.device)
+    out = Path(args.out)
+    model, tokenizer = load_model(args)
+    if next(model.parameters()).device.type == "cpu":
+        torch.set_num_threads(1)
+    rows = run_recall(model, tokenizer, config, out, log=lambda m: print(m, file=sys.stderr, flush=True))
+    summary = summarize(rows)
+    text = to_markdown(summary, config, args.model)
+    (out / "recall_summary.json").write_text(json.dumps(summary, indent=1))
+    (out / "recall.md").write_text(text + "\n")
+    print(text)
+    print(f"results: {out}/recall.jsonl, {out}/recall.md, {out}/recall_summary.json")
     return 0

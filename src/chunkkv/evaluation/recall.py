@@ -1,0 +1,252 @@
+"""A long-output task: continue a passage of the context, with the cache bounded while decoding.
+
+``chunkkv eval --task recall`` (issue 12). Each sample is ``length`` tokens of the Paul Graham
+essays followed by a blank line and the first ``head_words`` words of a sentence that appears
+earlier in that text (at depth 10/30/50/70/90 %); the model continues it for ``new_tokens`` tokens.
+A model that reads its context copies the passage (induction), so the answer is long and its
+reference is known: the ``new_tokens`` tokens that follow the head in the context.
+
+Per sample the prompt is prefilled once (:func:`chunkkv.multi.capture_prefill`) and every
+configuration is built from the capture (query-aware: the head ends the compressed prompt):
+
+* ``full``: the full cache;
+* ``<method>/B``: the prompt compressed to ``B`` tokens per layer, decoding unbounded (``B + new``
+  tokens at the end);
+* ``<method>/B/dB``: the same prompt compression and a decode budget ``B`` with
+  ``compress_every`` (at most ``B + compress_every`` tokens per layer for any output length).
+
+Scores per configuration: ROUGE-L F against the reference text and against the full cache's own
+output, and ``copied`` = the leading generated tokens equal to the reference's. Rows are appended to
+``recall.jsonl`` (one per sample and configuration), so a run resumes where it stopped. Intervals
+are 95 % normal intervals of the mean over samples (t would be wider at small n; n is printed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ChunkKVError
+from ..generation import Sampling, continue_from
+from ..methods import make_method
+
+DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
+
+
+@dataclass
+class RecallConfig:
+    """What a recall run measures (see the module docstring)."""
+
+    samples: int = 12
+    length: int = 2048
+    new_tokens: int = 128
+    head_words: int = 12
+    budgets: list[int] = field(default_factory=lambda: [512, 256])
+    methods: list[str] = field(default_factory=lambda: ["chunkkv", "snapkv", "pyramidkv", "h2o", "streamingllm"])
+    every: int = 32
+    seed: int = 0
+
+    def validate(self) -> None:
+        for name in ("samples", "length", "new_tokens", "head_words", "every"):
+            if getattr(self, name) < 1:
+                raise ChunkKVError(f"recall {name}={getattr(self, name)} must be >= 1")
+        if not self.budgets or min(self.budgets) < 1:
+            raise ChunkKVError(f"recall budgets {self.budgets} must be positive token counts")
+        if self.length < 4 * self.new_tokens:
+            raise ChunkKVError(f"recall length={self.length} must be at least 4 x new_tokens={self.new_tokens}")
+        for name in self.methods:
+            make_method(name, keep_tokens=max(self.budgets))  # unknown names fail here
+
+    def configs(self) -> list[str]:
+        """Configuration keys in run order: full, then per budget every method unbounded and bounded."""
+        out = ["full"]
+        for b in self.budgets:
+            out += [f"{m}/{b}" for m in self.methods] + [f"{m}/{b}/d{b}" for m in self.methods]
+        return out
+
+
+@dataclass
+class RecallSample:
+    """One prompt: ``ids`` = context + blank line + head; ``reference`` = the text the head starts."""
+
+    index: int
+    depth: float
+    ids: list[int]
+    head: str
+    reference_ids: list[int]
+    reference: str
+
+
+def make_recall_samples(tokenizer, config: RecallConfig) -> list[RecallSample]:
+    """``config.samples`` prompts from the essays (deterministic in ``config.seed``)."""
+    from ..haystack import paul_graham_text
+
+    out = []
+    for i in range(config.samples):
+        rng = random.Random(f"recall/{config.length}/{config.seed}/{i}")
+        text = paul_graham_text(min_chars=config.length * 6, start=rng.randrange(49))
+        context = tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"][: config.length])
+        depth = DEPTHS[i % len(DEPTHS)]
+        # sentence starts with room for the head and the whole reference after them
+        starts = [m.end() for m in re.finditer(r"[.!?] +(?=[A-Z])", context)]
+        room = len(context) - 8 * (config.new_tokens + 4 * config.head_words)
+        starts = [s for s in starts if s < room]
+        if not starts:
+            raise ChunkKVError(f"recall: no sentence start with room for {config.new_tokens} tokens in sample {i}")
+        start = min(starts, key=lambda s: abs(s - depth * len(context)))
+        words = context[start:].split(" ")
+        head = " ".join(words[: config.head_words])
+        rest = context[start + len(head):]
+        reference_ids = tokenizer(rest, add_special_tokens=False)["input_ids"][: config.new_tokens]
+        ids = tokenizer(context + "\n\n" + head, add_special_tokens=False)["input_ids"]
+        out.append(RecallSample(i, depth, ids, head, reference_ids, tokenizer.decode(reference_ids)))
+    return out
+
+
+def copied_tokens(generated: list[int], reference: list[int]) -> int:
+    """How many leading generated tokens equal the reference's."""
+    n = 0
+    for a, b in zip(generated, reference):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
+def _method(key: str):
+    name, budget = key.split("/")[:2]
+    return make_method(name, keep_tokens=int(budget))
+
+
+@torch.inference_mode()
+def run_sample(model, tokenizer, sample: RecallSample, config: RecallConfig, todo: list[str]) -> list[dict[str, Any]]:
+    """Every configuration in ``todo`` on one sample (``full`` is always decoded: it is the reference)."""
+    from ..multi import capture_prefill, compress_from_capture, stack_contexts
+
+    device = next(model.parameters()).device
+    ids = torch.tensor([sample.ids], device=device)
+    keys = ["full"] + [k for k in todo if k != "full"]
+    window = max((_method(k).window for k in keys if k != "full"), default=1)
+    t0 = time.perf_counter()
+    capture = capture_prefill(model, ids, window=window, accumulated=any(k.startswith("h2o/") for k in keys))
+    capture_s = time.perf_counter() - t0
+    sampling = Sampling(max_new_tokens=config.new_tokens)
+    outputs: dict[str, tuple[list[int], float | None, int]] = {}
+    # Unbounded configurations decode together as one batch (so no time of their own); they hold
+    # their prompt budget + every new token at the end.
+    unbounded = [k for k in keys if k.count("/") < 2]
+    ctxs = [compress_from_capture(capture, make_method("full") if k == "full" else _method(k)) for k in unbounded]
+    tokens = continue_from(model, stack_contexts(ctxs), None, sampling).tolist()
+    for k, toks in zip(unbounded, tokens):
+        held = len(sample.ids) if k == "full" else int(k.split("/")[1])
+        outputs[k] = (toks, None, held + config.new_tokens)
+    for k in keys:
+        if k in outputs:
+            continue
+        ctx = compress_from_capture(capture, _method(k))
+        budget = int(k.split("/d")[1])
+        t1 = time.perf_counter()
+        toks = continue_from(model, ctx, None, sampling, decode_budget=budget, compress_every=config.every)[0].tolist()
+        # at most budget + every per layer at any step (tests/test_bounded.py checks the bound)
+        outputs[k] = (toks, time.perf_counter() - t1, budget + config.every)
+    from .metrics import rouge_l_score
+
+    full_text = tokenizer.decode(outputs["full"][0], skip_special_tokens=True)
+    rows = []
+    for k in todo:
+        toks, secs, held = outputs[k]
+        text = tokenizer.decode(toks, skip_special_tokens=True)
+        rows.append({
+            "index": sample.index, "depth": sample.depth, "config": k, "prompt_tokens": len(sample.ids),
+            "rougeL_ref": round(rouge_l_score(text, sample.reference), 4),
+            "rougeL_full": round(rouge_l_score(text, full_text), 4),
+            "copied": copied_tokens(toks, sample.reference_ids), "held_max": held,
+            "decode_seconds": None if secs is None else round(secs, 2), "capture_seconds": round(capture_s, 2), "output": text,
+        })
+    return rows
+
+
+def run_recall(model, tokenizer, config: RecallConfig, out_dir: str | Path, *,
+               log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Run (or resume) every sample x configuration; rows in ``out_dir/recall.jsonl``."""
+    config.validate()
+    path = Path(out_dir) / "recall.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+    done = {(r["index"], r["config"]) for r in rows}
+    wanted = config.configs()
+    for sample in make_recall_samples(tokenizer, config):
+        todo = [k for k in wanted if (sample.index, k) not in done]
+        if not todo:
+            continue
+        t0 = time.perf_counter()
+        new = run_sample(model, tokenizer, sample, config, todo)
+        for r in new:
+            r["config_run"] = asdict(config)
+        rows += new
+        with path.open("a") as fh:
+            fh.write("".join(json.dumps(r) + "\n" for r in new))
+        full = next((r for r in new if r["config"] == "full"), None)
+        log(f"recall sample {sample.index} (depth {sample.depth:.0%}): {len(new)} configs in "
+            f"{time.perf_counter() - t0:.0f} s" + ("" if full is None else f"; full copied {full['copied']} tokens"))
+    return rows
+
+
+def _mean_ci(xs: list[float]) -> tuple[float, float, float]:
+    n = len(xs)
+    mean = sum(xs) / n
+    if n < 2:
+        return mean, mean, mean
+    half = 1.96 * math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1)) / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per configuration: n, mean ROUGE-L against the reference and the full output (95 % interval),
+    mean copied tokens, tokens held per layer at most, decode seconds (bounded runs)."""
+    cells: dict[str, list[dict]] = {}
+    for r in rows:
+        cells.setdefault(r["config"], []).append(r)
+    out = {}
+    for key, rs in cells.items():
+        ref, full = _mean_ci([r["rougeL_ref"] for r in rs]), _mean_ci([r["rougeL_full"] for r in rs])
+        secs = [r["decode_seconds"] for r in rs if r["decode_seconds"] is not None]
+        out[key] = {"n": len(rs), "rougeL_ref": [round(x, 3) for x in ref], "rougeL_full": [round(x, 3) for x in full],
+                    "copied": round(sum(r["copied"] for r in rs) / len(rs), 1),
+                    "held_max": max(r["held_max"] for r in rs),
+                    "decode_seconds": round(sum(secs) / len(secs), 2) if secs else None}
+    return out
+
+
+def to_markdown(summary: dict[str, dict[str, Any]], config: RecallConfig, model_label: str) -> str:
+    """The long-output table: method x (prompt budget, decode budget), full cache first."""
+    n = summary.get("full", {}).get("n", 0)
+    lines = [
+        f"Passage recall ({model_label}, Paul Graham essays, {config.length}-token contexts, continue a "
+        f"{config.head_words}-word sentence head for {config.new_tokens} tokens, greedy, n = {n} samples; "
+        "mean [95 % interval]):", "",
+        "| method | prompt KV | decode budget | KV held per layer (at most) | ROUGE-L vs reference | ROUGE-L vs full output | copied tokens |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def fmt(v):
+        return f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"
+
+    for key in [k for k in config.configs() if k in summary]:
+        c = summary[key]
+        parts = key.split("/")
+        if key == "full":
+            label = ["full cache", "all", "none"]
+        else:
+            label = [parts[0], parts[1], f"{parts[2][1:]} (every {config.every})" if len(parts) > 2 else "none"]
+        lines.append(f"| {' | '.join(label)} | {c['held_max']} | {fmt(c['rougeL_ref'])} | {fmt(c['rougeL_full'])} | {c['copied']} |")
+    return "\n".join(lines)
