@@ -343,11 +343,66 @@ def plots(s: dict, out: Path) -> list[str]:
     return written
 
 
-def write_block(report: Path, body: str) -> None:
+CHUNKED_BEGIN, CHUNKED_END = "<!-- chunked:begin -->", "<!-- chunked:end -->"
+
+
+def chunked_markdown(records: list[dict[str, Any]], model: str) -> str:
+    """Issue 11's quality cost of chunked prefill (``realgrid --grid chunked``): per task group and
+    budget, one-shot vs chunked ``C`` per length (Wilson intervals), the paired differences, and
+    the prefill time of each chunked run over the one-shot prefill of the same sample."""
+    for r in records:
+        r["L"] = _nominal(r["length"])
+    lengths = sorted({r["L"] for r in records})
+    groups = {"NIAH (niah_paper + niah_nl)": ["niah_paper", "niah_nl"], "multikey": ["multikey"]}
+    chunks = sorted({int(r["spec"].rsplit("/p", 1)[1]) for r in records if "/p" in r["spec"]}, reverse=True)
+    budgets = [("KV 128", "chunkkv/t128/c10/r1"), ("10 %", "chunkkv/f0.1/c10/r1")]
+    by = defaultdict(list)
+    for r in records:
+        by[(r["spec"], r["task"], r["L"])].append(r)
+    head = "| budget | prefill | " + " | ".join(f"{L} tok" for L in lengths) + " | all |"
+    rule = "|---|---|" + "---|" * (len(lengths) + 1)
+    lines = [f"Model **{model}**, Paul Graham essays, query-aware (the question ends the prompt), greedy; "
+             "accuracy % (n, 95 % Wilson interval). One-shot and chunked runs see the same samples.", ""]
+    for name, tasks in groups.items():
+        lines += [f"**{name}**", "", head, rule]
+        rows = [("full cache", "", "full")]
+        for label, spec in budgets:
+            rows.append((label, "one-shot", spec))
+            rows += [(label, f"C = {c}", f"{spec}/p{c}") for c in chunks]
+        for label, mode, spec in rows:
+            cells = [cell([r["score"] for t in tasks for r in by[(spec, t, L)]]) for L in lengths]
+            cells.append(cell([r["score"] for t in tasks for L in lengths for r in by[(spec, t, L)]]))
+            lines.append(f"| {label} | {mode} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["**Paired** (same sample, all tasks and lengths): one-shot right and chunked wrong / the reverse.", "",
+              "| budget | " + " | ".join(f"C = {c}" for c in chunks) + " |", "|---|" + "---|" * len(chunks)]
+    index = {(r["spec"], r["task"], r["length"], r["index"]): r["score"] for r in records}
+    for label, spec in budgets:
+        cells = []
+        for c in chunks:
+            pairs = [(v, index.get((f"{spec}/p{c}", t, L, i))) for (sp, t, L, i), v in index.items() if sp == spec]
+            pairs = [(a, b) for a, b in pairs if b is not None]
+            cells.append(f"{sum(a > b for a, b in pairs)} / {sum(b > a for a, b in pairs)} (of {len(pairs)})")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "**Prefill time**, chunked over one-shot (mean over samples of chunked prefill seconds / the "
+              "one-shot prefill of the same sample, one process, 1 thread):", "",
+              "| budget | C | " + " | ".join(f"{L} tok" for L in lengths) + " |", "|---|---|" + "---|" * len(lengths)]
+    for label, spec in budgets:
+        for c in chunks:
+            cells = []
+            for L in lengths:
+                ratios = [r["prefill_seconds"] / r["capture_seconds"] for t in ("niah_paper", "niah_nl", "multikey")
+                          for r in by[(f"{spec}/p{c}", t, L)] if r.get("prefill_seconds") and r.get("capture_seconds")]
+                cells.append(f"{sum(ratios) / len(ratios):.2f} (n={len(ratios)})" if ratios else "–")
+            lines.append(f"| {label} | {c} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_block(report: Path, body: str, begin: str = BEGIN, end: str = END) -> None:
     text = report.read_text(encoding="utf-8") if report.exists() else ""
-    block = f"{BEGIN}\n{body}\n{END}"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    block = f"{begin}\n{body}\n{end}"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
     else:
         text = block + "\n\n" + text
     report.write_text(text, encoding="utf-8")
@@ -358,12 +413,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="docs/results/real")
     parser.add_argument("--report", default="docs/quality.md")
     parser.add_argument("--model", default="SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)")
+    parser.add_argument("--chunked", action="store_true",
+                        help="the chunked-prefill grid (realgrid --grid chunked): its block in --report")
     args = parser.parse_args(argv)
     out = Path(args.out)
     records = load(out / "records.jsonl")
     if not records:
         print(f"realreport: error: no records in {out / 'records.jsonl'}")
         return 2
+    if args.chunked:
+        body = chunked_markdown(records, args.model)
+        if args.report:
+            write_block(Path(args.report), body, CHUNKED_BEGIN, CHUNKED_END)
+        print(body)
+        return 0
     speed = [json.loads(x) for x in (out / "speedup.jsonl").read_text().splitlines()] if (out / "speedup.jsonl").exists() else []
     s = summarise(records)
     body = markdown(s, speed, args.model)
