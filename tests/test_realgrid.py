@@ -116,3 +116,36 @@ def test_report_tables_have_n_and_wilson_intervals(tmp_path):
     assert "| niah_paper | 100.0 (n=3, 44–100)" in text
     assert "| chunkkv | KV 128 | 0.0 (n=3, 0–56)" in text
     assert len(trails(s)) == 3 and trails(s)[0]["other"] == "snapkv"
+
+
+def test_chunked_rows_run_their_own_prefill_and_equal_one_shot_when_one_chunk(tok):
+    from chunkkv.realgrid import chunked_specs
+
+    specs = chunked_specs(tokens=(64,), fractions=(), chunks=(100, 4096))
+    assert [s.key for s in specs] == ["full", "chunkkv/t64/c10/r1", "chunkkv/t64/c10/r1/p100", "chunkkv/t64/c10/r1/p4096"]
+    model = tiny_model("llama", vocab_size=len(tok), num_hidden_layers=4)
+    sample = make_samples(tok, "multikey", 400, 1)[0]
+    records = {r["spec"]: r for r in run_sample(model, tok, sample, specs, window=16, boundary_ids=frozenset(),
+                                                h2o=False, jaccard_keys=set())}
+    one_shot, one_chunk, chunked = (records[k] for k in
+                                    ["chunkkv/t64/c10/r1", "chunkkv/t64/c10/r1/p4096", "chunkkv/t64/c10/r1/p100"])
+    assert one_chunk["prediction"] == one_shot["prediction"] and one_chunk["kept_fraction"] == one_shot["kept_fraction"]
+    assert "prefill_seconds" in chunked and "prefill_seconds" not in one_shot
+    assert chunked["kept_fraction"] == one_shot["kept_fraction"]  # the same final budget
+
+
+def test_chunked_report_pairs_the_same_samples():
+    from chunkkv.realreport import chunked_markdown
+
+    records = []
+    for i in range(4):
+        for spec, score in (("full", 1.0), ("chunkkv/t128/c10/r1", 1.0), ("chunkkv/t128/c10/r1/p512", float(i < 1)),
+                            ("chunkkv/f0.1/c10/r1", 0.0), ("chunkkv/f0.1/c10/r1/p512", float(i == 3))):
+            r = {"task": "niah_nl", "length": 2040, "index": i, "spec": spec, "score": score, "capture_seconds": 2.0}
+            if "/p" in spec:
+                r["prefill_seconds"] = 1.0
+            records.append(r)
+    text = chunked_markdown(records, "tiny")
+    assert "| KV 128 | C = 512 | 25.0 (n=4, 5–70) |" in text
+    assert "| KV 128 | 3 / 0 (of 4) |" in text and "| 10 % | 0 / 1 (of 4) |" in text
+    assert "| KV 128 | 512 | 0.50 (n=4) |" in text
