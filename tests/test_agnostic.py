@@ -1,4 +1,4 @@
-"""Question-agnostic scoring (reconstruction / probe): the scores, the cache, decoding, errors."""
+"""Question-agnostic scoring (reconstruction / probe / surprisal): the scores, the cache, decoding, errors."""
 
 from __future__ import annotations
 
@@ -122,6 +122,8 @@ METHODS = {
     "pyramidkv-recon": PyramidKV(keep_tokens=40, window=8, scoring="reconstruction"),
     "h2o-probe": H2O(keep_fraction=0.25, window=4, scoring="probe"),
     "kvpress-recon": chunkkv.KVPressChunkKV(remove_fraction=0.7, window=8, scoring="reconstruction"),
+    "chunkkv-surprisal": ChunkKV(keep_tokens=40, window=8, chunk_size=5, scoring="surprisal"),
+    "snapkv-surprisal": SnapKV(keep_fraction=0.3, window=8, scoring="surprisal"),
 }
 
 
@@ -141,7 +143,7 @@ def test_decoding_equals_full_forward_with_evicted_tokens_masked(llama, name):
     assert torch.equal(ours, stock)
 
 
-@pytest.mark.parametrize("scoring", ["reconstruction", "probe"])
+@pytest.mark.parametrize("scoring", ["reconstruction", "probe", "surprisal"])
 def test_batched_rows_keep_what_they_keep_alone(llama, scoring):
     rows, ids, mask = _left_padded((100, 61, 83))
     method = ChunkKV(keep_fraction=0.3, window=6, chunk_size=4, scoring=scoring)
@@ -172,7 +174,7 @@ def test_leader_layers_follow_the_reuse_schedule(llama):
 
 
 def test_errors(llama):
-    with pytest.raises(ChunkKVError, match="scoring='recon' is not one of window, reconstruction, probe"):
+    with pytest.raises(ChunkKVError, match="scoring='recon' is not one of window, reconstruction, probe, surprisal"):
         ChunkKV(keep_tokens=10, scoring="recon")
     with pytest.raises(ChunkKVError, match="streamingllm does not score tokens"):
         StreamingLLM(keep_tokens=10, scoring="reconstruction")
@@ -192,6 +194,48 @@ def test_errors(llama):
 
     with pytest.raises(ChunkKVError, match="needs its scoring pass"):
         compress_from_capture(capture, ChunkKV(keep_tokens=30, window=8, scoring="reconstruction"))
+
+
+def test_surprisal_is_each_tokens_negative_log_likelihood(llama):
+    # against the model's own full logits, row by row (padding is 0, a row's first token its maximum)
+    rows, ids, mask = _left_padded((50, 37, 44))
+    capture = capture_prefill(llama, ids, mask, window=8, surprisal=True)
+    assert capture.surprisal.shape == (3, 50) and capture.surprisal_seconds > 0
+    for b, r in enumerate(rows):
+        logits = llama(r[None]).logits[0].float()
+        want = -torch.log_softmax(logits[:-1], -1).gather(-1, r[1:, None])[:, 0]
+        got = capture.surprisal[b, 50 - len(r):]
+        torch.testing.assert_close(got[1:], want, atol=1e-4, rtol=1e-4)
+        assert got[0] == got.max() and bool((capture.surprisal[b, : 50 - len(r)] == 0).all())
+    # the blocked projection equals one block
+    from chunkkv.scoring import token_surprisal
+
+    hidden = torch.randn(2, 9, 64)
+    head = torch.nn.Linear(64, 50, bias=False)
+    tokens = torch.randint(0, 50, (2, 9))
+    ones = torch.ones(2, 9, dtype=torch.long)
+    torch.testing.assert_close(token_surprisal(hidden, head, tokens, ones, block=2),
+                               token_surprisal(hidden, head, tokens, ones), atol=1e-5, rtol=1e-5)
+    # every layer and head gets the same scores, and ChunkKV keeps the most surprising chunks
+    scores = agnostic_scores(llama, capture, "surprisal", [0, 3])
+    assert torch.equal(scores[0], scores[3]) and scores[0].shape == (3, 2, 50)
+    with pytest.raises(PromptError, match="surprisal=True"):
+        agnostic_scores(llama, capture_prefill(llama, ids, mask, window=8), "surprisal", [0])
+
+
+def test_surprisal_keeps_the_least_predictable_chunks(llama):
+    ids = _prompt(seed=8)
+    method = ChunkKV(keep_tokens=40, window=8, chunk_size=5, scoring="surprisal")
+    ctx = chunkkv.compress(llama, ids, method=method)
+    nll = capture_prefill(llama, ids, window=8, surprisal=True).surprisal[0, :112]  # the prefix before the window
+    kept = ctx.kept_positions(0, 0)
+    inside = torch.zeros(112, dtype=torch.bool)
+    inside[kept[kept < 112]] = True
+    assert int(inside.sum()) == 32 and nll[inside].mean() > nll[~inside].mean()
+    assert all(torch.equal(ctx.kept_positions(layer, 0), kept) for layer in ctx.cache.pruned_layers)
+    window = chunkkv.compress(llama, ids, method=ChunkKV(keep_tokens=40, window=8, chunk_size=5))
+    assert not torch.equal(window.kept_positions(0, 0), kept)
+    assert ctx.stats.scoring_seconds > 0
 
 
 # --- text API and CLI -----------------------------------------------------------------------------

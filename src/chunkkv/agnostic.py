@@ -12,6 +12,11 @@ extra tokens never stay in it:
 * ``"probe"``: a generic question-like prompt (``PROMPTS["probe"]``) is fed once; each token scores
   the attention it receives from the probe's queries, summed (a window-style score with a better
   window).
+* ``"surprisal"`` (Selective Context's self-information, Li et al. 2023): each token scores its
+  negative log-likelihood given what precedes it, computed from the prefill's own final hidden
+  states (:func:`chunkkv.scoring.token_surprisal`): no extra tokens and no extra forward, one
+  output projection over the prompt. The same scores serve every layer and head, so ChunkKV keeps
+  the same chunks on every layer (the least predictable spans of the text).
 
 Order of work (why this is not compress's per-layer hook): every layer's full cache is needed
 before scoring, because the scoring tokens attend over the whole context on every layer. So the
@@ -171,7 +176,8 @@ def agnostic_scores(
 
     Args:
         capture: a :class:`chunkkv.multi.PrefillCapture` of the context.
-        scoring: ``"reconstruction"`` or ``"probe"``.
+        scoring: ``"reconstruction"``, ``"probe"`` or ``"surprisal"`` (read from the capture, which
+            must be made with ``surprisal=True``; no forward pass).
         prompt: ``[n]`` token ids of the instruction (:func:`scoring_prompt`); reconstruction may
             run without one (the context is then repeated right after itself).
         block: scoring tokens per forward pass (memory O(block x context) per head; the scores do
@@ -179,6 +185,12 @@ def agnostic_scores(
     """
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
         raise PromptError(f"scoring_block={block!r} must be an int >= 1 (scoring tokens per forward pass)")
+    if scoring == "surprisal":
+        if capture.surprisal is None:
+            raise PromptError("scoring='surprisal' needs a capture made with capture_prefill(..., surprisal=True)")
+        heads = capture.cache.layers[layers[0]].keys.shape[1] if layers else 1
+        per_head = capture.surprisal[:, None, :].expand(-1, heads, -1)
+        return {layer: per_head for layer in layers}
     ids, mask = _scoring_tokens(scoring, prompt, capture.input_ids, capture.attention_mask, capture.lengths)
     width = capture.input_ids.shape[1]
     device = ids.device
@@ -227,8 +239,8 @@ def compress_agnostic(
     scoring_block: int = 512,
 ) -> CompressedContext:
     """:func:`chunkkv.compress` for ``method.scoring`` ``"reconstruction"`` / ``"probe"`` (see the
-    module docstring). ``stats.scoring_seconds`` is the scoring pass's time, ``prefill_seconds``
-    the context's prefill."""
+    module docstring). ``stats.scoring_seconds`` is the scoring pass's time (for surprisal: the
+    output projection inside the prefill), ``prefill_seconds`` the context's prefill."""
     from .cache import ChunkKVCache
 
     probe = ChunkKVCache(model.config)
@@ -237,12 +249,13 @@ def compress_agnostic(
             f"scoring={method.scoring!r} needs a model whose every layer is full attention (sliding-window layers, "
             "as in Gemma 2/3, are not supported yet); use scoring='window'"
         )
-    capture = capture_prefill(model, input_ids, attention_mask, window=max(1, method.window))
+    capture = capture_prefill(model, input_ids, attention_mask, window=max(1, method.window),
+                              surprisal=method.scoring == "surprisal")
     layers = leader_layers(method, capture)
     device = capture.input_ids.device
     start = _now(device)
     scores = agnostic_scores(model, capture, method.scoring, layers, scoring_prompt, scoring_block) if layers else {}
-    seconds = _now(device) - start
+    seconds = _now(device) - start + capture.surprisal_seconds
     for layer, value in scores.items():
         capture.memo[layer][(method.scoring,)] = value
     ctx = compress_from_capture(capture, method)

@@ -283,7 +283,7 @@ def generate(
 
         method = agnostic_method(method, scoring, prefill_chunk is None)
         prompt = None
-        if method is not None and method.scoring != "window":
+        if method is not None and method.scoring in ("reconstruction", "probe"):
             prompt = scoring_prompt(tokenizer, method.scoring, chat=use_chat)
         heads = [split(c, qs[0])[0] for c in contexts]  # the context part does not depend on the question
         ids, mask = _encode(tokenizer, heads, device, add_special_tokens=not use_chat)

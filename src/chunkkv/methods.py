@@ -29,7 +29,7 @@ from .scoring import accumulated_attention_scores, window_attention_scores
 
 POOLINGS = ("none", "avg", "max")
 #: Where token scores come from (see ``Method.scoring``).
-SCORINGS = ("window", "reconstruction", "probe")
+SCORINGS = ("window", "reconstruction", "probe", "surprisal")
 
 
 @dataclass
@@ -94,7 +94,9 @@ class Method:
             the prompt's prefill on the full cache, whose extra tokens never stay in the cache:
             ``"reconstruction"``: the largest attention each token receives while the model
             repeats the context (KVzip's signal); ``"probe"``: the attention a generic
-            question-like prompt gives it. The window is kept in every case.
+            question-like prompt gives it; ``"surprisal"``: the token's negative log-likelihood
+            given what precedes it (Selective Context's self-information; no extra tokens, the
+            same scores for every layer and head). The window is kept in every case.
     """
 
     name: ClassVar[str] = "method"

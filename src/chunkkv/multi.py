@@ -48,6 +48,9 @@ class PrefillCapture:
         queries: ``{layer: [B, Hq, window, d]}`` the last ``window`` query states of each layer.
         scaling / softcap: ``{layer: float | None}`` as the model's attention used them.
         memo: ``{layer: {key: [B, Hkv, T]}}`` raw scores shared by methods (see ``LayerInputs.memo``).
+        surprisal: ``[B, T]`` each prompt token's negative log-likelihood given what precedes it
+            (``capture_prefill(..., surprisal=True)``; padded coordinates, 0 on padding);
+            ``surprisal_seconds`` the part of the prefill time spent computing it.
         prefill_seconds: wall time of the capture.
     """
 
@@ -62,6 +65,8 @@ class PrefillCapture:
     softcap: dict[int, float | None] = field(default_factory=dict)
     memo: dict[int, dict] = field(default_factory=dict)
     accumulated: bool = False
+    surprisal: torch.Tensor | None = None
+    surprisal_seconds: float = 0.0
     prefill_seconds: float = 0.0
 
 
@@ -87,6 +92,24 @@ class _Capture:
                 query, key, cap.scaling[idx], self.key_valid, cap.softcap[idx])
 
 
+def _surprisal_hook(model, capture: PrefillCapture, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """A forward hook on the decoder that turns its final hidden states into ``capture.surprisal``."""
+    from .scoring import token_surprisal
+
+    head = model.get_output_embeddings()
+    softcap = getattr(model.config.get_text_config(decoder=True), "final_logit_softcapping", None)
+
+    def hook(_module, _args, output):
+        start = time.perf_counter()
+        hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+        capture.surprisal = token_surprisal(hidden, head, input_ids, attention_mask, softcap)
+        if capture.surprisal.device.type == "cuda":
+            torch.cuda.synchronize(capture.surprisal.device)
+        capture.surprisal_seconds = time.perf_counter() - start
+
+    return hook
+
+
 @torch.inference_mode()
 def capture_prefill(
     model: torch.nn.Module,
@@ -95,6 +118,7 @@ def capture_prefill(
     *,
     window: int,
     accumulated: bool = False,
+    surprisal: bool = False,
 ) -> PrefillCapture:
     """Run the prompt once with the full cache and capture what every method needs.
 
@@ -104,6 +128,9 @@ def capture_prefill(
         window: the largest observation window of the methods to build (queries kept per layer).
         accumulated: also compute H2O's accumulated attention scores (needs every query; costs one
             blocked pass over the prompt per layer, as H2O itself does).
+        surprisal: also compute every prompt token's negative log-likelihood
+            (:func:`chunkkv.scoring.token_surprisal` on the final hidden states, in blocks: the
+            output projection over the prompt, no ``[T, vocab]`` tensor kept).
     """
     input_ids, attention_mask = _check_prompt(input_ids, attention_mask)
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
@@ -118,9 +145,16 @@ def capture_prefill(
     key_valid = attention_mask.bool() if any(n != width for n in lengths) else None
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     start = time.perf_counter()
-    with compression_session(_Capture(capture, key_valid)):
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-                    use_cache=True, logits_to_keep=1)
+    hook = None
+    if surprisal:
+        hook = model.get_decoder().register_forward_hook(_surprisal_hook(model, capture, input_ids, attention_mask))
+    try:
+        with compression_session(_Capture(capture, key_valid)):
+            out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                        use_cache=True, logits_to_keep=1)
+    finally:
+        if hook is not None:
+            hook.remove()
     capture.prefill_seconds = time.perf_counter() - start
     capture.next_logits = out.logits[:, -1, :]
     missing = [i for i in cache.pruned_layers if i not in capture.queries]

@@ -1,4 +1,4 @@
-"""Token importance scores from attention: pure tensor functions, no model needed.
+"""Token importance scores from attention (and one from likelihood): pure tensor functions, no model needed.
 
 Shapes: ``B`` batch, ``Hq`` query heads, ``Hkv`` key/value heads (``Hq = G * Hkv`` for GQA),
 ``T`` prompt length (padded), ``w`` observation window, ``d`` head dim.
@@ -6,7 +6,8 @@ Shapes: ``B`` batch, ``Hq`` query heads, ``Hkv`` key/value heads (``Hq = G * Hkv
 All scores are attention probabilities computed in float32 and averaged over the queries that
 produced them and over the query heads of each KV group, so they come out per **KV head**.
 Memory is O(w * T) per head for the window scores and O(block * T) for the accumulated (H2O)
-scores: a ``T x T`` matrix is never materialised.
+scores: a ``T x T`` matrix is never materialised. :func:`token_surprisal` is the exception to
+the attention rule: a token's negative log-likelihood, from the final hidden states.
 """
 
 from __future__ import annotations
@@ -196,3 +197,38 @@ def max_attention_scores(
         else:
             total += probs.sum(dim=2)
     return total
+
+
+def token_surprisal(
+    hidden: torch.Tensor,
+    head: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    softcap: float | None = None,
+    block: int = 1024,
+) -> torch.Tensor:
+    """Each prompt token's negative log-likelihood given what precedes it: ``[B, T]``.
+
+    Args:
+        hidden: ``[B, T, D]`` the model's final (normed) hidden states of the prompt.
+        head: the output projection (``model.get_output_embeddings()``).
+        input_ids / attention_mask: ``[B, T]`` the left-padded prompt.
+        softcap: the model's final logit soft-cap (Gemma 2), if any.
+        block: positions per projection, so no ``[T, vocab]`` tensor is held.
+
+    A row's first real token has nothing to be predicted from: it gets the row's largest value
+    (it is the attention sink the window scorings keep too). Padding gets 0.
+    """
+    batch, width = input_ids.shape
+    nll = hidden.new_zeros(batch, width, dtype=torch.float32)
+    for start in range(0, width - 1, block):
+        stop = min(width - 1, start + block)
+        logits = head(hidden[:, start:stop]).float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        target = input_ids[:, start + 1 : stop + 1]
+        nll[:, start + 1 : stop + 1] = torch.logsumexp(logits, -1) - logits.gather(-1, target[..., None])[..., 0]
+    real = attention_mask.bool()
+    first = real & ~torch.cat([real.new_zeros(batch, 1), real[:, :-1]], dim=1)
+    nll = nll.masked_fill(~real, 0.0)
+    return torch.where(first, nll.amax(-1, keepdim=True), nll)
