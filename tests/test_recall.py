@@ -67,3 +67,19 @@ def test_samples_continue_a_sentence_of_their_own_context(smollm2):
         assert s.head + s.reference in context  # the reference is what follows the head in the context
         assert len(s.reference_ids) == config.new_tokens
         assert abs(len(s.ids) - config.length) < 30
+        assert 0 < len(s.ids) - s.context_len < 25  # the head (and at most a boundary token) follows the context
+
+
+def test_question_agnostic_rows_compress_the_context_alone():
+    # with a budget that keeps the whole context, compressing before the head changes nothing
+    model = tiny_model("llama", num_hidden_layers=4)
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(1, VOCAB, (90,), generator=g).tolist()
+    sample = RecallSample(0, 0.5, ids, "w1", ids[40:60], " ".join(f"w{i}" for i in ids[40:60]), context_len=84)
+    config = RecallConfig(new_tokens=20, budgets=[200, 40], methods=["chunkkv"], agnostic=["window", "surprisal"])
+    rows = {r["config"]: r for r in run_sample(model, WordTokenizer(), sample, config, config.configs())}
+    assert rows["chunkkv/200/qa-window"]["output"] == rows["full"]["output"]
+    assert rows["chunkkv/200/qa-surprisal"]["output"] == rows["full"]["output"]
+    assert rows["chunkkv/40/qa-window"]["output"] != rows["chunkkv/40/qa-surprisal"]["output"]
+    with pytest.raises(ChunkKVError):
+        RecallConfig(agnostic=["nope"]).validate()

@@ -99,7 +99,7 @@ def configs(quick: bool):
         budgets.append(("t", 256))
     for kind, value in budgets:
         b = {"keep_fraction": value} if kind == "f" else {"keep_tokens": value}
-        for scoring in ("window", "probe", "reconstruction"):
+        for scoring in ("window", "probe", "reconstruction", "surprisal"):
             out.append(("chunkkv", scoring, chunkkv.ChunkKV(scoring=scoring, **b)))
             if kind == "f" and value == 0.2:
                 out.append(("snapkv", scoring, chunkkv.SnapKV(scoring=scoring, **b)))
@@ -113,7 +113,8 @@ def ask_all(model, ctx, questions: list[torch.Tensor], max_new: int, eos: int, p
     are left-padded inside the new block (masked), so positions continue each row's prompt."""
     n = len(questions)
     work = ctx.fork()
-    work.cache.batch_repeat_interleave(n)
+    cache = work.cache  # ctx.cache hands out a new fork per access: hold this one
+    cache.batch_repeat_interleave(n)
     width = max(q.shape[1] for q in questions)
     ids = torch.full((n, width), pad, dtype=torch.long)
     qmask = torch.zeros(n, width, dtype=torch.long)
@@ -123,7 +124,7 @@ def ask_all(model, ctx, questions: list[torch.Tensor], max_new: int, eos: int, p
     mask = torch.cat([work.attention_mask.expand(n, -1), qmask], dim=1)
     base = work.attention_mask.sum(-1)
     positions = base[:, None] + (qmask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=work.cache, use_cache=True,
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
                 logits_to_keep=1)
     last = positions[:, -1]
     answers = [[] for _ in range(n)]
@@ -140,7 +141,7 @@ def ask_all(model, ctx, questions: list[torch.Tensor], max_new: int, eos: int, p
             break
         mask = torch.cat([mask, torch.ones(n, 1, dtype=torch.long)], dim=1)
         last = last + 1
-        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=last[:, None], cache=work.cache,
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=last[:, None], cache=cache,
                     use_cache=True)
     return answers
 
@@ -196,12 +197,17 @@ def main() -> None:
                     all((length, doc, "qa-chunkkv|window|20% kept", q) in done for q in range(4))):
                 continue
             t0 = time.perf_counter()
-            capture = capture_prefill(model, ids, window=32)
+            capture = capture_prefill(model, ids, window=32, surprisal=True)
             prefill = time.perf_counter() - t0
             layers = list(range(model.config.num_hidden_layers))
             timing = {"length": length, "doc": doc, "config": "_timing", "q": None, "tokens": ids.shape[1],
-                      "prefill_s": prefill}
+                      "prefill_s": prefill, "surprisal_s": capture.surprisal_seconds}
+            for layer, value in agnostic_scores(model, capture, "surprisal", layers).items():
+                capture.memo[layer][("surprisal",)] = value
             for scoring in ("probe", "reconstruction"):
+                wanted = [f"{m}|{s}|{meth.budget.describe()}" for m, s, meth in grid if s == scoring]
+                if all((length, doc, k, q) in done for k in wanted for q in range(4)):
+                    continue  # already answered in an earlier run: skip the (costly) scoring pass
                 t0 = time.perf_counter()
                 scores = agnostic_scores(model, capture, scoring, layers, scoring_prompt(tok, scoring))
                 timing[f"{scoring}_s"] = time.perf_counter() - t0
@@ -209,6 +215,8 @@ def main() -> None:
                     capture.memo[layer][(scoring,)] = value
             if (length, doc, "_timing", None) not in done:
                 write(timing)
+            elif "reconstruction_s" not in timing:  # a resumed run: its surprisal cost on its own line
+                write({**timing, "config": "_timing_surprisal"})
             print(json.dumps(timing), flush=True)
             needle_spans = locate(tok, ids[0], document)  # to see what was kept around each needle
             runs = [("full", chunkkv.FullKV())] + [(f"{m}|{s}|{meth.budget.describe()}", meth) for m, s, meth in grid]

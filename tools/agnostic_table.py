@@ -31,7 +31,8 @@ def main(path: str) -> None:
                 seen.add(key)
                 rows.append(r)
     timing = [r for r in rows if r["config"] == "_timing"]
-    rows = [r for r in rows if r["config"] != "_timing"]
+    surprisal_timing = [r for r in rows if r["config"] == "_timing_surprisal"]
+    rows = [r for r in rows if not r["config"].startswith("_timing")]
     # only documents whose every config is complete, so each row of a table has the same samples
     by_doc = defaultdict(set)
     for r in rows:
@@ -47,7 +48,7 @@ def main(path: str) -> None:
     budgets = ["10% kept", "20% kept", "30% kept", "128 tokens", "256 tokens", "512 tokens"]
     for method in ("chunkkv", "snapkv"):
         for budget in budgets:
-            for scoring in ("window", "probe", "reconstruction"):
+            for scoring in ("window", "probe", "reconstruction", "surprisal"):
                 key = f"{method}|{scoring}|{budget}"
                 if key in configs:
                     order.append(key)
@@ -65,12 +66,14 @@ def main(path: str) -> None:
         name = {"full": "full cache", "qa-chunkkv|window|20% kept": "query-aware ChunkKV 20 % (window)"}.get(key, key)
         print(f"| {name} | " + " | ".join(per) + f" | {cell(sel)} | {rouge:.3f} | {kept_s} |")
     print("\nby needle depth (all lengths):")
-    for key in ["full", "chunkkv|window|20% kept", "chunkkv|probe|20% kept", "chunkkv|reconstruction|20% kept"]:
+    for key in ["full", "chunkkv|window|20% kept", "chunkkv|probe|20% kept", "chunkkv|reconstruction|20% kept",
+                "chunkkv|surprisal|20% kept"]:
         sel = [r for r in rows if r["config"] == key]
         depths = sorted({r["depth"] for r in sel})
         print(f"- {key}: " + ", ".join(f"depth {d}: {cell([r for r in sel if r['depth'] == d])}" for d in depths))
     print("\nby needle (question):")
-    for key in ["full", "chunkkv|window|20% kept", "chunkkv|probe|20% kept", "chunkkv|reconstruction|20% kept"]:
+    for key in ["full", "chunkkv|window|20% kept", "chunkkv|probe|20% kept", "chunkkv|reconstruction|20% kept",
+                "chunkkv|surprisal|20% kept"]:
         sel = [r for r in rows if r["config"] == key]
         print(f"- {key}: " + ", ".join(f"q{q}: {cell([r for r in sel if r['q'] == q])}" for q in range(4)))
     print("\nscoring time / prefill time (same process, 1 thread, all 30 layers scored):")
@@ -78,6 +81,9 @@ def main(path: str) -> None:
         print(f"- {t['length']} tok doc {t['doc']}: prefill {t['prefill_s']:.1f} s, probe {t['probe_s']:.1f} s "
               f"({t['probe_s'] / t['prefill_s']:.2f}x), reconstruction {t['reconstruction_s']:.1f} s "
               f"({t['reconstruction_s'] / t['prefill_s']:.2f}x)")
+    for t in surprisal_timing + [t for t in timing if "surprisal_s" in t]:
+        print(f"- {t['length']} tok doc {t['doc']} (surprisal run): prefill {t['prefill_s']:.1f} s incl. surprisal "
+              f"{t['surprisal_s']:.2f} s ({t['surprisal_s'] / (t['prefill_s'] - t['surprisal_s']):.2f}x of the rest)")
 
 
 if __name__ == "__main__":

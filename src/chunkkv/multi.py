@@ -286,6 +286,7 @@ def capture_prefix(capture: PrefillCapture, n: int) -> PrefillCapture:
     setting (compress the context, then feed the question) is served from a query-aware capture.
     It keeps the queries of positions ``[n - w, n)`` with ``w = capture.window - (T - n)``, so
     capture with ``window >= (T - n) + method window``. Unpadded prompts only; no H2O scores;
+    the surprisal (if captured) is the prefix's;
     ``next_logits`` is None (feed new tokens with :func:`chunkkv.extend` before decoding).
     """
     width = capture.input_ids.shape[1]
@@ -305,5 +306,14 @@ def capture_prefix(capture: PrefillCapture, n: int) -> PrefillCapture:
         cache, capture.input_ids[:, :n], capture.attention_mask[:, :n], None, window, [n],
         queries={i: q[:, :, q.shape[2] - (width - n) - window: q.shape[2] - (width - n)] for i, q in capture.queries.items()},
         scaling=dict(capture.scaling), softcap=dict(capture.softcap), memo={i: {} for i in capture.memo},
+        surprisal=None if capture.surprisal is None else _prefix_surprisal(capture.surprisal, n),
         prefill_seconds=capture.prefill_seconds,
     )
+
+
+def _prefix_surprisal(surprisal: torch.Tensor, n: int) -> torch.Tensor:
+    """A prefix's surprisal: the same values, the first token again the (prefix's) largest."""
+    out = surprisal[:, :n].clone()
+    if n > 1:
+        out[:, 0] = out[:, 1:].amax(-1)
+    return out

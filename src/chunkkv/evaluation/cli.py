@@ -99,6 +99,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--recall-samples", type=int, default=12, help="samples (12)")
     r.add_argument("--recall-length", type=int, default=2048, help="context tokens (2048)")
     r.add_argument("--recall-new-tokens", type=int, default=128, help="tokens generated per answer (128)")
+    r.add_argument("--recall-agnostic", default="",
+                   help="also compress the context before the head with these scorings (e.g. window,surprisal)")
     j = parser.add_argument_group("JailbreakV")
     j.add_argument("--judge-model", help="guard model (e.g. Llama-Guard-3-8B); default: refusal-keyword rule")
     j.add_argument("--jb-formats", help="comma list of attack formats to keep, or 'all' (default: Template,Persuade,Logic)")
@@ -329,7 +331,7 @@ def _run_recall(args: argparse.Namespace) -> int:
     config = RecallConfig(
         samples=args.recall_samples, length=args.recall_length, new_tokens=args.recall_new_tokens, budgets=budgets,
         methods=[m.strip() for m in args.recall_methods.split(",") if m.strip()], every=args.compress_every or 32,
-        seed=args.seed,
+        seed=args.seed, agnostic=[s.strip() for s in args.recall_agnostic.split(",") if s.strip()],
     )
     config.validate()
     check_device(args.device)

@@ -13,7 +13,10 @@ configuration is built from the capture (query-aware: the head ends the compress
 * ``<method>/B``: the prompt compressed to ``B`` tokens per layer, decoding unbounded (``B + new``
   tokens at the end);
 * ``<method>/B/dB``: the same prompt compression and a decode budget ``B`` with
-  ``compress_every`` (at most ``B + compress_every`` tokens per layer for any output length).
+  ``compress_every`` (at most ``B + compress_every`` tokens per layer for any output length);
+* ``<method>/B/qa-<scoring>`` (``RecallConfig.agnostic``): question-agnostic: the context alone is
+  compressed to ``B`` with ``scoring`` (window / surprisal / reconstruction), then the head is fed
+  and the answer decoded: does a context compressed before anyone asks keep arbitrary passages?
 
 Scores per configuration: ROUGE-L F against the reference text and against the full cache's own
 output, and ``copied`` = the leading generated tokens equal to the reference's. Rows are appended to
@@ -54,6 +57,7 @@ class RecallConfig:
     methods: list[str] = field(default_factory=lambda: ["chunkkv", "snapkv", "pyramidkv", "h2o", "streamingllm"])
     every: int = 32
     seed: int = 0
+    agnostic: list[str] = field(default_factory=list)  # question-agnostic scorings to run too
 
     def validate(self) -> None:
         for name in ("samples", "length", "new_tokens", "head_words", "every"):
@@ -65,12 +69,15 @@ class RecallConfig:
             raise ChunkKVError(f"recall length={self.length} must be at least 4 x new_tokens={self.new_tokens}")
         for name in self.methods:
             make_method(name, keep_tokens=max(self.budgets))  # unknown names fail here
+            for scoring in self.agnostic:
+                make_method(name, keep_tokens=max(self.budgets), scoring=scoring)  # and unknown scorings
 
     def configs(self) -> list[str]:
         """Configuration keys in run order: full, then per budget every method unbounded and bounded."""
         out = ["full"]
         for b in self.budgets:
             out += [f"{m}/{b}" for m in self.methods] + [f"{m}/{b}/d{b}" for m in self.methods]
+            out += [f"{m}/{b}/qa-{s}" for s in self.agnostic for m in self.methods]
         return out
 
 
@@ -84,6 +91,7 @@ class RecallSample:
     head: str
     reference_ids: list[int]
     reference: str
+    context_len: int = 0  # leading tokens of ``ids`` that are the context alone (before the head)
 
 
 def make_recall_samples(tokenizer, config: RecallConfig) -> list[RecallSample]:
@@ -108,7 +116,9 @@ def make_recall_samples(tokenizer, config: RecallConfig) -> list[RecallSample]:
         rest = context[start + len(head):]
         reference_ids = tokenizer(rest, add_special_tokens=False)["input_ids"][: config.new_tokens]
         ids = tokenizer(context + "\n\n" + head, add_special_tokens=False)["input_ids"]
-        out.append(RecallSample(i, depth, ids, head, reference_ids, tokenizer.decode(reference_ids)))
+        alone = tokenizer(context, add_special_tokens=False)["input_ids"]
+        common = next((j for j, (a, b) in enumerate(zip(alone, ids)) if a != b), min(len(alone), len(ids)))
+        out.append(RecallSample(i, depth, ids, head, reference_ids, tokenizer.decode(reference_ids), common))
     return out
 
 
@@ -123,8 +133,30 @@ def copied_tokens(generated: list[int], reference: list[int]) -> int:
 
 
 def _method(key: str):
-    name, budget = key.split("/")[:2]
-    return make_method(name, keep_tokens=int(budget))
+    parts = key.split("/")
+    scoring = parts[2][3:] if len(parts) > 2 and parts[2].startswith("qa-") else "window"
+    return make_method(parts[0], keep_tokens=int(parts[1]), scoring=scoring)
+
+
+def _agnostic_outputs(model, tokenizer, capture, sample: RecallSample, keys: list[str], sampling: Sampling):
+    """Question-agnostic rows: compress the context alone (cut from the capture), then feed the head."""
+    from ..agnostic import agnostic_scores, scoring_prompt
+    from ..multi import capture_prefix, compress_from_capture
+
+    prefix = capture_prefix(capture, sample.context_len)
+    head = torch.tensor([sample.ids[sample.context_len:]], device=capture.input_ids.device)
+    out = {}
+    for k in keys:
+        method = _method(k)
+        if method.scoring != "window" and (method.scoring,) not in prefix.memo[0]:  # every layer, once per scoring
+            layers = list(range(len(prefix.cache.layers)))
+            prompt = scoring_prompt(tokenizer, method.scoring, chat=False) if method.scoring != "surprisal" else None
+            for layer, value in agnostic_scores(model, prefix, method.scoring, layers, prompt).items():
+                prefix.memo[layer][(method.scoring,)] = value
+        ctx = compress_from_capture(prefix, method)
+        toks = continue_from(model, ctx, head, sampling)[0].tolist()
+        out[k] = (toks, None, int(k.split("/")[1]) + len(head[0]) + sampling.max_new_tokens)
+    return out
 
 
 @torch.inference_mode()
@@ -135,15 +167,21 @@ def run_sample(model, tokenizer, sample: RecallSample, config: RecallConfig, tod
     device = next(model.parameters()).device
     ids = torch.tensor([sample.ids], device=device)
     keys = ["full"] + [k for k in todo if k != "full"]
+    agnostic = [k for k in keys if "/qa-" in k]
     window = max((_method(k).window for k in keys if k != "full"), default=1)
+    if agnostic:
+        window += len(sample.ids) - sample.context_len  # the prefix's own window lies before the head
     t0 = time.perf_counter()
-    capture = capture_prefill(model, ids, window=window, accumulated=any(k.startswith("h2o/") for k in keys))
+    capture = capture_prefill(model, ids, window=window, surprisal=any(k.endswith("qa-surprisal") for k in keys),
+                              accumulated=any(k.startswith("h2o/") and "/qa-" not in k for k in keys))
     capture_s = time.perf_counter() - t0
     sampling = Sampling(max_new_tokens=config.new_tokens)
     outputs: dict[str, tuple[list[int], float | None, int]] = {}
     # Unbounded configurations decode together as one batch (so no time of their own); they hold
     # their prompt budget + every new token at the end.
     unbounded = [k for k in keys if k.count("/") < 2]
+    if agnostic:
+        outputs.update(_agnostic_outputs(model, tokenizer, capture, sample, agnostic, sampling))
     ctxs = [compress_from_capture(capture, make_method("full") if k == "full" else _method(k)) for k in unbounded]
     tokens = continue_from(model, stack_contexts(ctxs), None, sampling).tolist()
     for k, toks in zip(unbounded, tokens):
@@ -246,6 +284,8 @@ def to_markdown(summary: dict[str, dict[str, Any]], config: RecallConfig, model_
         parts = key.split("/")
         if key == "full":
             label = ["full cache", "all", "none"]
+        elif len(parts) > 2 and parts[2].startswith("qa-"):
+            label = [f"{parts[0]}, question-agnostic ({parts[2][3:]} scoring)", parts[1], "none"]
         else:
             label = [parts[0], parts[1], f"{parts[2][1:]} (every {config.every})" if len(parts) > 2 else "none"]
         lines.append(f"| {' | '.join(label)} | {c['held_max']} | {fmt(c['rougeL_ref'])} | {fmt(c['rougeL_full'])} | {c['copied']} |")
