@@ -271,14 +271,21 @@ def test_generate_and_cli_score_question_agnostically(capsys, tmp_path):
     assert main(["generate", "--model", str(folder), "--context-file", str(doc), "--method", "streamingllm",
                  "--keep-fraction", "0.2", "--scoring", "probe"]) == 2
     assert "streamingllm does not score tokens" in capsys.readouterr().err
+    # the question-agnostic default (no scoring given) is surprisal: the same tokens as by hand
+    result = chunkkv.generate(model, tok, doc.read_text(), [QUESTION_TEXT], method, sampling=sampling)
+    ctx = chunkkv.compress(model, ids, method=ChunkKV(keep_fraction=0.2, scoring="surprisal"))
+    assert result.answers[0].token_ids[0] == chunkkv.continue_from(model, ctx, q, sampling)[0].tolist()
+    assert main(["generate", "--model", str(folder), "--device", "cpu", "--context-file", str(doc), "--question",
+                 QUESTION_TEXT, "--separator", "", "--keep-fraction", "0.2", "--max-new-tokens", "4"]) == 0
+    assert "scoring=surprisal" in capsys.readouterr().out
 
 
 def test_question_agnostic_default_and_bounded_memory(llama):
     from chunkkv.agnostic import AGNOSTIC_DEFAULT, agnostic_method
 
     method = ChunkKV(keep_fraction=0.2, window=8)
-    assert AGNOSTIC_DEFAULT == "reconstruction"
-    assert agnostic_method(method).scoring == "reconstruction"  # the measured default (docs/question-agnostic.md)
+    assert AGNOSTIC_DEFAULT == "surprisal"
+    assert agnostic_method(method).scoring == "surprisal"  # the measured default (docs/question-agnostic.md)
     assert agnostic_method(method, "window").scoring == "window"
     assert agnostic_method(method, full_prefill=False).scoring == "window"  # chunked prefill never holds the full cache
     assert agnostic_method(StreamingLLM(keep_tokens=10)) == StreamingLLM(keep_tokens=10)

@@ -92,7 +92,7 @@ def encode(tok, document: str, question: str) -> tuple[torch.Tensor, torch.Tenso
     return ctx, q
 
 
-def configs(quick: bool):
+def configs(quick: bool, boundary_ids: frozenset[int] = frozenset()):
     out = []
     budgets = [("f", 0.1), ("f", 0.2), ("f", 0.3), ("t", 128), ("t", 512)]
     if not quick:
@@ -103,6 +103,8 @@ def configs(quick: bool):
             out.append(("chunkkv", scoring, chunkkv.ChunkKV(scoring=scoring, **b)))
             if kind == "f" and value == 0.2:
                 out.append(("snapkv", scoring, chunkkv.SnapKV(scoring=scoring, **b)))
+        if boundary_ids:  # sentence-aligned chunks (chunkkv.boundaries) on the surprisal scores
+            out.append(("chunkkv-bnd", "surprisal", chunkkv.ChunkKV(scoring="surprisal", boundary_ids=boundary_ids, **b)))
     return out
 
 
@@ -171,7 +173,9 @@ def main() -> None:
     rouge = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True)
     sampling = chunkkv.Sampling(max_new_tokens=args.max_new_tokens, eos_token_id=tok.eos_token_id)
     lengths = [int(x) for x in args.lengths.split(",")]
-    grid = configs(args.quick)
+    from chunkkv.boundaries import boundary_token_ids
+
+    grid = configs(args.quick, boundary_token_ids(tok))
 
     def write(rec):
         with out.open("a") as f:

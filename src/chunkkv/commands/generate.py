@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
                     from ..agnostic import agnostic_method, scoring_prompt
 
                     method = agnostic_method(method, args.scoring, bounds["prefill_chunk"] is None)
-                    if method.scoring != "window":
+                    if method.scoring in ("reconstruction", "probe"):
                         # the same scoring prompt chunkkv.generate builds (chat template or not, as the context)
                         prompt = scoring_prompt(tokenizer, method.scoring, chat=not special)
                 with progress() as bar:
