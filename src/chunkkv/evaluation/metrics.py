@@ -307,3 +307,14 @@ def wilson_interval(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def mean_interval(xs: Sequence[float], z: float = 1.96) -> tuple[float, float, float]:
+    """``(mean, low, high)``: the mean of ``xs`` with its 95 % normal interval (the interval of
+    continuous scores: ROUGE-L, per-bucket NLL). One value gives a zero-width interval."""
+    n = len(xs)
+    mean = sum(xs) / n
+    if n < 2:
+        return mean, mean, mean
+    half = z * math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1)) / math.sqrt(n)
+    return mean, mean - half, mean + half

@@ -29,6 +29,7 @@ from ..compress import compress
 from ..errors import ChunkKVError
 from ..generation import extend, set_decode_budget
 from ..methods import make_method
+from .metrics import mean_interval
 
 
 @dataclass
@@ -158,16 +159,6 @@ def run_ppl(
     return rows
 
 
-def _interval(bucket_means: list[float]) -> tuple[float, float, float]:
-    n = len(bucket_means)
-    mean = sum(bucket_means) / n
-    if n < 2:
-        return mean, mean, mean
-    sd = math.sqrt(sum((x - mean) ** 2 for x in bucket_means) / (n - 1))
-    half = 1.96 * sd / math.sqrt(n)
-    return mean, mean - half, mean + half
-
-
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Per (method, budget): pooled perplexity over the texts measured, its 95 % interval, the mean
     NLL difference to the full cache on the same texts (with its interval), ms/token and KV at 1k and
@@ -179,9 +170,9 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out = {}
     for (method, budget), rs in sorted(cells.items(), key=lambda kv: (kv[0][1] or 0, kv[0][0])):
         buckets = [x for r in rs for x in r["bucket_nll"]]
-        mean, lo, hi = _interval(buckets)
+        mean, lo, hi = mean_interval(buckets)
         diffs = [x - y for r in rs if r["text"] in full for x, y in zip(r["bucket_nll"], full[r["text"]]["bucket_nll"])]
-        d_mean, d_lo, d_hi = _interval(diffs) if diffs else (None, None, None)
+        d_mean, d_lo, d_hi = mean_interval(diffs) if diffs else (None, None, None)
         mean_of = lambda key, sub: (  # noqa: E731
             round(sum(r[key][sub] for r in rs) / len(rs), 3) if all(r[key][sub] is not None for r in rs) else None
         )

@@ -27,7 +27,6 @@ are 95 % normal intervals of the mean over samples (t would be wider at small n;
 from __future__ import annotations
 
 import json
-import math
 import random
 import re
 import time
@@ -41,6 +40,7 @@ import torch
 from ..errors import ChunkKVError
 from ..generation import Sampling, continue_from
 from ..methods import make_method
+from .metrics import mean_interval
 
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
@@ -239,15 +239,6 @@ def run_recall(model, tokenizer, config: RecallConfig, out_dir: str | Path, *,
     return rows
 
 
-def _mean_ci(xs: list[float]) -> tuple[float, float, float]:
-    n = len(xs)
-    mean = sum(xs) / n
-    if n < 2:
-        return mean, mean, mean
-    half = 1.96 * math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1)) / math.sqrt(n)
-    return mean, mean - half, mean + half
-
-
 def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per configuration: n, mean ROUGE-L against the reference and the full output (95 % interval),
     mean copied tokens, tokens held per layer at most, decode seconds (bounded runs)."""
@@ -256,7 +247,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         cells.setdefault(r["config"], []).append(r)
     out = {}
     for key, rs in cells.items():
-        ref, full = _mean_ci([r["rougeL_ref"] for r in rs]), _mean_ci([r["rougeL_full"] for r in rs])
+        ref, full = mean_interval([r["rougeL_ref"] for r in rs]), mean_interval([r["rougeL_full"] for r in rs])
         secs = [r["decode_seconds"] for r in rs if r["decode_seconds"] is not None]
         out[key] = {"n": len(rs), "rougeL_ref": [round(x, 3) for x in ref], "rougeL_full": [round(x, 3) for x in full],
                     "copied": round(sum(r["copied"] for r in rs) / len(rs), 1),
