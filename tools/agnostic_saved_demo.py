@@ -1,6 +1,6 @@
 """Compress once, save, load in a NEW process, ask several questions (issue 14 item 4).
 
-    PYTHONPATH=src python tools/agnostic_saved_demo.py [--length 2048] [--scoring reconstruction]
+    PYTHONPATH=src python tools/agnostic_saved_demo.py [--length 2048] [--scoring surprisal]
 
 Process 1 (this one): builds a NIAH document with 4 needles (tools/agnostic_niah.py), compresses it
 question-agnostically with ChunkKV, saves it, and answers the 4 questions in memory. Process 2 (a
@@ -43,7 +43,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--length", type=int, default=2048)
     ap.add_argument("--doc", type=int, default=0)
-    ap.add_argument("--scoring", default="reconstruction")
+    ap.add_argument("--scoring", default="surprisal")
     ap.add_argument("--keep-fraction", type=float, default=0.2)
     ap.add_argument("--path", default="/tmp/chunkkv_demo.ckv")
     ap.add_argument("--load", action="store_true", help="(the second process) load and answer")
@@ -60,7 +60,7 @@ def main() -> None:
         return
     method = chunkkv.ChunkKV(keep_fraction=args.keep_fraction, scoring=args.scoring)
     ctx = chunkkv.compress(model, encoded[0][0], method=method,
-                           scoring_prompt=scoring_prompt(tok, args.scoring) if args.scoring != "window" else None)
+                           scoring_prompt=scoring_prompt(tok, args.scoring) if args.scoring in ("reconstruction", "probe") else None)
     size = ctx.save(args.path)
     kv = ctx.cache.nbytes()
     in_memory = answers(model, tok, ctx, questions)
