@@ -194,6 +194,10 @@ def test_errors(llama):
 
     with pytest.raises(ChunkKVError, match="needs its scoring pass"):
         compress_from_capture(capture, ChunkKV(keep_tokens=30, window=8, scoring="reconstruction"))
+    broken = tiny_model("llama")
+    broken.get_output_embeddings = lambda: None  # a model that hides its output projection
+    with pytest.raises(chunkkv.UnsupportedModelError, match="output projection"):
+        chunkkv.compress(broken, _prompt(), method=ChunkKV(keep_tokens=30, window=8, scoring="surprisal"))
 
 
 def test_surprisal_is_each_tokens_negative_log_likelihood(llama):

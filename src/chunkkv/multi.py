@@ -97,6 +97,12 @@ def _surprisal_hook(model, capture: PrefillCapture, input_ids: torch.Tensor, att
     from .scoring import token_surprisal
 
     head = model.get_output_embeddings()
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if head is None or decoder is None or decoder is model:
+        raise UnsupportedModelError(
+            f"surprisal scores need the model's decoder and its output projection, which {type(model).__name__} does "
+            "not expose (get_decoder / get_output_embeddings); use scoring='window' or 'reconstruction'"
+        )
     softcap = getattr(model.config.get_text_config(decoder=True), "final_logit_softcapping", None)
 
     def hook(_module, _args, output):
