@@ -255,3 +255,20 @@ def test_families_chunked_prefill_and_decode_budget_equal_the_truth(family, monk
     full = torch.cat([ids, q, q], 1)
     truth = timed_truth_logits(model, full, torch.ones_like(full), log.evicted_after(ctx._cache, 98))
     torch.testing.assert_close(got, truth[:, 90:].to(got.dtype), atol=2e-5, rtol=1e-4)
+
+
+def test_the_decoding_window_does_not_pin_a_forwards_queries():
+    # The buffered window must be a copy: a view would keep every layer's whole-prompt query states
+    # alive with the context (at 8k tokens on the 100M model that was +190 MiB of peak memory).
+    model = tiny_model("llama")
+    ctx = chunkkv.compress(model, _prompt(length=120), method=ChunkKV(keep_tokens=40, window=8))
+
+    def own_storage(q):
+        return q.untyped_storage().nbytes() == q.numel() * q.element_size()
+
+    windows = [ctx.cache.layers[i].recent_queries for i in ctx.cache.pruned_layers]
+    assert all(q is not None and q.shape[2] == 8 and own_storage(q) for q in windows)
+    chunkkv.set_decode_budget(ctx, 40, 4)
+    chunkkv.extend(model, ctx, _prompt(length=30, seed=5))  # one 30-token forward re-selects
+    windows = [ctx.cache.layers[i].recent_queries for i in ctx.cache.pruned_layers]
+    assert all(q is not None and q.shape[2] == 8 and own_storage(q) for q in windows)

@@ -203,7 +203,8 @@ class _Session:
                 self.stats.scored_layers.append(idx)
             if step.last and self.method.window > 0 and min(step.slots[idx], query.shape[2]) >= self.method.window:
                 # Seed the decoding window (used only if a decode budget is set later).
-                layer.recent_queries = query[:, :, -self.method.window :]
+                # A copy: a view would keep the whole prompt's query states alive with the context.
+                layer.recent_queries = query[:, :, -self.method.window :].clone()
         layer.prune(*self.chosen[leader])
         if self.measure:
             self.stats.select_seconds += _now(key.device) - start

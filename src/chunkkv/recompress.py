@@ -136,7 +136,7 @@ class DecodeBudget:
         leader = self.leaders.get(idx, idx)
         if leader == idx and self.window > 0:
             recent = query if layer.recent_queries is None else torch.cat([layer.recent_queries, query], dim=2)
-            layer.recent_queries = recent[:, :, -self.window :]
+            layer.recent_queries = recent[:, :, -self.window :].clone()  # never pin a long forward's queries
         if layer.stored_length < self.limit:
             return
         if leader == idx:
