@@ -93,7 +93,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--ppl-texts", type=int, default=2, help="texts (the essays joined, each from another essay; 2)")
     p.add_argument("--ppl-length", type=int, default=8192, help="tokens per text (8192)")
     r = parser.add_argument_group("passage recall (--task recall: a long output under a decode budget, docs/memory.md)")
-    r.add_argument("--recall-methods", default="chunkkv,snapkv,pyramidkv,h2o,streamingllm", help="methods")
+    r.add_argument("--recall-methods", default="chunkkv,snapkv,pyramidkv,h2o,streamingllm",
+                   help="methods (chunkkv,snapkv,pyramidkv,h2o,streamingllm)")
     r.add_argument("--recall-budgets", default="512,256",
                    help="KV budgets: each runs as prompt budget alone and as prompt + decode budget (512,256)")
     r.add_argument("--recall-samples", type=int, default=12, help="samples (12)")
