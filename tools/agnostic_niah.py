@@ -92,7 +92,7 @@ def encode(tok, document: str, question: str) -> tuple[torch.Tensor, torch.Tenso
     return ctx, q
 
 
-def configs(quick: bool, boundary_ids: frozenset[int] = frozenset()):
+def configs(quick: bool, boundary_ids: frozenset[int] = frozenset(), variants: bool = False):
     out = []
     budgets = [("f", 0.1), ("f", 0.2), ("f", 0.3), ("t", 128), ("t", 512)]
     if not quick:
@@ -105,6 +105,9 @@ def configs(quick: bool, boundary_ids: frozenset[int] = frozenset()):
                 out.append(("snapkv", scoring, chunkkv.SnapKV(scoring=scoring, **b)))
         if boundary_ids:  # sentence-aligned chunks (chunkkv.boundaries) on the surprisal scores
             out.append(("chunkkv-bnd", "surprisal", chunkkv.ChunkKV(scoring="surprisal", boundary_ids=boundary_ids, **b)))
+        if variants and kind == "f" and value == 0.2:  # --variants: surprisal with bigger chunks / wider pooling
+            out.append(("chunkkv-c20", "surprisal", chunkkv.ChunkKV(scoring="surprisal", chunk_size=20, **b)))
+            out.append(("chunkkv-k15", "surprisal", chunkkv.ChunkKV(scoring="surprisal", kernel=15, **b)))
     return out
 
 
@@ -157,6 +160,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--variants", action="store_true", help="also surprisal with chunk 20 / pooling kernel 15 at 20 %%")
     ap.add_argument("--no-qa", action="store_true", help="skip query-aware ChunkKV (one prefill per question)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -175,7 +179,7 @@ def main() -> None:
     lengths = [int(x) for x in args.lengths.split(",")]
     from chunkkv.boundaries import boundary_token_ids
 
-    grid = configs(args.quick, boundary_token_ids(tok))
+    grid = configs(args.quick, boundary_token_ids(tok), args.variants)
 
     def write(rec):
         with out.open("a") as f:
