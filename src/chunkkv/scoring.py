@@ -34,15 +34,47 @@ def _grouped_logits(
     return logits
 
 
-def _finish(logits: torch.Tensor, key_valid: torch.Tensor | None, query_valid: torch.Tensor | None, groups: int) -> torch.Tensor:
-    """Softmax over keys, zero the rows of padding queries, sum over the stacked queries."""
+def _finish(
+    logits: torch.Tensor, key_valid: torch.Tensor | None, query_valid: torch.Tensor | None, groups: int,
+    reduce: str = "sum",
+) -> torch.Tensor:
+    """Softmax over keys, zero the rows of padding queries, sum (or max) over the stacked queries."""
     if key_valid is not None:
         # finfo.min, not -inf: a padding query that sees only padding gets a finite row (then zeroed).
         logits.masked_fill_(~key_valid[:, None, None, :], torch.finfo(logits.dtype).min)
     probs = torch.softmax(logits, dim=-1)
     if query_valid is not None:
         probs = probs * query_valid.repeat(1, groups)[:, None, :, None]
-    return probs.sum(dim=2)
+    return probs.amax(dim=2) if reduce == "max" else probs.sum(dim=2)
+
+
+def _causal_block_scores(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    scaling: float,
+    softcap: float | None,
+    key_valid: torch.Tensor | None,
+    query_valid: torch.Tensor | None,
+    block: int,
+    reduce: str,
+) -> torch.Tensor:
+    """``[B, Hkv, S]``: causal attention each key receives from ``queries`` (the last ``q`` of the
+    ``S`` key positions), ``block`` queries at a time, summed or maxed over the queries and the
+    query heads of each KV group. ``query_valid``: ``[B, q]`` or None."""
+    q_len, length = queries.shape[2], keys.shape[2]
+    offset = length - q_len  # query i sits at key position offset + i
+    groups = queries.shape[1] // keys.shape[1]
+    k_pos = torch.arange(length, device=keys.device)
+    total = keys.new_zeros(keys.shape[0], keys.shape[1], length, dtype=torch.float32)
+    for start in range(0, q_len, block):  # blocks of queries, not tokens: bounds memory
+        stop = min(q_len, start + block)
+        logits = _grouped_logits(queries[:, :, start:stop], keys, scaling, softcap)  # [B, Hkv, G*b, S]
+        q_pos = torch.arange(offset + start, offset + stop, device=keys.device)
+        logits.masked_fill_((k_pos[None, :] > q_pos[:, None]).repeat(groups, 1), torch.finfo(logits.dtype).min)
+        valid = query_valid[:, start:stop] if query_valid is not None else None
+        scores = _finish(logits, key_valid, valid, groups, reduce)
+        total = torch.maximum(total, scores) if reduce == "max" else total + scores
+    return total
 
 
 def window_attention_scores(
@@ -101,20 +133,10 @@ def accumulated_attention_scores(
     """
     batch, n_q_heads, q_len, _ = queries.shape
     length = keys.shape[2]
-    offset = length - q_len  # query i sits at key position offset + i
     groups = n_q_heads // keys.shape[1]
     block = max(1, min(q_len, block_elements // max(1, batch * n_q_heads * length)))
-    k_pos = torch.arange(length, device=keys.device)
-    total = keys.new_zeros(batch, keys.shape[1], length, dtype=torch.float32)
-    for start in range(0, q_len, block):  # blocks of queries, not tokens: bounds memory
-        stop = min(q_len, start + block)
-        logits = _grouped_logits(queries[:, :, start:stop], keys, scaling, softcap)
-        q_pos = torch.arange(offset + start, offset + stop, device=keys.device)
-        future = (k_pos[None, :] > q_pos[:, None]).repeat(groups, 1)
-        logits.masked_fill_(future, torch.finfo(logits.dtype).min)
-        query_valid = key_valid[:, offset + start : offset + stop] if key_valid is not None else None
-        total += _finish(logits, key_valid, query_valid, groups) / groups
-    return total
+    query_valid = key_valid[:, length - q_len :] if key_valid is not None else None
+    return _causal_block_scores(queries, keys, scaling, softcap, key_valid, query_valid, block, "sum") / groups
 
 
 def pool_scores(scores: torch.Tensor, pooling: str | None, kernel: int) -> torch.Tensor:
@@ -170,33 +192,9 @@ def max_attention_scores(
     """
     if reduce not in ("max", "sum"):
         raise ValueError(f"unknown reduce {reduce!r}: use 'max' or 'sum'")
-    batch, n_q_heads, q_len, _ = queries.shape
-    n_kv_heads, length = keys.shape[1], keys.shape[2]
-    groups = n_q_heads // n_kv_heads
+    q_len = queries.shape[2]
     block = q_len if block is None else max(1, block)
-    k_pos = torch.arange(length, device=keys.device)
-    total = keys.new_zeros(batch, n_kv_heads, context_len, dtype=torch.float32)
-    keys_t = keys.float().transpose(-1, -2)
-    for start in range(0, q_len, block):  # blocks of queries, not tokens: bounds memory
-        stop = min(q_len, start + block)
-        # Scale the (few) queries rather than the (many) logits: one pass less over [G*b, S].
-        q = (queries[:, :, start:stop].float() * scaling).reshape(batch, n_kv_heads, groups * (stop - start), -1)
-        logits = torch.matmul(q, keys_t)  # [B, Hkv, G*b, S], row g*b + i = query i of group head g
-        if softcap is not None:
-            logits = torch.tanh(logits / softcap) * softcap
-        own = torch.arange(length - q_len + start, length - q_len + stop, device=keys.device)
-        hidden = (k_pos[None, :] > own[:, None]).repeat(groups, 1)[None, None]  # causal, [1, 1, G*b, S]
-        if key_valid is not None:
-            hidden = hidden | ~key_valid[:, None, None, :]
-        logits.masked_fill_(hidden, torch.finfo(logits.dtype).min)
-        probs = torch.softmax(logits, dim=-1)[..., :context_len]
-        if query_valid is not None:
-            probs = probs * query_valid[:, start:stop].repeat(1, groups)[:, None, :, None]
-        if reduce == "max":
-            total = torch.maximum(total, probs.amax(dim=2))
-        else:
-            total += probs.sum(dim=2)
-    return total
+    return _causal_block_scores(queries, keys, scaling, softcap, key_valid, query_valid, block, reduce)[..., :context_len]
 
 
 def token_surprisal(
