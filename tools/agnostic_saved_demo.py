@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import chunkkv
-from chunkkv.agnostic import scoring_prompt
+from chunkkv.agnostic import PROMPTS, scoring_prompt
 from chunkkv.persist import header_bytes
 from chunkkv.pretrained import load_pretrained
 
@@ -60,7 +60,7 @@ def main() -> None:
         return
     method = chunkkv.ChunkKV(keep_fraction=args.keep_fraction, scoring=args.scoring)
     ctx = chunkkv.compress(model, encoded[0][0], method=method,
-                           scoring_prompt=scoring_prompt(tok, args.scoring) if args.scoring in ("reconstruction", "probe") else None)
+                           scoring_prompt=scoring_prompt(tok, args.scoring) if args.scoring in PROMPTS else None)
     size = ctx.save(args.path)
     kv = ctx.cache.nbytes()
     in_memory = answers(model, tok, ctx, questions)

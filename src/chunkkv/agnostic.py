@@ -35,14 +35,13 @@ whose vocabulary projection is a quarter of its compute; less for larger models)
 
 from __future__ import annotations
 
-import time
 import weakref
 from dataclasses import replace
 
 import torch
 
 from .cache import PrunedLayer
-from .compress import CompressedContext, plan_layers
+from .compress import CompressedContext, _now, plan_layers
 from .errors import PromptError, UnsupportedModelError
 from .methods import Method
 from .multi import capture_prefill, compress_from_capture
@@ -215,12 +214,6 @@ def agnostic_scores(
     if missing:
         raise UnsupportedModelError(f"layers {missing} did not go through chunkkv's attention during scoring")
     return session.scores
-
-
-def _now(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 def leader_layers(method: Method, capture) -> list[int]:

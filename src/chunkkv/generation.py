@@ -279,11 +279,11 @@ def generate(
     result = GenerationResult(answers=[])
     shared = None
     if not query_aware:
-        from .agnostic import agnostic_method, scoring_prompt
+        from .agnostic import PROMPTS, agnostic_method, scoring_prompt
 
         method = agnostic_method(method, scoring, prefill_chunk is None)
         prompt = None
-        if method is not None and method.scoring in ("reconstruction", "probe"):
+        if method is not None and method.scoring in PROMPTS:  # the scorings that feed a prompt
             prompt = scoring_prompt(tokenizer, method.scoring, chat=use_chat)
         heads = [split(c, qs[0])[0] for c in contexts]  # the context part does not depend on the question
         ids, mask = _encode(tokenizer, heads, device, add_special_tokens=not use_chat)

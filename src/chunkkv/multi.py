@@ -27,11 +27,12 @@ from . import selection as sel
 from .attention import attach, compression_session
 from .cache import ChunkKVCache, PrunedLayer
 from .compress import (
-    CompressedContext, CompressionStats, _check_prompt, _row_lengths, check_window, mark_wrapper_layers, plan_layers,
+    CompressedContext, CompressionStats, _check_prompt, _now, _row_lengths, check_window, mark_wrapper_layers,
+    plan_layers,
 )
 from .errors import ChunkKVError, UnsupportedModelError
 from .methods import FullKV, LayerInputs, Method
-from .scoring import accumulated_attention_scores
+from .scoring import accumulated_attention_scores, first_token_surprisal
 
 __all__ = ["PrefillCapture", "capture_prefill", "capture_prefix", "compress_from_capture", "stack_contexts"]
 
@@ -106,12 +107,10 @@ def _surprisal_hook(model, capture: PrefillCapture, input_ids: torch.Tensor, att
     softcap = getattr(model.config.get_text_config(decoder=True), "final_logit_softcapping", None)
 
     def hook(_module, _args, output):
-        start = time.perf_counter()
         hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+        start = _now(hidden.device)
         capture.surprisal = token_surprisal(hidden, head, input_ids, attention_mask, softcap)
-        if capture.surprisal.device.type == "cuda":
-            torch.cuda.synchronize(capture.surprisal.device)
-        capture.surprisal_seconds = time.perf_counter() - start
+        capture.surprisal_seconds = _now(hidden.device) - start
 
     return hook
 
@@ -312,14 +311,8 @@ def capture_prefix(capture: PrefillCapture, n: int) -> PrefillCapture:
         cache, capture.input_ids[:, :n], capture.attention_mask[:, :n], None, window, [n],
         queries={i: q[:, :, q.shape[2] - (width - n) - window: q.shape[2] - (width - n)] for i, q in capture.queries.items()},
         scaling=dict(capture.scaling), softcap=dict(capture.softcap), memo={i: {} for i in capture.memo},
-        surprisal=None if capture.surprisal is None else _prefix_surprisal(capture.surprisal, n),
+        surprisal=None if capture.surprisal is None else first_token_surprisal(
+            capture.surprisal[:, :n], capture.attention_mask[:, :n]),
         prefill_seconds=capture.prefill_seconds,
     )
 
-
-def _prefix_surprisal(surprisal: torch.Tensor, n: int) -> torch.Tensor:
-    """A prefix's surprisal: the same values, the first token again the (prefix's) largest."""
-    out = surprisal[:, :n].clone()
-    if n > 1:
-        out[:, 0] = out[:, 1:].amax(-1)
-    return out

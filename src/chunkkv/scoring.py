@@ -226,7 +226,14 @@ def token_surprisal(
             logits = torch.tanh(logits / softcap) * softcap
         target = input_ids[:, start + 1 : stop + 1]
         nll[:, start + 1 : stop + 1] = torch.logsumexp(logits, -1) - logits.gather(-1, target[..., None])[..., 0]
+    return first_token_surprisal(nll, attention_mask)
+
+
+def first_token_surprisal(nll: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` surprisal with padding set to 0 and each row's first real token (which nothing
+    predicts) set to the largest value of the rest of its row; ``nll``'s own first-token values
+    are ignored, so a prefix cut from a longer row gets its own maximum."""
     real = attention_mask.bool()
-    first = real & ~torch.cat([real.new_zeros(batch, 1), real[:, :-1]], dim=1)
-    nll = nll.masked_fill(~real, 0.0)
-    return torch.where(first, nll.amax(-1, keepdim=True), nll)
+    first = real & ~torch.cat([real.new_zeros(real.shape[0], 1), real[:, :-1]], dim=1)
+    rest = nll.masked_fill(~real | first, 0.0)
+    return torch.where(first, rest.amax(-1, keepdim=True), rest)

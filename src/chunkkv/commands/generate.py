@@ -106,10 +106,10 @@ def run(args: argparse.Namespace) -> int:
 
                 prompt = None
                 if not args.query_aware:
-                    from ..agnostic import agnostic_method, scoring_prompt
+                    from ..agnostic import PROMPTS, agnostic_method, scoring_prompt
 
                     method = agnostic_method(method, args.scoring, bounds["prefill_chunk"] is None)
-                    if method.scoring in ("reconstruction", "probe"):
+                    if method.scoring in PROMPTS:
                         # the same scoring prompt chunkkv.generate builds (chat template or not, as the context)
                         prompt = scoring_prompt(tokenizer, method.scoring, chat=not special)
                 with progress() as bar:
