@@ -29,6 +29,7 @@ import torch
 
 from .analysis import adjacent_mean, jaccard_matrix, mean_head_jaccard, stacked_kept_masks, union_over_heads
 from .errors import ChunkKVError
+from .evaluation.store import read_jsonl
 from .generation import Sampling, continue_from
 from .methods import make_method
 from .multi import capture_prefill, capture_prefix, compress_from_capture, stack_contexts
@@ -220,15 +221,8 @@ def run_sample(model, tokenizer, sample: RealSample, specs: list[GridSpec], *, w
 
 
 def _load_done(path: Path) -> set[tuple]:
-    done = set()
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a torn last line from an interrupted run: that sample is redone
-            done.add((r["task"], r["length"], r["index"], r["spec"]))
-    return done
+    # a torn last line from an interrupted run is not read: that sample is redone
+    return {(r["task"], r["length"], r["index"], r["spec"]) for r in read_jsonl(path, key="spec")}
 
 
 def is_headline(spec: GridSpec) -> bool:

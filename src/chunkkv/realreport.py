@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .evaluation.metrics import wilson_interval as wilson
+from .evaluation.store import read_jsonl
 
 BEGIN, END = "<!-- real:begin -->", "<!-- real:end -->"
 METHODS = ["full", "streamingllm", "h2o", "snapkv", "pyramidkv", "chunkkv"]
@@ -34,14 +35,7 @@ def cell(scores: list[float]) -> str:
 
 def load(path: Path) -> list[dict[str, Any]]:
     """The records, last one wins per (task, length, index, spec)."""
-    out: dict[tuple, dict] = {}
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            out[(r["task"], r["length"], r["index"], r["spec"])] = r
+    out = {(r["task"], r["length"], r["index"], r["spec"]): r for r in read_jsonl(path, key="spec")}
     return list(out.values())
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from ..compress import compress
+from ..evaluation.store import read_jsonl
 from ..methods import ChunkKV, FullKV
 from .measure import MiB, MemoryMeter, now
 
@@ -82,14 +83,8 @@ def run_prefill_memory(
     device = next(model.parameters()).device
     path = Path(out_dir) / "prefill_memory.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
-    done = set()
-    rows: list[dict[str, Any]] = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                rows.append(row)
-                done.add((row["context"], row["mode"], row["chunk"]))
+    rows = read_jsonl(path, key="mode")
+    done = {(row["context"], row["mode"], row["chunk"]) for row in rows}
     meter = MemoryMeter(device)
     vocab = model.config.get_text_config(decoder=True).vocab_size
     method = ChunkKV(keep_tokens=kept)

@@ -30,6 +30,7 @@ from ..errors import ChunkKVError
 from ..generation import extend, set_decode_budget
 from ..methods import make_method
 from .metrics import mean_interval
+from .store import read_jsonl
 
 
 @dataclass
@@ -122,13 +123,8 @@ def run_ppl(
     config.validate()
     path = Path(out_dir) / "ppl.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
-    rows, done = [], set()
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                rows.append(row)
-                done.add((row["text"], row["method"], row["budget"]))
+    rows = read_jsonl(path, key="method")
+    done = {(row["text"], row["method"], row["budget"]) for row in rows}
     texts = essay_token_texts(tokenizer, config.texts, config.length, config.essay_stride)
     plan = [("full", None)] + [(m, b) for b in sorted(config.budgets) for m in config.methods]
     for t, token_ids in enumerate(texts):

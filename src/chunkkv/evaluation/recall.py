@@ -41,6 +41,7 @@ from ..errors import ChunkKVError
 from ..generation import Sampling, continue_from
 from ..methods import make_method
 from .metrics import mean_interval
+from .store import read_jsonl
 
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
@@ -219,7 +220,7 @@ def run_recall(model, tokenizer, config: RecallConfig, out_dir: str | Path, *,
     config.validate()
     path = Path(out_dir) / "recall.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
-    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+    rows = read_jsonl(path, key="config")
     done = {(r["index"], r["config"]) for r in rows}
     wanted = config.configs()
     for sample in make_recall_samples(tokenizer, config):

@@ -31,11 +31,12 @@ MAIN = "predictions.jsonl"
 _SHARD = re.compile(r"^predictions\.rank(\d+)-of-(\d+)\.jsonl$")
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Records of a JSONL file. Only lines that end with a newline count: a last line without one
-    is an interrupted write (even when it parses, its writer may have died before finishing it),
-    so its sample is not done and is redone by a resumed run. Other lines that do not parse as a
-    JSON object are skipped with a warning."""
+def read_jsonl(path: Path, key: str | None = "id") -> list[dict[str, Any]]:
+    """Records of an append-only JSONL file (every resumable run's store). Only lines that end with
+    a newline count: a last line without one is an interrupted write (even when it parses, its
+    writer may have died before finishing it), so its sample is not done and is redone by a resumed
+    run. Other lines that are not a JSON object (holding ``key``, unless None) are skipped with a
+    warning."""
     if not path.exists():
         return []
     out = []
@@ -48,7 +49,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
             obj = json.loads(line)
         except json.JSONDecodeError:
             obj = None
-        if not isinstance(obj, dict) or "id" not in obj:
+        if not isinstance(obj, dict) or (key is not None and key not in obj):
             warnings.warn(f"{path}:{n + 1}: skipping a line that is not a JSON record", stacklevel=2)
             continue
         out.append(obj)
