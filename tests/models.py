@@ -147,6 +147,24 @@ def truth_logits(model, ids: torch.Tensor, attention_mask: torch.Tensor, prompt_
     return _truth_forward(model, ids, attention_mask, prompt_len=prompt_len, kept=kept)
 
 
+def assert_decodes_like_truth(model, ctx, ids: torch.Tensor, question: torch.Tensor, new_tokens: int = 6):
+    """Extending ``ctx`` (compressed from ``ids``) with ``question`` gives the logits of the full
+    forward in which the evicted prompt tokens are masked, and stock ``generate`` on its cache gives
+    the library loop's ``new_tokens`` tokens. Returns ``(logits, full ids, kept masks)``."""
+    import chunkkv
+
+    prompt = ids.shape[1]
+    kept = kept_masks(ctx.cache, prompt)
+    got = chunkkv.extend(model, ctx.fork(), question)
+    full = torch.cat([ids, question], 1)
+    want = truth_logits(model, full, torch.ones_like(full), prompt, kept)[:, prompt:]
+    torch.testing.assert_close(got, want.to(got.dtype), atol=2e-5, rtol=1e-4)
+    ours = chunkkv.continue_from(model, ctx, question, chunkkv.Sampling(max_new_tokens=new_tokens))
+    stock = model.generate(full, cache=ctx.cache, max_new_tokens=new_tokens, do_sample=False)[:, full.shape[1]:]
+    assert torch.equal(ours, stock)
+    return got, full, kept
+
+
 # --- eviction over time: chunked prefill and decoding budgets -----------------------------------
 NEVER = 1 << 40
 

@@ -11,7 +11,7 @@ from chunkkv.agnostic import agnostic_scores, leader_layers
 from chunkkv.multi import capture_prefill
 from chunkkv.scoring import max_attention_scores
 
-from models import kept_masks, left_padded, tiny_model, truth_logits
+from models import assert_decodes_like_truth, left_padded, tiny_model
 from models import random_prompt as _prompt
 
 
@@ -132,15 +132,7 @@ def test_decoding_equals_full_forward_with_evicted_tokens_masked(llama, name):
     ids, question = _prompt(seed=4), _prompt(1, 5, seed=5)
     ctx = chunkkv.compress(llama, ids, method=METHODS[name], scoring_prompt=PROMPT, scoring_block=32)
     assert max(ctx.cache.stored_lengths()) < 120 and ctx.cache.get_seq_length() == 120
-    kept = kept_masks(ctx.cache, 120)
-    got = chunkkv.extend(llama, ctx.fork(), question)
-    full = torch.cat([ids, question], 1)
-    want = truth_logits(llama, full, torch.ones_like(full), 120, kept)[:, 120:]
-    torch.testing.assert_close(got, want.to(got.dtype), atol=2e-5, rtol=1e-4)
-    # stock generate agrees with the library loop
-    ours = chunkkv.continue_from(llama, ctx.fork(), question, chunkkv.Sampling(max_new_tokens=8))
-    stock = llama.generate(full, cache=ctx.fork().cache, max_new_tokens=8, do_sample=False)[:, 125:]
-    assert torch.equal(ours, stock)
+    assert_decodes_like_truth(llama, ctx, ids, question, new_tokens=8)  # and stock generate agrees
 
 
 @pytest.mark.parametrize("scoring", ["reconstruction", "probe", "surprisal"])

@@ -8,7 +8,7 @@ import torch
 import chunkkv
 from chunkkv import ChunkKV, FullKV, H2O, PyramidKV, SnapKV, StreamingLLM
 
-from models import VOCAB, kept_masks, tiny_model, truth_logits
+from models import VOCAB, assert_decodes_like_truth, kept_masks, tiny_model, truth_logits
 from models import random_prompt as _prompt
 
 METHODS = {
@@ -65,15 +65,7 @@ def test_families_decode_over_kept_tokens_only(family):
     ctx = chunkkv.compress(model, ids, method=ChunkKV(keep_tokens=30, window=6, chunk_size=4))
     pruned = ctx.cache.pruned_layers
     assert pruned and all(ctx.cache.layers[i].stored_length == 30 for i in pruned)
-    kept = kept_masks(ctx.cache, 90)
-    got = chunkkv.extend(model, ctx.fork(), question)
-    full = torch.cat([ids, question], 1)
-    want = truth_logits(model, full, torch.ones_like(full), 90, kept)[:, 90:]
-    torch.testing.assert_close(got, want.to(got.dtype), atol=2e-5, rtol=1e-4)
-    # stock generate on the compressed cache gives the library loop's tokens
-    ours = chunkkv.continue_from(model, ctx.fork(), question, chunkkv.Sampling(max_new_tokens=6))
-    stock = model.generate(full, cache=ctx.fork().cache, max_new_tokens=6, do_sample=False)[:, 94:]
-    assert torch.equal(ours, stock)
+    assert_decodes_like_truth(model, ctx, ids, question)  # and stock generate gives the library loop's tokens
 
 
 @pytest.mark.parametrize("name", ["chunkkv", "snapkv", "pyramidkv"])

@@ -13,17 +13,12 @@ from chunkkv import ChunkKV, PromptError, PyramidKV, SnapKV, StreamingLLM, Unsup
 from chunkkv.cache import PrunedLayer
 from chunkkv.errors import BudgetError, ChunkKVError
 
-from models import VOCAB, kept_masks, tiny_model, truth_logits
+from models import assert_decodes_like_truth, kept_masks, random_prompt, tiny_model, truth_logits
 
 # The sliding_window values of the real configs (transformers 5.24 marks every layer of these
 # models sliding as soon as the value is set).
 PHI3_MINI_128K = 262144  # Phi-3-mini-128k-instruct, Phi-3.5-mini-instruct
 MISTRAL_7B_V01 = 4096  # Mistral-7B-v0.1
-
-
-def _ids(length: int, seed: int, batch: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(1, VOCAB, (batch, length), generator=g).to(torch.get_default_device())
 
 
 def _check_against_truth(model, ids, question, method, past_window: bool = False):
@@ -34,15 +29,7 @@ def _check_against_truth(model, ids, question, method, past_window: bool = False
     pruned = ctx.cache.pruned_layers
     assert pruned == list(range(model.config.num_hidden_layers))  # every (sliding) layer compressed
     assert max(ctx.cache.stored_lengths()) < prompt
-    kept = kept_masks(ctx.cache, prompt)
-    got = chunkkv.extend(model, ctx.fork(), question)
-    full = torch.cat([ids, question], 1)
-    want = truth_logits(model, full, torch.ones_like(full), prompt, kept)[:, prompt:]
-    torch.testing.assert_close(got, want.to(got.dtype), atol=2e-5, rtol=1e-4)
-    ours = chunkkv.continue_from(model, ctx, question, chunkkv.Sampling(max_new_tokens=6))
-    stock = model.generate(full, cache=ctx.cache, max_new_tokens=6, do_sample=False)[:, full.shape[1]:]
-    assert torch.equal(ours, stock)
-    return ctx, got, full, kept
+    return (ctx, *assert_decodes_like_truth(model, ctx, ids, question))
 
 
 # --- bug 3: sliding-window configs ---------------------------------------------------------------
@@ -50,7 +37,7 @@ def _check_against_truth(model, ids, question, method, past_window: bool = False
 def test_real_sliding_window_configs_compress_while_the_prompt_fits(family, window):
     model = tiny_model(family, sliding_window=window)
     assert all(t == "sliding_attention" for t in chunkkv.ChunkKVCache(model.config).layer_types)
-    ids, question = _ids(90, 3), _ids(4, 4)
+    ids, question = random_prompt(1, 90, 3), random_prompt(1, 4, 4)
     for method in (ChunkKV(keep_tokens=30, window=6, chunk_size=4), SnapKV(keep_tokens=30, window=6)):
         ctx, *_ = _check_against_truth(model, ids, question, method)
         assert all(ctx.cache.layers[i].sliding_window == window for i in ctx.cache.pruned_layers)
@@ -76,7 +63,7 @@ def test_decoding_past_the_window_hides_keys_by_their_original_position(method):
     """Prompt 60 tokens in a 64-token window, then 24 more: the last queries must not see the kept
     prompt keys that fell out of the window (the stock mask would place them too late)."""
     model = tiny_model("mistral", sliding_window=64)
-    ids, question = _ids(60, 5), _ids(24, 6)
+    ids, question = random_prompt(1, 60, 5), random_prompt(1, 24, 6)
     _ctx, got, full, kept = _check_against_truth(model, ids, question, method)
     # the window matters here: without it (same evictions) the logits differ
     model_no_window = tiny_model("mistral")  # same seed, same weights, no sliding window
@@ -86,12 +73,12 @@ def test_decoding_past_the_window_hides_keys_by_their_original_position(method):
 
 def test_padded_batch_past_the_window_equals_each_row_alone():
     model = tiny_model("mistral", sliding_window=64)
-    a, b = _ids(60, 7), _ids(50, 8)
+    a, b = random_prompt(1, 60, 7), random_prompt(1, 50, 8)
     ids = torch.cat([a, torch.cat([torch.zeros(1, 10, dtype=torch.long), b], 1)])
     mask = torch.ones_like(ids)
     mask[1, :10] = 0
     method = ChunkKV(keep_tokens=20, window=6, chunk_size=4)
-    question = _ids(20, 9)
+    question = random_prompt(1, 20, 9)
     sampling = chunkkv.Sampling(max_new_tokens=8)
     batch = chunkkv.continue_from(model, chunkkv.compress(model, ids, mask, method), question, sampling)
     for row, alone in enumerate((a, b)):
@@ -101,7 +88,7 @@ def test_padded_batch_past_the_window_equals_each_row_alone():
 
 def test_hybrid_model_with_a_prompt_longer_than_its_window_keeps_sliding_layers_stock():
     model = tiny_model("gemma3", sliding_window=32)  # layers: sliding, full, sliding, full
-    ids, question = _ids(90, 10), _ids(4, 11)
+    ids, question = random_prompt(1, 90, 10), random_prompt(1, 4, 11)
     ctx = chunkkv.compress(model, ids, method=ChunkKV(keep_tokens=30, window=6, chunk_size=4))
     assert ctx.cache.pruned_layers == [1, 3]
     assert not any(isinstance(ctx.cache.layers[i], PrunedLayer) for i in (0, 2))
@@ -119,7 +106,7 @@ def llama():
 
 
 def test_continue_from_twice_gives_the_same_answer(llama):
-    ids, question = _ids(120, 12), _ids(5, 13)
+    ids, question = random_prompt(1, 120, 12), random_prompt(1, 5, 13)
     ctx = chunkkv.compress(llama, ids, method=ChunkKV(keep_fraction=0.3, window=8))
     sampling = chunkkv.Sampling(max_new_tokens=10)
     first = chunkkv.continue_from(llama, ctx, question, sampling)
@@ -129,7 +116,7 @@ def test_continue_from_twice_gives_the_same_answer(llama):
 
 
 def test_stock_generate_with_ctx_cache_twice_gives_the_same_answer(llama):
-    ids, question = _ids(120, 14), _ids(5, 15)
+    ids, question = random_prompt(1, 120, 14), random_prompt(1, 5, 15)
     ctx = chunkkv.compress(llama, ids, method=ChunkKV(keep_fraction=0.3, window=8))
     full = torch.cat([ids, question], 1)
     first = llama.generate(full, cache=ctx.cache, max_new_tokens=10, do_sample=False)
@@ -139,7 +126,7 @@ def test_stock_generate_with_ctx_cache_twice_gives_the_same_answer(llama):
 
 
 def test_extend_is_still_the_explicit_in_place_api(llama):
-    ids, question = _ids(120, 16), _ids(5, 17)
+    ids, question = random_prompt(1, 120, 16), random_prompt(1, 5, 17)
     ctx = chunkkv.compress(llama, ids, method=ChunkKV(keep_fraction=0.3, window=8))
     chunkkv.extend(llama, ctx, question)
     assert ctx.cache.get_seq_length() == 125 and ctx.attention_mask.shape[1] == 125
@@ -152,7 +139,7 @@ def test_extend_is_still_the_explicit_in_place_api(llama):
 
 # --- library inputs --------------------------------------------------------------------------------
 def test_compress_takes_a_method_name_or_says_what_is_wrong(llama):
-    ids = _ids(40, 18)
+    ids = random_prompt(1, 40, 18)
     assert chunkkv.compress(llama, ids, method="full").cache.stored_lengths() == [40] * 4
     with pytest.raises(BudgetError, match="chunkkv needs a budget"):
         chunkkv.compress(llama, ids, method="chunkkv")
@@ -173,7 +160,7 @@ def test_budgets_reject_bools_and_accept_integer_like_numbers():
 
 
 def test_attention_mask_values_other_than_zero_and_one_are_refused(llama):
-    ids = _ids(40, 19)
+    ids = random_prompt(1, 40, 19)
     for bad in (torch.full((1, 40), 2), torch.full((1, 40), 0.5)):
         with pytest.raises(PromptError, match="may only hold 0 .* and 1"):
             chunkkv.compress(llama, ids, bad, method=ChunkKV(keep_tokens=10, window=4))
@@ -183,7 +170,7 @@ def test_attention_mask_values_other_than_zero_and_one_are_refused(llama):
 
 def test_a_saved_sliding_window_context_reloads_and_continues_the_same(tmp_path):
     model = tiny_model("mistral", sliding_window=MISTRAL_7B_V01)
-    ids, question = _ids(90, 20), _ids(4, 21)
+    ids, question = random_prompt(1, 90, 20), random_prompt(1, 4, 21)
     ctx = chunkkv.compress(model, ids, method=ChunkKV(keep_tokens=30, window=6, chunk_size=4))
     ctx.save(tmp_path / "ctx.safetensors")
     loaded = chunkkv.load_context(tmp_path / "ctx.safetensors", model)
