@@ -293,3 +293,16 @@ def test_methods_flag_runs_every_method_into_its_folder(model_dir, tmp_path):
     assert _metrics(out / "chunkkv")["method"]["keep_fraction"] == 0.5
     assert main(["eval", "--model", str(model_dir), "--methods", "chunkkv,chunkkv", "--keep-fraction", "0.5",
                  "--no-progress", "--out", str(tmp_path / "x"), "--task", "niah", "--lengths", "60"]) == 2
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--ppl-budgets", "x", "--ppl-budgets: expected comma-separated integers"),
+    ("--recall-budgets", "512,y", "--recall-budgets: expected comma-separated integers"),
+])
+def test_bad_budget_lists_are_usage_errors(tmp_path, capsys, flag, value, message):
+    task = "ppl" if flag.startswith("--ppl") else "recall"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--task", task, flag, value, "--out", str(tmp_path / "x")])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert main(["eval", "--task", "ppl", "--model", "testbed", "--ppl-methods", ",", "--out", str(tmp_path / "y")]) == 2
+    assert "--ppl-methods ',' names no method" in capsys.readouterr().err

@@ -252,11 +252,25 @@ def method_class(name: str):
     return METHODS[key]
 
 
-def parse_method_names(text: str) -> list[str]:
+def parse_method_names(text: str, flag: str = "--methods") -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
-        raise ChunkKVError(f"--methods {text!r} names no method; e.g. --methods chunkkv,snapkv")
+        raise ChunkKVError(f"{flag} {text!r} names no method; e.g. {flag} chunkkv,snapkv")
     return names
+
+
+def token_count(text: str) -> int:
+    """``8192`` or ``8k`` (= 8192): an argparse type."""
+    text = text.strip().lower()
+    return int(text[:-1]) * 1024 if text.endswith("k") else int(text)
+
+
+def token_counts(text: str) -> list[int]:
+    """``"512,1k"`` -> ``[512, 1024]``: an argparse type (a clean usage error on bad input)."""
+    try:
+        return [token_count(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers (8192 or 8k), got {text!r}") from None
 
 
 def methods_from_args(args: argparse.Namespace, names: Sequence[str], num_layers: int | None = None,

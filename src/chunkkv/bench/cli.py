@@ -15,25 +15,12 @@ import sys
 
 import torch
 
-from ..cli_common import add_model_arguments, check_device, load_model
+from ..cli_common import add_model_arguments, check_device, load_model, token_count, token_counts
 from ..errors import ChunkKVError
 from ..methods import make_method
 from ..outputs import OutputLock, check_output_dir
 from .models import ALIASES, RANDOM_MODELS, is_random_model, random_llama
 from .runner import DEFAULT_METHODS, BenchConfig, run_bench
-
-
-def _int(text: str) -> int:
-    """``8192`` or ``8k`` (= 8192)."""
-    text = text.strip().lower()
-    return int(text[:-1]) * 1024 if text.endswith("k") else int(text)
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [_int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers (8192 or 8k), got {text!r}") from None
 
 
 def _floats(text: str) -> list[float]:
@@ -50,7 +37,7 @@ def _requests(text: str) -> list[tuple[int, int]]:
     for part in text.split(","):
         try:
             n_in, n_out = part.split(":")
-            out.append((_int(n_in), int(n_out)))
+            out.append((token_count(n_in), int(n_out)))
         except (ValueError, IndexError):
             raise argparse.ArgumentTypeError(f"--e2e takes IN:OUT pairs such as 8192:1024, got {part!r}") from None
     return out
@@ -61,34 +48,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (f"--model may also be one of the random-weight models {', '.join(RANDOM_MODELS)} "
                      "(speed does not depend on the weights). Defaults marked CPU/GPU depend on --device.")
     g = parser.add_argument_group("what to measure")
-    g.add_argument("--contexts", type=_ints, help="prompt lengths (CPU: 2048,4096,8192; GPU: 2048,4096,8192,16384,32768)")
-    g.add_argument("--batch-sizes", type=_ints, help="decode batch sizes (CPU: 1,2; GPU: 1,4)")
+    g.add_argument("--contexts", type=token_counts, help="prompt lengths (CPU: 2048,4096,8192; GPU: 2048,4096,8192,16384,32768)")
+    g.add_argument("--batch-sizes", type=token_counts, help="decode batch sizes (CPU: 1,2; GPU: 1,4)")
     g.add_argument("--budget", type=float, default=0.1, help="share KEPT by every method in the comparison (0.1)")
     g.add_argument("--decode-fractions", type=_floats, default=[0.5, 0.25, 0.1],
                    help="kept shares for the decode sweep (0.5,0.25,0.1)")
     g.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"compared methods ({','.join(DEFAULT_METHODS)})")
     g.add_argument("--decode-method", default="chunkkv", help="method of the decode sweep (chunkkv)")
-    g.add_argument("--reuse-depths", type=_ints, default=[1, 2, 3, 4], help="ChunkKV reuse depths (1,2,3,4)")
+    g.add_argument("--reuse-depths", type=token_counts, default=[1, 2, 3, 4], help="ChunkKV reuse depths (1,2,3,4)")
     g.add_argument("--repeats", type=int, default=3, help="timed runs per configuration, after one untimed (3)")
     g.add_argument("--decode-steps", type=int, help="timed decode steps per cache (CPU 16, GPU 32)")
     g.add_argument("--decode-warmup", type=int, default=2, help="untimed decode steps first (2)")
     g.add_argument("--e2e", type=_requests, help="IN:OUT requests, comma-separated, or none (CPU 4096:64; GPU 8192:1024)")
     g.add_argument("--e2e-batch", type=int, default=1, help="batch size of the e2e requests (1)")
     g.add_argument("--e2e-repeats", type=int, help="timed e2e runs (default: --repeats)")
-    g.add_argument("--scaling-contexts", type=_ints, help="lengths for the scaling check (default: --contexts)")
+    g.add_argument("--scaling-contexts", type=token_counts, help="lengths for the scaling check (default: --contexts)")
     g.add_argument("--seed", type=int, default=0)
     m = parser.add_argument_group("prefill memory (chunked prefill, docs/memory.md)")
     m.add_argument("--prefill-memory", action="store_true",
                    help="only measure peak prefill memory: full, one-shot and chunked ChunkKV per context")
-    m.add_argument("--prefill-chunks", type=_ints, default=[512, 1024, 2048], help="C of chunked prefill (512,1024,2048)")
-    m.add_argument("--kv", type=_int, default=1024, help="tokens kept per layer (1024)")
-    m.add_argument("--quadratic-limit", type=_int, default=16384,
+    m.add_argument("--prefill-chunks", type=token_counts, default=[512, 1024, 2048], help="C of chunked prefill (512,1024,2048)")
+    m.add_argument("--kv", type=token_count, default=1024, help="tokens kept per layer (1024)")
+    m.add_argument("--quadratic-limit", type=token_count, default=16384,
                    help="longest prompt for the full cache and one-shot ChunkKV (16k)")
-    m.add_argument("--chunked-limit", type=_int, default=None,
+    m.add_argument("--chunked-limit", type=token_count, default=None,
                    help="beyond this prompt length run only the middle C (default: every C everywhere)")
     p = parser.add_argument_group("peers (kvpress 0.5.5 in its own environment)")
     p.add_argument("--no-peers", action="store_true", help="do not run kvpress")
-    p.add_argument("--peer-contexts", type=_ints, help="contexts for kvpress (default: --contexts)")
+    p.add_argument("--peer-contexts", type=token_counts, help="contexts for kvpress (default: --contexts)")
     p.add_argument("--kvpress-python", help="python of the kvpress env (default: $KVPRESS_PYTHON or .venv-kvpress)")
     o = parser.add_argument_group("run and output")
     o.add_argument("--threads", type=int, help="torch threads (CPU default 2)")

@@ -16,7 +16,10 @@ import json
 import sys
 from pathlib import Path
 
-from ..cli_common import add_method_arguments, add_model_arguments, bounds_from_args, check_device, load_model, method_from_args
+from ..cli_common import (
+    add_method_arguments, add_model_arguments, bounds_from_args, check_device, load_model, method_from_args,
+    parse_method_names, token_counts,
+)
 from ..errors import ChunkKVError
 from ..methods import FullKV, StreamingLLM
 from .distributed import shard_info
@@ -89,13 +92,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--shots-file", help="JSONL of exemplars (question/answer rows; default: GSM8K train)")
     p = parser.add_argument_group("perplexity (--task ppl: teacher forcing through a bounded cache, docs/memory.md)")
     p.add_argument("--ppl-methods", default="chunkkv,snapkv,streamingllm,h2o", help="methods (chunkkv,snapkv,streamingllm,h2o)")
-    p.add_argument("--ppl-budgets", default="256,512,1024", help="KV budgets in tokens per layer (256,512,1024)")
+    p.add_argument("--ppl-budgets", type=token_counts, default=[256, 512, 1024],
+                   help="KV budgets in tokens per layer (256,512,1024)")
     p.add_argument("--ppl-texts", type=int, default=2, help="texts (the essays joined, each from another essay; 2)")
     p.add_argument("--ppl-length", type=int, default=8192, help="tokens per text (8192)")
     r = parser.add_argument_group("passage recall (--task recall: a long output under a decode budget, docs/memory.md)")
     r.add_argument("--recall-methods", default="chunkkv,snapkv,pyramidkv,h2o,streamingllm",
                    help="methods (chunkkv,snapkv,pyramidkv,h2o,streamingllm)")
-    r.add_argument("--recall-budgets", default="512,256",
+    r.add_argument("--recall-budgets", type=token_counts, default=[512, 256],
                    help="KV budgets: each runs as prompt budget alone and as prompt + decode budget (512,256)")
     r.add_argument("--recall-samples", type=int, default=12, help="samples (12)")
     r.add_argument("--recall-length", type=int, default=2048, help="context tokens (2048)")
@@ -219,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_many(args: argparse.Namespace, config: EvalConfig, shard) -> int:
     """``--methods a,b,c``: every method on the same samples with one prefill per sample."""
-    from ..cli_common import methods_from_args, parse_method_names
+    from ..cli_common import methods_from_args
     from .runner import run_eval_many
 
     names = parse_method_names(args.methods)
@@ -290,61 +294,61 @@ def _headline(metrics: dict) -> str:
     return f"{metrics['task']}: {metrics['samples']} samples"
 
 
-def _run_ppl(args: argparse.Namespace) -> int:
-    """``--task ppl``: perplexity per method and KV budget against the full cache (docs/memory.md)."""
+def _side_by_side_model(args: argparse.Namespace):
+    """``(model, tokenizer, out)`` for the tasks that run every method side by side (ppl, recall):
+    one CPU thread, so their ms/token are steadier on a shared machine."""
     import torch
 
+    check_device(args.device)
+    model, tokenizer = load_model(args)
+    if next(model.parameters()).device.type == "cpu":
+        torch.set_num_threads(1)
+    return model, tokenizer, Path(args.out)
+
+
+def _write_report(out: Path, stem: str, summary: dict, text: str, extra: tuple[str, ...] = ()) -> None:
+    """``<stem>_summary.json`` and ``<stem>.md`` beside ``<stem>.jsonl``; print the table and the files."""
+    (out / f"{stem}_summary.json").write_text(json.dumps(summary, indent=1))
+    (out / f"{stem}.md").write_text(text + "\n")
+    print(text)
+    files = [f"{stem}.jsonl", f"{stem}.md", f"{stem}_summary.json", *extra]
+    print("results: " + ", ".join(f"{out}/{name}" for name in files))
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _run_ppl(args: argparse.Namespace) -> int:
+    """``--task ppl``: perplexity per method and KV budget against the full cache (docs/memory.md)."""
     from .perplexity import PplConfig, plot, run_ppl, summarize, to_markdown
 
     config = PplConfig(
-        texts=args.ppl_texts, length=args.ppl_length,
-        budgets=[int(b) for b in args.ppl_budgets.split(",") if b.strip()] if args.ppl_budgets else [],
-        methods=[m.strip() for m in args.ppl_methods.split(",") if m.strip()],
-        every=args.compress_every or 64,
+        texts=args.ppl_texts, length=args.ppl_length, budgets=args.ppl_budgets,
+        methods=parse_method_names(args.ppl_methods, "--ppl-methods"), every=args.compress_every or 64,
     )
     config.validate()
-    check_device(args.device)
-    out = Path(args.out)
-    model, tokenizer = load_model(args)
-    if next(model.parameters()).device.type == "cpu":
-        torch.set_num_threads(1)  # ms/token single-threaded: steadier on a shared CPU
-    rows = run_ppl(model, tokenizer, config, out, log=lambda m: print(m, file=sys.stderr, flush=True))
+    model, tokenizer, out = _side_by_side_model(args)
+    rows = run_ppl(model, tokenizer, config, out, log=_log)
     summary = summarize(rows)
-    text = to_markdown(summary, args.model)
-    (out / "ppl_summary.json").write_text(json.dumps(summary, indent=1))
-    (out / "ppl.md").write_text(text + "\n")
     plot(rows, out / "ppl_vs_position.png")
-    print(text)
-    print(f"results: {out}/ppl.jsonl, {out}/ppl.md, {out}/ppl_summary.json, {out}/ppl_vs_position.png")
+    _write_report(out, "ppl", summary, to_markdown(summary, args.model), extra=("ppl_vs_position.png",))
     return 0
 
 
 def _run_recall(args: argparse.Namespace) -> int:
     """``--task recall``: a long output (continue a passage of the context) with decode budgets."""
-    import torch
-
     from .recall import RecallConfig, run_recall, summarize, to_markdown
 
-    try:
-        budgets = [int(b) for b in args.recall_budgets.split(",") if b.strip()]
-    except ValueError:
-        raise ChunkKVError(f"--recall-budgets {args.recall_budgets!r} must be comma-separated token counts") from None
     config = RecallConfig(
-        samples=args.recall_samples, length=args.recall_length, new_tokens=args.recall_new_tokens, budgets=budgets,
-        methods=[m.strip() for m in args.recall_methods.split(",") if m.strip()], every=args.compress_every or 32,
-        seed=args.seed, agnostic=[s.strip() for s in args.recall_agnostic.split(",") if s.strip()],
+        samples=args.recall_samples, length=args.recall_length, new_tokens=args.recall_new_tokens,
+        budgets=args.recall_budgets, methods=parse_method_names(args.recall_methods, "--recall-methods"),
+        every=args.compress_every or 32, seed=args.seed,
+        agnostic=[s.strip() for s in args.recall_agnostic.split(",") if s.strip()],
     )
     config.validate()
-    check_device(args.device)
-    out = Path(args.out)
-    model, tokenizer = load_model(args)
-    if next(model.parameters()).device.type == "cpu":
-        torch.set_num_threads(1)
-    rows = run_recall(model, tokenizer, config, out, log=lambda m: print(m, file=sys.stderr, flush=True))
+    model, tokenizer, out = _side_by_side_model(args)
+    rows = run_recall(model, tokenizer, config, out, log=_log)
     summary = summarize(rows)
-    text = to_markdown(summary, config, args.model)
-    (out / "recall_summary.json").write_text(json.dumps(summary, indent=1))
-    (out / "recall.md").write_text(text + "\n")
-    print(text)
-    print(f"results: {out}/recall.jsonl, {out}/recall.md, {out}/recall_summary.json")
+    _write_report(out, "recall", summary, to_markdown(summary, config, args.model))
     return 0
