@@ -37,10 +37,12 @@ from typing import Any
 
 import torch
 
+from ..agnostic import PROMPTS, agnostic_scores, scoring_prompt
 from ..errors import ChunkKVError
 from ..generation import Sampling, continue_from
 from ..methods import make_method
-from .metrics import mean_interval
+from ..multi import capture_prefill, capture_prefix, compress_from_capture, stack_contexts
+from .metrics import mean_interval, rouge_l_score
 from .store import read_jsonl
 
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -133,17 +135,32 @@ def copied_tokens(generated: list[int], reference: list[int]) -> int:
     return n
 
 
+@dataclass(frozen=True)
+class _Config:
+    """A configuration key read back: ``method/B``, ``method/B/dB`` or ``method/B/qa-scoring``."""
+
+    name: str
+    budget: int
+    decode_budget: int | None = None
+    scoring: str | None = None  # question-agnostic scoring, None = query-aware
+
+    @classmethod
+    def parse(cls, key: str) -> _Config:
+        name, budget, *rest = key.split("/")
+        tail = rest[0] if rest else ""
+        return cls(name, int(budget), int(tail[1:]) if tail.startswith("d") else None,
+                   tail[3:] if tail.startswith("qa-") else None)
+
+    def method(self):
+        return make_method(self.name, keep_tokens=self.budget, scoring=self.scoring or "window")
+
+
 def _method(key: str):
-    parts = key.split("/")
-    scoring = parts[2][3:] if len(parts) > 2 and parts[2].startswith("qa-") else "window"
-    return make_method(parts[0], keep_tokens=int(parts[1]), scoring=scoring)
+    return make_method("full") if key == "full" else _Config.parse(key).method()
 
 
 def _agnostic_outputs(model, tokenizer, capture, sample: RecallSample, keys: list[str], sampling: Sampling):
     """Question-agnostic rows: compress the context alone (cut from the capture), then feed the head."""
-    from ..agnostic import agnostic_scores, scoring_prompt
-    from ..multi import capture_prefix, compress_from_capture
-
     prefix = capture_prefix(capture, sample.context_len)
     head = torch.tensor([sample.ids[sample.context_len:]], device=capture.input_ids.device)
     out = {}
@@ -151,54 +168,51 @@ def _agnostic_outputs(model, tokenizer, capture, sample: RecallSample, keys: lis
         method = _method(k)
         if method.scoring != "window" and (method.scoring,) not in prefix.memo[0]:  # every layer, once per scoring
             layers = list(range(len(prefix.cache.layers)))
-            prompt = scoring_prompt(tokenizer, method.scoring, chat=False) if method.scoring != "surprisal" else None
+            prompt = scoring_prompt(tokenizer, method.scoring, chat=False) if method.scoring in PROMPTS else None
             for layer, value in agnostic_scores(model, prefix, method.scoring, layers, prompt).items():
                 prefix.memo[layer][(method.scoring,)] = value
         ctx = compress_from_capture(prefix, method)
         toks = continue_from(model, ctx, head, sampling)[0].tolist()
-        out[k] = (toks, None, int(k.split("/")[1]) + len(head[0]) + sampling.max_new_tokens)
+        out[k] = (toks, None, _Config.parse(k).budget + len(head[0]) + sampling.max_new_tokens)
     return out
 
 
 @torch.inference_mode()
 def run_sample(model, tokenizer, sample: RecallSample, config: RecallConfig, todo: list[str]) -> list[dict[str, Any]]:
     """Every configuration in ``todo`` on one sample (``full`` is always decoded: it is the reference)."""
-    from ..multi import capture_prefill, compress_from_capture, stack_contexts
-
     device = next(model.parameters()).device
     ids = torch.tensor([sample.ids], device=device)
     keys = ["full"] + [k for k in todo if k != "full"]
-    agnostic = [k for k in keys if "/qa-" in k]
+    parsed = {k: _Config.parse(k) for k in keys if k != "full"}
+    agnostic = [k for k, c in parsed.items() if c.scoring is not None]
     window = max((_method(k).window for k in keys if k != "full"), default=1)
     if agnostic:
         window += len(sample.ids) - sample.context_len  # the prefix's own window lies before the head
     t0 = time.perf_counter()
-    capture = capture_prefill(model, ids, window=window, surprisal=any(k.endswith("qa-surprisal") for k in keys),
-                              accumulated=any(k.startswith("h2o/") and "/qa-" not in k for k in keys))
+    capture = capture_prefill(model, ids, window=window, surprisal=any(c.scoring == "surprisal" for c in parsed.values()),
+                              accumulated=any(c.name == "h2o" and c.scoring is None for c in parsed.values()))
     capture_s = time.perf_counter() - t0
     sampling = Sampling(max_new_tokens=config.new_tokens)
     outputs: dict[str, tuple[list[int], float | None, int]] = {}
     # Unbounded configurations decode together as one batch (so no time of their own); they hold
     # their prompt budget + every new token at the end.
-    unbounded = [k for k in keys if k.count("/") < 2]
+    unbounded = ["full"] + [k for k, c in parsed.items() if c.decode_budget is None and c.scoring is None]
     if agnostic:
         outputs.update(_agnostic_outputs(model, tokenizer, capture, sample, agnostic, sampling))
-    ctxs = [compress_from_capture(capture, make_method("full") if k == "full" else _method(k)) for k in unbounded]
+    ctxs = [compress_from_capture(capture, _method(k)) for k in unbounded]
     tokens = continue_from(model, stack_contexts(ctxs), None, sampling).tolist()
     for k, toks in zip(unbounded, tokens):
-        held = len(sample.ids) if k == "full" else int(k.split("/")[1])
+        held = len(sample.ids) if k == "full" else parsed[k].budget
         outputs[k] = (toks, None, held + config.new_tokens)
     for k in keys:
         if k in outputs:
             continue
         ctx = compress_from_capture(capture, _method(k))
-        budget = int(k.split("/d")[1])
+        budget = parsed[k].decode_budget
         t1 = time.perf_counter()
         toks = continue_from(model, ctx, None, sampling, decode_budget=budget, compress_every=config.every)[0].tolist()
         # at most budget + every per layer at any step (tests/test_bounded.py checks the bound)
         outputs[k] = (toks, time.perf_counter() - t1, budget + config.every)
-    from .metrics import rouge_l_score
-
     full_text = tokenizer.decode(outputs["full"][0], skip_special_tokens=True)
     rows = []
     for k in todo:
@@ -273,12 +287,12 @@ def to_markdown(summary: dict[str, dict[str, Any]], config: RecallConfig, model_
 
     for key in [k for k in config.configs() if k in summary]:
         c = summary[key]
-        parts = key.split("/")
         if key == "full":
             label = ["full cache", "all", "none"]
-        elif len(parts) > 2 and parts[2].startswith("qa-"):
-            label = [f"{parts[0]}, question-agnostic ({parts[2][3:]} scoring)", parts[1], "none"]
         else:
-            label = [parts[0], parts[1], f"{parts[2][1:]} (every {config.every})" if len(parts) > 2 else "none"]
+            cfg = _Config.parse(key)
+            name = cfg.name if cfg.scoring is None else f"{cfg.name}, question-agnostic ({cfg.scoring} scoring)"
+            decode = "none" if cfg.decode_budget is None else f"{cfg.decode_budget} (every {config.every})"
+            label = [name, str(cfg.budget), decode]
         lines.append(f"| {' | '.join(label)} | {c['held_max']} | {fmt(c['rougeL_ref'])} | {fmt(c['rougeL_full'])} | {c['copied']} |")
     return "\n".join(lines)
