@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from .analysis import adjacent_mean, jaccard_matrix, mean_head_jaccard, stacked_kept_masks, union_over_heads
+from .compress import compress
 from .errors import ChunkKVError
 from .evaluation.store import read_jsonl
 from .generation import Sampling, continue_from
@@ -168,8 +169,6 @@ def run_sample(model, tokenizer, sample: RealSample, specs: list[GridSpec], *, w
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         a0 = base + sample.reference.index(answer)
         spans["answer"] = [i for i, (s, e) in enumerate(enc["offset_mapping"]) if s < a0 + len(answer) and e > a0]
-    from .compress import compress
-
     want_h2o = h2o and any(s.method == "h2o" and not s.agnostic for s in specs)
     t0 = time.perf_counter()
     capture = capture_prefill(model, ids, window=window + q_len, accumulated=want_h2o)
@@ -309,8 +308,6 @@ def run_grid(model, tokenizer, out: Path, plan: list[PlanItem], specs: list[Grid
 
 def measure_speedup(model, tokenizer, sample: RealSample, specs: list[GridSpec], window: int = 32) -> dict[str, Any]:
     """Wall time of separate ``compress`` + decode per spec vs one capture + stacked decode (same specs)."""
-    from .compress import compress
-
     boundary_ids = frozenset()
     context_ids, question_ids = context_split(tokenizer, sample)
     ids = torch.tensor([context_ids + question_ids], device=next(model.parameters()).device)
