@@ -121,3 +121,90 @@ def test_boundary_token_ids_finds_punctuation_and_newlines():
 
     assert boundary_token_ids(Tok()) == {2, 3, 4, 5, 6, 7, 9}
     assert boundary_token_ids(Tok(), clauses=False) == {2, 3, 5, 7, 9}
+
+
+# --- one chunk per sentence ----------------------------------------------------------------------
+def _sentence_reference(ends: list[bool], max_len: int) -> list[int]:
+    ids, seg, run = [], -1, 0
+    for t in range(len(ends)):
+        if t == 0 or ends[t - 1] or run == max_len:
+            seg, run = seg + 1, 0
+        ids.append(seg)
+        run += 1
+    return ids
+
+
+@pytest.mark.parametrize("max_len", [1, 3, 10, 30, 500])
+@pytest.mark.parametrize("density", [0.0, 0.08, 0.3])
+def test_sentence_segments_start_after_every_end_and_cut_long_sentences(max_len, density):
+    is_end = _random_ends(3, 157, density, seed=max_len)
+    seg = sel.sentence_segments(is_end, max_len)
+    assert seg.dtype == torch.long
+    for b in range(3):
+        assert seg[b].tolist() == _sentence_reference(is_end[b].tolist(), max_len)
+
+
+def test_sqrt_mean_prefers_many_telling_tokens_to_one_spike():
+    spike = [0.0, 0.0, 0.0, 16.0]  # mean 4, mean sqrt 1
+    even = [3.0, 3.0, 3.0, 3.0]  # mean 3, mean sqrt 1.73
+    scores = torch.tensor([spike + even + [0.0] * 4])[:, None, :]
+    first_chunk = lambda p: int(torch.argmax(p[0, 0]))  # noqa: E731  the best token's chunk
+    assert first_chunk(sel.chunk_priority(scores, 4, "mean")) // 4 == 0
+    assert first_chunk(sel.chunk_priority(scores, 4, "sqrt_mean")) // 4 == 1
+    segments = (torch.arange(12) // 4)[None]
+    assert first_chunk(sel.segment_priority(scores, segments, "sqrt_mean")) // 4 == 1
+    with pytest.raises(ValueError, match="unknown chunk reduce"):
+        sel.chunk_priority(scores, 4, "median")
+
+
+SENTENCE = dict(segmentation="sentence", boundary_ids=BOUNDARIES, chunk_size=12)
+
+
+@pytest.mark.parametrize("budget", [dict(keep_fraction=0.1), dict(keep_tokens=37), dict(keep_fraction=0.3)])
+def test_sentence_chunks_keep_the_exact_budget_in_whole_sentences(llama, budget):
+    ids = torch.randint(1, VOCAB, (1, 300), generator=torch.Generator().manual_seed(3))
+    method = chunkkv.ChunkKV(window=8, chunk_reduce="sqrt_mean", **SENTENCE, **budget)
+    ctx = chunkkv.compress(llama, ids, method=method)
+    segments = sel.sentence_segments(torch.isin(ids, torch.tensor(sorted(BOUNDARIES))), 12)[0]
+    aligned = chunkkv.compress(llama, ids, method=chunkkv.ChunkKV(window=8, chunk_size=12, boundary_ids=BOUNDARIES,
+                                                                  chunk_reduce="sqrt_mean", **budget))
+    differs = False
+    for i in ctx.cache.pruned_layers:
+        kept = ctx.kept_positions(i)
+        assert kept.numel() == method.budget.kept(300)
+        prefix = kept[kept < 300 - 8]
+        counts = torch.bincount(segments[prefix], minlength=int(segments.max()) + 1)
+        sizes = torch.bincount(segments[: 300 - 8], minlength=int(segments.max()) + 1)
+        assert ((counts > 0) & (counts < sizes)).sum() <= 1  # whole sentences, plus one topped up
+        differs |= not torch.equal(kept, aligned.kept_positions(i))
+    assert differs  # not the aligned grid
+
+
+def test_sentence_chunks_in_a_batch_keep_what_each_row_keeps_alone(llama):
+    g = torch.Generator().manual_seed(4)
+    rows = [torch.randint(1, VOCAB, (n,), generator=g) for n in (120, 77, 101)]
+    ids = torch.zeros(3, 120, dtype=torch.long)
+    mask = torch.zeros(3, 120, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, 120 - len(r):], mask[b, 120 - len(r):] = r, 1
+    method = chunkkv.ChunkKV(keep_fraction=0.25, window=6, reuse_depth=2, **SENTENCE)
+    ctx = chunkkv.compress(llama, ids, mask, method=method)
+    for b, r in enumerate(rows):
+        alone = chunkkv.compress(llama, r[None], method=method)
+        for layer in alone.cache.pruned_layers:
+            assert torch.equal(ctx.kept_positions(layer, b), alone.kept_positions(layer, 0))
+
+
+def test_segmentation_is_checked_and_defaults_to_the_old_behaviour():
+    with pytest.raises(ChunkKVError, match="segmentation='sentence' needs the boundary tokens"):
+        chunkkv.ChunkKV(keep_fraction=0.1, segmentation="sentence")
+    with pytest.raises(ChunkKVError, match="segmentation='words' must be one of fixed, aligned, sentence"):
+        chunkkv.ChunkKV(keep_fraction=0.1, segmentation="words", boundary_ids=BOUNDARIES)
+    with pytest.raises(ChunkKVError, match="chunk_reduce='max' must be one of mean, sum, sqrt_mean"):
+        chunkkv.ChunkKV(keep_fraction=0.1, chunk_reduce="max")
+    assert chunkkv.ChunkKV(keep_fraction=0.1).chunking == "fixed"
+    assert chunkkv.ChunkKV(keep_fraction=0.1, boundary_ids=BOUNDARIES).chunking == "aligned"
+    assert "segmentation=sentence" in chunkkv.ChunkKV(keep_fraction=0.1, **SENTENCE).describe()
+    with pytest.raises(ChunkKVError, match="segmentation='sentence'.*one-shot prefill"):
+        chunkkv.compress(tiny_model("llama", num_hidden_layers=2), torch.randint(1, VOCAB, (1, 90)),
+                         method=chunkkv.ChunkKV(keep_tokens=30, window=4, **SENTENCE), prefill_chunk=32)

@@ -28,6 +28,8 @@ from .errors import BudgetError, ChunkKVError
 from .scoring import accumulated_attention_scores, window_attention_scores
 
 POOLINGS = ("none", "avg", "max")
+CHUNK_REDUCES = ("mean", "sum", "sqrt_mean")
+SEGMENTATIONS = ("fixed", "aligned", "sentence")
 #: Where token scores come from (see ``Method.scoring``).
 SCORINGS = ("window", "reconstruction", "probe", "surprisal")
 
@@ -311,10 +313,19 @@ class ChunkKV(_Scored):
     """ChunkKV: keep whole semantic chunks, one index set for every head of a layer.
 
     Attributes:
-        chunk_size: tokens per chunk (paper: 10).
-        chunk_reduce: ``"mean"`` or ``"sum"`` of token scores inside a chunk (equal rankings for
-            whole chunks; they differ only for the partial last chunk).
+        chunk_size: tokens per chunk (paper: 10); with ``segmentation="sentence"`` the longest chunk.
+        chunk_reduce: how a chunk's token scores make its score: ``"mean"`` or ``"sum"`` (equal
+            rankings for whole fixed chunks; they differ only for the partial last chunk), or
+            ``"sqrt_mean"``, the mean of their square roots (a sentence of many surprising tokens
+            outranks one with a single rare word).
         reuse_depth: layer-wise index reuse (paper: 2).
+        boundary_ids: token ids that end a sentence or clause
+            (:func:`chunkkv.boundaries.boundary_token_ids`), for the segmentations below.
+        segmentation: where chunks start. ``"fixed"``: every ``chunk_size`` tokens (the paper);
+            ``"aligned"``: that grid with each edge moved to the nearest boundary within a
+            quarter chunk; ``"sentence"``: one chunk per sentence (a new one after every boundary
+            token), sentences longer than ``chunk_size`` cut every ``chunk_size`` tokens. None (the
+            default): ``"aligned"`` when ``boundary_ids`` is given, else ``"fixed"``.
     """
 
     name: ClassVar[str] = "chunkkv"
@@ -323,13 +334,14 @@ class ChunkKV(_Scored):
     chunk_size: int = 10
     chunk_reduce: str = "mean"
     boundary_ids: frozenset[int] | None = field(default=None, repr=False)
+    segmentation: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size <= 0:
             raise ChunkKVError(f"chunk_size={self.chunk_size!r} must be a positive int (the paper uses 10)")
-        if self.chunk_reduce not in ("mean", "sum"):
-            raise ChunkKVError(f"chunk_reduce={self.chunk_reduce!r} must be 'mean' or 'sum'")
+        if self.chunk_reduce not in CHUNK_REDUCES:
+            raise ChunkKVError(f"chunk_reduce={self.chunk_reduce!r} must be one of {', '.join(CHUNK_REDUCES)}")
         if self.boundary_ids is not None:
             if isinstance(self.boundary_ids, (str, bytes)) or not all(
                     isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.boundary_ids):
@@ -337,24 +349,40 @@ class ChunkKV(_Scored):
                     "boundary_ids must be token ids (ints >= 0) of sentence/clause ends, e.g. "
                     "chunkkv.boundaries.boundary_token_ids(tokenizer)")
             object.__setattr__(self, "boundary_ids", frozenset(self.boundary_ids))
+        if self.segmentation is not None and self.segmentation not in SEGMENTATIONS:
+            raise ChunkKVError(f"segmentation={self.segmentation!r} must be one of {', '.join(SEGMENTATIONS)}")
+        if self.segmentation in ("aligned", "sentence") and self.boundary_ids is None:
+            raise ChunkKVError(
+                f"segmentation={self.segmentation!r} needs the boundary tokens: pass "
+                "boundary_ids=chunkkv.boundaries.boundary_token_ids(tokenizer)")
+
+    @property
+    def chunking(self) -> str:
+        """The segmentation in effect: ``"fixed"``, ``"aligned"`` or ``"sentence"``."""
+        if self.segmentation is not None:
+            return self.segmentation
+        return "aligned" if self.boundary_ids else "fixed"
 
     def segments(self, inputs: LayerInputs) -> torch.Tensor | None:
-        """Row-relative chunk ids ``[B, T]`` with edges moved to sentence/clause ends (None: fixed chunks)."""
-        if not self.boundary_ids:
+        """Row-relative chunk ids ``[B, T]`` for boundary-aware chunks (None: the fixed grid)."""
+        chunking = self.chunking
+        if chunking == "fixed" or not self.boundary_ids:
             return None
         if inputs.input_ids is None:
             raise ChunkKVError(
-                "boundary-aware chunks (boundary_ids) need the prompt's token ids: they work with a one-shot "
-                "prefill, not with prefill_chunk or a decode budget")
+                f"boundary-aware chunks (segmentation={chunking!r}) need the prompt's token ids: they work with "
+                "a one-shot prefill, not with prefill_chunk or a decode budget")
 
         def compute() -> torch.Tensor:
             ids = torch.tensor(sorted(self.boundary_ids), device=inputs.input_ids.device)
             is_end = torch.isin(inputs.input_ids, ids)
             if inputs.key_valid is not None:
                 is_end = sel.align_rows(is_end, inputs.pad, fill=False)
+            if chunking == "sentence":
+                return sel.sentence_segments(is_end, self.chunk_size)
             return sel.boundary_segments(is_end, self.chunk_size)
 
-        return inputs.cached(("segments", self.chunk_size, hash(self.boundary_ids)), compute)
+        return inputs.cached(("segments", chunking, self.chunk_size, hash(self.boundary_ids)), compute)
 
     def select(self, inputs: LayerInputs) -> torch.Tensor:
         return sel.select_chunks(

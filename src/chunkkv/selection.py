@@ -115,6 +115,15 @@ def select_tokens_per_head(
     return _assemble(scores, lengths, kept, window, slots)
 
 
+def _chunk_token_scores(token: torch.Tensor, reduce: str) -> torch.Tensor:
+    """Token scores as a chunk's mean / sum sees them: their square roots for ``"sqrt_mean"``."""
+    if reduce == "sqrt_mean":
+        return token.clamp(min=0).sqrt()
+    if reduce not in ("mean", "sum"):
+        raise ValueError(f"unknown chunk reduce {reduce!r}: use 'mean', 'sum' or 'sqrt_mean'")
+    return token
+
+
 def _rank_chunks(
     token: torch.Tensor, valid: torch.Tensor, chunk_size: int, reduce: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -129,11 +138,9 @@ def _rank_chunks(
     token_c = torch.nn.functional.pad(token, (0, extra)).view(batch, n_chunks, chunk_size)
     valid_c = torch.nn.functional.pad(valid, (0, extra)).view(batch, n_chunks, chunk_size)
     count = valid_c.sum(-1)
-    chunk_score = token_c.sum(-1)
-    if reduce == "mean":
+    chunk_score = _chunk_token_scores(token_c, reduce).sum(-1)
+    if reduce != "sum":
         chunk_score = chunk_score / count.clamp(min=1)
-    elif reduce != "sum":
-        raise ValueError(f"unknown chunk reduce {reduce!r}: use 'mean' or 'sum'")
     chunk_score = chunk_score.masked_fill(count == 0, NEG_INF)
     return _ranks(chunk_score), token_c, valid_c
 
@@ -158,7 +165,9 @@ def chunk_priority(
     Args:
         scores: ``[B, H, T]`` row-relative prefix scores, ``-inf`` outside the prefix.
         chunk_size: tokens per chunk; chunks start at the row's token 0, the last may be partial.
-        reduce: ``"mean"`` or ``"sum"`` of the head-summed token scores inside a chunk.
+        reduce: ``"mean"`` or ``"sum"`` of the head-summed token scores inside a chunk, or
+            ``"sqrt_mean"``: the mean of their square roots (a chunk of many telling tokens
+            outranks one with a single spike).
 
     Returns:
         ``[B, 1, T]`` priority (higher = kept first): whole chunks in order of chunk score, and
@@ -207,23 +216,35 @@ def boundary_segments(is_end: torch.Tensor, chunk_size: int) -> torch.Tensor:
     return torch.searchsorted(edges.contiguous(), positions, right=True)
 
 
+def sentence_segments(is_end: torch.Tensor, max_len: int) -> torch.Tensor:
+    """Chunk ids ``[B, T]`` (long, non-decreasing from 0): one chunk per sentence.
+
+    A chunk starts at token 0 and after every token that ends a sentence (``is_end [B, T]``, bool,
+    row-relative); a sentence longer than ``max_len`` tokens is cut every ``max_len`` tokens.
+    """
+    batch, length = is_end.shape
+    pos = torch.arange(length, device=is_end.device).expand(batch, length)
+    starts = torch.cat([torch.ones_like(is_end[:, :1]), is_end[:, :-1]], dim=1)
+    first = torch.cummax(torch.where(starts, pos, 0), dim=1).values  # start of each token's sentence
+    new_chunk = starts | ((pos - first) % max_len == 0)
+    return torch.cumsum(new_chunk.long(), dim=1) - 1
+
+
 def segment_priority(scores: torch.Tensor, segments: torch.Tensor, reduce: str = "mean") -> torch.Tensor:
     """:func:`chunk_priority` for chunks of any lengths given as chunk ids ``segments [B, T]``.
 
-    Whole chunks rank by their score (mean or sum of the head-summed token scores of their prefix
-    tokens), tokens inside a chunk by their own score; returns ``[B, 1, T]``, ``-inf`` outside the
+    Whole chunks rank by their score (``reduce`` of the head-summed token scores of their prefix
+    tokens, as in :func:`chunk_priority`), tokens inside a chunk by their own score; returns ``[B, 1, T]``, ``-inf`` outside the
     prefix. With ``segments = t // c`` it equals :func:`chunk_priority` with chunk size ``c``.
     """
     batch, _, length = scores.shape
     in_prefix = torch.isfinite(scores[:, 0])
     token = _head_sum(scores)  # [B, T], 0 outside the prefix
     n_seg = length  # ids are < T
-    total = token.new_zeros(batch, n_seg).scatter_add_(1, segments, token)
+    total = token.new_zeros(batch, n_seg).scatter_add_(1, segments, _chunk_token_scores(token, reduce))
     count = token.new_zeros(batch, n_seg).scatter_add_(1, segments, in_prefix.to(token.dtype))
-    if reduce == "mean":
+    if reduce != "sum":
         total = total / count.clamp(min=1)
-    elif reduce != "sum":
-        raise ValueError(f"unknown chunk reduce {reduce!r}: use 'mean' or 'sum'")
     chunk_rank = _ranks(total.masked_fill(count == 0, NEG_INF)).gather(1, segments)  # [B, T]
     # Order tokens by (chunk rank, own score descending, position): two stable sorts.
     own = token.masked_fill(~in_prefix, NEG_INF)
