@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 import chunkkv
 from chunkkv import H2O, ChunkKV, ChunkKVError, PromptError, PyramidKV, SnapKV, StreamingLLM
-from chunkkv.agnostic import agnostic_scores, leader_layers
+from chunkkv.agnostic import SENTENCE_CHUNKS, agnostic_scores, leader_layers
+from chunkkv.boundaries import boundary_token_ids
 from chunkkv.multi import capture_prefill
 from chunkkv.scoring import max_attention_scores
 
@@ -161,6 +164,16 @@ def test_saved_reconstruction_context_round_trips(llama, tmp_path):
     assert torch.equal(chunkkv.extend(llama, loaded, q), chunkkv.extend(llama, ctx.fork(), q))
 
 
+def test_saved_sentence_chunk_context_round_trips(llama, tmp_path):
+    method = METHODS["chunkkv-sentences-surprisal"]
+    ctx = chunkkv.compress(llama, _prompt(seed=6), method=method)
+    ctx.save(tmp_path / "c.ckv")  # boundary_ids is a set of ids: saved as a list, loaded as the same method
+    loaded = chunkkv.load_context(tmp_path / "c.ckv", llama)
+    assert loaded.method == method
+    q = _prompt(1, 3, seed=7)
+    assert torch.equal(chunkkv.extend(llama, loaded, q), chunkkv.extend(llama, ctx.fork(), q))
+
+
 def test_leader_layers_follow_the_reuse_schedule(llama):
     capture = capture_prefill(llama, _prompt(), window=8)
     assert leader_layers(ChunkKV(keep_tokens=30, window=8, reuse_depth=2), capture) == [0, 2]
@@ -270,13 +283,33 @@ def test_generate_and_cli_score_question_agnostically(capsys, tmp_path):
     assert main(["generate", "--model", str(folder), "--context-file", str(doc), "--method", "streamingllm",
                  "--keep-fraction", "0.2", "--scoring", "probe"]) == 2
     assert "streamingllm does not score tokens" in capsys.readouterr().err
-    # the question-agnostic default (no scoring given) is surprisal: the same tokens as by hand
+    # the question-agnostic default (no scoring given) is surprisal on sentence chunks: the same tokens as by hand
     result = chunkkv.generate(model, tok, doc.read_text(), [QUESTION_TEXT], method, sampling=sampling)
-    ctx = chunkkv.compress(model, ids, method=ChunkKV(keep_fraction=0.2, scoring="surprisal"))
+    by_hand = ChunkKV(keep_fraction=0.2, scoring="surprisal", boundary_ids=boundary_token_ids(tok, clauses=False),
+                      **SENTENCE_CHUNKS)
+    ctx = chunkkv.compress(model, ids, method=by_hand)
     assert result.answers[0].token_ids[0] == chunkkv.continue_from(model, ctx, q, sampling)[0].tolist()
+    plain = chunkkv.compress(model, ids, method=ChunkKV(keep_fraction=0.2, scoring="surprisal"))
+    assert not torch.equal(plain.kept_positions(0, 0), ctx.kept_positions(0, 0))  # the preset changes the picks
     assert main(["generate", "--model", str(folder), "--device", "cpu", "--context-file", str(doc), "--question",
                  QUESTION_TEXT, "--separator", "", "--keep-fraction", "0.2", "--max-new-tokens", "4"]) == 0
-    assert "scoring=surprisal" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "scoring=surprisal" in out and "segmentation=sentence" in out
+    # under a decode budget the answers still come (re-selection cuts fixed chunks of the same size)
+    bounded = chunkkv.generate(model, tok, doc.read_text(), [QUESTION_TEXT], ChunkKV(keep_fraction=0.2, window=8),
+                               sampling=sampling, decode_budget=12, compress_every=1)
+    assert len(bounded.answers[0].token_ids[0]) == 5
+
+
+class _SentenceTokenizer:
+    all_special_ids = [0]
+    vocab = ["<s>", "word", ".", ","]
+
+    def __len__(self):
+        return len(self.vocab)
+
+    def decode(self, ids):
+        return "".join(self.vocab[i] for i in ids)
 
 
 def test_question_agnostic_default_and_bounded_memory(llama):
@@ -288,6 +321,15 @@ def test_question_agnostic_default_and_bounded_memory(llama):
     assert agnostic_method(method, "window").scoring == "window"
     assert agnostic_method(method, full_prefill=False).scoring == "window"  # chunked prefill never holds the full cache
     assert agnostic_method(StreamingLLM(keep_tokens=10)) == StreamingLLM(keep_tokens=10)
+    # with a tokenizer, a ChunkKV left at the paper's chunking also gets sentence chunks
+    tok = _SentenceTokenizer()
+    preset = agnostic_method(method, tokenizer=tok)
+    assert preset == replace(method, scoring="surprisal", boundary_ids=frozenset({2}), **SENTENCE_CHUNKS)
+    assert agnostic_method(method, "surprisal", tokenizer=tok) == replace(method, scoring="surprisal")  # asked for
+    assert agnostic_method(replace(method, chunk_size=20), tokenizer=tok).chunking == "fixed"  # the user's chunks
+    assert agnostic_method(method, full_prefill=False, tokenizer=tok) == method
+    assert agnostic_method(SnapKV(keep_tokens=10), tokenizer=tok) == SnapKV(keep_tokens=10, scoring="surprisal")
+    assert agnostic_method(chunkkv.KVPressChunkKV(remove_fraction=0.5), tokenizer=tok).chunking == "fixed"
     with pytest.raises(PromptError, match="cannot be combined with prefill_chunk"):
         chunkkv.compress(llama, _prompt(), method=ChunkKV(keep_tokens=40, window=8, scoring="reconstruction"),
                          prefill_chunk=32)

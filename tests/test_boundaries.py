@@ -198,6 +198,8 @@ def test_sentence_chunks_in_a_batch_keep_what_each_row_keeps_alone(llama):
 def test_segmentation_is_checked_and_defaults_to_the_old_behaviour():
     with pytest.raises(ChunkKVError, match="segmentation='sentence' needs the boundary tokens"):
         chunkkv.ChunkKV(keep_fraction=0.1, segmentation="sentence")
+    with pytest.raises(ChunkKVError, match="segmentation='aligned' needs the boundary tokens"):
+        chunkkv.ChunkKV(keep_fraction=0.1, segmentation="aligned", boundary_ids=frozenset())  # not a silent grid
     with pytest.raises(ChunkKVError, match="segmentation='words' must be one of fixed, aligned, sentence"):
         chunkkv.ChunkKV(keep_fraction=0.1, segmentation="words", boundary_ids=BOUNDARIES)
     with pytest.raises(ChunkKVError, match="chunk_reduce='max' must be one of mean, sum, sqrt_mean"):

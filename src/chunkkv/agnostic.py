@@ -27,6 +27,13 @@ capture (:func:`chunkkv.multi.compress_from_capture`: ChunkKV ranks whole chunks
 scores, reuse followers take their leader's indices and are not scored; per-head methods pick per
 head). Positions stay the original ones and the next-token logits are the prefill's.
 
+The question-agnostic default (:func:`agnostic_method`, what ``chunkkv.generate`` and ``chunkkv
+generate`` run when nothing else is asked for) is surprisal with **one chunk per sentence**: a
+ChunkKV left at the paper's chunking gets :data:`SENTENCE_CHUNKS` (chunks start after every
+sentence end, at most 30 tokens, ranked by the mean square root of their tokens' surprisal, no
+pooling), so a fact is kept or dropped whole instead of being cut by a fixed 10-token grid
+(docs/question-agnostic.md has the measurements that chose it).
+
 Cost: peak memory of a full-cache prefill; time of the prefill plus one forward pass over the
 scoring tokens (about the context's length for reconstruction) plus the scores themselves; for
 surprisal, the output projection over the prompt (0.2-0.36x the prefill for SmolLM2-135M on CPU,
@@ -43,7 +50,8 @@ import torch
 from .cache import PrunedLayer
 from .compress import CompressedContext, _now, plan_layers
 from .errors import PromptError, UnsupportedModelError
-from .methods import Method
+from .boundaries import boundary_token_ids
+from .methods import ChunkKV, Method
 from .multi import capture_prefill, compress_from_capture
 from .scoring import max_attention_scores
 
@@ -56,21 +64,36 @@ _REDUCE = {"reconstruction": "max", "probe": "sum"}
 #: The scoring question-agnostic ``chunkkv.generate`` / ``chunkkv generate`` use for a scoring
 #: method left at ``scoring="window"`` (chosen by docs/question-agnostic.md's measurements).
 AGNOSTIC_DEFAULT = "surprisal"
+#: The chunking question-agnostic compression gives a ChunkKV left at the paper's (fixed chunks of
+#: 10, mean, max pooling 7), with ``boundary_ids`` = the tokenizer's sentence ends.
+SENTENCE_CHUNKS = {"segmentation": "sentence", "chunk_size": 30, "chunk_reduce": "sqrt_mean", "kernel": 1}
+_PAPER_CHUNKING = ("segmentation", "boundary_ids", "chunk_size", "chunk_reduce", "pooling", "kernel")
 
 
-def agnostic_method(method: Method | None, scoring: str | None = None, full_prefill: bool = True) -> Method | None:
-    """The method a question-agnostic compression runs: ``scoring`` when given, else
-    :data:`AGNOSTIC_DEFAULT` for a scoring method left at ``"window"`` (only when the prefill holds
-    the full cache: ``full_prefill=False``, i.e. a chunked prefill, keeps the window); other
-    methods unchanged."""
+def agnostic_method(
+    method: Method | None, scoring: str | None = None, full_prefill: bool = True, tokenizer=None
+) -> Method | None:
+    """The method a question-agnostic compression runs.
+
+    ``scoring`` given: the method with that scoring, nothing else changed. Otherwise a scoring
+    method left at ``"window"`` gets :data:`AGNOSTIC_DEFAULT`, and a :class:`ChunkKV` also left
+    at the paper's chunking gets :data:`SENTENCE_CHUNKS` with the ``tokenizer``'s sentence ends
+    (when a tokenizer is given). Only when the prefill holds the full cache: ``full_prefill=False``
+    (a chunked prefill) keeps the method as it is. Other methods are returned unchanged.
+    """
     if method is None or not method.scores_tokens:
         if scoring not in (None, "window") and method is not None:
             return replace(method, scoring=scoring)  # raises the method's own clear error
         return method
     if scoring is not None:
         return method if method.scoring == scoring else replace(method, scoring=scoring)
-    if method.scoring == "window" and AGNOSTIC_DEFAULT != "window" and full_prefill:
-        return replace(method, scoring=AGNOSTIC_DEFAULT)
+    if method.scoring != "window" or AGNOSTIC_DEFAULT == "window" or not full_prefill:
+        return method
+    method = replace(method, scoring=AGNOSTIC_DEFAULT)
+    defaults = ChunkKV.__dataclass_fields__
+    if tokenizer is not None and type(method) is ChunkKV and all(
+            getattr(method, name) == defaults[name].default for name in _PAPER_CHUNKING):
+        method = replace(method, boundary_ids=boundary_token_ids(tokenizer, clauses=False), **SENTENCE_CHUNKS)
     return method
 
 

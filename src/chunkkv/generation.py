@@ -15,7 +15,7 @@ from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogit
 
 from .compress import CompressedContext, compress
 from .errors import ChunkKVError, PromptError
-from .methods import Method
+from .methods import ChunkKV, Method
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,9 @@ def set_decode_budget(
 
     ``decode_budget=None`` leaves the cache unbounded. ``compress_every`` defaults to
     :data:`DEFAULT_COMPRESS_EVERY`; ``method`` defaults to the one that compressed the context.
+    Re-selection scores with the recent queries (``scoring="window"``) and, for ChunkKV, cuts fixed
+    chunks of the method's chunk size (sentence chunks need the prompt's ids, which a grown cache
+    no longer lines up with).
     """
     if decode_budget is None:
         if compress_every is not None:
@@ -108,6 +111,10 @@ def set_decode_budget(
         # Re-selection while decoding scores with the recent queries: question-agnostic scoring
         # (chunkkv.agnostic) only ranks the prompt once, after its prefill.
         method = replace(method, scoring="window")
+    if isinstance(method, ChunkKV) and method.chunking != "fixed":
+        # Boundary-aware chunks need the prompt's token ids, which a grown cache no longer lines
+        # up with: re-selection cuts the fixed grid of the same chunk size.
+        method = replace(method, segmentation="fixed", boundary_ids=None)
     context._cache.set_decode_budget(method, decode_budget, every)
 
 
@@ -281,7 +288,7 @@ def generate(
     if not query_aware:
         from .agnostic import PROMPTS, agnostic_method, scoring_prompt
 
-        method = agnostic_method(method, scoring, prefill_chunk is None)
+        method = agnostic_method(method, scoring, prefill_chunk is None, tokenizer)
         prompt = None
         if method is not None and method.scoring in PROMPTS:  # the scorings that feed a prompt
             prompt = scoring_prompt(tokenizer, method.scoring, chat=use_chat)

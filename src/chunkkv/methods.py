@@ -351,7 +351,7 @@ class ChunkKV(_Scored):
             object.__setattr__(self, "boundary_ids", frozenset(self.boundary_ids))
         if self.segmentation is not None and self.segmentation not in SEGMENTATIONS:
             raise ChunkKVError(f"segmentation={self.segmentation!r} must be one of {', '.join(SEGMENTATIONS)}")
-        if self.segmentation in ("aligned", "sentence") and self.boundary_ids is None:
+        if self.segmentation in ("aligned", "sentence") and not self.boundary_ids:
             raise ChunkKVError(
                 f"segmentation={self.segmentation!r} needs the boundary tokens: pass "
                 "boundary_ids=chunkkv.boundaries.boundary_token_ids(tokenizer)")
@@ -371,7 +371,7 @@ class ChunkKV(_Scored):
         if inputs.input_ids is None:
             raise ChunkKVError(
                 f"boundary-aware chunks (segmentation={chunking!r}) need the prompt's token ids: they work with "
-                "a one-shot prefill, not with prefill_chunk or a decode budget")
+                "a one-shot prefill, not with prefill_chunk")
 
         def compute() -> torch.Tensor:
             ids = torch.tensor(sorted(self.boundary_ids), device=inputs.input_ids.device)

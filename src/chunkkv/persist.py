@@ -142,7 +142,7 @@ def save_context(context: CompressedContext, path: str | os.PathLike, model: tor
         "format": FORMAT,
         "version": VERSION,
         "layers": layers,
-        "method": {"name": method.name, "fields": {f.name: getattr(method, f.name) for f in fields(method)},
+        "method": {"name": method.name, "fields": {f.name: _json_field(getattr(method, f.name)) for f in fields(method)},
                    "describe": method.describe()},
         "stats": stats,
         "model": model_fingerprint(model),
@@ -155,6 +155,11 @@ def save_context(context: CompressedContext, path: str | os.PathLike, model: tor
     except OSError as exc:
         raise ContextFileError(f"cannot write the context to {path}: {exc.strerror or exc}") from None
     return path.stat().st_size
+
+
+def _json_field(value):
+    """A method field as JSON holds it: sets of token ids (``boundary_ids``) as sorted lists."""
+    return sorted(value) if isinstance(value, (set, frozenset)) else value
 
 
 def header_bytes(path: str | os.PathLike) -> int:

@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
                 if not args.query_aware:
                     from ..agnostic import PROMPTS, agnostic_method, scoring_prompt
 
-                    method = agnostic_method(method, args.scoring, bounds["prefill_chunk"] is None)
+                    method = agnostic_method(method, args.scoring, bounds["prefill_chunk"] is None, tokenizer)
                     if method.scoring in PROMPTS:
                         # the same scoring prompt chunkkv.generate builds (chat template or not, as the context)
                         prompt = scoring_prompt(tokenizer, method.scoring, chat=not special)
