@@ -83,3 +83,35 @@ def test_question_agnostic_rows_compress_the_context_alone():
     assert rows["chunkkv/40/qa-window"]["output"] != rows["chunkkv/40/qa-surprisal"]["output"]
     with pytest.raises(ChunkKVError):
         RecallConfig(agnostic=["nope"]).validate()
+
+
+class SentenceWordTokenizer(WordTokenizer):
+    """Words ``w<i>`` whose ids below 25 end a sentence (``w3.``), as the preset's boundaries need."""
+
+    all_special_ids: list[int] = []
+
+    def __len__(self):
+        return VOCAB
+
+    def decode(self, ids, skip_special_tokens=False):
+        return " ".join(f"w{i}." if i < 25 else f"w{i}" for i in ids)
+
+
+def test_question_agnostic_default_rows_run_what_generate_runs():
+    from chunkkv.agnostic import agnostic_method
+    from chunkkv.evaluation.recall import _Config
+    from chunkkv.methods import ChunkKV
+
+    tok = SentenceWordTokenizer()
+    method = _Config.parse("chunkkv/40/qa-default").method(tok)
+    assert method == agnostic_method(ChunkKV(keep_tokens=40), tokenizer=tok) and method.chunking == "sentence"
+    no_ends = type("NoEnds", (WordTokenizer,), {"__len__": lambda self: VOCAB})()
+    assert _Config.parse("chunkkv/40/qa-default").method(no_ends).chunking == "fixed"  # no sentence ends
+    model = tiny_model("llama", num_hidden_layers=4)
+    ids = torch.randint(1, VOCAB, (90,), generator=torch.Generator().manual_seed(5)).tolist()
+    sample = RecallSample(0, 0.5, ids, "w1", ids[40:60], " ".join(f"w{i}" for i in ids[40:60]), context_len=84)
+    config = RecallConfig(new_tokens=20, budgets=[200, 40], methods=["chunkkv"], agnostic=["default"])
+    config.validate()
+    rows = {r["config"]: r for r in run_sample(model, tok, sample, config, config.configs())}
+    assert rows["chunkkv/200/qa-default"]["output"] == rows["full"]["output"]  # nothing to drop
+    assert rows["chunkkv/40/qa-default"]["held_max"] == 40 + 6 + 20

@@ -93,7 +93,9 @@ def agnostic_method(
     defaults = ChunkKV.__dataclass_fields__
     if tokenizer is not None and type(method) is ChunkKV and all(
             getattr(method, name) == defaults[name].default for name in _PAPER_CHUNKING):
-        method = replace(method, boundary_ids=boundary_token_ids(tokenizer, clauses=False), **SENTENCE_CHUNKS)
+        ends = boundary_token_ids(tokenizer, clauses=False)
+        if ends:  # a vocabulary with no sentence ends keeps fixed chunks
+            method = replace(method, boundary_ids=ends, **SENTENCE_CHUNKS)
     return method
 
 

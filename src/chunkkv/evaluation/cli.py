@@ -105,7 +105,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--recall-length", type=int, default=2048, help="context tokens (2048)")
     r.add_argument("--recall-new-tokens", type=int, default=128, help="tokens generated per answer (128)")
     r.add_argument("--recall-agnostic", default="",
-                   help="also compress the context before the head with these scorings (e.g. window,surprisal)")
+                   help="also compress the context before the head with these scorings (e.g. window,surprisal; "
+                        "'default' = what question-agnostic generate runs: surprisal, sentence chunks for chunkkv)")
     j = parser.add_argument_group("JailbreakV")
     j.add_argument("--judge-model", help="guard model (e.g. Llama-Guard-3-8B); default: refusal-keyword rule")
     j.add_argument("--jb-formats", help="comma list of attack formats to keep, or 'all' (default: Template,Persuade,Logic)")

@@ -15,8 +15,10 @@ configuration is built from the capture (query-aware: the head ends the compress
 * ``<method>/B/dB``: the same prompt compression and a decode budget ``B`` with
   ``compress_every`` (at most ``B + compress_every`` tokens per layer for any output length);
 * ``<method>/B/qa-<scoring>`` (``RecallConfig.agnostic``): question-agnostic: the context alone is
-  compressed to ``B`` with ``scoring`` (window / surprisal / reconstruction), then the head is fed
-  and the answer decoded: does a context compressed before anyone asks keep arbitrary passages?
+  compressed to ``B`` with ``scoring`` (window / surprisal / reconstruction, or ``default``: what
+  question-agnostic ``chunkkv.generate`` runs, :func:`chunkkv.agnostic.agnostic_method`), then the
+  head is fed and the answer decoded: does a context compressed before anyone asks keep arbitrary
+  passages?
 
 Scores per configuration: ROUGE-L F against the reference text and against the full cache's own
 output, and ``copied`` = the leading generated tokens equal to the reference's. Rows are appended to
@@ -37,7 +39,7 @@ from typing import Any
 
 import torch
 
-from ..agnostic import PROMPTS, agnostic_scores, scoring_prompt
+from ..agnostic import PROMPTS, agnostic_method, agnostic_scores, scoring_prompt
 from ..errors import ChunkKVError
 from ..generation import Sampling, continue_from
 from ..methods import make_method
@@ -46,6 +48,7 @@ from .metrics import mean_interval, rouge_l_score
 from .store import read_jsonl
 
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
+DEFAULT = "default"  # the --recall-agnostic name of question-agnostic generate's own choice
 
 
 @dataclass
@@ -73,7 +76,8 @@ class RecallConfig:
         for name in self.methods:
             make_method(name, keep_tokens=max(self.budgets))  # unknown names fail here
             for scoring in self.agnostic:
-                make_method(name, keep_tokens=max(self.budgets), scoring=scoring)  # and unknown scorings
+                if scoring != DEFAULT:
+                    make_method(name, keep_tokens=max(self.budgets), scoring=scoring)  # and unknown scorings
 
     def configs(self) -> list[str]:
         """Configuration keys in run order: full, then per budget every method unbounded and bounded."""
@@ -151,12 +155,14 @@ class _Config:
         return cls(name, int(budget), int(tail[1:]) if tail.startswith("d") else None,
                    tail[3:] if tail.startswith("qa-") else None)
 
-    def method(self):
+    def method(self, tokenizer=None):
+        if self.scoring == DEFAULT:  # what question-agnostic chunkkv.generate runs when nothing is asked for
+            return agnostic_method(make_method(self.name, keep_tokens=self.budget), tokenizer=tokenizer)
         return make_method(self.name, keep_tokens=self.budget, scoring=self.scoring or "window")
 
 
-def _method(key: str):
-    return make_method("full") if key == "full" else _Config.parse(key).method()
+def _method(key: str, tokenizer=None):
+    return make_method("full") if key == "full" else _Config.parse(key).method(tokenizer)
 
 
 def _agnostic_outputs(model, tokenizer, capture, sample: RecallSample, keys: list[str], sampling: Sampling):
@@ -165,7 +171,7 @@ def _agnostic_outputs(model, tokenizer, capture, sample: RecallSample, keys: lis
     head = torch.tensor([sample.ids[sample.context_len:]], device=capture.input_ids.device)
     out = {}
     for k in keys:
-        method = _method(k)
+        method = _method(k, tokenizer)
         if method.scoring != "window" and (method.scoring,) not in prefix.memo[0]:  # every layer, once per scoring
             layers = list(range(len(prefix.cache.layers)))
             prompt = scoring_prompt(tokenizer, method.scoring, chat=False) if method.scoring in PROMPTS else None
@@ -189,7 +195,8 @@ def run_sample(model, tokenizer, sample: RecallSample, config: RecallConfig, tod
     if agnostic:
         window += len(sample.ids) - sample.context_len  # the prefix's own window lies before the head
     t0 = time.perf_counter()
-    capture = capture_prefill(model, ids, window=window, surprisal=any(c.scoring == "surprisal" for c in parsed.values()),
+    surprisal = any(c.scoring is not None and c.method(tokenizer).scoring == "surprisal" for c in parsed.values())
+    capture = capture_prefill(model, ids, window=window, surprisal=surprisal,
                               accumulated=any(c.name == "h2o" and c.scoring is None for c in parsed.values()))
     capture_s = time.perf_counter() - t0
     sampling = Sampling(max_new_tokens=config.new_tokens)
@@ -291,7 +298,8 @@ def to_markdown(summary: dict[str, dict[str, Any]], config: RecallConfig, model_
             label = ["full cache", "all", "none"]
         else:
             cfg = _Config.parse(key)
-            name = cfg.name if cfg.scoring is None else f"{cfg.name}, question-agnostic ({cfg.scoring} scoring)"
+            name = cfg.name if cfg.scoring is None else f"{cfg.name}, question-agnostic ({cfg.scoring} scoring)" \
+                if cfg.scoring != DEFAULT else f"{cfg.name}, question-agnostic (generate's default)"
             decode = "none" if cfg.decode_budget is None else f"{cfg.decode_budget} (every {config.every})"
             label = [name, str(cfg.budget), decode]
         lines.append(f"| {' | '.join(label)} | {c['held_max']} | {fmt(c['rougeL_ref'])} | {fmt(c['rougeL_full'])} | {c['copied']} |")
