@@ -1,6 +1,6 @@
 """Compress once, save, load in a NEW process, ask several questions (issue 14 item 4).
 
-    PYTHONPATH=src python tools/agnostic_saved_demo.py [--length 2048] [--scoring surprisal]
+    PYTHONPATH=src python tools/agnostic_saved_demo.py [--length 2048] [--scoring default]
 
 Process 1 (this one): builds a NIAH document with 4 needles (tools/agnostic_niah.py), compresses it
 question-agnostically with ChunkKV, saves it, and answers the 4 questions in memory. Process 2 (a
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import chunkkv
-from chunkkv.agnostic import PROMPTS, scoring_prompt
+from chunkkv.agnostic import PROMPTS, agnostic_method, scoring_prompt
 from chunkkv.persist import header_bytes
 from chunkkv.pretrained import load_pretrained
 
@@ -43,7 +43,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--length", type=int, default=2048)
     ap.add_argument("--doc", type=int, default=0)
-    ap.add_argument("--scoring", default="surprisal")
+    ap.add_argument("--scoring", default="default",
+                    help="'default' = what question-agnostic chunkkv.generate runs (agnostic.agnostic_method), "
+                         "or a scoring name (fixed chunks)")
     ap.add_argument("--keep-fraction", type=float, default=0.2)
     ap.add_argument("--path", default="/tmp/chunkkv_demo.ckv")
     ap.add_argument("--load", action="store_true", help="(the second process) load and answer")
@@ -58,9 +60,10 @@ def main() -> None:
         ctx = chunkkv.load_context(args.path, model)
         print(json.dumps({"load_s": time.perf_counter() - start, "answers": answers(model, tok, ctx, questions)}))
         return
-    method = chunkkv.ChunkKV(keep_fraction=args.keep_fraction, scoring=args.scoring)
+    method = chunkkv.ChunkKV(keep_fraction=args.keep_fraction)
+    method = agnostic_method(method, None if args.scoring == "default" else args.scoring, tokenizer=tok)
     ctx = chunkkv.compress(model, encoded[0][0], method=method,
-                           scoring_prompt=scoring_prompt(tok, args.scoring) if args.scoring in PROMPTS else None)
+                           scoring_prompt=scoring_prompt(tok, method.scoring) if method.scoring in PROMPTS else None)
     size = ctx.save(args.path)
     kv = ctx.cache.nbytes()
     in_memory = answers(model, tok, ctx, questions)
