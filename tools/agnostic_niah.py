@@ -92,7 +92,8 @@ def encode(tok, document: str, question: str) -> tuple[torch.Tensor, torch.Tenso
     return ctx, q
 
 
-def configs(quick: bool, boundary_ids: frozenset[int] = frozenset(), variants: bool = False):
+def configs(quick: bool, boundary_ids: frozenset[int] = frozenset(), variants: bool = False,
+            sentence_ids: frozenset[int] = frozenset()):
     out = []
     budgets = [("f", 0.1), ("f", 0.2), ("f", 0.3), ("t", 128), ("t", 512)]
     if not quick:
@@ -105,6 +106,10 @@ def configs(quick: bool, boundary_ids: frozenset[int] = frozenset(), variants: b
                 out.append(("snapkv", scoring, chunkkv.SnapKV(scoring=scoring, **b)))
         if boundary_ids:  # sentence-aligned chunks (chunkkv.boundaries) on the surprisal scores
             out.append(("chunkkv-bnd", "surprisal", chunkkv.ChunkKV(scoring="surprisal", boundary_ids=boundary_ids, **b)))
+        if sentence_ids:  # one chunk per sentence, ranked by mean sqrt-surprisal (the agnostic preset)
+            out.append(("chunkkv-sent", "surprisal", chunkkv.ChunkKV(
+                scoring="surprisal", segmentation="sentence", boundary_ids=sentence_ids, chunk_size=30,
+                chunk_reduce="sqrt_mean", kernel=1, **b)))
         if variants and kind == "f" and value == 0.2:  # --variants: surprisal with bigger chunks / wider pooling
             out.append(("chunkkv-c20", "surprisal", chunkkv.ChunkKV(scoring="surprisal", chunk_size=20, **b)))
             out.append(("chunkkv-k15", "surprisal", chunkkv.ChunkKV(scoring="surprisal", kernel=15, **b)))
@@ -161,6 +166,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--variants", action="store_true", help="also surprisal with chunk 20 / pooling kernel 15 at 20 %%")
+    ap.add_argument("--configs", default="", help="comma list of config-name prefixes to run (default: all)")
+    ap.add_argument("--first-doc", type=int, default=0, help="documents first-doc .. docs-1 (to extend a run)")
+    ap.add_argument("--sentence", action="store_true", help="also ChunkKV with sentence chunks on sqrt-surprisal")
     ap.add_argument("--no-qa", action="store_true", help="skip query-aware ChunkKV (one prefill per question)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -179,7 +187,11 @@ def main() -> None:
     lengths = [int(x) for x in args.lengths.split(",")]
     from chunkkv.boundaries import boundary_token_ids
 
-    grid = configs(args.quick, boundary_token_ids(tok), args.variants)
+    grid = configs(args.quick, boundary_token_ids(tok), args.variants,
+                   boundary_token_ids(tok, clauses=False) if args.sentence else frozenset())
+    if args.configs:  # only the configs whose name starts with one of these (e.g. to add documents cheaply)
+        wanted = tuple(args.configs.split(","))
+        grid = [(m, s, meth) for m, s, meth in grid if f"{m}|{s}|{meth.budget.describe()}".startswith(wanted)]
 
     def write(rec):
         with out.open("a") as f:
@@ -193,7 +205,7 @@ def main() -> None:
         return text, needle[2] in text.lower(), rouge.score(needle[0], text)["rouge1"].fmeasure
 
     cap = {int(k): int(v) for k, v in (x.split(":") for x in args.docs_at.split(",") if x)}
-    for doc in range(args.docs):
+    for doc in range(args.first_doc, args.docs):
         for length in lengths:
             if doc >= cap.get(length, args.docs):
                 continue

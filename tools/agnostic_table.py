@@ -21,6 +21,37 @@ def cell(records: list[dict]) -> str:
     return f"{k}/{n} ({100 * k / n:.0f} %, {100 * lo:.0f}–{100 * hi:.0f})"
 
 
+def extended(rows: list[dict], by_doc: dict, configs: list[str]) -> None:
+    """The larger sample: every document, and the configs answered on all of them."""
+    docs = sorted(by_doc)
+    if len(docs) < 2:
+        return
+    keep = [c for c in configs if all((c, q) in by_doc[d] for d in docs for q in range(4))]
+    lengths = sorted({d[0] for d in docs})
+    counts = {length: sum(1 for d in docs if d[0] == length) for length in lengths}
+    print(f"extended sample: every document ({counts}, 4 questions each), the configs run on all of them\n")
+    print("| config | " + " | ".join(f"{length} tok" for length in lengths) + " | all | ROUGE-1 | needle kept |")
+    print("|" + "---|" * (len(lengths) + 4))
+    order = sorted(keep, key=lambda c: (c != "full", c.split("|")[0], c.split("|")[-1], c))
+    for key in order:
+        sel = [r for r in rows if r["config"] == key]
+        kept = [r["needle_kept"] for r in sel if r.get("needle_kept") is not None]
+        kept_s = f"{sum(kept) / len(kept):.2f}" if kept else "–"
+        per = [cell([r for r in sel if r["length"] == length]) for length in lengths]
+        rouge = sum(r["rouge1"] for r in sel) / len(sel)
+        print(f"| {'full cache' if key == 'full' else key} | " + " | ".join(per) + f" | {cell(sel)} | {rouge:.3f} | {kept_s} |")
+    full = {(r["length"], r["doc"], r["q"]): r["present"] for r in rows if r["config"] == "full"}
+    print("\npaired with the full cache (same question): compressed wrong where the full cache is right / the reverse")
+    for key in order[1:]:
+        pairs = [(full[(r["length"], r["doc"], r["q"])], r["present"]) for r in rows if r["config"] == key]
+        print(f"- {key}: {sum(f and not c for f, c in pairs)} / {sum(c and not f for f, c in pairs)}")
+    print("\nby needle (question), every document:")
+    for key in order:
+        sel = [r for r in rows if r["config"] == key]
+        print(f"- {key}: " + ", ".join(f"q{q}: {cell([r for r in sel if r['q'] == q])}" for q in range(4)))
+    print()
+
+
 def main(path: str) -> None:
     rows, seen = [], set()
     for line in open(path):
@@ -40,13 +71,14 @@ def main(path: str) -> None:
     configs = sorted({r["config"] for r in rows})
     required = [c for c in configs if not c.startswith("qa-")]  # query-aware is skipped at 4k (cost)
     full_docs = {d for d, got in by_doc.items() if all((c, q) in got for c in required for q in range(4))}
+    extended(rows, by_doc, configs)
     rows = [r for r in rows if (r["length"], r["doc"]) in full_docs]
     lengths = sorted({r["length"] for r in rows})
     docs = {length: sorted(d for (l, d) in full_docs if l == length) for length in lengths}
     print(f"complete documents per length: { {k: len(v) for k, v in docs.items()} } (4 questions each)\n")
     order = ["full", "qa-chunkkv|window|20% kept"]
     budgets = ["10% kept", "20% kept", "30% kept", "128 tokens", "256 tokens", "512 tokens"]
-    for method in ("chunkkv", "chunkkv-bnd", "chunkkv-c20", "chunkkv-k15", "snapkv"):
+    for method in ("chunkkv", "chunkkv-bnd", "chunkkv-sent", "chunkkv-c20", "chunkkv-k15", "snapkv"):
         for budget in budgets:
             for scoring in ("window", "probe", "reconstruction", "surprisal"):
                 key = f"{method}|{scoring}|{budget}"
@@ -67,13 +99,13 @@ def main(path: str) -> None:
         print(f"| {name} | " + " | ".join(per) + f" | {cell(sel)} | {rouge:.3f} | {kept_s} |")
     print("\nby needle depth (all lengths):")
     for key in ["full", "chunkkv|window|20% kept", "chunkkv|probe|20% kept", "chunkkv|reconstruction|20% kept",
-                "chunkkv|surprisal|20% kept", "chunkkv-bnd|surprisal|20% kept"]:
+                "chunkkv|surprisal|20% kept", "chunkkv-bnd|surprisal|20% kept", "chunkkv-sent|surprisal|20% kept"]:
         sel = [r for r in rows if r["config"] == key]
         depths = sorted({r["depth"] for r in sel})
         print(f"- {key}: " + ", ".join(f"depth {d}: {cell([r for r in sel if r['depth'] == d])}" for d in depths))
     print("\nby needle (question):")
     for key in ["full", "chunkkv|window|20% kept", "chunkkv|probe|20% kept", "chunkkv|reconstruction|20% kept",
-                "chunkkv|surprisal|20% kept", "chunkkv-bnd|surprisal|20% kept"]:
+                "chunkkv|surprisal|20% kept", "chunkkv-bnd|surprisal|20% kept", "chunkkv-sent|surprisal|20% kept"]:
         sel = [r for r in rows if r["config"] == key]
         print(f"- {key}: " + ", ".join(f"q{q}: {cell([r for r in sel if r['q'] == q])}" for q in range(4)))
     print("\nscoring time / prefill time (same process, 1 thread, all 30 layers scored):")
