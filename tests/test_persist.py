@@ -185,7 +185,9 @@ def test_cli_save_then_load_answers_the_same(capsys, tmp_path):
     code = main(["generate", *common, "--load-context", str(saved), *questions])
     second = capsys.readouterr()
     assert code == 0, second.err
-    assert "loaded from" in second.out and "chunkkv(20% kept, scoring=surprisal)" in second.out
+    # the question-agnostic default (surprisal, sentence chunks) is what was saved and described
+    assert "loaded from" in second.out and "chunkkv(20% kept, scoring=surprisal, kernel=1" in second.out
+    assert "segmentation=sentence" in second.out
     answers = lambda text: [part.split("\n")[0] for part in text.split("\nA: ")[1:]]  # noqa: E731
     assert len(answers(first.out)) == 2 and answers(second.out) == answers(first.out)
     # a saved context used with another model, or a context file given twice: one line, exit 2

@@ -61,6 +61,8 @@ def main(path: str) -> None:
             if key not in seen:  # a record written twice (two runs resumed at once) counts once
                 seen.add(key)
                 rows.append(r)
+    long_rows = [r for r in rows if r["length"] > 4096 and not r["config"].startswith("_timing")]
+    rows = [r for r in rows if r["length"] <= 4096]  # longer documents: a few configs only, their own table
     timing = [r for r in rows if r["config"] == "_timing"]
     surprisal_timing = [r for r in rows if r["config"] == "_timing_surprisal"]
     rows = [r for r in rows if not r["config"].startswith("_timing")]
@@ -72,6 +74,14 @@ def main(path: str) -> None:
     required = [c for c in configs if not c.startswith("qa-")]  # query-aware is skipped at 4k (cost)
     full_docs = {d for d, got in by_doc.items() if all((c, q) in got for c in required for q in range(4))}
     extended(rows, by_doc, configs)
+    if long_rows:
+        print("longer documents (a few configs only):")
+        for length in sorted({r["length"] for r in long_rows}):
+            at = [r for r in long_rows if r["length"] == length]
+            n_docs = len({r["doc"] for r in at})
+            print(f"- {length} tokens, {n_docs} documents: " + "; ".join(
+                f"{c} {cell([r for r in at if r['config'] == c])}" for c in sorted({r["config"] for r in at})))
+        print()
     rows = [r for r in rows if (r["length"], r["doc"]) in full_docs]
     lengths = sorted({r["length"] for r in rows})
     docs = {length: sorted(d for (l, d) in full_docs if l == length) for length in lengths}
@@ -109,7 +119,7 @@ def main(path: str) -> None:
         sel = [r for r in rows if r["config"] == key]
         print(f"- {key}: " + ", ".join(f"q{q}: {cell([r for r in sel if r['q'] == q])}" for q in range(4)))
     print("\nscoring time / prefill time (same process, 1 thread, all 30 layers scored):")
-    for t in timing:
+    for t in [t for t in timing if "probe_s" in t and "reconstruction_s" in t]:
         print(f"- {t['length']} tok doc {t['doc']}: prefill {t['prefill_s']:.1f} s, probe {t['probe_s']:.1f} s "
               f"({t['probe_s'] / t['prefill_s']:.2f}x), reconstruction {t['reconstruction_s']:.1f} s "
               f"({t['reconstruction_s'] / t['prefill_s']:.2f}x)")
