@@ -127,9 +127,9 @@ METHODS = {
     "kvpress-recon": chunkkv.KVPressChunkKV(remove_fraction=0.7, window=8, scoring="reconstruction"),
     "chunkkv-surprisal": ChunkKV(keep_tokens=40, window=8, chunk_size=5, scoring="surprisal"),
     "snapkv-surprisal": SnapKV(keep_fraction=0.3, window=8, scoring="surprisal"),
-    "chunkkv-sentences-surprisal": ChunkKV(  # the question-agnostic preset's settings
-        keep_tokens=40, window=8, chunk_size=12, scoring="surprisal", segmentation="sentence",
-        boundary_ids=frozenset(range(1, 25)), chunk_reduce="sqrt_mean", kernel=1),
+    "chunkkv-sentences-surprisal": ChunkKV(  # the question-agnostic default's settings, shorter sentences
+        keep_tokens=40, window=8, scoring="surprisal", boundary_ids=frozenset(range(1, 25)),
+        **{**SENTENCE_CHUNKS, "chunk_size": 12}),
 }
 
 

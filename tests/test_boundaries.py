@@ -48,9 +48,9 @@ def test_fixed_segments_rank_exactly_like_fixed_chunks():
     scores[1, :, 60:] = float("-inf")
     for chunk in (1, 4, 10):
         segments = (torch.arange(97) // chunk).expand(3, 97)
-        for reduce in ("mean", "sum"):
-            got = sel.segment_priority(scores, segments, reduce)
-            want = sel.chunk_priority(scores, chunk, reduce)
+        for reduce, peak in (("mean", 0.0), ("sum", 0.0), ("sqrt_mean", 0.0), ("sqrt_mean", 0.2), ("mean", 1.5)):
+            got = sel.segment_priority(scores, segments, reduce, peak)
+            want = sel.chunk_priority(scores, chunk, reduce, peak)
             assert torch.equal(torch.isfinite(got), torch.isfinite(want))
             # the same order of prefix tokens (the values may differ: chunk_priority leaves gaps)
             order = lambda p: torch.sort(p, dim=-1, descending=True, stable=True).indices  # noqa: E731
@@ -155,6 +155,19 @@ def test_sqrt_mean_prefers_many_telling_tokens_to_one_spike():
     assert first_chunk(sel.segment_priority(scores, segments, "sqrt_mean")) // 4 == 1
     with pytest.raises(ValueError, match="unknown chunk reduce"):
         sel.chunk_priority(scores, 4, "median")
+
+
+def test_peak_weight_lifts_the_chunk_with_the_strongest_token():
+    long_plain = [2.0] * 7 + [9.0]  # mean sqrt 1.61, peak sqrt 3
+    short_even = [3.0] * 3 + [0.0] * 5  # a 3-token chunk (the rest is outside the prefix): mean sqrt 1.73
+    scores = torch.tensor([long_plain + short_even])[:, None, :]
+    scores[..., 11:] = float("-inf")
+    segments = torch.tensor([[0] * 8 + [1] * 8])
+    best = lambda p: int(torch.argmax(p[0, 0]))  # noqa: E731
+    assert best(sel.segment_priority(scores, segments, "sqrt_mean")) >= 8  # the even chunk first
+    assert best(sel.segment_priority(scores, segments, "sqrt_mean", 0.2)) < 8  # 1.61 + 0.6 > 1.73 + 0.35
+    with pytest.raises(ChunkKVError, match="peak_weight=-0.1 must be a number >= 0"):
+        chunkkv.ChunkKV(keep_fraction=0.1, peak_weight=-0.1)
 
 
 SENTENCE = dict(segmentation="sentence", boundary_ids=BOUNDARIES, chunk_size=12)

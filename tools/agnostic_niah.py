@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import chunkkv
-from chunkkv.agnostic import agnostic_scores, scoring_prompt
+from chunkkv.agnostic import SENTENCE_CHUNKS, agnostic_scores, scoring_prompt
 from chunkkv.haystack import paul_graham_text
 from chunkkv.multi import capture_prefill, compress_from_capture
 from chunkkv.pretrained import load_pretrained
@@ -106,10 +106,13 @@ def configs(quick: bool, boundary_ids: frozenset[int] = frozenset(), variants: b
                 out.append(("snapkv", scoring, chunkkv.SnapKV(scoring=scoring, **b)))
         if boundary_ids:  # sentence-aligned chunks (chunkkv.boundaries) on the surprisal scores
             out.append(("chunkkv-bnd", "surprisal", chunkkv.ChunkKV(scoring="surprisal", boundary_ids=boundary_ids, **b)))
-        if sentence_ids:  # one chunk per sentence, ranked by mean sqrt-surprisal (the agnostic preset)
+        if sentence_ids:  # one chunk per sentence, ranked by mean sqrt-surprisal (the first sentence-chunk setting)
             out.append(("chunkkv-sent", "surprisal", chunkkv.ChunkKV(
                 scoring="surprisal", segmentation="sentence", boundary_ids=sentence_ids, chunk_size=30,
                 chunk_reduce="sqrt_mean", kernel=1, **b)))
+            # what question-agnostic generate runs today (agnostic.SENTENCE_CHUNKS): + the peak term
+            out.append(("chunkkv-default", "surprisal", chunkkv.ChunkKV(
+                scoring="surprisal", boundary_ids=sentence_ids, **SENTENCE_CHUNKS, **b)))
         if variants and kind == "f" and value == 0.2:  # --variants: surprisal with bigger chunks / wider pooling
             out.append(("chunkkv-c20", "surprisal", chunkkv.ChunkKV(scoring="surprisal", chunk_size=20, **b)))
             out.append(("chunkkv-k15", "surprisal", chunkkv.ChunkKV(scoring="surprisal", kernel=15, **b)))

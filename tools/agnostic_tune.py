@@ -104,13 +104,19 @@ VARIANTS = {
     "sentence <=30, mean of s^0.25": dict(kernel=1, seg=30, pre=power(0.25)),
     "sentence <=30, mean of log(1+s)": dict(kernel=1, seg=30, pre=lambda s: s.log1p()),
     "sentence <=40, mean of sqrt": dict(kernel=1, seg=40, reduce="sqrt_mean"),
-    "sentence <=30, mean of sqrt (chosen)": dict(kernel=1, seg=30, reduce="sqrt_mean"),
+    "sentence <=30, mean of sqrt": dict(kernel=1, seg=30, reduce="sqrt_mean"),
+    "sentence <=30, mean of sqrt + 0.1 x peak": dict(kernel=1, seg=30, reduce="sqrt_mean", peak=0.1),
+    "sentence <=30, mean of sqrt + 0.2 x peak (chosen)": dict(kernel=1, seg=30, reduce="sqrt_mean", peak=0.2),
+    "sentence <=30, mean of sqrt + 0.3 x peak": dict(kernel=1, seg=30, reduce="sqrt_mean", peak=0.3),
+    "sentence <=30, mean of sqrt + 0.5 x peak": dict(kernel=1, seg=30, reduce="sqrt_mean", peak=0.5),
+    "sentence <=30, mean of sqrt + 1.0 x peak": dict(kernel=1, seg=30, reduce="sqrt_mean", peak=1.0),
+    "sentence <=30, mean of sqrt, max of ranks by mean and by peak": dict(kernel=1, seg=30, reduce="rankmix"),
     "clause <=30, mean of sqrt": dict(kernel=1, seg=30, reduce="sqrt_mean", clauses=True),
 }
 
 
 def kept_set(scores: torch.Tensor, budget: Budget, kernel: int, chunk: int, window: int = 32,
-             segments: torch.Tensor | None = None, reduce: str = "mean") -> set[int]:
+             segments: torch.Tensor | None = None, reduce: str = "mean", peak: float = 0.0) -> set[int]:
     T = scores.shape[-1]
     lengths = torch.tensor([T])
     kept = torch.tensor([budget.kept(T)])
@@ -123,8 +129,20 @@ def kept_set(scores: torch.Tensor, budget: Budget, kernel: int, chunk: int, wind
         seg_score = (total / count.clamp(min=1) ** a).gather(1, segments[None])
         pre = torch.where(torch.isfinite(pre), seg_score[:, None] + 1e-6 * pre.clamp(max=1e3), pre)
         reduce, segments, chunk = "sum", None, 1
+    if reduce == "rankmix":  # a sentence ranks by the better of its rank by mean root and by peak root
+        tok = torch.nan_to_num(pre[:, 0], neginf=0.0).clamp(min=0).sqrt()
+        ok = torch.isfinite(pre[:, 0])
+        total = torch.zeros(1, T).scatter_add_(1, segments[None], tok)
+        count = torch.zeros(1, T).scatter_add_(1, segments[None], ok.float())
+        top = torch.zeros(1, T).scatter_reduce_(1, segments[None], tok, "amax")
+        mean = (total / count.clamp(min=1)).masked_fill(count == 0, -1.0)
+        top = top.masked_fill(count == 0, -1.0)
+        rank = lambda x: torch.empty(T).scatter_(0, x[0].argsort(descending=True, stable=True), torch.arange(T).float())  # noqa: E731
+        seg_score = -torch.minimum(rank(mean), rank(top))[None].gather(1, segments[None])
+        pre = torch.where(torch.isfinite(pre), seg_score[:, None] + 1e-6 * pre.clamp(max=1e3), pre)
+        reduce, segments, chunk = "sum", None, 1
     picks = sel.select_chunks(pre, lengths, kept, window, int(kept[0]), chunk, reduce,
-                              None if segments is None else segments[None])
+                              None if segments is None else segments[None], peak)
     return set(picks[0, 0].tolist())
 
 
@@ -163,7 +181,8 @@ def main() -> None:
                 if "seg" in v:
                     is_end = torch.isin(ids[0], clause_ends if v.get("clauses") else ends)
                     segs = sel.sentence_segments(is_end[None], v["seg"])[0]
-                keep = kept_set(scores, budget, v["kernel"], 10, segments=segs, reduce=v.get("reduce", "mean"))
+                keep = kept_set(scores, budget, v["kernel"], 10, segments=segs, reduce=v.get("reduce", "mean"),
+                                peak=v.get("peak", 0.0))
                 for i, ((lo, hi), (alo, ahi)) in enumerate(zip(spans, answers)):
                     n += 1
                     if budget.keep_fraction == 0.2 and not set(range(alo, ahi)) <= keep:

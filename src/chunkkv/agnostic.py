@@ -30,8 +30,9 @@ head). Positions stay the original ones and the next-token logits are the prefil
 The question-agnostic default (:func:`agnostic_method`, what ``chunkkv.generate`` and ``chunkkv
 generate`` run when nothing else is asked for) is surprisal with **one chunk per sentence**: a
 ChunkKV left at the paper's chunking gets :data:`SENTENCE_CHUNKS` (chunks start after every
-sentence end, at most 30 tokens, ranked by the mean square root of their tokens' surprisal, no
-pooling), so a fact is kept or dropped whole instead of being cut by a fixed 10-token grid
+sentence end, at most 30 tokens, ranked by the mean square root of their tokens' surprisal plus
+0.2 x the root of their most surprising token, no pooling), so a fact is kept or dropped whole
+instead of being cut by a fixed 10-token grid
 (docs/question-agnostic.md has the measurements that chose it).
 
 Cost: peak memory of a full-cache prefill; time of the prefill plus one forward pass over the
@@ -66,8 +67,9 @@ _REDUCE = {"reconstruction": "max", "probe": "sum"}
 AGNOSTIC_DEFAULT = "surprisal"
 #: The chunking question-agnostic compression gives a ChunkKV left at the paper's (fixed chunks of
 #: 10, mean, max pooling 7), with ``boundary_ids`` = the tokenizer's sentence ends.
-SENTENCE_CHUNKS = {"segmentation": "sentence", "chunk_size": 30, "chunk_reduce": "sqrt_mean", "kernel": 1}
-_PAPER_CHUNKING = ("segmentation", "boundary_ids", "chunk_size", "chunk_reduce", "pooling", "kernel")
+SENTENCE_CHUNKS = {"segmentation": "sentence", "chunk_size": 30, "chunk_reduce": "sqrt_mean", "peak_weight": 0.2,
+                   "kernel": 1}
+_PAPER_CHUNKING = ("segmentation", "boundary_ids", "chunk_size", "chunk_reduce", "peak_weight", "pooling", "kernel")
 
 
 def agnostic_method(

@@ -318,6 +318,9 @@ class ChunkKV(_Scored):
             rankings for whole fixed chunks; they differ only for the partial last chunk), or
             ``"sqrt_mean"``, the mean of their square roots (a sentence of many surprising tokens
             outranks one with a single rare word).
+        peak_weight: adds this times a chunk's largest token score (after ``chunk_reduce``'s square
+            root) to its score, so a long chunk holding one of the text's strongest tokens (a
+            name, a number) is not ranked on its average alone. 0 (default) = off.
         reuse_depth: layer-wise index reuse (paper: 2).
         boundary_ids: token ids that end a sentence or clause
             (:func:`chunkkv.boundaries.boundary_token_ids`), for the segmentations below.
@@ -335,9 +338,13 @@ class ChunkKV(_Scored):
     chunk_reduce: str = "mean"
     boundary_ids: frozenset[int] | None = field(default=None, repr=False)
     segmentation: str | None = None
+    peak_weight: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if isinstance(self.peak_weight, bool) or not isinstance(self.peak_weight, (int, float)) or not (
+                0.0 <= self.peak_weight < math.inf):
+            raise ChunkKVError(f"peak_weight={self.peak_weight!r} must be a number >= 0 (0 = off)")
         if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size <= 0:
             raise ChunkKVError(f"chunk_size={self.chunk_size!r} must be a positive int (the paper uses 10)")
         if self.chunk_reduce not in CHUNK_REDUCES:
@@ -387,7 +394,7 @@ class ChunkKV(_Scored):
     def select(self, inputs: LayerInputs) -> torch.Tensor:
         return sel.select_chunks(
             self.scores(inputs), inputs.lengths, inputs.kept, self.window, inputs.slots,
-            self.chunk_size, self.chunk_reduce, self.segments(inputs),
+            self.chunk_size, self.chunk_reduce, self.segments(inputs), self.peak_weight,
         )
 
 

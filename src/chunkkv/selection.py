@@ -125,7 +125,7 @@ def _chunk_token_scores(token: torch.Tensor, reduce: str) -> torch.Tensor:
 
 
 def _rank_chunks(
-    token: torch.Tensor, valid: torch.Tensor, chunk_size: int, reduce: str
+    token: torch.Tensor, valid: torch.Tensor, chunk_size: int, reduce: str, peak_weight: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cut ``token [B, T]`` scores into chunks from index 0 and rank them (0 = best).
 
@@ -138,9 +138,12 @@ def _rank_chunks(
     token_c = torch.nn.functional.pad(token, (0, extra)).view(batch, n_chunks, chunk_size)
     valid_c = torch.nn.functional.pad(valid, (0, extra)).view(batch, n_chunks, chunk_size)
     count = valid_c.sum(-1)
-    chunk_score = _chunk_token_scores(token_c, reduce).sum(-1)
+    seen = _chunk_token_scores(token_c, reduce)
+    chunk_score = seen.sum(-1)
     if reduce != "sum":
         chunk_score = chunk_score / count.clamp(min=1)
+    if peak_weight:
+        chunk_score = chunk_score + peak_weight * seen.masked_fill(~valid_c, 0.0).amax(-1)
     chunk_score = chunk_score.masked_fill(count == 0, NEG_INF)
     return _ranks(chunk_score), token_c, valid_c
 
@@ -158,7 +161,7 @@ def _head_sum(scores: torch.Tensor) -> torch.Tensor:
 
 
 def chunk_priority(
-    scores: torch.Tensor, chunk_size: int, reduce: str = "mean"
+    scores: torch.Tensor, chunk_size: int, reduce: str = "mean", peak_weight: float = 0.0
 ) -> torch.Tensor:
     """Rank prefix tokens chunk by chunk (ChunkKV), shared by all heads of a layer.
 
@@ -168,6 +171,9 @@ def chunk_priority(
         reduce: ``"mean"`` or ``"sum"`` of the head-summed token scores inside a chunk, or
             ``"sqrt_mean"``: the mean of their square roots (a chunk of many telling tokens
             outranks one with a single spike).
+        peak_weight: adds this times the chunk's largest token score (square-rooted for
+            ``"sqrt_mean"``) to its score, so a chunk holding one of the strongest tokens is not
+            outranked by its length alone (0 = off; scores are taken as non-negative).
 
     Returns:
         ``[B, 1, T]`` priority (higher = kept first): whole chunks in order of chunk score, and
@@ -177,7 +183,7 @@ def chunk_priority(
     """
     batch, _, length = scores.shape
     in_prefix = torch.isfinite(scores[:, 0])  # [B, T]
-    chunk_rank, token_c, valid_c = _rank_chunks(_head_sum(scores), in_prefix, chunk_size, reduce)
+    chunk_rank, token_c, valid_c = _rank_chunks(_head_sum(scores), in_prefix, chunk_size, reduce, peak_weight)
     inner_rank = _ranks(token_c.masked_fill(~valid_c, NEG_INF))
     rank = (chunk_rank[..., None] * chunk_size + inner_rank).view(batch, -1)[:, :length]
     priority = (-rank).to(torch.float32).masked_fill(~in_prefix, NEG_INF)
@@ -230,21 +236,28 @@ def sentence_segments(is_end: torch.Tensor, max_len: int) -> torch.Tensor:
     return torch.cumsum(new_chunk.long(), dim=1) - 1
 
 
-def segment_priority(scores: torch.Tensor, segments: torch.Tensor, reduce: str = "mean") -> torch.Tensor:
+def segment_priority(
+    scores: torch.Tensor, segments: torch.Tensor, reduce: str = "mean", peak_weight: float = 0.0
+) -> torch.Tensor:
     """:func:`chunk_priority` for chunks of any lengths given as chunk ids ``segments [B, T]``.
 
-    Whole chunks rank by their score (``reduce`` of the head-summed token scores of their prefix
-    tokens, as in :func:`chunk_priority`), tokens inside a chunk by their own score; returns ``[B, 1, T]``, ``-inf`` outside the
-    prefix. With ``segments = t // c`` it equals :func:`chunk_priority` with chunk size ``c``.
+    Whole chunks rank by their score (``reduce`` and ``peak_weight`` over the head-summed token
+    scores of their prefix tokens, as in :func:`chunk_priority`), tokens inside a chunk by their
+    own score; returns ``[B, 1, T]``, ``-inf`` outside the prefix. With ``segments = t // c`` it
+    equals :func:`chunk_priority` with chunk size ``c``.
     """
     batch, _, length = scores.shape
     in_prefix = torch.isfinite(scores[:, 0])
     token = _head_sum(scores)  # [B, T], 0 outside the prefix
     n_seg = length  # ids are < T
-    total = token.new_zeros(batch, n_seg).scatter_add_(1, segments, _chunk_token_scores(token, reduce))
+    seen = _chunk_token_scores(token, reduce)
+    total = token.new_zeros(batch, n_seg).scatter_add_(1, segments, seen)
     count = token.new_zeros(batch, n_seg).scatter_add_(1, segments, in_prefix.to(token.dtype))
     if reduce != "sum":
         total = total / count.clamp(min=1)
+    if peak_weight:
+        peak = token.new_zeros(batch, n_seg).scatter_reduce_(1, segments, seen.masked_fill(~in_prefix, 0.0), "amax")
+        total = total + peak_weight * peak
     chunk_rank = _ranks(total.masked_fill(count == 0, NEG_INF)).gather(1, segments)  # [B, T]
     # Order tokens by (chunk rank, own score descending, position): two stable sorts.
     own = token.masked_fill(~in_prefix, NEG_INF)
@@ -265,15 +278,20 @@ def select_chunks(
     chunk_size: int,
     reduce: str = "mean",
     segments: torch.Tensor | None = None,
+    peak_weight: float = 0.0,
 ) -> torch.Tensor:
     """ChunkKV selection: the best whole chunks of the prefix plus the window, one set per layer.
 
     Args and shapes as in :func:`select_tokens_per_head`; ``scores`` may have any number of heads
     (they are summed). ``segments [B, T]``: row-relative chunk ids for chunks of varying length
-    (:func:`boundary_segments`); None cuts fixed chunks of ``chunk_size``. Returns ``[B, 1, slots]``
-    row-relative indices, ``-1`` for fillers.
+    (:func:`boundary_segments`, :func:`sentence_segments`); None cuts fixed chunks of
+    ``chunk_size``. ``reduce`` / ``peak_weight``: the chunk score (:func:`chunk_priority`).
+    Returns ``[B, 1, slots]`` row-relative indices, ``-1`` for fillers.
     """
-    priority = chunk_priority(scores, chunk_size, reduce) if segments is None else segment_priority(scores, segments, reduce)
+    if segments is None:
+        priority = chunk_priority(scores, chunk_size, reduce, peak_weight)
+    else:
+        priority = segment_priority(scores, segments, reduce, peak_weight)
     return _assemble(priority, lengths, kept, window, slots)
 
 
