@@ -88,7 +88,7 @@ def main(path: str) -> None:
     print(f"complete documents per length: { {k: len(v) for k, v in docs.items()} } (4 questions each)\n")
     order = ["full", "qa-chunkkv|window|20% kept"]
     budgets = ["10% kept", "20% kept", "30% kept", "128 tokens", "256 tokens", "512 tokens"]
-    for method in ("chunkkv", "chunkkv-bnd", "chunkkv-sent", "chunkkv-c20", "chunkkv-k15", "snapkv"):
+    for method in ("chunkkv", "chunkkv-bnd", "chunkkv-sent", "chunkkv-default", "chunkkv-c20", "chunkkv-k15", "snapkv"):
         for budget in budgets:
             for scoring in ("window", "probe", "reconstruction", "surprisal"):
                 key = f"{method}|{scoring}|{budget}"
@@ -109,13 +109,15 @@ def main(path: str) -> None:
         print(f"| {name} | " + " | ".join(per) + f" | {cell(sel)} | {rouge:.3f} | {kept_s} |")
     print("\nby needle depth (all lengths):")
     for key in ["full", "chunkkv|window|20% kept", "chunkkv|probe|20% kept", "chunkkv|reconstruction|20% kept",
-                "chunkkv|surprisal|20% kept", "chunkkv-bnd|surprisal|20% kept", "chunkkv-sent|surprisal|20% kept"]:
+                "chunkkv|surprisal|20% kept", "chunkkv-bnd|surprisal|20% kept", "chunkkv-sent|surprisal|20% kept",
+                "chunkkv-default|surprisal|20% kept"]:
         sel = [r for r in rows if r["config"] == key]
         depths = sorted({r["depth"] for r in sel})
         print(f"- {key}: " + ", ".join(f"depth {d}: {cell([r for r in sel if r['depth'] == d])}" for d in depths))
     print("\nby needle (question):")
     for key in ["full", "chunkkv|window|20% kept", "chunkkv|probe|20% kept", "chunkkv|reconstruction|20% kept",
-                "chunkkv|surprisal|20% kept", "chunkkv-bnd|surprisal|20% kept", "chunkkv-sent|surprisal|20% kept"]:
+                "chunkkv|surprisal|20% kept", "chunkkv-bnd|surprisal|20% kept", "chunkkv-sent|surprisal|20% kept",
+                "chunkkv-default|surprisal|20% kept"]:
         sel = [r for r in rows if r["config"] == key]
         print(f"- {key}: " + ", ".join(f"q{q}: {cell([r for r in sel if r['q'] == q])}" for q in range(4)))
     print("\nscoring time / prefill time (same process, 1 thread, all 30 layers scored):")
