@@ -1,10 +1,11 @@
 """Tune question-agnostic selection offline on a DEV set of needles and documents (issue 14).
 
-The test set of tools/agnostic_niah.py (its 4 needles, documents 0-3) is not used here: this tool
-builds its own documents (other essay offsets) with 4 other needles, computes each token's surprisal
-once (cached in --cache), and for every candidate score transform and budget reports how often the
-whole needle sentence and its answer words survive ChunkKV's selection (the library's own
-``prefix_scores`` + ``select_chunks``). No decoding: it measures what is kept, in seconds.
+The test set of tools/agnostic_niah.py (its 4 needles, documents 0-11) is not used here: this tool
+builds its own documents (documents 50.., other essay passages) with 8 other needles (two sets of
+4, alternating by document), computes each token's surprisal once (cached in --cache), and for
+every candidate chunking / score transform and budget reports how often the whole needle sentence
+and its answer words survive ChunkKV's selection (the library's own ``prefix_scores`` +
+``select_chunks``). No decoding: it measures what is kept, in seconds.
 
 Usage: PYTHONPATH=src python tools/agnostic_tune.py --out docs/results/agnostic/tuning.md
 """
