@@ -220,6 +220,10 @@ def test_segmentation_is_checked_and_defaults_to_the_old_behaviour():
     assert chunkkv.ChunkKV(keep_fraction=0.1).chunking == "fixed"
     assert chunkkv.ChunkKV(keep_fraction=0.1, boundary_ids=BOUNDARIES).chunking == "aligned"
     assert "segmentation=sentence" in chunkkv.ChunkKV(keep_fraction=0.1, **SENTENCE).describe()
+    with pytest.raises(ChunkKVError, match="segmentation, peak_weight would be ignored"):
+        chunkkv.KVPressChunkKV(remove_fraction=0.5, **SENTENCE, peak_weight=0.2)
+    with pytest.raises(ChunkKVError, match="chunk_reduce would be ignored"):
+        chunkkv.KVPressChunkKV(remove_fraction=0.5, chunk_reduce="sum")
     with pytest.raises(ChunkKVError, match="segmentation='sentence'.*one-shot prefill"):
         chunkkv.compress(tiny_model("llama", num_hidden_layers=2), torch.randint(1, VOCAB, (1, 90)),
                          method=chunkkv.ChunkKV(keep_tokens=30, window=4, **SENTENCE), prefill_chunk=32)

@@ -425,6 +425,12 @@ class KVPressChunkKV(ChunkKV):
                 "the kvpress preset takes its budget as remove_fraction (kvpress's compression_ratio, "
                 "the share REMOVED), e.g. remove_fraction=0.9 keeps about 10 %"
             )
+        ignored = [name for name, off in (("chunk_reduce", "mean"), ("boundary_ids", None), ("segmentation", None),
+                                          ("peak_weight", 0.0)) if getattr(self, name) != off]
+        if ignored:  # kvpress's chunks are fixed and mean-scored: refuse rather than ignore
+            raise ChunkKVError(
+                f"the kvpress preset reproduces kvpress's fixed, mean-scored chunks; {', '.join(ignored)} "
+                "would be ignored: use chunkkv.ChunkKV for these options")
 
     def kept_chunks(self, n_tokens: int) -> int:
         """Chunks kvpress keeps from ``n_tokens`` tokens."""
