@@ -36,6 +36,16 @@ NEEDLES = [
      "What was the code name of the hidden research project?", "silver otter"),
     ("Maria's lucky number is 7421.", "What is Maria's lucky number?", "7421"),
 ]
+#: Held-out needles (--needles holdout): never used to choose anything, run once on documents 100..
+HOLDOUT_NEEDLES = [
+    ("The ferry to Kestrel Island leaves every Tuesday at 6:40 in the morning.",
+     "When does the ferry to Kestrel Island leave?", "6:40"),
+    ("Dr. Okafor hid the spare laboratory key inside a hollow copy of Moby Dick.",
+     "Where did Dr. Okafor hide the spare laboratory key?", "moby dick"),
+    ("The winning lottery ticket was sold at a gas station in Tucson.",
+     "Where was the winning lottery ticket sold?", "tucson"),
+    ("Elena's favourite dessert is lemon meringue pie.", "What is Elena's favourite dessert?", "lemon meringue"),
+]
 DEPTHS = (0.12, 0.37, 0.62, 0.87)
 
 
@@ -169,11 +179,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--variants", action="store_true", help="also surprisal with chunk 20 / pooling kernel 15 at 20 %%")
+    ap.add_argument("--needles", choices=["test", "holdout"], default="test",
+                    help="the 4 needles: the test set (default) or the held-out set (HOLDOUT_NEEDLES)")
     ap.add_argument("--configs", default="", help="comma list of config-name prefixes to run (default: all)")
     ap.add_argument("--first-doc", type=int, default=0, help="documents first-doc .. docs-1 (to extend a run)")
     ap.add_argument("--sentence", action="store_true", help="also ChunkKV with sentence chunks on sqrt-surprisal")
     ap.add_argument("--no-qa", action="store_true", help="skip query-aware ChunkKV (one prefill per question)")
     args = ap.parse_args()
+    if args.needles == "holdout":
+        global NEEDLES
+        NEEDLES = HOLDOUT_NEEDLES
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
