@@ -123,6 +123,10 @@ def configs(quick: bool, boundary_ids: frozenset[int] = frozenset(), variants: b
             # what question-agnostic generate runs today (agnostic.SENTENCE_CHUNKS): + the peak term
             out.append(("chunkkv-default", "surprisal", chunkkv.ChunkKV(
                 scoring="surprisal", boundary_ids=sentence_ids, **SENTENCE_CHUNKS, **b)))
+            if kind == "f" and value == 0.2:  # the attention scorings on the same sentence chunks
+                for scoring in ("reconstruction", "probe"):
+                    out.append(("chunkkv-sentchunks", scoring, chunkkv.ChunkKV(
+                        scoring=scoring, boundary_ids=sentence_ids, **SENTENCE_CHUNKS, **b)))
         if variants and kind == "f" and value == 0.2:  # --variants: surprisal with bigger chunks / wider pooling
             out.append(("chunkkv-c20", "surprisal", chunkkv.ChunkKV(scoring="surprisal", chunk_size=20, **b)))
             out.append(("chunkkv-k15", "surprisal", chunkkv.ChunkKV(scoring="surprisal", kernel=15, **b)))

@@ -88,7 +88,8 @@ def main(path: str) -> None:
     print(f"complete documents per length: { {k: len(v) for k, v in docs.items()} } (4 questions each)\n")
     order = ["full", "qa-chunkkv|window|20% kept"]
     budgets = ["10% kept", "20% kept", "30% kept", "128 tokens", "256 tokens", "512 tokens"]
-    for method in ("chunkkv", "chunkkv-bnd", "chunkkv-sent", "chunkkv-default", "chunkkv-c20", "chunkkv-k15", "snapkv"):
+    for method in ("chunkkv", "chunkkv-bnd", "chunkkv-sent", "chunkkv-default", "chunkkv-sentchunks", "chunkkv-c20",
+                   "chunkkv-k15", "snapkv"):
         for budget in budgets:
             for scoring in ("window", "probe", "reconstruction", "surprisal"):
                 key = f"{method}|{scoring}|{budget}"
