@@ -122,6 +122,19 @@ def test_boundary_token_ids_finds_punctuation_and_newlines():
     assert boundary_token_ids(Tok()) == {2, 3, 4, 5, 6, 7, 9}
     assert boundary_token_ids(Tok(), clauses=False) == {2, 3, 5, 7, 9}
 
+    class Counting(Tok):
+        calls = 0
+
+        def decode(self, ids):
+            Counting.calls += 1
+            return super().decode(ids)
+
+    tok = Counting()
+    first = boundary_token_ids(tok, clauses=False)
+    scanned = Counting.calls
+    assert boundary_token_ids(tok, clauses=False) is first and Counting.calls == scanned  # remembered
+    assert boundary_token_ids(tok) == {2, 3, 4, 5, 6, 7, 9} and Counting.calls == 2 * scanned  # its own key
+
 
 # --- one chunk per sentence ----------------------------------------------------------------------
 def _sentence_reference(ends: list[bool], max_len: int) -> list[int]:

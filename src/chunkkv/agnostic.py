@@ -48,10 +48,10 @@ from dataclasses import replace
 
 import torch
 
+from .boundaries import boundary_token_ids
 from .cache import PrunedLayer
 from .compress import CompressedContext, _now, plan_layers
 from .errors import PromptError, UnsupportedModelError
-from .boundaries import boundary_token_ids
 from .methods import ChunkKV, Method
 from .multi import capture_prefill, compress_from_capture
 from .scoring import max_attention_scores

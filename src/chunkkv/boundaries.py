@@ -6,6 +6,7 @@ sentence or clause end (see :func:`chunkkv.selection.boundary_segments`).
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 __all__ = ["SENTENCE_ENDS", "CLAUSE_ENDS", "boundary_token_ids"]
@@ -13,11 +14,26 @@ __all__ = ["SENTENCE_ENDS", "CLAUSE_ENDS", "boundary_token_ids"]
 SENTENCE_ENDS = ".!?"
 CLAUSE_ENDS = ",;:"
 
+# tokenizer -> {(clauses, vocabulary size): ids}: the vocabulary scan runs once per tokenizer, not
+# once per compression (question-agnostic generate asks for the sentence ends on every call).
+_FOUND: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
 
 def boundary_token_ids(tokenizer: Any, clauses: bool = True) -> frozenset[int]:
     """Ids of the tokens whose text ends a sentence (``. ! ?``, optionally followed by closing quotes
     or brackets), a clause (``, ; :`` when ``clauses``) or contains a newline. Special tokens are
-    left out."""
+    left out. Remembered per tokenizer (and vocabulary size)."""
+    key = (clauses, len(tokenizer))
+    try:
+        known = _FOUND.setdefault(tokenizer, {})
+    except TypeError:  # a tokenizer that cannot be weakly referenced: scan every time
+        known = {}
+    if key not in known:
+        known[key] = _scan(tokenizer, clauses)
+    return known[key]
+
+
+def _scan(tokenizer: Any, clauses: bool) -> frozenset[int]:
     ends = SENTENCE_ENDS + (CLAUSE_ENDS if clauses else "")
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     found = set()

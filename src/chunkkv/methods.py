@@ -373,7 +373,7 @@ class ChunkKV(_Scored):
     def segments(self, inputs: LayerInputs) -> torch.Tensor | None:
         """Row-relative chunk ids ``[B, T]`` for boundary-aware chunks (None: the fixed grid)."""
         chunking = self.chunking
-        if chunking == "fixed" or not self.boundary_ids:
+        if chunking == "fixed":  # (any other chunking has boundary ids: checked at construction)
             return None
         if inputs.input_ids is None:
             raise ChunkKVError(
