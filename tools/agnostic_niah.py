@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import chunkkv
-from chunkkv.agnostic import SENTENCE_CHUNKS, agnostic_scores, scoring_prompt
+from chunkkv.agnostic import SENTENCE_CHUNKS, agnostic_method, agnostic_scores, scoring_prompt
 from chunkkv.haystack import paul_graham_text
 from chunkkv.multi import capture_prefill, compress_from_capture
 from chunkkv.pretrained import load_pretrained
@@ -103,7 +103,7 @@ def encode(tok, document: str, question: str) -> tuple[torch.Tensor, torch.Tenso
 
 
 def configs(quick: bool, boundary_ids: frozenset[int] = frozenset(), variants: bool = False,
-            sentence_ids: frozenset[int] = frozenset()):
+            sentence_ids: frozenset[int] = frozenset(), tokenizer=None):
     out = []
     budgets = [("f", 0.1), ("f", 0.2), ("f", 0.3), ("t", 128), ("t", 512)]
     if not quick:
@@ -120,9 +120,8 @@ def configs(quick: bool, boundary_ids: frozenset[int] = frozenset(), variants: b
             out.append(("chunkkv-sent", "surprisal", chunkkv.ChunkKV(
                 scoring="surprisal", segmentation="sentence", boundary_ids=sentence_ids, chunk_size=30,
                 chunk_reduce="sqrt_mean", kernel=1, **b)))
-            # what question-agnostic generate runs today (agnostic.SENTENCE_CHUNKS): + the peak term
-            out.append(("chunkkv-default", "surprisal", chunkkv.ChunkKV(
-                scoring="surprisal", boundary_ids=sentence_ids, **SENTENCE_CHUNKS, **b)))
+            # what question-agnostic generate runs today (agnostic.SENTENCE_CHUNKS: + the peak term)
+            out.append(("chunkkv-default", "surprisal", agnostic_method(chunkkv.ChunkKV(**b), tokenizer=tokenizer)))
             if kind == "f" and value == 0.2:  # the attention scorings on the same sentence chunks
                 for scoring in ("reconstruction", "probe"):
                     out.append(("chunkkv-sentchunks", scoring, chunkkv.ChunkKV(
@@ -210,7 +209,7 @@ def main() -> None:
     from chunkkv.boundaries import boundary_token_ids
 
     grid = configs(args.quick, boundary_token_ids(tok), args.variants,
-                   boundary_token_ids(tok, clauses=False) if args.sentence else frozenset())
+                   boundary_token_ids(tok, clauses=False) if args.sentence else frozenset(), tok)
     if args.configs:  # only the configs whose name starts with one of these (e.g. to add documents cheaply)
         wanted = tuple(args.configs.split(","))
         grid = [(m, s, meth) for m, s, meth in grid if f"{m}|{s}|{meth.budget.describe()}".startswith(wanted)]
