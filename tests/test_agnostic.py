@@ -9,7 +9,7 @@ import torch
 
 import chunkkv
 from chunkkv import H2O, ChunkKV, ChunkKVError, PromptError, PyramidKV, SnapKV, StreamingLLM
-from chunkkv.agnostic import SENTENCE_CHUNKS, agnostic_scores, leader_layers
+from chunkkv.agnostic import SENTENCE_CHUNKS, agnostic_scores, leader_layers, shallow_layers
 from chunkkv.boundaries import boundary_token_ids
 from chunkkv.multi import capture_prefill
 from chunkkv.scoring import max_attention_scores
@@ -72,13 +72,13 @@ def test_blocked_scores_equal_one_pass_and_a_plain_reference(reduce):
 
 
 # --- on a model -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("scoring", ["reconstruction", "probe"])
+@pytest.mark.parametrize("scoring", ["reconstruction", "shallow_reconstruction", "probe"])
 def test_scores_do_not_depend_on_the_block_size(llama, scoring):
     _, ids, mask = _left_padded((50, 37, 44))
     capture = capture_prefill(llama, ids, mask, window=8)
     one = agnostic_scores(llama, capture, scoring, [0, 1, 2, 3], PROMPT, block=10_000)
     before = [layer.keys.clone() for layer in capture.cache.layers]
-    for block in ((1, 7) if scoring == "probe" else (7, 16)):
+    for block in ((1, 7) if scoring == "probe" else (7, 16)):  # (shallow: the early stop in every block)
         blocked = agnostic_scores(llama, capture, scoring, [0, 1, 2, 3], PROMPT, block=block)
         for layer in range(4):
             torch.testing.assert_close(blocked[layer], one[layer], atol=1e-6, rtol=1e-5)
@@ -109,6 +109,30 @@ def test_reconstruction_tokens_are_not_in_the_cache(llama):
     assert torch.equal(ctx.cache.layers[1].kept_index, ctx.cache.layers[0].kept_index)
 
 
+def test_shallow_reconstruction_is_the_max_over_the_first_half_and_stops_there(llama):
+    _, ids, mask = _left_padded((50, 37, 44))
+    capture = capture_prefill(llama, ids, mask, window=8)
+    half = shallow_layers(len(capture.cache.layers))
+    assert half == [0, 1] and shallow_layers(30) == list(range(15)) and shallow_layers(1) == [0]
+    full = agnostic_scores(llama, capture, "reconstruction", [0, 1, 2, 3], PROMPT, block=16)
+    want = torch.maximum(full[0], full[1]).amax(dim=1)  # the largest over those layers and their heads
+    calls = []
+    hooks = [layer.self_attn.register_forward_pre_hook(lambda m, a, i=i: calls.append(i))
+             for i, layer in enumerate(llama.model.layers)]
+    try:
+        shallow = agnostic_scores(llama, capture, "shallow_reconstruction", [0, 3], PROMPT, block=16)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert sorted(shallow) == [0, 3]  # the requested layers, all with the one shared score
+    for layer in (0, 3):
+        assert shallow[layer].shape == full[0].shape
+        torch.testing.assert_close(shallow[layer], want[:, None, :].expand_as(full[0]))
+    # the forward stopped after the last scored layer in every block: layers 2 and 3 never ran
+    assert set(calls) == {0, 1} and len(calls) == 2 * 4  # 4 blocks of 16 over 5 + 50 scoring tokens
+    assert agnostic_scores(llama, capture, "shallow_reconstruction", [], PROMPT) == {}
+
+
 def test_reconstruction_changes_what_is_kept(llama):
     ids = _prompt(seed=3)
     window = chunkkv.compress(llama, ids, method=ChunkKV(keep_tokens=40, window=8))
@@ -126,6 +150,9 @@ METHODS = {
     "h2o-probe": H2O(keep_fraction=0.25, window=4, scoring="probe"),
     "kvpress-recon": chunkkv.KVPressChunkKV(remove_fraction=0.7, window=8, scoring="reconstruction"),
     "chunkkv-surprisal": ChunkKV(keep_tokens=40, window=8, chunk_size=5, scoring="surprisal"),
+    "chunkkv-shallow-reuse": ChunkKV(keep_tokens=40, window=8, chunk_size=5, reuse_depth=2,
+                                     scoring="shallow_reconstruction"),
+    "snapkv-shallow": SnapKV(keep_fraction=0.3, window=8, scoring="shallow_reconstruction"),
     "snapkv-surprisal": SnapKV(keep_fraction=0.3, window=8, scoring="surprisal"),
     "chunkkv-sentences-surprisal": ChunkKV(  # the question-agnostic default's settings, shorter sentences
         keep_tokens=40, window=8, scoring="surprisal", boundary_ids=frozenset(range(1, 25)),
@@ -141,7 +168,7 @@ def test_decoding_equals_full_forward_with_evicted_tokens_masked(llama, name):
     assert_decodes_like_truth(llama, ctx, ids, question, new_tokens=8)  # and stock generate agrees
 
 
-@pytest.mark.parametrize("scoring", ["reconstruction", "probe", "surprisal"])
+@pytest.mark.parametrize("scoring", ["reconstruction", "shallow_reconstruction", "probe", "surprisal"])
 def test_batched_rows_keep_what_they_keep_alone(llama, scoring):
     rows, ids, mask = _left_padded((100, 61, 83))
     method = ChunkKV(keep_fraction=0.3, window=6, chunk_size=4, scoring=scoring)
@@ -182,7 +209,7 @@ def test_leader_layers_follow_the_reuse_schedule(llama):
 
 
 def test_errors(llama):
-    with pytest.raises(ChunkKVError, match="scoring='recon' is not one of window, reconstruction, probe, surprisal"):
+    with pytest.raises(ChunkKVError, match="scoring='recon' is not one of window, reconstruction, shallow_reconstruction, probe, surprisal"):
         ChunkKV(keep_tokens=10, scoring="recon")
     with pytest.raises(ChunkKVError, match="streamingllm does not score tokens"):
         StreamingLLM(keep_tokens=10, scoring="reconstruction")

@@ -122,6 +122,9 @@ def configs(quick: bool, boundary_ids: frozenset[int] = frozenset(), variants: b
                 chunk_reduce="sqrt_mean", kernel=1, **b)))
             # what question-agnostic generate runs today (agnostic.SENTENCE_CHUNKS: + the peak term)
             out.append(("chunkkv-default", "surprisal", agnostic_method(chunkkv.ChunkKV(**b), tokenizer=tokenizer)))
+            # reconstruction through the first half of the layers, one score for all, on the same sentence chunks
+            out.append(("chunkkv-shallow", "shallow_reconstruction", chunkkv.ChunkKV(
+                scoring="shallow_reconstruction", boundary_ids=sentence_ids, **SENTENCE_CHUNKS, **b)))
             if kind == "f" and value == 0.2:  # the attention scorings on the same sentence chunks
                 for scoring in ("reconstruction", "probe"):
                     out.append(("chunkkv-sentchunks", scoring, chunkkv.ChunkKV(
@@ -245,7 +248,7 @@ def main() -> None:
                       "prefill_s": prefill, "surprisal_s": capture.surprisal_seconds}
             for layer, value in agnostic_scores(model, capture, "surprisal", layers).items():
                 capture.memo[layer][("surprisal",)] = value
-            for scoring in ("probe", "reconstruction"):
+            for scoring in ("probe", "reconstruction", "shallow_reconstruction"):
                 wanted = [f"{m}|{s}|{meth.budget.describe()}" for m, s, meth in grid if s == scoring]
                 if all((length, doc, k, q) in done for k in wanted for q in range(4)):
                     continue  # already answered in an earlier run: skip the (costly) scoring pass

@@ -9,6 +9,11 @@ extra tokens never stay in it:
   followed by the context itself, teacher-forced, in blocks of ``block`` tokens; each context token
   scores the **largest** attention it receives from those queries, per KV head (max over the
   group's query heads). A token the model must look at to reproduce the text scores high.
+* ``"shallow_reconstruction"``: the same reconstruction tokens, run through the **first half** of
+  the layers only (the forward stops there); each context token scores the largest attention it
+  receives from any head of those layers, and that one score serves every layer and head (as
+  surprisal's does), so ChunkKV keeps the same chunks on every layer. About half the forward of
+  ``"reconstruction"`` and a fraction of its scoring work.
 * ``"probe"``: a generic question-like prompt (``PROMPTS["probe"]``) is fed once; each token scores
   the attention it receives from the probe's queries, summed (a window-style score with a better
   window).
@@ -59,9 +64,21 @@ from .scoring import max_attention_scores
 #: The instructions fed before scoring (after a separator, as a question would be).
 PROMPTS = {
     "reconstruction": "Repeat the previous context exactly.",
+    "shallow_reconstruction": "Repeat the previous context exactly.",
     "probe": "List every specific fact, name, number and secret stated in the document above.",
 }
-_REDUCE = {"reconstruction": "max", "probe": "sum"}
+_REDUCE = {"reconstruction": "max", "shallow_reconstruction": "max", "probe": "sum"}
+#: The share of the layers (the first ones) that ``"shallow_reconstruction"`` runs and scores.
+SHALLOW_DEPTH = 0.5
+
+
+def shallow_layers(num_layers: int) -> list[int]:
+    """The layers ``"shallow_reconstruction"`` scores: the first ``SHALLOW_DEPTH`` of them (at least one)."""
+    return list(range(max(1, round(num_layers * SHALLOW_DEPTH))))
+
+
+class _ScoredEnough(Exception):
+    """Raised by the scoring session after its last layer: the rest of the forward is not needed."""
 #: The scoring question-agnostic ``chunkkv.generate`` / ``chunkkv generate`` use for a scoring
 #: method left at ``scoring="window"`` (chosen by docs/question-agnostic.md's measurements).
 AGNOSTIC_DEFAULT = "surprisal"
@@ -131,9 +148,12 @@ def scoring_prompt(
 class _ScoringSession:
     """The attention wrapper's session during the scoring pass: collect scores, never prune."""
 
-    def __init__(self, cache, layers: set[int], context_len: int, reduce: str) -> None:
+    def __init__(self, cache, layers: set[int], context_len: int, reduce: str, stop_early: bool = False) -> None:
         self.cache = cache
         self.layers = layers
+        # Stop the forward after the last scored layer: only valid when the pass's own output (its
+        # logits, the later layers' cache) is not wanted, as in shallow reconstruction.
+        self.stop_after = max(layers) if stop_early and layers else None
         self.context_len = context_len
         self.reduce = reduce
         self.key_valid: torch.Tensor | None = None
@@ -155,6 +175,8 @@ class _ScoringSession:
             self.scores[idx] = torch.maximum(previous, block)
         else:
             self.scores[idx] = previous + block
+        if idx == self.stop_after:
+            raise _ScoredEnough
 
 
 def _scoring_tokens(
@@ -204,8 +226,10 @@ def agnostic_scores(
 
     Args:
         capture: a :class:`chunkkv.multi.PrefillCapture` of the context.
-        scoring: ``"reconstruction"``, ``"probe"`` or ``"surprisal"`` (read from the capture, which
-            must be made with ``surprisal=True``; no forward pass).
+        scoring: ``"reconstruction"``, ``"shallow_reconstruction"`` (one score for every layer: the
+            max over the first half of the layers' heads; the forward stops there), ``"probe"`` or
+            ``"surprisal"`` (read from the capture, which must be made with ``surprisal=True``; no
+            forward pass).
         prompt: ``[n]`` token ids of the instruction (:func:`scoring_prompt`); reconstruction may
             run without one (the context is then repeated right after itself).
         block: scoring tokens per forward pass (memory O(block x context) per head; the scores do
@@ -219,11 +243,17 @@ def agnostic_scores(
         heads = capture.cache.layers[layers[0]].keys.shape[1] if layers else 1
         per_head = capture.surprisal[:, None, :].expand(-1, heads, -1)
         return {layer: per_head for layer in layers}
+    shallow = scoring == "shallow_reconstruction"
+    wanted = layers
+    if shallow:
+        if not layers:
+            return {}
+        layers = shallow_layers(len(capture.cache.layers))
     ids, mask = _scoring_tokens(scoring, prompt, capture.input_ids, capture.attention_mask, capture.lengths)
     width = capture.input_ids.shape[1]
     device = ids.device
     cache = capture.cache.fork()  # appending to the fork leaves the capture's tensors as they are
-    session = _ScoringSession(cache, set(layers), width, _REDUCE[scoring])
+    session = _ScoringSession(cache, set(layers), width, _REDUCE[scoring], stop_early=shallow)
     real = torch.tensor(capture.lengths, device=device)
     padded = bool((capture.attention_mask == 0).any()) or bool((mask == 0).any())
     from .attention import compression_session
@@ -235,11 +265,18 @@ def agnostic_scores(
         session.query_valid = mask[:, start:stop].bool() if padded else None
         positions = real[:, None] + torch.arange(start, stop, device=device)[None, :]
         with compression_session(session):
-            model(input_ids=ids[:, start:stop], attention_mask=seen, position_ids=positions, cache=cache,
-                  use_cache=True, logits_to_keep=1)
+            try:
+                model(input_ids=ids[:, start:stop], attention_mask=seen, position_ids=positions, cache=cache,
+                      use_cache=True, logits_to_keep=1)
+            except _ScoredEnough:
+                pass
     missing = [i for i in layers if i not in session.scores]
     if missing:
         raise UnsupportedModelError(f"layers {missing} did not go through chunkkv's attention during scoring")
+    if shallow:  # one score per token: the largest any head of the scored layers gave it
+        shared = torch.stack([session.scores[i] for i in layers]).amax(dim=(0, 2))
+        per_head = shared[:, None, :].expand(-1, session.scores[layers[0]].shape[1], -1)
+        return {layer: per_head for layer in wanted}
     return session.scores
 
 

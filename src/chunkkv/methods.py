@@ -31,7 +31,7 @@ POOLINGS = ("none", "avg", "max")
 CHUNK_REDUCES = ("mean", "sum", "sqrt_mean")
 SEGMENTATIONS = ("fixed", "aligned", "sentence")
 #: Where token scores come from (see ``Method.scoring``).
-SCORINGS = ("window", "reconstruction", "probe", "surprisal")
+SCORINGS = ("window", "reconstruction", "shallow_reconstruction", "probe", "surprisal")
 
 
 @dataclass
@@ -95,7 +95,9 @@ class Method:
             prompt). Question-agnostic alternatives (:mod:`chunkkv.agnostic`), computed after
             the prompt's prefill on the full cache, whose extra tokens never stay in the cache:
             ``"reconstruction"``: the largest attention each token receives while the model
-            repeats the context (KVzip's signal); ``"probe"``: the attention a generic
+            repeats the context (KVzip's signal); ``"shallow_reconstruction"``: the same, run
+            through the first half of the layers only, one score (the max over their heads) for
+            every layer and head; ``"probe"``: the attention a generic
             question-like prompt gives it; ``"surprisal"``: the token's negative log-likelihood
             given what precedes it (Selective Context's self-information; no extra tokens, the
             same scores for every layer and head). The window is kept in every case.
