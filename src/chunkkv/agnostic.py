@@ -12,7 +12,9 @@ extra tokens never stay in it:
 * ``"shallow_reconstruction"``: the same reconstruction tokens, run through the **first half** of
   the layers only (the forward stops there); each context token scores the largest attention it
   receives from any head of those layers, and that one score serves every layer and head (as
-  surprisal's does), so ChunkKV keeps the same chunks on every layer. About half the forward of
+  surprisal's does), so ChunkKV keeps the same chunks on every layer; the prompt's first
+  :data:`SHALLOW_SINK` tokens score the row's maximum (the copy queries ignore the prompt's head,
+  and a cache without it loses the chat template's opening). About half the forward of
   ``"reconstruction"`` and a fraction of its scoring work.
 * ``"probe"``: a generic question-like prompt (``PROMPTS["probe"]``) is fed once; each token scores
   the attention it receives from the probe's queries, summed (a window-style score with a better
@@ -70,6 +72,10 @@ PROMPTS = {
 _REDUCE = {"reconstruction": "max", "shallow_reconstruction": "max", "probe": "sum"}
 #: The share of the layers (the first ones) that ``"shallow_reconstruction"`` runs and scores.
 SHALLOW_DEPTH = 0.5
+#: ``"shallow_reconstruction"`` gives each row's first ``SHALLOW_SINK`` real tokens the row's largest
+#: score, so the prompt's head (the attention sink, a chat template's opening) is kept: the copy
+#: queries barely look at it, and a cache without it answers the question as more essay text.
+SHALLOW_SINK = 4
 
 
 def shallow_layers(num_layers: int) -> list[int]:
@@ -275,6 +281,10 @@ def agnostic_scores(
         raise UnsupportedModelError(f"layers {missing} did not go through chunkkv's attention during scoring")
     if shallow:  # one score per token: the largest any head of the scored layers gave it
         shared = torch.stack([session.scores[i] for i in layers]).amax(dim=(0, 2))
+        pad = (width - real)[:, None]  # each row's first real position (rows are left-padded)
+        offset = torch.arange(width, device=device)[None, :] - pad
+        head = (offset >= 0) & (offset < SHALLOW_SINK)
+        shared = torch.where(head, shared.amax(dim=-1, keepdim=True), shared)
         per_head = shared[:, None, :].expand(-1, session.scores[layers[0]].shape[1], -1)
         return {layer: per_head for layer in wanted}
     return session.scores
