@@ -29,17 +29,19 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", default="1024,2048,4096")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--scorings", default="window,probe,reconstruction,shallow_reconstruction,surprisal")
+    ap.add_argument("--depths", default="1,2", help="reuse depths")
     args = ap.parse_args()
     torch.set_num_threads(1)
     model, tok = load_pretrained("smollm2", dtype=torch.float32, device="cpu")
-    prompts = {s: scoring_prompt(tok, s) for s in ("probe", "reconstruction")}
+    prompts = {s: scoring_prompt(tok, s) for s in ("probe", "reconstruction", "shallow_reconstruction")}
     rows = []
     for length in [int(x) for x in args.lengths.split(",")]:
         document, _ = build_document(tok, length, 0)
         ids = encode(tok, document, NEEDLES[0][1])[0]
         chunkkv.compress(model, ids[:, :256], method=chunkkv.ChunkKV(keep_fraction=0.2))  # warm-up
-        for depth in (1, 2):
-            for scoring in ("window", "probe", "reconstruction"):
+        for depth in [int(x) for x in args.depths.split(",")]:
+            for scoring in args.scorings.split(","):
                 method = chunkkv.ChunkKV(keep_fraction=0.2, reuse_depth=depth, scoring=scoring)
                 ctx = chunkkv.compress(model, ids, method=method, scoring_prompt=prompts.get(scoring))
                 row = {"length": ids.shape[1], "reuse_depth": depth, "scoring": scoring,

@@ -1,0 +1,104 @@
+"""Which layers' reconstruction attention keeps the answers: the dev-set study behind
+``scoring="shallow_reconstruction"`` (issue 14).
+
+For the dev documents of tools/agnostic_tune.py (documents 50.., 8 dev needles, never the test or
+held-out ones) it runs KVzip's reconstruction pass once per document on every layer and caches each
+layer's per-KV-head scores (``--cache``); then, for each way of turning those into one score per
+token, it counts how many needles' answer words survive ChunkKV's selection on sentence chunks
+(the library's own ``select_chunks``; no decoding), beside the surprisal default.
+
+Usage: PYTHONPATH=src python tools/agnostic_shallow_dev.py --lengths 1024,2048 --out docs/results/agnostic/tuning_shallow.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import agnostic_tune as tune  # noqa: E402
+
+from chunkkv import selection as sel  # noqa: E402
+from chunkkv.agnostic import agnostic_scores, scoring_prompt  # noqa: E402
+from chunkkv.budget import Budget  # noqa: E402
+from chunkkv.multi import capture_prefill  # noqa: E402
+
+
+def reconstruction_scores(model, tok, data, lengths, cache: Path) -> dict:
+    """{(length, doc): [layers, kv heads, T] float16} reconstruction scores, cached and resumable."""
+    out = torch.load(cache) if cache.exists() else {}
+    prompt = scoring_prompt(tok, "reconstruction")
+    layers = list(range(model.config.num_hidden_layers))
+    for length, doc, ids, *_ in data:
+        if length not in lengths or (length, doc) in out:
+            continue
+        t0 = time.perf_counter()
+        capture = capture_prefill(model, ids, torch.ones_like(ids), window=1)
+        scores = agnostic_scores(model, capture, "reconstruction", layers, prompt)
+        out[(length, doc)] = torch.stack([scores[i][0] for i in layers]).half()
+        torch.save(out, cache)
+        print(f"{length}/{doc}: {time.perf_counter() - t0:.1f} s", flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lengths", default="1024,2048")
+    ap.add_argument("--cache", default="/tmp/chunkkv-dev8-recon.pt")
+    ap.add_argument("--dev-cache", default="/tmp/chunkkv-agnostic-dev8.pt", help="agnostic_tune.py's cache")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from chunkkv.boundaries import boundary_token_ids
+    from chunkkv.pretrained import load_pretrained
+
+    model, tok = load_pretrained("smollm2", dtype=torch.float32, device="cpu")
+    lengths = [int(x) for x in args.lengths.split(",")]
+    data = tune.dev_documents(tok, model, [1024, 2048, 4096], 8, Path(args.dev_cache))
+    recon = reconstruction_scores(model, tok, data, lengths, Path(args.cache))
+    docs = [d for d in data if d[0] in lengths and (d[0], d[1]) in recon]
+    ends = torch.tensor(sorted(boundary_token_ids(tok, clauses=False)))
+    budgets = [Budget(keep_fraction=0.1), Budget(keep_fraction=0.2), Budget(keep_fraction=0.3), Budget(keep_tokens=128)]
+    n_layers = model.config.num_hidden_layers
+    half = n_layers // 2
+    per_layer = lambda x: x.sum(1) / x.sum(1)[:, 1:].amax(-1, keepdim=True)  # noqa: E731  (head-summed, max-normalised)
+    variants = {  # name -> (token scores from (surprisal [T], reconstruction [L, H, T]), chunk reduce, peak weight)
+        "surprisal (the default)": (lambda s, r: s, "sqrt_mean", 0.2),
+        f"reconstruction, mean over all {n_layers} layers of max-normalised head sums": (
+            lambda s, r: per_layer(r).mean(0), "mean", 0.0),
+        f"reconstruction, max over every head of all {n_layers} layers": (lambda s, r: r.amax((0, 1)), "mean", 0.0),
+        **{f"reconstruction, one layer: {i}": ((lambda s, r, i=i: r[i].sum(0)), "mean", 0.0) for i in range(n_layers)},
+        **{f"reconstruction, max over every head of layers < {k}": ((lambda s, r, k=k: r[:k].amax((0, 1))), "mean", 0.0)
+           for k in (4, 6, 8, 10, 12, 15, 20)},
+        f"max over every head of layers < {half}, sentence-chunk settings (sqrt_mean + 0.2 peak: chosen)": (
+            lambda s, r: r[:half].amax((0, 1)), "sqrt_mean", 0.2),
+        f"max over every head of the odd layers < {half}": (lambda s, r: r[1:half:2].amax((0, 1)), "mean", 0.0),
+        f"max over every head of every third layer < {half}": (lambda s, r: r[0:half:3].amax((0, 1)), "mean", 0.0),
+    }
+    lines = [f"Dev set: SmolLM2-135M-Instruct, {len(docs)} essay documents ({args.lengths} tokens, documents "
+             f"{tune.DEV_OFFSET}..), 4 dev needles each, {4 * len(docs)} needles. Cell: needles whose answer words "
+             "ChunkKV keeps on sentence chunks <= 30 tokens (window 32 kept too; no decoding).", "",
+             "| token score | " + " | ".join(b.describe() for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
+    for name, (score, reduce, peak) in variants.items():
+        cells = []
+        for budget in budgets:
+            kept = 0
+            for length, doc, ids, s, spans, answers in docs:
+                segs = sel.sentence_segments(torch.isin(ids[0], ends)[None], 30)[0]
+                keep = tune.kept_set(score(s, recon[(length, doc)].float()), budget, 1, 10, segments=segs,
+                                     reduce=reduce, peak=peak)
+                kept += sum(set(range(lo, hi)) <= keep for lo, hi in answers)
+            cells.append(str(kept))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        print(lines[-1], flush=True)
+    if args.out:
+        Path(args.out).write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
