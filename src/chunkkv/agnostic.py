@@ -63,10 +63,11 @@ from .methods import ChunkKV, Method
 from .multi import capture_prefill, compress_from_capture
 from .scoring import max_attention_scores
 
+_REPEAT = "Repeat the previous context exactly."
 #: The instructions fed before scoring (after a separator, as a question would be).
 PROMPTS = {
-    "reconstruction": "Repeat the previous context exactly.",
-    "shallow_reconstruction": "Repeat the previous context exactly.",
+    "reconstruction": _REPEAT,
+    "shallow_reconstruction": _REPEAT,
     "probe": "List every specific fact, name, number and secret stated in the document above.",
 }
 _REDUCE = {"reconstruction": "max", "shallow_reconstruction": "max", "probe": "sum"}
@@ -76,6 +77,14 @@ SHALLOW_DEPTH = 0.5
 #: score, so the prompt's head (the attention sink, a chat template's opening) is kept: the copy
 #: queries barely look at it, and a cache without it answers the question as more essay text.
 SHALLOW_SINK = 4
+#: The scoring question-agnostic ``chunkkv.generate`` / ``chunkkv generate`` use for a scoring
+#: method left at ``scoring="window"`` (chosen by docs/question-agnostic.md's measurements).
+AGNOSTIC_DEFAULT = "surprisal"
+#: The chunking question-agnostic compression gives a ChunkKV left at the paper's (fixed chunks of
+#: 10, mean, max pooling 7), with ``boundary_ids`` = the tokenizer's sentence ends.
+SENTENCE_CHUNKS = {"segmentation": "sentence", "chunk_size": 30, "chunk_reduce": "sqrt_mean", "peak_weight": 0.2,
+                   "kernel": 1}
+_PAPER_CHUNKING = ("segmentation", "boundary_ids", "chunk_size", "chunk_reduce", "peak_weight", "pooling", "kernel")
 
 
 def shallow_layers(num_layers: int) -> list[int]:
@@ -85,14 +94,6 @@ def shallow_layers(num_layers: int) -> list[int]:
 
 class _ScoredEnough(Exception):
     """Raised by the scoring session after its last layer: the rest of the forward is not needed."""
-#: The scoring question-agnostic ``chunkkv.generate`` / ``chunkkv generate`` use for a scoring
-#: method left at ``scoring="window"`` (chosen by docs/question-agnostic.md's measurements).
-AGNOSTIC_DEFAULT = "surprisal"
-#: The chunking question-agnostic compression gives a ChunkKV left at the paper's (fixed chunks of
-#: 10, mean, max pooling 7), with ``boundary_ids`` = the tokenizer's sentence ends.
-SENTENCE_CHUNKS = {"segmentation": "sentence", "chunk_size": 30, "chunk_reduce": "sqrt_mean", "peak_weight": 0.2,
-                   "kernel": 1}
-_PAPER_CHUNKING = ("segmentation", "boundary_ids", "chunk_size", "chunk_reduce", "peak_weight", "pooling", "kernel")
 
 
 def agnostic_method(
@@ -250,16 +251,14 @@ def agnostic_scores(
         per_head = capture.surprisal[:, None, :].expand(-1, heads, -1)
         return {layer: per_head for layer in layers}
     shallow = scoring == "shallow_reconstruction"
-    wanted = layers
-    if shallow:
-        if not layers:
-            return {}
-        layers = shallow_layers(len(capture.cache.layers))
+    if shallow and not layers:
+        return {}
+    scored = shallow_layers(len(capture.cache.layers)) if shallow else layers
     ids, mask = _scoring_tokens(scoring, prompt, capture.input_ids, capture.attention_mask, capture.lengths)
     width = capture.input_ids.shape[1]
     device = ids.device
     cache = capture.cache.fork()  # appending to the fork leaves the capture's tensors as they are
-    session = _ScoringSession(cache, set(layers), width, _REDUCE[scoring], stop_early=shallow)
+    session = _ScoringSession(cache, set(scored), width, _REDUCE[scoring], stop_early=shallow)
     real = torch.tensor(capture.lengths, device=device)
     padded = bool((capture.attention_mask == 0).any()) or bool((mask == 0).any())
     from .attention import compression_session
@@ -276,17 +275,17 @@ def agnostic_scores(
                       use_cache=True, logits_to_keep=1)
             except _ScoredEnough:
                 pass
-    missing = [i for i in layers if i not in session.scores]
+    missing = [i for i in scored if i not in session.scores]
     if missing:
         raise UnsupportedModelError(f"layers {missing} did not go through chunkkv's attention during scoring")
     if shallow:  # one score per token: the largest any head of the scored layers gave it
-        shared = torch.stack([session.scores[i] for i in layers]).amax(dim=(0, 2))
+        shared = torch.stack([session.scores[i] for i in scored]).amax(dim=(0, 2))
         pad = (width - real)[:, None]  # each row's first real position (rows are left-padded)
         offset = torch.arange(width, device=device)[None, :] - pad
         head = (offset >= 0) & (offset < SHALLOW_SINK)
         shared = torch.where(head, shared.amax(dim=-1, keepdim=True), shared)
-        per_head = shared[:, None, :].expand(-1, session.scores[layers[0]].shape[1], -1)
-        return {layer: per_head for layer in wanted}
+        per_head = shared[:, None, :].expand(-1, session.scores[scored[0]].shape[1], -1)
+        return {layer: per_head for layer in layers}
     return session.scores
 
 
