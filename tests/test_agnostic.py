@@ -135,6 +135,20 @@ def test_shallow_reconstruction_is_the_max_over_the_first_half_and_stops_there(l
     assert agnostic_scores(llama, capture, "shallow_reconstruction", [], PROMPT) == {}
 
 
+def test_hybrid_is_surprisal_plus_shallow_reconstruction_each_over_its_row_max(llama):
+    _, ids, mask = _left_padded((50, 37, 44))
+    capture = capture_prefill(llama, ids, mask, window=8, surprisal=True)
+    copy = agnostic_scores(llama, capture, "shallow_reconstruction", [2], PROMPT)[2]
+    hybrid = agnostic_scores(llama, capture, "hybrid", [0, 2], PROMPT)
+    s = capture.surprisal[:, None, :]
+    want = copy / copy.amax(-1, keepdim=True) + s / s.amax(-1, keepdim=True)
+    for layer in (0, 2):
+        torch.testing.assert_close(hybrid[layer], want)
+    assert bool((hybrid[0][1, :, :13] == 0).all())  # padding scores nothing
+    with pytest.raises(PromptError, match="scoring='hybrid' needs a capture made with"):
+        agnostic_scores(llama, capture_prefill(llama, ids, mask, window=8), "hybrid", [0], PROMPT)
+
+
 def test_reconstruction_changes_what_is_kept(llama):
     ids = _prompt(seed=3)
     window = chunkkv.compress(llama, ids, method=ChunkKV(keep_tokens=40, window=8))
@@ -155,6 +169,8 @@ METHODS = {
     "chunkkv-shallow-reuse": ChunkKV(keep_tokens=40, window=8, chunk_size=5, reuse_depth=2,
                                      scoring="shallow_reconstruction"),
     "snapkv-shallow": SnapKV(keep_fraction=0.3, window=8, scoring="shallow_reconstruction"),
+    "chunkkv-sentences-hybrid": ChunkKV(keep_tokens=40, window=8, scoring="hybrid", boundary_ids=frozenset(range(1, 25)),
+                                        **{**SENTENCE_CHUNKS, "chunk_size": 12}),
     "snapkv-surprisal": SnapKV(keep_fraction=0.3, window=8, scoring="surprisal"),
     "chunkkv-sentences-surprisal": ChunkKV(  # the question-agnostic default's settings, shorter sentences
         keep_tokens=40, window=8, scoring="surprisal", boundary_ids=frozenset(range(1, 25)),
@@ -170,7 +186,7 @@ def test_decoding_equals_full_forward_with_evicted_tokens_masked(llama, name):
     assert_decodes_like_truth(llama, ctx, ids, question, new_tokens=8)  # and stock generate agrees
 
 
-@pytest.mark.parametrize("scoring", ["reconstruction", "shallow_reconstruction", "probe", "surprisal"])
+@pytest.mark.parametrize("scoring", ["reconstruction", "shallow_reconstruction", "probe", "surprisal", "hybrid"])
 def test_batched_rows_keep_what_they_keep_alone(llama, scoring):
     rows, ids, mask = _left_padded((100, 61, 83))
     method = ChunkKV(keep_fraction=0.3, window=6, chunk_size=4, scoring=scoring)
@@ -211,7 +227,7 @@ def test_leader_layers_follow_the_reuse_schedule(llama):
 
 
 def test_errors(llama):
-    with pytest.raises(ChunkKVError, match="scoring='recon' is not one of window, reconstruction, shallow_reconstruction, probe, surprisal"):
+    with pytest.raises(ChunkKVError, match="scoring='recon' is not one of window, reconstruction, shallow_reconstruction, probe, surprisal, hybrid"):
         ChunkKV(keep_tokens=10, scoring="recon")
     with pytest.raises(ChunkKVError, match="streamingllm does not score tokens"):
         StreamingLLM(keep_tokens=10, scoring="reconstruction")

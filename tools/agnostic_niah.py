@@ -125,6 +125,9 @@ def configs(quick: bool, boundary_ids: frozenset[int] = frozenset(), variants: b
             # reconstruction through the first half of the layers, one score for all, on the same sentence chunks
             out.append(("chunkkv-shallow", "shallow_reconstruction", chunkkv.ChunkKV(
                 scoring="shallow_reconstruction", boundary_ids=sentence_ids, **SENTENCE_CHUNKS, **b)))
+            # surprisal + shallow reconstruction, each over its row maximum, same chunks
+            out.append(("chunkkv-hybrid", "hybrid", chunkkv.ChunkKV(
+                scoring="hybrid", boundary_ids=sentence_ids, **SENTENCE_CHUNKS, **b)))
             if kind == "f" and value == 0.2:  # the attention scorings on the same sentence chunks
                 for scoring in ("reconstruction", "probe"):
                     out.append(("chunkkv-sentchunks", scoring, chunkkv.ChunkKV(
@@ -248,7 +251,7 @@ def main() -> None:
                       "prefill_s": prefill, "surprisal_s": capture.surprisal_seconds}
             for layer, value in agnostic_scores(model, capture, "surprisal", layers).items():
                 capture.memo[layer][("surprisal",)] = value
-            for scoring in ("probe", "reconstruction", "shallow_reconstruction"):
+            for scoring in ("probe", "reconstruction", "shallow_reconstruction", "hybrid"):
                 wanted = [f"{m}|{s}|{meth.budget.describe()}" for m, s, meth in grid if s == scoring]
                 if all((length, doc, k, q) in done for k in wanted for q in range(4)):
                     continue  # already answered in an earlier run: skip the (costly) scoring pass

@@ -16,6 +16,9 @@ extra tokens never stay in it:
   :data:`SHALLOW_SINK` tokens score the row's maximum (the copy queries ignore the prompt's head,
   and a cache without it loses the chat template's opening). About half the forward of
   ``"reconstruction"`` and a fraction of its scoring work.
+* ``"hybrid"``: surprisal plus shallow reconstruction, each divided by its row's largest value
+  (so both count alike): a token scores high when it is unexpected *or* the copy heads need it.
+  Costs both.
 * ``"probe"``: a generic question-like prompt (``PROMPTS["probe"]``) is fed once; each token scores
   the attention it receives from the probe's queries, summed (a window-style score with a better
   window).
@@ -68,6 +71,7 @@ _REPEAT = "Repeat the previous context exactly."
 PROMPTS = {
     "reconstruction": _REPEAT,
     "shallow_reconstruction": _REPEAT,
+    "hybrid": _REPEAT,
     "probe": "List every specific fact, name, number and secret stated in the document above.",
 }
 _REDUCE = {"reconstruction": "max", "shallow_reconstruction": "max", "probe": "sum"}
@@ -77,6 +81,8 @@ SHALLOW_DEPTH = 0.5
 #: score, so the prompt's head (the attention sink, a chat template's opening) is kept: the copy
 #: queries barely look at it, and a cache without it answers the question as more essay text.
 SHALLOW_SINK = 4
+#: The scorings read from the prefill's own surprisal (``capture_prefill(..., surprisal=True)``).
+NEEDS_SURPRISAL = frozenset({"surprisal", "hybrid"})
 #: The scoring question-agnostic ``chunkkv.generate`` / ``chunkkv generate`` use for a scoring
 #: method left at ``scoring="window"`` (chosen by docs/question-agnostic.md's measurements).
 AGNOSTIC_DEFAULT = "surprisal"
@@ -234,9 +240,9 @@ def agnostic_scores(
     Args:
         capture: a :class:`chunkkv.multi.PrefillCapture` of the context.
         scoring: ``"reconstruction"``, ``"shallow_reconstruction"`` (one score for every layer: the
-            max over the first half of the layers' heads; the forward stops there), ``"probe"`` or
+            max over the first half of the layers' heads; the forward stops there), ``"probe"``,
             ``"surprisal"`` (read from the capture, which must be made with ``surprisal=True``; no
-            forward pass).
+            forward pass) or ``"hybrid"`` (the last two, each over its row maximum).
         prompt: ``[n]`` token ids of the instruction (:func:`scoring_prompt`); reconstruction may
             run without one (the context is then repeated right after itself).
         block: scoring tokens per forward pass (memory O(block x context) per head; the scores do
@@ -244,12 +250,20 @@ def agnostic_scores(
     """
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
         raise PromptError(f"scoring_block={block!r} must be an int >= 1 (scoring tokens per forward pass)")
+    if scoring in NEEDS_SURPRISAL and capture.surprisal is None:
+        raise PromptError(f"scoring={scoring!r} needs a capture made with capture_prefill(..., surprisal=True)")
     if scoring == "surprisal":
-        if capture.surprisal is None:
-            raise PromptError("scoring='surprisal' needs a capture made with capture_prefill(..., surprisal=True)")
         heads = capture.cache.layers[layers[0]].keys.shape[1] if layers else 1
         per_head = capture.surprisal[:, None, :].expand(-1, heads, -1)
         return {layer: per_head for layer in layers}
+    if scoring == "hybrid":
+        if not layers:
+            return {}
+        copy = agnostic_scores(model, capture, "shallow_reconstruction", layers[:1], prompt, block)[layers[0]]
+        unexpected = capture.surprisal[:, None, :].clamp(min=0)
+        mixed = copy / copy.amax(-1, keepdim=True).clamp(min=1e-12) + \
+            unexpected / unexpected.amax(-1, keepdim=True).clamp(min=1e-12)
+        return {layer: mixed for layer in layers}
     shallow = scoring == "shallow_reconstruction"
     if shallow and not layers:
         return {}
@@ -318,7 +332,7 @@ def compress_agnostic(
             "as in Gemma 2/3, are not supported yet); use scoring='window'"
         )
     capture = capture_prefill(model, input_ids, attention_mask, window=max(1, method.window),
-                              surprisal=method.scoring == "surprisal")
+                              surprisal=method.scoring in NEEDS_SURPRISAL)
     layers = leader_layers(method, capture)
     device = capture.input_ids.device
     start = _now(device)

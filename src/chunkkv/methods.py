@@ -31,7 +31,7 @@ POOLINGS = ("none", "avg", "max")
 CHUNK_REDUCES = ("mean", "sum", "sqrt_mean")
 SEGMENTATIONS = ("fixed", "aligned", "sentence")
 #: Where token scores come from (see ``Method.scoring``).
-SCORINGS = ("window", "reconstruction", "shallow_reconstruction", "probe", "surprisal")
+SCORINGS = ("window", "reconstruction", "shallow_reconstruction", "probe", "surprisal", "hybrid")
 
 
 @dataclass
@@ -100,7 +100,8 @@ class Method:
             every layer and head; ``"probe"``: the attention a generic
             question-like prompt gives it; ``"surprisal"``: the token's negative log-likelihood
             given what precedes it (Selective Context's self-information; no extra tokens, the
-            same scores for every layer and head). The window is kept in every case.
+            same scores for every layer and head); ``"hybrid"``: surprisal plus shallow
+            reconstruction, each over its row maximum. The window is kept in every case.
     """
 
     name: ClassVar[str] = "method"

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from ..agnostic import PROMPTS, agnostic_method, agnostic_scores, scoring_prompt
+from ..agnostic import NEEDS_SURPRISAL, PROMPTS, agnostic_method, agnostic_scores, scoring_prompt
 from ..errors import ChunkKVError
 from ..generation import Sampling, continue_from
 from ..methods import make_method
@@ -195,7 +195,8 @@ def run_sample(model, tokenizer, sample: RecallSample, config: RecallConfig, tod
     if agnostic:
         window += len(sample.ids) - sample.context_len  # the prefix's own window lies before the head
     t0 = time.perf_counter()
-    surprisal = any(c.scoring is not None and c.method(tokenizer).scoring == "surprisal" for c in parsed.values())
+    surprisal = any(c.scoring is not None and c.method(tokenizer).scoring in NEEDS_SURPRISAL
+                    for c in parsed.values())
     capture = capture_prefill(model, ids, window=window, surprisal=surprisal,
                               accumulated=any(c.name == "h2o" and c.scoring is None for c in parsed.values()))
     capture_s = time.perf_counter() - t0
