@@ -169,8 +169,8 @@ METHODS = {
     "chunkkv-shallow-reuse": ChunkKV(keep_tokens=40, window=8, chunk_size=5, reuse_depth=2,
                                      scoring="shallow_reconstruction"),
     "snapkv-shallow": SnapKV(keep_fraction=0.3, window=8, scoring="shallow_reconstruction"),
-    "chunkkv-sentences-hybrid": ChunkKV(keep_tokens=40, window=8, scoring="hybrid", boundary_ids=frozenset(range(1, 25)),
-                                        **{**SENTENCE_CHUNKS, "chunk_size": 12}),
+    "chunkkv-sentences-hybrid": ChunkKV(keep_tokens=40, window=8, scoring="hybrid",
+                                        boundary_ids=frozenset(range(1, 25)), **{**SENTENCE_CHUNKS, "chunk_size": 12}),
     "snapkv-surprisal": SnapKV(keep_fraction=0.3, window=8, scoring="surprisal"),
     "chunkkv-sentences-surprisal": ChunkKV(  # the question-agnostic default's settings, shorter sentences
         keep_tokens=40, window=8, scoring="surprisal", boundary_ids=frozenset(range(1, 25)),
@@ -227,7 +227,8 @@ def test_leader_layers_follow_the_reuse_schedule(llama):
 
 
 def test_errors(llama):
-    with pytest.raises(ChunkKVError, match="scoring='recon' is not one of window, reconstruction, shallow_reconstruction, probe, surprisal, hybrid"):
+    with pytest.raises(ChunkKVError, match="scoring='recon' is not one of window, reconstruction, "
+                                           "shallow_reconstruction, probe, surprisal, hybrid"):
         ChunkKV(keep_tokens=10, scoring="recon")
     with pytest.raises(ChunkKVError, match="streamingllm does not score tokens"):
         StreamingLLM(keep_tokens=10, scoring="reconstruction")
