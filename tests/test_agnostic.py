@@ -329,18 +329,19 @@ def test_generate_and_cli_score_question_agnostically(capsys, tmp_path):
     assert main(["generate", "--model", str(folder), "--context-file", str(doc), "--method", "streamingllm",
                  "--keep-fraction", "0.2", "--scoring", "probe"]) == 2
     assert "streamingllm does not score tokens" in capsys.readouterr().err
-    # the question-agnostic default (no scoring given) is surprisal on sentence chunks: the same tokens as by hand
+    # the question-agnostic default (no scoring given) is hybrid on sentence chunks: the same tokens as by hand
     result = chunkkv.generate(model, tok, doc.read_text(), [QUESTION_TEXT], method, sampling=sampling)
-    by_hand = ChunkKV(keep_fraction=0.2, scoring="surprisal", boundary_ids=boundary_token_ids(tok, clauses=False),
+    by_hand = ChunkKV(keep_fraction=0.2, scoring="hybrid", boundary_ids=boundary_token_ids(tok, clauses=False),
                       **SENTENCE_CHUNKS)
-    ctx = chunkkv.compress(model, ids, method=by_hand)
+    ctx = chunkkv.compress(model, ids, method=by_hand, scoring_prompt=scoring_prompt(tok, "hybrid"))
     assert result.answers[0].token_ids[0] == chunkkv.continue_from(model, ctx, q, sampling)[0].tolist()
-    plain = chunkkv.compress(model, ids, method=ChunkKV(keep_fraction=0.2, scoring="surprisal"))
+    plain = chunkkv.compress(model, ids, method=ChunkKV(keep_fraction=0.2, scoring="hybrid"),
+                             scoring_prompt=scoring_prompt(tok, "hybrid"))
     assert not torch.equal(plain.kept_positions(0, 0), ctx.kept_positions(0, 0))  # the preset changes the picks
     assert main(["generate", "--model", str(folder), "--device", "cpu", "--context-file", str(doc), "--question",
                  QUESTION_TEXT, "--separator", "", "--keep-fraction", "0.2", "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out
-    assert "scoring=surprisal" in out and "segmentation=sentence" in out
+    assert "scoring=hybrid" in out and "segmentation=sentence" in out
     # under a decode budget the answers still come (re-selection cuts fixed chunks of the same size)
     bounded = chunkkv.generate(model, tok, doc.read_text(), [QUESTION_TEXT], ChunkKV(keep_fraction=0.2, window=8),
                                sampling=sampling, decode_budget=12, compress_every=1)
@@ -362,19 +363,19 @@ def test_question_agnostic_default_and_bounded_memory(llama):
     from chunkkv.agnostic import AGNOSTIC_DEFAULT, agnostic_method
 
     method = ChunkKV(keep_fraction=0.2, window=8)
-    assert AGNOSTIC_DEFAULT == "surprisal"
-    assert agnostic_method(method).scoring == "surprisal"  # the measured default (docs/question-agnostic.md)
+    assert AGNOSTIC_DEFAULT == "hybrid"
+    assert agnostic_method(method).scoring == "hybrid"  # the measured default (docs/question-agnostic.md)
     assert agnostic_method(method, "window").scoring == "window"
     assert agnostic_method(method, full_prefill=False).scoring == "window"  # chunked prefill never holds the full cache
     assert agnostic_method(StreamingLLM(keep_tokens=10)) == StreamingLLM(keep_tokens=10)
     # with a tokenizer, a ChunkKV left at the paper's chunking also gets sentence chunks
     tok = _SentenceTokenizer()
     preset = agnostic_method(method, tokenizer=tok)
-    assert preset == replace(method, scoring="surprisal", boundary_ids=frozenset({2}), **SENTENCE_CHUNKS)
+    assert preset == replace(method, scoring="hybrid", boundary_ids=frozenset({2}), **SENTENCE_CHUNKS)
     assert agnostic_method(method, "surprisal", tokenizer=tok) == replace(method, scoring="surprisal")  # asked for
     assert agnostic_method(replace(method, chunk_size=20), tokenizer=tok).chunking == "fixed"  # the user's chunks
     assert agnostic_method(method, full_prefill=False, tokenizer=tok) == method
-    assert agnostic_method(SnapKV(keep_tokens=10), tokenizer=tok) == SnapKV(keep_tokens=10, scoring="surprisal")
+    assert agnostic_method(SnapKV(keep_tokens=10), tokenizer=tok) == SnapKV(keep_tokens=10, scoring="hybrid")
     assert agnostic_method(chunkkv.KVPressChunkKV(remove_fraction=0.5), tokenizer=tok).chunking == "fixed"
     with pytest.raises(PromptError, match="cannot be combined with prefill_chunk"):
         chunkkv.compress(llama, _prompt(), method=ChunkKV(keep_tokens=40, window=8, scoring="reconstruction"),

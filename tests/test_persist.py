@@ -186,7 +186,7 @@ def test_cli_save_then_load_answers_the_same(capsys, tmp_path):
     second = capsys.readouterr()
     assert code == 0, second.err
     # the question-agnostic default (surprisal, sentence chunks) is what was saved and described
-    assert "loaded from" in second.out and "chunkkv(20% kept, scoring=surprisal, kernel=1" in second.out
+    assert "loaded from" in second.out and "chunkkv(20% kept, scoring=hybrid, kernel=1" in second.out
     assert "segmentation=sentence" in second.out
     answers = lambda text: [part.split("\n")[0] for part in text.split("\nA: ")[1:]]  # noqa: E731
     assert len(answers(first.out)) == 2 and answers(second.out) == answers(first.out)

@@ -96,6 +96,10 @@ class SentenceWordTokenizer(WordTokenizer):
     def decode(self, ids, skip_special_tokens=False):
         return " ".join(f"w{i}." if i < 25 else f"w{i}" for i in ids)
 
+    def __call__(self, text, add_special_tokens=False, return_tensors=None):
+        """Each word of the text becomes one id (the default's scoring prompt is encoded with it)."""
+        return {"input_ids": torch.tensor([[30 + len(word) for word in text.split()]])}
+
 
 def test_question_agnostic_default_rows_run_what_generate_runs():
     from chunkkv.agnostic import agnostic_method

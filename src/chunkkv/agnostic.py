@@ -38,17 +38,20 @@ scores, reuse followers take their leader's indices and are not scored; per-head
 head). Positions stay the original ones and the next-token logits are the prefill's.
 
 The question-agnostic default (:func:`agnostic_method`, what ``chunkkv.generate`` and ``chunkkv
-generate`` run when nothing else is asked for) is surprisal with **one chunk per sentence**: a
-ChunkKV left at the paper's chunking gets :data:`SENTENCE_CHUNKS` (chunks start after every
-sentence end, at most 30 tokens, ranked by the mean square root of their tokens' surprisal plus
-0.2 x the root of their most surprising token, no pooling), so a fact is kept or dropped whole
-instead of being cut by a fixed 10-token grid
-(docs/question-agnostic.md has the measurements that chose it).
+generate`` run when nothing else is asked for) is ``"hybrid"`` (surprisal plus shallow
+reconstruction) with **one chunk per sentence**: a ChunkKV left at the paper's chunking gets
+:data:`SENTENCE_CHUNKS` (chunks start after every sentence end, at most 30 tokens, ranked by the
+mean square root of their tokens' scores plus 0.2 x the root of their strongest token, no
+pooling), so a fact is kept or dropped whole instead of being cut by a fixed 10-token grid
+(docs/question-agnostic.md has the measurements that chose it). Surprisal keeps the unexpected
+facts, the copy heads of shallow reconstruction the plainly worded ones.
 
 Cost: peak memory of a full-cache prefill; time of the prefill plus one forward pass over the
 scoring tokens (about the context's length for reconstruction) plus the scores themselves; for
 surprisal, the output projection over the prompt (0.2-0.36x the prefill for SmolLM2-135M on CPU,
-whose vocabulary projection is a quarter of its compute; less for larger models).
+whose vocabulary projection is a quarter of its compute; less for larger models); for shallow
+reconstruction (and so the default), half the layers' forward over the context again plus the
+scores (1.4x the prefill at 1k, 2.5x at 2k for SmolLM2 on CPU, where attention dominates).
 """
 
 from __future__ import annotations
@@ -85,7 +88,7 @@ SHALLOW_SINK = 4
 NEEDS_SURPRISAL = frozenset({"surprisal", "hybrid"})
 #: The scoring question-agnostic ``chunkkv.generate`` / ``chunkkv generate`` use for a scoring
 #: method left at ``scoring="window"`` (chosen by docs/question-agnostic.md's measurements).
-AGNOSTIC_DEFAULT = "surprisal"
+AGNOSTIC_DEFAULT = "hybrid"
 #: The chunking question-agnostic compression gives a ChunkKV left at the paper's (fixed chunks of
 #: 10, mean, max pooling 7), with ``boundary_ids`` = the tokenizer's sentence ends.
 SENTENCE_CHUNKS = {"segmentation": "sentence", "chunk_size": 30, "chunk_reduce": "sqrt_mean", "peak_weight": 0.2,

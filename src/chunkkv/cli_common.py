@@ -42,7 +42,9 @@ def add_method_arguments(parser: argparse.ArgumentParser, default_method: str = 
     g.add_argument("--scoring", choices=list(SCORINGS),
                    help="how tokens are scored: window (the prompt's last tokens; the papers' setting), "
                         "reconstruction (attention while the model repeats the context; question-agnostic), "
-                        "probe (attention from a generic question), surprisal (each token's negative log-likelihood); "
+                        "shallow_reconstruction (the same through the first half of the layers, one score for all), "
+                        "probe (attention from a generic question), surprisal (each token's negative log-likelihood), "
+                        "hybrid (surprisal + shallow_reconstruction: the question-agnostic default); "
                         "see docs/question-agnostic.md")
     m = parser.add_argument_group("bounded memory (docs/memory.md)")
     m.add_argument(

@@ -430,7 +430,8 @@ def compress(
             whole prompt (``keep_fraction`` is a share of the whole prompt, known up front). None
             or ``C >= T``: one pass, exactly today's one-shot compression.
         scoring_prompt: ``[n]`` token ids of the instruction for ``method.scoring`` =
-            ``"reconstruction"`` / ``"probe"`` (:func:`chunkkv.agnostic.scoring_prompt` builds them;
+            ``"reconstruction"`` / ``"shallow_reconstruction"`` / ``"hybrid"`` / ``"probe"``
+            (:func:`chunkkv.agnostic.scoring_prompt` builds them;
             ``"surprisal"`` needs none);
             ``scoring_block``: scoring tokens per forward pass. See :mod:`chunkkv.agnostic`.
 

@@ -258,8 +258,8 @@ def generate(
             chat template (None = when the tokenizer has one). The compressed part is everything up
             to the end of the context; the question, end of turn and assistant header follow it.
             False: the raw text ``context + question``, with the tokenizer's special tokens.
-        scoring: how a scoring method ranks tokens (``"window"``, ``"surprisal"``,
-            ``"reconstruction"``, ``"probe"``, see :mod:`chunkkv.agnostic`). None: the method's own setting, except that a
+        scoring: how a scoring method ranks tokens (``"window"``, ``"hybrid"``, ``"surprisal"``,
+            ``"shallow_reconstruction"``, ``"reconstruction"``, ``"probe"``, see :mod:`chunkkv.agnostic`). None: the method's own setting, except that a
             question-agnostic run of a method left at ``"window"`` uses
             :data:`chunkkv.agnostic.AGNOSTIC_DEFAULT` (the document's last tokens say nothing about
             the questions to come); pass ``scoring="window"`` to force the window.

@@ -106,7 +106,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--recall-new-tokens", type=int, default=128, help="tokens generated per answer (128)")
     r.add_argument("--recall-agnostic", default="",
                    help="also compress the context before the head with these scorings (e.g. window,surprisal; "
-                        "'default' = what question-agnostic generate runs: surprisal, sentence chunks for chunkkv)")
+                        "'default' = what question-agnostic generate runs: hybrid, sentence chunks for chunkkv)")
     j = parser.add_argument_group("JailbreakV")
     j.add_argument("--judge-model", help="guard model (e.g. Llama-Guard-3-8B); default: refusal-keyword rule")
     j.add_argument("--jb-formats", help="comma list of attack formats to keep, or 'all' (default: Template,Persuade,Logic)")
