@@ -12,7 +12,7 @@ from chunkkv import H2O, ChunkKV, ChunkKVError, PromptError, PyramidKV, SnapKV, 
 from chunkkv.agnostic import SENTENCE_CHUNKS, agnostic_scores, leader_layers, shallow_layers
 from chunkkv.boundaries import boundary_token_ids
 from chunkkv.multi import capture_prefill
-from chunkkv.scoring import max_attention_scores
+from chunkkv.scoring import attend_and_score, max_attention_scores
 
 from models import assert_decodes_like_truth, left_padded, tiny_model
 from models import random_prompt as _prompt
@@ -71,6 +71,42 @@ def test_blocked_scores_equal_one_pass_and_a_plain_reference(reduce):
     assert bool((one[1, :, :7] == 0).all())  # padding never scores
 
 
+def test_attend_and_score_gives_the_attention_output_and_the_same_scores():
+    g = torch.Generator().manual_seed(1)
+    batch, n_q, n_kv, context, q_len, d = 2, 6, 2, 25, 9, 8
+    keys = torch.randn(batch, n_kv, context + q_len, d, generator=g)
+    values = torch.randn(batch, n_kv, context + q_len, 5, generator=g)
+    queries = torch.randn(batch, n_q, q_len, d, generator=g)
+    key_valid = torch.ones(batch, context + q_len, dtype=torch.bool)
+    key_valid[1, :4] = False
+    key_valid[1, -3:] = False
+    query_valid = key_valid[:, -q_len:]
+    for reduce in ("max", "sum"):
+        out, scores = attend_and_score(queries, keys, values, 0.4, context, key_valid, query_valid, reduce=reduce)
+        want = max_attention_scores(queries, keys, 0.4, context, key_valid, query_valid, reduce=reduce)
+        torch.testing.assert_close(scores, want, atol=1e-6, rtol=1e-5)
+    causal = torch.ones(q_len, context + q_len, dtype=torch.bool).tril(context)
+    allowed = causal[None, None] & key_valid[:, None, None, :]
+    reference = torch.nn.functional.scaled_dot_product_attention(
+        queries, keys.repeat_interleave(3, 1), values.repeat_interleave(3, 1), attn_mask=allowed, scale=0.4)
+    real = query_valid[:, None, :, None].expand_as(out)  # padding queries' outputs are never used
+    torch.testing.assert_close(out[real], reference[real], atol=1e-5, rtol=1e-5)
+
+
+def test_the_scoring_pass_equals_the_model_attention_path(llama, monkeypatch):
+    """The scored layers' attention computed once (output and scores) changes nothing downstream:
+    the same scores as running the model's own attention and scoring beside it."""
+    from chunkkv.agnostic import _ScoringSession
+
+    _, ids, mask = _left_padded((50, 37, 44))
+    capture = capture_prefill(llama, ids, mask, window=8)
+    once = agnostic_scores(llama, capture, "reconstruction", [0, 1, 2, 3], PROMPT, block=16)
+    monkeypatch.setattr(_ScoringSession, "attend", lambda *a, **k: None)
+    twice = agnostic_scores(llama, capture, "reconstruction", [0, 1, 2, 3], PROMPT, block=16)
+    for layer in range(4):
+        torch.testing.assert_close(once[layer], twice[layer], atol=1e-6, rtol=1e-5)
+
+
 # --- on a model -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("scoring", ["reconstruction", "shallow_reconstruction", "probe"])
 def test_scores_do_not_depend_on_the_block_size(llama, scoring):
@@ -109,11 +145,18 @@ def test_reconstruction_tokens_are_not_in_the_cache(llama):
     assert torch.equal(ctx.cache.layers[1].kept_index, ctx.cache.layers[0].kept_index)
 
 
-def test_shallow_reconstruction_is_the_max_over_the_first_half_and_stops_there(llama):
+def test_shallow_depth_is_the_first_quarter_of_the_layers_rounded_up():
+    assert shallow_layers(30) == list(range(8)) and shallow_layers(32) == list(range(8))
+    assert shallow_layers(28) == list(range(7)) and shallow_layers(4) == [0] and shallow_layers(1) == [0]
+
+
+def test_shallow_reconstruction_is_the_max_over_the_first_layers_and_stops_there(llama, monkeypatch):
+    import chunkkv.agnostic
+
+    monkeypatch.setattr(chunkkv.agnostic, "SHALLOW_DEPTH", 0.5)  # two of the 4 layers: the max over layers counts
     _, ids, mask = _left_padded((50, 37, 44))
     capture = capture_prefill(llama, ids, mask, window=8)
-    half = shallow_layers(len(capture.cache.layers))
-    assert half == [0, 1] and shallow_layers(30) == list(range(15)) and shallow_layers(1) == [0]
+    assert shallow_layers(len(capture.cache.layers)) == [0, 1]
     full = agnostic_scores(llama, capture, "reconstruction", [0, 1, 2, 3], PROMPT, block=16)
     want = torch.maximum(full[0], full[1]).amax(dim=1)  # the largest over those layers and their heads
     for row, pad in enumerate((0, 13, 6)):  # each row's first 4 real tokens: the row's largest score

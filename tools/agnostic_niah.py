@@ -122,7 +122,7 @@ def configs(quick: bool, boundary_ids: frozenset[int] = frozenset(), variants: b
                 chunk_reduce="sqrt_mean", kernel=1, **b)))
             # what question-agnostic generate runs today (agnostic.SENTENCE_CHUNKS: + the peak term)
             out.append(("chunkkv-default", "surprisal", agnostic_method(chunkkv.ChunkKV(**b), tokenizer=tokenizer)))
-            # reconstruction through the first half of the layers, one score for all, on the same sentence chunks
+            # reconstruction through the first quarter of the layers (SHALLOW_DEPTH), one score for all, same chunks
             out.append(("chunkkv-shallow", "shallow_reconstruction", chunkkv.ChunkKV(
                 scoring="shallow_reconstruction", boundary_ids=sentence_ids, **SENTENCE_CHUNKS, **b)))
             # surprisal + shallow reconstruction, each over its row maximum, same chunks

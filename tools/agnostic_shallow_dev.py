@@ -79,6 +79,10 @@ def main() -> None:
             lambda s, r: r[:half].amax((0, 1)), "sqrt_mean", 0.2),
         f"hybrid: surprisal / its max + max over every head of layers < {half} / its max (sentence-chunk settings)": (
             lambda s, r: s / s[1:].amax() + r[:half].amax((0, 1)) / r[:half].amax((0, 1))[1:].amax(), "sqrt_mean", 0.2),
+        **{f"max over every head of layers < {k}, sentence-chunk settings": (
+            (lambda s, r, k=k: r[:k].amax((0, 1))), "sqrt_mean", 0.2) for k in (6, 8, 10)},
+        **{f"hybrid with layers < {k}": ((lambda s, r, k=k: s / s[1:].amax() + r[:k].amax((0, 1)) /
+                                          r[:k].amax((0, 1))[1:].amax()), "sqrt_mean", 0.2) for k in (6, 8, 10)},
         f"max over every head of the odd layers < {half}": (lambda s, r: r[1:half:2].amax((0, 1)), "mean", 0.0),
         f"max over every head of every third layer < {half}": (lambda s, r: r[0:half:3].amax((0, 1)), "mean", 0.0),
     }

@@ -56,6 +56,7 @@ scores (hybrid: 1.7x the prefill at 1k, 2.5x at 2k, 3.9x at 4k for SmolLM2 on CP
 
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import replace
 
@@ -67,7 +68,7 @@ from .compress import CompressedContext, _now, plan_layers
 from .errors import PromptError, UnsupportedModelError
 from .methods import ChunkKV, Method
 from .multi import capture_prefill, compress_from_capture
-from .scoring import max_attention_scores
+from .scoring import attend_and_score, max_attention_scores
 
 _REPEAT = "Repeat the previous context exactly."
 #: The instructions fed before scoring (after a separator, as a question would be).
@@ -78,8 +79,8 @@ PROMPTS = {
     "probe": "List every specific fact, name, number and secret stated in the document above.",
 }
 _REDUCE = {"reconstruction": "max", "shallow_reconstruction": "max", "probe": "sum"}
-#: The share of the layers (the first ones) that ``"shallow_reconstruction"`` runs and scores.
-SHALLOW_DEPTH = 0.5
+#: The share of the layers (the first ones, rounded up) that ``"shallow_reconstruction"`` runs and scores.
+SHALLOW_DEPTH = 0.25
 #: ``"shallow_reconstruction"`` gives each row's first ``SHALLOW_SINK`` real tokens the row's largest
 #: score, so the prompt's head (the attention sink, a chat template's opening) is kept: the copy
 #: queries barely look at it, and a cache without it answers the question as more essay text.
@@ -97,8 +98,8 @@ _PAPER_CHUNKING = ("segmentation", "boundary_ids", "chunk_size", "chunk_reduce",
 
 
 def shallow_layers(num_layers: int) -> list[int]:
-    """The layers ``"shallow_reconstruction"`` scores: the first ``SHALLOW_DEPTH`` of them (at least one)."""
-    return list(range(max(1, round(num_layers * SHALLOW_DEPTH))))
+    """The layers ``"shallow_reconstruction"`` scores: the first ``SHALLOW_DEPTH`` of them, rounded up."""
+    return list(range(max(1, math.ceil(num_layers * SHALLOW_DEPTH))))
 
 
 class _ScoredEnough(Exception):
@@ -176,14 +177,36 @@ class _ScoringSession:
         self.query_valid: torch.Tensor | None = None
         self.scores: dict[int, torch.Tensor] = {}
 
-    def on_attention(self, module, layer: PrunedLayer, query, key, kwargs) -> None:
-        idx = module.layer_idx
-        if idx not in self.layers or layer is not self.cache.layers[idx]:
-            return
-        block = max_attention_scores(
-            query, key, kwargs.get("scaling") or getattr(module, "scaling", key.shape[-1] ** -0.5),
-            self.context_len, self.key_valid, self.query_valid, kwargs.get("softcap"), self.reduce,
+    def attend(self, module, layer: PrunedLayer, query, key, value, kwargs) -> tuple[torch.Tensor, None] | None:
+        """The attention of a scored layer, computed once for its output and its scores (the
+        wrapper then skips the model's own); None (the model's attention runs, then
+        :meth:`on_attention`) for other layers and for features this does not compute."""
+        if not self._scored(module, layer) or any(
+                kwargs.get(name) is not None for name in ("sliding_window", "s_aux", "position_bias")):
+            return None
+        output, block = attend_and_score(
+            query, key, value, self._scaling(module, key, kwargs), self.context_len, self.key_valid,
+            self.query_valid, kwargs.get("softcap"), self.reduce,
         )
+        self._add(module.layer_idx, block)
+        return output.transpose(1, 2).contiguous(), None  # [B, q, Hq, dv], as the attention functions return
+
+    def on_attention(self, module, layer: PrunedLayer, query, key, kwargs) -> None:
+        if not self._scored(module, layer):
+            return
+        self._add(module.layer_idx, max_attention_scores(
+            query, key, self._scaling(module, key, kwargs), self.context_len, self.key_valid, self.query_valid,
+            kwargs.get("softcap"), self.reduce,
+        ))
+
+    def _scored(self, module, layer: PrunedLayer) -> bool:
+        return module.layer_idx in self.layers and layer is self.cache.layers[module.layer_idx]
+
+    @staticmethod
+    def _scaling(module, key, kwargs) -> float:
+        return kwargs.get("scaling") or getattr(module, "scaling", key.shape[-1] ** -0.5)
+
+    def _add(self, idx: int, block: torch.Tensor) -> None:
         previous = self.scores.get(idx)
         if previous is None:
             self.scores[idx] = block

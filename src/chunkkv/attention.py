@@ -115,6 +115,10 @@ def _make_wrapper(inner_name: str) -> Callable:
         if layer is not None:
             # Also inside a session: a chunked prefill attends over a layer pruned by earlier chunks.
             attention_mask = _layer_mask(attention_mask, layer, query.shape[2], key.shape[2], query.shape[1])
+        if layer is not None and session is not None and hasattr(session, "attend"):
+            output = session.attend(module, layer, query, key, value, kwargs)
+            if output is not None:
+                return output
         output = inner(module, query, key, value, attention_mask, **kwargs)
         if layer is not None:
             if session is not None:

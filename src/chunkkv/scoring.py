@@ -28,7 +28,7 @@ def _grouped_logits(
     batch, n_q_heads, q_len, dim = queries.shape
     n_kv_heads = keys.shape[1]
     q = queries.float().reshape(batch, n_kv_heads, (n_q_heads // n_kv_heads) * q_len, dim)
-    logits = torch.matmul(q, keys.float().transpose(-1, -2)) * scaling
+    logits = torch.matmul(q, keys.float().transpose(-1, -2)).mul_(scaling)
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
     return logits
@@ -48,6 +48,53 @@ def _finish(
     return probs.amax(dim=2) if reduce == "max" else probs.sum(dim=2)
 
 
+def _mask_future(logits: torch.Tensor, first: int, q_len: int, groups: int) -> None:
+    """In place: hide from each of ``q_len`` queries (query ``i`` at key position ``first + i``,
+    stacked ``groups`` times as :func:`_grouped_logits` stacks them) the keys after it. Keys before
+    ``first`` are seen by every query, so only the trailing slice is touched."""
+    future = torch.ones(q_len, logits.shape[-1] - first, dtype=torch.bool, device=logits.device).triu(1)
+    logits[..., first:].masked_fill_(future.repeat(groups, 1), torch.finfo(logits.dtype).min)
+
+
+def attend_and_score(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    scaling: float,
+    context_len: int,
+    key_valid: torch.Tensor | None = None,
+    query_valid: torch.Tensor | None = None,
+    softcap: float | None = None,
+    reduce: str = "max",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of scoring queries that also scores the context: the probabilities are
+    computed once and serve both, so a scoring pass does not run the model's attention as well.
+
+    Args:
+        queries: ``[B, Hq, q, d]``, the last ``q`` positions of ``keys``.
+        keys / values: ``[B, Hkv, S, d]`` / ``[B, Hkv, S, dv]``, context first.
+        scaling, softcap, context_len, key_valid, query_valid, reduce: as in :func:`max_attention_scores`.
+
+    Returns:
+        ``[B, Hq, q, dv]`` attention output in the queries' dtype, and ``[B, Hkv, context_len]``
+        float32 scores (equal to :func:`max_attention_scores` for the same inputs).
+    """
+    batch, n_q_heads, q_len, _ = queries.shape
+    groups = n_q_heads // keys.shape[1]
+    logits = _grouped_logits(queries, keys, scaling, softcap)  # [B, Hkv, G*q, S]
+    _mask_future(logits, keys.shape[2] - q_len, q_len, groups)
+    if key_valid is not None:
+        logits.masked_fill_(~key_valid[:, None, None, :], torch.finfo(logits.dtype).min)
+    probs = torch.softmax(logits, dim=-1)
+    del logits
+    out = torch.matmul(probs, values.float())  # [B, Hkv, G*q, dv]: query heads stacked as in the logits
+    seen = probs[..., :context_len]
+    if query_valid is not None:
+        seen = seen * query_valid.repeat(1, groups)[:, None, :, None]
+    scores = seen.amax(dim=2) if reduce == "max" else seen.sum(dim=2)
+    return out.reshape(batch, n_q_heads, q_len, -1).to(queries.dtype), scores
+
+
 def _causal_block_scores(
     queries: torch.Tensor,
     keys: torch.Tensor,
@@ -64,13 +111,11 @@ def _causal_block_scores(
     q_len, length = queries.shape[2], keys.shape[2]
     offset = length - q_len  # query i sits at key position offset + i
     groups = queries.shape[1] // keys.shape[1]
-    k_pos = torch.arange(length, device=keys.device)
     total = keys.new_zeros(keys.shape[0], keys.shape[1], length, dtype=torch.float32)
     for start in range(0, q_len, block):  # blocks of queries, not tokens: bounds memory
         stop = min(q_len, start + block)
         logits = _grouped_logits(queries[:, :, start:stop], keys, scaling, softcap)  # [B, Hkv, G*b, S]
-        q_pos = torch.arange(offset + start, offset + stop, device=keys.device)
-        logits.masked_fill_((k_pos[None, :] > q_pos[:, None]).repeat(groups, 1), torch.finfo(logits.dtype).min)
+        _mask_future(logits, offset + start, stop - start, groups)
         valid = query_valid[:, start:stop] if query_valid is not None else None
         scores = _finish(logits, key_valid, valid, groups, reduce)
         total = torch.maximum(total, scores) if reduce == "max" else total + scores
