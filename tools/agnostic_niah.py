@@ -128,6 +128,8 @@ def configs(quick: bool, boundary_ids: frozenset[int] = frozenset(), variants: b
             # surprisal + shallow reconstruction, each over its row maximum, same chunks
             out.append(("chunkkv-hybrid", "hybrid", chunkkv.ChunkKV(
                 scoring="hybrid", boundary_ids=sentence_ids, **SENTENCE_CHUNKS, **b)))
+            if kind == "f" and value == 0.2:  # SnapKV's per-head top tokens on the default's scores
+                out.append(("snapkv-hybrid", "hybrid", chunkkv.SnapKV(scoring="hybrid", **b)))
             if kind == "f" and value == 0.2:  # the attention scorings on the same sentence chunks
                 for scoring in ("reconstruction", "probe"):
                     out.append(("chunkkv-sentchunks", scoring, chunkkv.ChunkKV(

@@ -28,6 +28,16 @@ from chunkkv.budget import Budget  # noqa: E402
 from chunkkv.multi import capture_prefill  # noqa: E402
 
 
+def _rank(x: torch.Tensor) -> torch.Tensor:
+    """Each value's rank in its row, in [0, 1] (1 = the largest)."""
+    return x.argsort().argsort().float() / max(1, x.shape[-1] - 1)
+
+
+def _q99(x: torch.Tensor, q: float = 0.99) -> torch.Tensor:
+    """Over the row's ``q`` quantile, clamped at 1: one outlier token no longer sets the scale."""
+    return (x / torch.quantile(x[1:], q).clamp(min=1e-12)).clamp(max=1.0)
+
+
 def reconstruction_scores(model, tok, data, lengths, cache: Path) -> dict:
     """{(length, doc): [layers, kv heads, T] float16} reconstruction scores, cached and resumable."""
     out = torch.load(cache) if cache.exists() else {}
@@ -83,6 +93,16 @@ def main() -> None:
             (lambda s, r, k=k: r[:k].amax((0, 1))), "sqrt_mean", 0.2) for k in (6, 8, 10)},
         **{f"hybrid with layers < {k}": ((lambda s, r, k=k: s / s[1:].amax() + r[:k].amax((0, 1)) /
                                           r[:k].amax((0, 1))[1:].amax()), "sqrt_mean", 0.2) for k in (6, 8, 10)},
+        **{f"hybrid (layers < 8) combined by {name}": (fn, "sqrt_mean", 0.2) for name, fn in {
+            "rank (each score's percentile in its row), summed": lambda s, r: _rank(s) + _rank(r[:8].amax((0, 1))),
+            "the larger of the two max-normalised": lambda s, r: torch.maximum(
+                s / s[1:].amax(), r[:8].amax((0, 1)) / r[:8].amax((0, 1))[1:].amax()),
+            "each over its row's 99th percentile, clamped at 1, summed": lambda s, r: _q99(s) + _q99(r[:8].amax((0, 1))),
+            "each over its row's 95th percentile, clamped at 1, summed": lambda s, r: _q99(s, 0.95) + _q99(r[:8].amax((0, 1)), 0.95),
+        }.items()},
+        **{f"hybrid (layers < 8), chunks ranked by {reduce} + {peak} x peak": (
+            (lambda s, r: s / s[1:].amax() + r[:8].amax((0, 1)) / r[:8].amax((0, 1))[1:].amax()), reduce, peak)
+           for reduce in ("sqrt_mean", "mean") for peak in (0.0, 0.5, 1.0)},
         f"max over every head of the odd layers < {half}": (lambda s, r: r[1:half:2].amax((0, 1)), "mean", 0.0),
         f"max over every head of every third layer < {half}": (lambda s, r: r[0:half:3].amax((0, 1)), "mean", 0.0),
     }

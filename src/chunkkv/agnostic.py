@@ -9,13 +9,13 @@ extra tokens never stay in it:
   followed by the context itself, teacher-forced, in blocks of ``block`` tokens; each context token
   scores the **largest** attention it receives from those queries, per KV head (max over the
   group's query heads). A token the model must look at to reproduce the text scores high.
-* ``"shallow_reconstruction"``: the same reconstruction tokens, run through the **first half** of
-  the layers only (the forward stops there); each context token scores the largest attention it
+* ``"shallow_reconstruction"``: the same reconstruction tokens, run through the **first quarter**
+  of the layers only (:data:`SHALLOW_DEPTH`; the forward stops there); each context token scores the largest attention it
   receives from any head of those layers, and that one score serves every layer and head (as
   surprisal's does), so ChunkKV keeps the same chunks on every layer; the prompt's first
   :data:`SHALLOW_SINK` tokens score the row's maximum (the copy queries ignore the prompt's head,
-  and a cache without it loses the chat template's opening). About half the forward of
-  ``"reconstruction"`` and a fraction of its scoring work.
+  and a cache without it loses the chat template's opening). About a quarter of the work of
+  ``"reconstruction"``.
 * ``"hybrid"``: surprisal plus shallow reconstruction, each divided by its row's largest value
   (so both count alike): a token scores high when it is unexpected *or* the copy heads need it.
   Costs both.
@@ -31,8 +31,10 @@ extra tokens never stay in it:
 Order of work (why this is not compress's per-layer hook): every layer's full cache is needed
 before scoring, because the scoring tokens attend over the whole context on every layer. So the
 context is prefilled with the full cache (:func:`chunkkv.multi.capture_prefill`), the scoring
-tokens run on a fork of it (the attention wrapper hands each leader layer's queries and keys to
-:func:`chunkkv.scoring.max_attention_scores`), and then every layer is selected and pruned from the
+tokens run on a fork of it (for each scored layer the attention wrapper lets the session compute
+the attention itself, :func:`chunkkv.scoring.attend_and_score`: one softmax gives the layer's
+output and the scores, so the model's own attention does not run beside it), and then every
+layer is selected and pruned from the
 capture (:func:`chunkkv.multi.compress_from_capture`: ChunkKV ranks whole chunks on the head-summed
 scores, reuse followers take their leader's indices and are not scored; per-head methods pick per
 head). Positions stay the original ones and the next-token logits are the prefill's.
@@ -47,11 +49,11 @@ pooling), so a fact is kept or dropped whole instead of being cut by a fixed 10-
 facts, the copy heads of shallow reconstruction the plainly worded ones.
 
 Cost: peak memory of a full-cache prefill; time of the prefill plus one forward pass over the
-scoring tokens (about the context's length for reconstruction) plus the scores themselves; for
-surprisal, the output projection over the prompt (0.2-0.36x the prefill for SmolLM2-135M on CPU,
-whose vocabulary projection is a quarter of its compute; less for larger models); for shallow
-reconstruction (and so the default), half the layers' forward over the context again plus the
-scores (hybrid: 1.7x the prefill at 1k, 2.5x at 2k, 3.9x at 4k for SmolLM2 on CPU, where attention dominates).
+scoring tokens (about the context's length for reconstruction); for surprisal, the output
+projection over the prompt (0.2-0.36x the prefill for SmolLM2-135M on CPU, whose vocabulary
+projection is a quarter of its compute; less for larger models); for shallow reconstruction, a
+quarter of the layers' forward over the context again (hybrid, the default: about 1x the
+prefill for SmolLM2 on CPU at 1k-4k; docs/question-agnostic.md has the measurements).
 """
 
 from __future__ import annotations
@@ -266,7 +268,7 @@ def agnostic_scores(
     Args:
         capture: a :class:`chunkkv.multi.PrefillCapture` of the context.
         scoring: ``"reconstruction"``, ``"shallow_reconstruction"`` (one score for every layer: the
-            max over the first half of the layers' heads; the forward stops there), ``"probe"``,
+            max over the first quarter of the layers' heads; the forward stops there), ``"probe"``,
             ``"surprisal"`` (read from the capture, which must be made with ``surprisal=True``; no
             forward pass) or ``"hybrid"`` (the last two, each over its row maximum).
         prompt: ``[n]`` token ids of the instruction (:func:`scoring_prompt`); reconstruction may

@@ -6,7 +6,9 @@ wrapper calls the original attention unchanged and adds two things:
 
 * **at prefill, inside :func:`compression_session`**: it sees the query states exactly as the model
   computed them (RoPE, q-norm, fused qkv … whatever the family does), so after the layer's own
-  attention it can score the prompt and prune the layer's cache;
+  attention it can score the prompt and prune the layer's cache; a session with an ``attend``
+  method may compute a layer's attention itself instead (a question-agnostic scoring pass does:
+  one softmax gives the output and the scores), and the model's own is then not run;
 * **when attending over a pruned layer** (any later forward, including stock ``generate``): it
   trims the shared mask to this layer's stored length (PyramidKV layers differ) and masks filler
   slots (rows that keep fewer tokens than the longest row);

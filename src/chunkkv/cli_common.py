@@ -42,7 +42,7 @@ def add_method_arguments(parser: argparse.ArgumentParser, default_method: str = 
     g.add_argument("--scoring", choices=list(SCORINGS),
                    help="how tokens are scored: window (the prompt's last tokens; the papers' setting), "
                         "reconstruction (attention while the model repeats the context; question-agnostic), "
-                        "shallow_reconstruction (the same through the first half of the layers, one score for all), "
+                        "shallow_reconstruction (the same through the first quarter of the layers, one score for all), "
                         "probe (attention from a generic question), surprisal (each token's negative log-likelihood), "
                         "hybrid (surprisal + shallow_reconstruction: the question-agnostic default); "
                         "see docs/question-agnostic.md")

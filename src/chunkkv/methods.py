@@ -96,7 +96,7 @@ class Method:
             the prompt's prefill on the full cache, whose extra tokens never stay in the cache:
             ``"reconstruction"``: the largest attention each token receives while the model
             repeats the context (KVzip's signal); ``"shallow_reconstruction"``: the same, run
-            through the first half of the layers only, one score (the max over their heads) for
+            through the first quarter of the layers only, one score (the max over their heads) for
             every layer and head; ``"probe"``: the attention a generic
             question-like prompt gives it; ``"surprisal"``: the token's negative log-likelihood
             given what precedes it (Selective Context's self-information; no extra tokens, the
