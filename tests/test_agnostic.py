@@ -9,7 +9,7 @@ import torch
 
 import chunkkv
 from chunkkv import H2O, ChunkKV, ChunkKVError, PromptError, PyramidKV, SnapKV, StreamingLLM
-from chunkkv.agnostic import SENTENCE_CHUNKS, agnostic_scores, leader_layers, shallow_layers
+from chunkkv.agnostic import SENTENCE_CHUNKS, _segments, agnostic_scores, leader_layers, shallow_layers
 from chunkkv.boundaries import boundary_token_ids
 from chunkkv.multi import capture_prefill
 from chunkkv.scoring import attend_and_score, max_attention_scores
@@ -109,18 +109,57 @@ def test_the_scoring_pass_equals_the_model_attention_path(llama, monkeypatch):
 
 # --- on a model -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("scoring", ["reconstruction", "shallow_reconstruction", "probe"])
-def test_scores_do_not_depend_on_the_block_size(llama, scoring):
+@pytest.mark.parametrize("chunk", [None, 20])
+def test_scores_do_not_depend_on_the_block_size(llama, scoring, chunk):
     _, ids, mask = _left_padded((50, 37, 44))
     capture = capture_prefill(llama, ids, mask, window=8)
-    one = agnostic_scores(llama, capture, scoring, [0, 1, 2, 3], PROMPT, block=10_000)
+    one = agnostic_scores(llama, capture, scoring, [0, 1, 2, 3], PROMPT, block=10_000, chunk=chunk)
     before = [layer.keys.clone() for layer in capture.cache.layers]
     for block in ((1, 7) if scoring == "probe" else (7, 16)):  # (shallow: the early stop in every block)
-        blocked = agnostic_scores(llama, capture, scoring, [0, 1, 2, 3], PROMPT, block=block)
+        blocked = agnostic_scores(llama, capture, scoring, [0, 1, 2, 3], PROMPT, block=block, chunk=chunk)
         for layer in range(4):
             torch.testing.assert_close(blocked[layer], one[layer], atol=1e-6, rtol=1e-5)
     # the capture's cache never sees the scoring tokens
     assert all(torch.equal(layer.keys, b) for layer, b in zip(capture.cache.layers, before))
     assert capture.cache.stored_lengths() == [50] * 4
+
+
+def test_reconstruction_segments_are_the_prompt_then_one_chunk_each():
+    ids = torch.arange(13)[None].repeat(2, 1)
+    mask = torch.ones(2, 13, dtype=torch.long)
+    mask[1, 10:] = 0  # row 1's context is shorter: right padding
+    segments = _segments(ids, mask, 3, 4)
+    assert [s[0][0].tolist() for s in segments] == [[0, 1, 2, 3, 4, 5, 6], [0, 1, 2, 7, 8, 9, 10], [0, 1, 2, 11, 12]]
+    assert segments[2][1].tolist() == [[1] * 5, [1, 1, 1, 0, 0]] and segments[1][1][1].tolist() == [1] * 6 + [0]
+    assert len(_segments(ids, mask, 3, 10)) == 1 and len(_segments(ids, mask, 3, None)) == 1
+
+
+def test_chunked_reconstruction_keeps_positions_near_the_context(llama):
+    """Each chunk starts again right after the context: positions never pass context + prompt + chunk,
+    and each chunk sees the context but not the chunks before it (the scores differ from one pass)."""
+    _, ids, mask = _left_padded((50, 37, 44))
+    capture = capture_prefill(llama, ids, mask, window=8)
+
+    def fed(chunk):  # (largest position, widest key mask) over the scoring forwards
+        calls = []
+        hook = llama.model.register_forward_pre_hook(
+            lambda m, a, k: calls.append((int(k["position_ids"].max()), k["attention_mask"].shape[-1])),
+            with_kwargs=True)
+        try:
+            scores = agnostic_scores(llama, capture, "reconstruction", [0, 3], PROMPT, block=8, chunk=chunk)
+        finally:
+            hook.remove()
+        return scores, max(c[0] for c in calls), max(c[1] for c in calls), len(calls)
+
+    chunked, position, keys, calls = fed(20)
+    assert (position, keys, calls) == (50 + 5 + 20 - 1, 50 + 5 + 20, 4 + 4 + 2)  # chunks of 25, 25, 15 tokens, blocks of 8
+    whole, position, keys, calls = fed(None)
+    assert (position, keys, calls) == (50 + 55 - 1, 50 + 55, 7)
+    # one chunk as long as the context is the unchunked pass
+    one = agnostic_scores(llama, capture, "reconstruction", [0, 3], PROMPT, block=8, chunk=50)
+    torch.testing.assert_close(one[3], whole[3])
+    with pytest.raises(PromptError, match="chunk=0 must be an int >= 1 or None"):
+        agnostic_scores(llama, capture, "reconstruction", [0], PROMPT, chunk=0)
 
 
 def test_reconstruction_tokens_are_not_in_the_cache(llama):

@@ -6,9 +6,12 @@ asked. The two alternatives here run *after* the context's prefill, on the full 
 extra tokens never stay in it:
 
 * ``"reconstruction"`` (KVzip's signal): the model is fed a "repeat the previous context" prompt
-  followed by the context itself, teacher-forced, in blocks of ``block`` tokens; each context token
-  scores the **largest** attention it receives from those queries, per KV head (max over the
-  group's query heads). A token the model must look at to reproduce the text scores high.
+  followed by the context itself, teacher-forced, :data:`RECONSTRUCTION_CHUNK` context tokens at a
+  time (KVzip's chunked form: each chunk follows the prompt on a fresh copy of the context's
+  cache, so the repeated tokens sit just past the context, inside the positions the model was
+  trained on), in forward passes of ``block`` tokens; each context token scores the **largest**
+  attention it receives from those queries, per KV head (max over the group's query heads). A
+  token the model must look at to reproduce the text scores high.
 * ``"shallow_reconstruction"``: the same reconstruction tokens, run through the **first quarter**
   of the layers only (:data:`SHALLOW_DEPTH`; the forward stops there); each context token scores the largest attention it
   receives from any head of those layers, and that one score serves every layer and head (as
@@ -83,6 +86,8 @@ PROMPTS = {
 _REDUCE = {"reconstruction": "max", "shallow_reconstruction": "max", "probe": "sum"}
 #: The share of the layers (the first ones, rounded up) that ``"shallow_reconstruction"`` runs and scores.
 SHALLOW_DEPTH = 0.25
+#: Context tokens repeated per reconstruction chunk (:func:`agnostic_scores`' ``chunk``).
+RECONSTRUCTION_CHUNK = 512
 #: ``"shallow_reconstruction"`` gives each row's first ``SHALLOW_SINK`` real tokens the row's largest
 #: score, so the prompt's head (the attention sink, a chat template's opening) is kept: the copy
 #: queries barely look at it, and a cache without it answers the question as more essay text.
@@ -253,6 +258,21 @@ def _scoring_tokens(
     return ids, mask
 
 
+def _segments(
+    ids: torch.Tensor, mask: torch.Tensor, n_prompt: int, chunk: int | None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The scoring tokens ``[B, R]`` as the segments fed one after another, each on a fresh fork of
+    the context's cache: the prompt's ``n_prompt`` tokens, then ``chunk`` tokens of the repeated
+    context (KVzip's chunked reconstruction). ``chunk=None``: one segment, everything."""
+    total = ids.shape[1]
+    if chunk is None or total - n_prompt <= chunk:
+        return [(ids, mask)]
+    head = slice(0, n_prompt)
+    return [(torch.cat([ids[:, head], ids[:, start:start + chunk]], dim=1),
+             torch.cat([mask[:, head], mask[:, start:start + chunk]], dim=1))
+            for start in range(n_prompt, total, chunk)]
+
+
 @torch.inference_mode()
 def agnostic_scores(
     model: torch.nn.Module,
@@ -261,6 +281,7 @@ def agnostic_scores(
     layers: list[int],
     prompt: torch.Tensor | None = None,
     block: int = 512,
+    chunk: int | None = RECONSTRUCTION_CHUNK,
 ) -> dict[int, torch.Tensor]:
     """Run the scoring tokens after a captured prefill and return ``{layer: [B, Hkv, T]}`` scores
     (padded coordinates, like window scores) for ``layers``. The capture's cache is not changed.
@@ -275,7 +296,14 @@ def agnostic_scores(
             run without one (the context is then repeated right after itself).
         block: scoring tokens per forward pass (memory O(block x context) per head; the scores do
             not depend on it).
+        chunk: reconstruction repeats the context ``chunk`` tokens at a time, each chunk after
+            the prompt on a fresh copy of the context's cache (KVzip's chunked form: the repeated
+            tokens never sit further than ``prompt + chunk`` past the context, so positions stay
+            near the trained range and each query attends over at most ``context + prompt +
+            chunk`` keys). The scores depend on it; None repeats the whole context at once.
     """
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise PromptError(f"chunk={chunk!r} must be an int >= 1 or None (context tokens repeated per chunk)")
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
         raise PromptError(f"scoring_block={block!r} must be an int >= 1 (scoring tokens per forward pass)")
     if scoring in NEEDS_SURPRISAL and capture.surprisal is None:
@@ -287,7 +315,7 @@ def agnostic_scores(
     if scoring == "hybrid":
         if not layers:
             return {}
-        copy = agnostic_scores(model, capture, "shallow_reconstruction", layers[:1], prompt, block)[layers[0]]
+        copy = agnostic_scores(model, capture, "shallow_reconstruction", layers[:1], prompt, block, chunk)[layers[0]]
         unexpected = capture.surprisal[:, None, :].clamp(min=0)
         mixed = copy / copy.amax(-1, keepdim=True).clamp(min=1e-12) + \
             unexpected / unexpected.amax(-1, keepdim=True).clamp(min=1e-12)
@@ -299,24 +327,27 @@ def agnostic_scores(
     ids, mask = _scoring_tokens(scoring, prompt, capture.input_ids, capture.attention_mask, capture.lengths)
     width = capture.input_ids.shape[1]
     device = ids.device
-    cache = capture.cache.fork()  # appending to the fork leaves the capture's tensors as they are
-    session = _ScoringSession(cache, set(scored), width, _REDUCE[scoring], stop_early=shallow)
+    session = _ScoringSession(None, set(scored), width, _REDUCE[scoring], stop_early=shallow)
     real = torch.tensor(capture.lengths, device=device)
-    padded = bool((capture.attention_mask == 0).any()) or bool((mask == 0).any())
+    n_prompt = 0 if prompt is None or scoring == "probe" else prompt.numel()
     from .attention import compression_session
 
-    for start in range(0, ids.shape[1], block):
-        stop = min(ids.shape[1], start + block)
-        seen = torch.cat([capture.attention_mask, mask[:, :stop]], dim=1)
-        session.key_valid = seen.bool() if padded else None
-        session.query_valid = mask[:, start:stop].bool() if padded else None
-        positions = real[:, None] + torch.arange(start, stop, device=device)[None, :]
-        with compression_session(session):
-            try:
-                model(input_ids=ids[:, start:stop], attention_mask=seen, position_ids=positions, cache=cache,
-                      use_cache=True, logits_to_keep=1)
-            except _ScoredEnough:
-                pass
+    for seg_ids, seg_mask in _segments(ids, mask, n_prompt, chunk if scoring != "probe" else None):
+        # each segment on a fresh fork (appending to it leaves the capture's tensors as they are)
+        cache = session.cache = capture.cache.fork()
+        padded = bool((capture.attention_mask == 0).any()) or bool((seg_mask == 0).any())
+        for start in range(0, seg_ids.shape[1], block):
+            stop = min(seg_ids.shape[1], start + block)
+            seen = torch.cat([capture.attention_mask, seg_mask[:, :stop]], dim=1)
+            session.key_valid = seen.bool() if padded else None
+            session.query_valid = seg_mask[:, start:stop].bool() if padded else None
+            positions = real[:, None] + torch.arange(start, stop, device=device)[None, :]
+            with compression_session(session):
+                try:
+                    model(input_ids=seg_ids[:, start:stop], attention_mask=seen, position_ids=positions, cache=cache,
+                          use_cache=True, logits_to_keep=1)
+                except _ScoredEnough:
+                    pass
     missing = [i for i in scored if i not in session.scores]
     if missing:
         raise UnsupportedModelError(f"layers {missing} did not go through chunkkv's attention during scoring")
