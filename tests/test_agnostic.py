@@ -9,7 +9,9 @@ import torch
 
 import chunkkv
 from chunkkv import H2O, ChunkKV, ChunkKVError, PromptError, PyramidKV, SnapKV, StreamingLLM
-from chunkkv.agnostic import SENTENCE_CHUNKS, _segments, agnostic_scores, leader_layers, shallow_layers
+from chunkkv.agnostic import (
+    SENTENCE_CHUNKS, _segments, agnostic_scores, auto_chunk, leader_layers, shallow_layers,
+)
 from chunkkv.boundaries import boundary_token_ids
 from chunkkv.multi import capture_prefill
 from chunkkv.scoring import attend_and_score, max_attention_scores
@@ -158,8 +160,35 @@ def test_chunked_reconstruction_keeps_positions_near_the_context(llama):
     # one chunk as long as the context is the unchunked pass
     one = agnostic_scores(llama, capture, "reconstruction", [0, 3], PROMPT, block=8, chunk=50)
     torch.testing.assert_close(one[3], whole[3])
-    with pytest.raises(PromptError, match="chunk=0 must be an int >= 1 or None"):
+    with pytest.raises(PromptError, match="chunk=0 must be an int >= 1, 'auto' or None"):
         agnostic_scores(llama, capture, "reconstruction", [0], PROMPT, chunk=0)
+
+
+def test_auto_chunk_fills_the_trained_positions(llama, monkeypatch):
+    from types import SimpleNamespace
+
+    import chunkkv.agnostic
+
+    eight_k = SimpleNamespace(max_position_embeddings=8192)
+    assert auto_chunk(eight_k, 1000, 12) == 7180  # a 1k context is repeated in one pass
+    assert auto_chunk(eight_k, 4105, 12) == 4075  # positions end at 8192
+    assert auto_chunk(eight_k, 8000, 12) == 512  # never shorter than RECONSTRUCTION_CHUNK
+    assert auto_chunk(SimpleNamespace(), 8000, 12) is None
+    # on a model: "auto" is the chunk the model's length allows
+    monkeypatch.setattr(chunkkv.agnostic, "RECONSTRUCTION_CHUNK", 8)
+    monkeypatch.setattr(llama.config, "max_position_embeddings", 50 + 5 + 20)
+    _, ids, mask = _left_padded((50, 37, 44))
+    capture = capture_prefill(llama, ids, mask, window=8)
+    positions = []
+    hook = llama.model.register_forward_pre_hook(
+        lambda m, a, k: positions.append(int(k["position_ids"].max())), with_kwargs=True)
+    try:
+        auto = agnostic_scores(llama, capture, "shallow_reconstruction", [0], PROMPT, block=16)
+    finally:
+        hook.remove()
+    assert max(positions) == 50 + 5 + 20 - 1 and len(positions) == 2 + 2 + 1  # chunks of 20, 20, 10
+    fixed = agnostic_scores(llama, capture, "shallow_reconstruction", [0], PROMPT, block=16, chunk=20)
+    torch.testing.assert_close(auto[0], fixed[0])
 
 
 def test_reconstruction_tokens_are_not_in_the_cache(llama):

@@ -86,7 +86,8 @@ PROMPTS = {
 _REDUCE = {"reconstruction": "max", "shallow_reconstruction": "max", "probe": "sum"}
 #: The share of the layers (the first ones, rounded up) that ``"shallow_reconstruction"`` runs and scores.
 SHALLOW_DEPTH = 0.25
-#: Context tokens repeated per reconstruction chunk (:func:`agnostic_scores`' ``chunk``).
+#: The fewest context tokens repeated per reconstruction chunk (:func:`agnostic_scores`' ``chunk``):
+#: chunks are as long as the model's trained positions allow, never shorter than this.
 RECONSTRUCTION_CHUNK = 512
 #: ``"shallow_reconstruction"`` gives each row's first ``SHALLOW_SINK`` real tokens the row's largest
 #: score, so the prompt's head (the attention sink, a chat template's opening) is kept: the copy
@@ -258,6 +259,20 @@ def _scoring_tokens(
     return ids, mask
 
 
+def auto_chunk(config, context_len: int, n_prompt: int) -> int | None:
+    """The reconstruction chunk ``chunk="auto"`` uses: as many context tokens as fit between the
+    context plus the prompt and the model's trained length (``max_position_embeddings``), at least
+    :data:`RECONSTRUCTION_CHUNK`; None (one pass) when the config gives no length.
+
+    Why: repeated in one pass, the copy of an 8k context sits at positions 8k-16k, past an 8k
+    model's trained range, and its attention there no longer finds the tokens it copies.
+    """
+    limit = getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or limit <= 0:
+        return None
+    return max(RECONSTRUCTION_CHUNK, limit - context_len - n_prompt)
+
+
 def _segments(
     ids: torch.Tensor, mask: torch.Tensor, n_prompt: int, chunk: int | None
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -281,7 +296,7 @@ def agnostic_scores(
     layers: list[int],
     prompt: torch.Tensor | None = None,
     block: int = 512,
-    chunk: int | None = RECONSTRUCTION_CHUNK,
+    chunk: int | str | None = "auto",
 ) -> dict[int, torch.Tensor]:
     """Run the scoring tokens after a captured prefill and return ``{layer: [B, Hkv, T]}`` scores
     (padded coordinates, like window scores) for ``layers``. The capture's cache is not changed.
@@ -298,12 +313,15 @@ def agnostic_scores(
             not depend on it).
         chunk: reconstruction repeats the context ``chunk`` tokens at a time, each chunk after
             the prompt on a fresh copy of the context's cache (KVzip's chunked form: the repeated
-            tokens never sit further than ``prompt + chunk`` past the context, so positions stay
-            near the trained range and each query attends over at most ``context + prompt +
-            chunk`` keys). The scores depend on it; None repeats the whole context at once.
+            tokens never sit further than ``prompt + chunk`` past the context, and each query
+            attends over at most ``context + prompt + chunk`` keys). ``"auto"``: the longest
+            chunk that keeps every position inside the model's ``max_position_embeddings``, at
+            least :data:`RECONSTRUCTION_CHUNK` (so a context shorter than half the trained
+            length is repeated in one pass); None: one pass. The scores depend on it.
     """
-    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
-        raise PromptError(f"chunk={chunk!r} must be an int >= 1 or None (context tokens repeated per chunk)")
+    if chunk != "auto" and chunk is not None and (
+            isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise PromptError(f"chunk={chunk!r} must be an int >= 1, 'auto' or None (context tokens repeated per chunk)")
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
         raise PromptError(f"scoring_block={block!r} must be an int >= 1 (scoring tokens per forward pass)")
     if scoring in NEEDS_SURPRISAL and capture.surprisal is None:
@@ -330,6 +348,8 @@ def agnostic_scores(
     session = _ScoringSession(None, set(scored), width, _REDUCE[scoring], stop_early=shallow)
     real = torch.tensor(capture.lengths, device=device)
     n_prompt = 0 if prompt is None or scoring == "probe" else prompt.numel()
+    if chunk == "auto":
+        chunk = auto_chunk(model.config, width, n_prompt)
     from .attention import compression_session
 
     for seg_ids, seg_mask in _segments(ids, mask, n_prompt, chunk if scoring != "probe" else None):
