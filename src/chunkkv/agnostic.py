@@ -55,8 +55,8 @@ Cost: peak memory of a full-cache prefill; time of the prefill plus one forward 
 scoring tokens (about the context's length for reconstruction); for surprisal, the output
 projection over the prompt (0.2-0.36x the prefill for SmolLM2-135M on CPU, whose vocabulary
 projection is a quarter of its compute; less for larger models); for shallow reconstruction, a
-quarter of the layers' forward over the context again (hybrid, the default: about 1x the
-prefill for SmolLM2 on CPU at 1k-4k; docs/question-agnostic.md has the measurements).
+quarter of the layers' forward over the context again (hybrid, the default: 0.76-1.10x the
+prefill for SmolLM2 on CPU at 1k-8k; docs/question-agnostic.md has the measurements).
 """
 
 from __future__ import annotations
