@@ -103,10 +103,10 @@ def encode(tok, document: str, question: str) -> tuple[torch.Tensor, torch.Tenso
 
 
 def configs(quick: bool, boundary_ids: frozenset[int] = frozenset(), variants: bool = False,
-            sentence_ids: frozenset[int] = frozenset(), tokenizer=None):
+            sentence_ids: frozenset[int] = frozenset(), tokenizer=None, kv256: bool = False):
     out = []
     budgets = [("f", 0.1), ("f", 0.2), ("f", 0.3), ("t", 128), ("t", 512)]
-    if not quick:
+    if not quick or kv256:
         budgets.append(("t", 256))
     for kind, value in budgets:
         b = {"keep_fraction": value} if kind == "f" else {"keep_tokens": value}
@@ -189,6 +189,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--kv256", action="store_true", help="also KV 256 with --quick (e.g. with --configs)")
     ap.add_argument("--variants", action="store_true", help="also surprisal with chunk 20 / pooling kernel 15 at 20 %%")
     ap.add_argument("--needles", choices=["test", "holdout"], default="test",
                     help="the 4 needles: the test set (default) or the held-out set (HOLDOUT_NEEDLES)")
@@ -217,7 +218,7 @@ def main() -> None:
     from chunkkv.boundaries import boundary_token_ids
 
     grid = configs(args.quick, boundary_token_ids(tok), args.variants,
-                   boundary_token_ids(tok, clauses=False) if args.sentence else frozenset(), tok)
+                   boundary_token_ids(tok, clauses=False) if args.sentence else frozenset(), tok, args.kv256)
     if args.configs:  # only the configs whose name starts with one of these (e.g. to add documents cheaply)
         wanted = tuple(args.configs.split(","))
         grid = [(m, s, meth) for m, s, meth in grid if f"{m}|{s}|{meth.budget.describe()}".startswith(wanted)]
