@@ -173,8 +173,8 @@ def scoring_prompt(
 class _ScoringSession:
     """The attention wrapper's session during the scoring pass: collect scores, never prune."""
 
-    def __init__(self, cache, layers: set[int], context_len: int, reduce: str, stop_early: bool = False) -> None:
-        self.cache = cache
+    def __init__(self, layers: set[int], context_len: int, reduce: str, stop_early: bool = False) -> None:
+        self.cache = None  # the fork the current segment appends to (set per segment)
         self.layers = layers
         # Stop the forward after the last scored layer: only valid when the pass's own output (its
         # logits, the later layers' cache) is not wanted, as in shallow reconstruction.
@@ -345,17 +345,18 @@ def agnostic_scores(
     ids, mask = _scoring_tokens(scoring, prompt, capture.input_ids, capture.attention_mask, capture.lengths)
     width = capture.input_ids.shape[1]
     device = ids.device
-    session = _ScoringSession(None, set(scored), width, _REDUCE[scoring], stop_early=shallow)
+    session = _ScoringSession(set(scored), width, _REDUCE[scoring], stop_early=shallow)
     real = torch.tensor(capture.lengths, device=device)
     n_prompt = 0 if prompt is None or scoring == "probe" else prompt.numel()
     if chunk == "auto":
         chunk = auto_chunk(model.config, width, n_prompt)
+    context_padded = bool((capture.attention_mask == 0).any())
     from .attention import compression_session
 
     for seg_ids, seg_mask in _segments(ids, mask, n_prompt, chunk if scoring != "probe" else None):
         # each segment on a fresh fork (appending to it leaves the capture's tensors as they are)
         cache = session.cache = capture.cache.fork()
-        padded = bool((capture.attention_mask == 0).any()) or bool((seg_mask == 0).any())
+        padded = context_padded or bool((seg_mask == 0).any())
         for start in range(0, seg_ids.shape[1], block):
             stop = min(seg_ids.shape[1], start + block)
             seen = torch.cat([capture.attention_mask, seg_mask[:, :stop]], dim=1)

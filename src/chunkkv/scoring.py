@@ -34,18 +34,29 @@ def _grouped_logits(
     return logits
 
 
+def _softmax(logits: torch.Tensor, key_valid: torch.Tensor | None) -> torch.Tensor:
+    """Softmax over keys with padding keys hidden (``logits`` is changed in place)."""
+    if key_valid is not None:
+        # finfo.min, not -inf: a padding query that sees only padding gets a finite row (then zeroed).
+        logits.masked_fill_(~key_valid[:, None, None, :], torch.finfo(logits.dtype).min)
+    return torch.softmax(logits, dim=-1)
+
+
+def _reduce_queries(
+    probs: torch.Tensor, query_valid: torch.Tensor | None, groups: int, reduce: str = "sum"
+) -> torch.Tensor:
+    """Zero the rows of padding queries, then sum (or max) over the stacked queries."""
+    if query_valid is not None:
+        probs = probs * query_valid.repeat(1, groups)[:, None, :, None]
+    return probs.amax(dim=2) if reduce == "max" else probs.sum(dim=2)
+
+
 def _finish(
     logits: torch.Tensor, key_valid: torch.Tensor | None, query_valid: torch.Tensor | None, groups: int,
     reduce: str = "sum",
 ) -> torch.Tensor:
     """Softmax over keys, zero the rows of padding queries, sum (or max) over the stacked queries."""
-    if key_valid is not None:
-        # finfo.min, not -inf: a padding query that sees only padding gets a finite row (then zeroed).
-        logits.masked_fill_(~key_valid[:, None, None, :], torch.finfo(logits.dtype).min)
-    probs = torch.softmax(logits, dim=-1)
-    if query_valid is not None:
-        probs = probs * query_valid.repeat(1, groups)[:, None, :, None]
-    return probs.amax(dim=2) if reduce == "max" else probs.sum(dim=2)
+    return _reduce_queries(_softmax(logits, key_valid), query_valid, groups, reduce)
 
 
 def _mask_future(logits: torch.Tensor, first: int, q_len: int, groups: int) -> None:
@@ -83,15 +94,10 @@ def attend_and_score(
     groups = n_q_heads // keys.shape[1]
     logits = _grouped_logits(queries, keys, scaling, softcap)  # [B, Hkv, G*q, S]
     _mask_future(logits, keys.shape[2] - q_len, q_len, groups)
-    if key_valid is not None:
-        logits.masked_fill_(~key_valid[:, None, None, :], torch.finfo(logits.dtype).min)
-    probs = torch.softmax(logits, dim=-1)
+    probs = _softmax(logits, key_valid)
     del logits
     out = torch.matmul(probs, values.float())  # [B, Hkv, G*q, dv]: query heads stacked as in the logits
-    seen = probs[..., :context_len]
-    if query_valid is not None:
-        seen = seen * query_valid.repeat(1, groups)[:, None, :, None]
-    scores = seen.amax(dim=2) if reduce == "max" else seen.sum(dim=2)
+    scores = _reduce_queries(probs[..., :context_len], query_valid, groups, reduce)
     return out.reshape(batch, n_q_heads, q_len, -1).to(queries.dtype), scores
 
 
@@ -147,9 +153,7 @@ def window_attention_scores(
     groups = queries.shape[1] // keys.shape[1]
     length = keys.shape[2]
     logits = _grouped_logits(queries, keys, scaling, softcap)  # [B, Hkv, G*w, T]
-    # Every window query sees the whole prefix; only the window's own keys need the causal mask.
-    future = torch.ones(win, win, dtype=torch.bool, device=keys.device).triu(1).repeat(groups, 1)
-    logits[..., length - win :].masked_fill_(future, torch.finfo(logits.dtype).min)
+    _mask_future(logits, length - win, win, groups)  # every window query sees the whole prefix
     query_valid = key_valid[:, -win:] if key_valid is not None else None
     return _finish(logits, key_valid, query_valid, groups) / (groups * win)
 
