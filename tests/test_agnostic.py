@@ -9,12 +9,15 @@ import torch
 
 import chunkkv
 from chunkkv import H2O, ChunkKV, ChunkKVError, PromptError, PyramidKV, SnapKV, StreamingLLM
-from chunkkv.agnostic import (
-    SENTENCE_CHUNKS, _segments, agnostic_scores, auto_chunk, leader_layers, shallow_layers,
-)
+from chunkkv.agnostic import SENTENCE_CHUNKS
 from chunkkv.boundaries import boundary_token_ids
-from chunkkv.multi import capture_prefill
+from chunkkv.capture import capture_prefill, layer_scores
+from chunkkv.pipeline import compress_from_capture
+from chunkkv.plan import leader_layers
+from chunkkv.scorers import Evidence, ReconstructionScorer, ScoringPass
 from chunkkv.scoring import attend_and_score, max_attention_scores
+from chunkkv.scoring_pass import auto_chunk
+from chunkkv.scoring_pass import segments as _segments
 
 from models import assert_decodes_like_truth, left_padded, tiny_model
 from models import random_prompt as _prompt
@@ -22,6 +25,14 @@ from models import random_prompt as _prompt
 
 def _left_padded(lengths, seed=20):
     return left_padded(lengths, seed)
+
+
+def agnostic_scores(model, capture, scoring, layers, prompt=None, block=512, chunk="auto"):
+    """``{layer: scores}`` of ``scoring`` on ``capture``, its scoring passes run afresh (not the
+    capture's cached evidence), with ``prompt`` as every pass's instruction."""
+    fresh = replace(capture, evidence=Evidence(surprisal=capture.surprisal), pass_seconds={},
+                    instructions=None if prompt is None else (lambda _text: prompt))
+    return layer_scores(fresh, scoring, layers, block=block, chunk=chunk)
 
 PROMPT = torch.tensor([11, 12, 13, 14, 15])
 
@@ -98,7 +109,7 @@ def test_attend_and_score_gives_the_attention_output_and_the_same_scores():
 def test_the_scoring_pass_equals_the_model_attention_path(llama, monkeypatch):
     """The scored layers' attention computed once (output and scores) changes nothing downstream:
     the same scores as running the model's own attention and scoring beside it."""
-    from chunkkv.agnostic import _ScoringSession
+    from chunkkv.scoring_pass import _ScoringSession
 
     _, ids, mask = _left_padded((50, 37, 44))
     capture = capture_prefill(llama, ids, mask, window=8)
@@ -167,7 +178,7 @@ def test_chunked_reconstruction_keeps_positions_near_the_context(llama):
 def test_auto_chunk_fills_the_trained_positions(llama, monkeypatch):
     from types import SimpleNamespace
 
-    import chunkkv.agnostic
+    import chunkkv.scoring_pass
 
     eight_k = SimpleNamespace(max_position_embeddings=8192)
     assert auto_chunk(eight_k, 1000, 12) == 7180  # a 1k context is repeated in one pass
@@ -175,7 +186,7 @@ def test_auto_chunk_fills_the_trained_positions(llama, monkeypatch):
     assert auto_chunk(eight_k, 8000, 12) == 512  # never shorter than RECONSTRUCTION_CHUNK
     assert auto_chunk(SimpleNamespace(), 8000, 12) is None
     # on a model: "auto" is the chunk the model's length allows
-    monkeypatch.setattr(chunkkv.agnostic, "RECONSTRUCTION_CHUNK", 8)
+    monkeypatch.setattr(chunkkv.scoring_pass, "RECONSTRUCTION_CHUNK", 8)
     monkeypatch.setattr(llama.config, "max_position_embeddings", 50 + 5 + 20)
     _, ids, mask = _left_padded((50, 37, 44))
     capture = capture_prefill(llama, ids, mask, window=8)
@@ -208,23 +219,26 @@ def test_reconstruction_tokens_are_not_in_the_cache(llama):
         assert ctx.stats.scoring_seconds > 0
     # reuse followers are not scored
     ctx = chunkkv.compress(llama, ids, mask, method=ChunkKV(keep_tokens=30, window=6, scoring="reconstruction",
-                                                            reuse_depth=2))
+                                                            reuse_depth=2), scoring_prompt=PROMPT)
     assert ctx.stats.scored_layers == [0, 2]
     assert torch.equal(ctx.cache.layers[1].kept_index, ctx.cache.layers[0].kept_index)
 
 
-def test_shallow_depth_is_the_first_quarter_of_the_layers_rounded_up():
+def test_shallow_depth_is_the_first_quarter_of_the_compressed_layers_rounded_up():
+    def shallow_layers(n, compressed=None):
+        return chunkkv.SCORERS["shallow_reconstruction"].scoring_pass.layers(compressed or list(range(n)), [])
+
     assert shallow_layers(30) == list(range(8)) and shallow_layers(32) == list(range(8))
     assert shallow_layers(28) == list(range(7)) and shallow_layers(4) == [0] and shallow_layers(1) == [0]
+    # a model with sliding-window layers (Gemma 3): a quarter of the layers that are compressed
+    assert shallow_layers(18, [5, 11, 17]) == [5]
 
 
-def test_shallow_reconstruction_is_the_max_over_the_first_layers_and_stops_there(llama, monkeypatch):
-    import chunkkv.agnostic
-
-    monkeypatch.setattr(chunkkv.agnostic, "SHALLOW_DEPTH", 0.5)  # two of the 4 layers: the max over layers counts
+def test_shallow_reconstruction_is_the_max_over_the_first_layers_and_stops_there(llama):
+    half = ReconstructionScorer(depth=0.5, sink=4)  # two of the 4 layers: the max over layers counts
     _, ids, mask = _left_padded((50, 37, 44))
     capture = capture_prefill(llama, ids, mask, window=8)
-    assert shallow_layers(len(capture.cache.layers)) == [0, 1]
+    assert half.scoring_pass.layers(capture.cache.pruned_layers, []) == [0, 1]
     full = agnostic_scores(llama, capture, "reconstruction", [0, 1, 2, 3], PROMPT, block=16)
     want = torch.maximum(full[0], full[1]).amax(dim=1)  # the largest over those layers and their heads
     for row, pad in enumerate((0, 13, 6)):  # each row's first 4 real tokens: the row's largest score
@@ -233,7 +247,7 @@ def test_shallow_reconstruction_is_the_max_over_the_first_layers_and_stops_there
     hooks = [layer.self_attn.register_forward_pre_hook(lambda m, a, i=i: calls.append(i))
              for i, layer in enumerate(llama.model.layers)]
     try:
-        shallow = agnostic_scores(llama, capture, "shallow_reconstruction", [0, 3], PROMPT, block=16)
+        shallow = agnostic_scores(llama, capture, half, [0, 3], PROMPT, block=16)
     finally:
         for h in hooks:
             h.remove()
@@ -243,7 +257,7 @@ def test_shallow_reconstruction_is_the_max_over_the_first_layers_and_stops_there
         torch.testing.assert_close(shallow[layer], want[:, None, :].expand_as(full[0]))
     # the forward stopped after the last scored layer in every block: layers 2 and 3 never ran
     assert set(calls) == {0, 1} and len(calls) == 2 * 4  # 4 blocks of 16 over 5 + 50 scoring tokens
-    assert agnostic_scores(llama, capture, "shallow_reconstruction", [], PROMPT) == {}
+    assert agnostic_scores(llama, capture, half, [], PROMPT) == {}
 
 
 def test_hybrid_is_surprisal_plus_shallow_reconstruction_each_over_its_row_max(llama):
@@ -263,7 +277,8 @@ def test_hybrid_is_surprisal_plus_shallow_reconstruction_each_over_its_row_max(l
 def test_reconstruction_changes_what_is_kept(llama):
     ids = _prompt(seed=3)
     window = chunkkv.compress(llama, ids, method=ChunkKV(keep_tokens=40, window=8))
-    recon = chunkkv.compress(llama, ids, method=ChunkKV(keep_tokens=40, window=8, scoring="reconstruction"))
+    recon = chunkkv.compress(llama, ids, method=ChunkKV(keep_tokens=40, window=8, scoring="reconstruction"),
+                             scoring_prompt=PROMPT)
     assert not torch.equal(window.cache.layers[0].kept_index, recon.cache.layers[0].kept_index)
     # the next-token logits are the prefill's, whatever the scoring
     torch.testing.assert_close(recon.next_logits, window.next_logits, atol=1e-5, rtol=1e-5)
@@ -312,7 +327,8 @@ def test_batched_rows_keep_what_they_keep_alone(llama, scoring):
 
 
 def test_saved_reconstruction_context_round_trips(llama, tmp_path):
-    ctx = chunkkv.compress(llama, _prompt(seed=6), method=ChunkKV(keep_tokens=30, window=8, scoring="reconstruction"))
+    ctx = chunkkv.compress(llama, _prompt(seed=6), method=ChunkKV(keep_tokens=30, window=8, scoring="reconstruction"),
+                           scoring_prompt=PROMPT)
     ctx.save(tmp_path / "c.ckv")
     loaded = chunkkv.load_context(tmp_path / "c.ckv", llama)
     assert loaded.method.scoring == "reconstruction" and loaded.stats.scoring_seconds == ctx.stats.scoring_seconds
@@ -330,11 +346,13 @@ def test_saved_sentence_chunk_context_round_trips(llama, tmp_path):
     assert torch.equal(chunkkv.extend(llama, loaded, q), chunkkv.extend(llama, ctx.fork(), q))
 
 
-def test_leader_layers_follow_the_reuse_schedule(llama):
-    capture = capture_prefill(llama, _prompt(), window=8)
-    assert leader_layers(ChunkKV(keep_tokens=30, window=8, reuse_depth=2), capture) == [0, 2]
-    assert leader_layers(SnapKV(keep_tokens=30, window=8), capture) == [0, 1, 2, 3]
-    assert leader_layers(ChunkKV(keep_tokens=500, window=8), capture) == []  # nothing to drop
+def test_leader_layers_follow_the_reuse_schedule():
+    def leaders(method):
+        return leader_layers(method, [120], 120, [0, 1, 2, 3], "cpu")
+
+    assert leaders(ChunkKV(keep_tokens=30, window=8, reuse_depth=2)) == [0, 2]
+    assert leaders(SnapKV(keep_tokens=30, window=8)) == [0, 1, 2, 3]
+    assert leaders(ChunkKV(keep_tokens=500, window=8)) == []  # nothing to drop
 
 
 def test_errors(llama):
@@ -343,26 +361,39 @@ def test_errors(llama):
         ChunkKV(keep_tokens=10, scoring="recon")
     with pytest.raises(ChunkKVError, match="streamingllm does not score tokens"):
         StreamingLLM(keep_tokens=10, scoring="reconstruction")
-    with pytest.raises(PromptError, match="scoring='probe' needs the probe's token ids"):
-        chunkkv.compress(llama, _prompt(), method=ChunkKV(keep_tokens=30, window=8, scoring="probe"))
+    # a scoring pass never runs without its instruction (it would score something else than its name says)
+    for scoring in ("probe", "reconstruction", "hybrid"):
+        with pytest.raises(PromptError, match=f"scoring='{scoring}' feeds the instruction .* pass tokenizer="):
+            chunkkv.compress(llama, _prompt(), method=ChunkKV(keep_tokens=30, window=8, scoring=scoring))
+    with pytest.raises(PromptError, match="the scoring pass has no tokens"):
+        chunkkv.compress(llama, _prompt(), method=ChunkKV(keep_tokens=30, window=8, scoring="probe"),
+                         scoring_prompt=torch.tensor([], dtype=torch.long))
     with pytest.raises(PromptError, match="scoring_block=0 must be an int >= 1"):
         chunkkv.compress(llama, _prompt(), method=ChunkKV(keep_tokens=30, window=8, scoring="reconstruction"),
-                         scoring_block=0)
+                         scoring_prompt=PROMPT, scoring_block=0)
     with pytest.raises(PromptError, match="window=8 is not shorter than the prompt"):
         chunkkv.compress(llama, _prompt(length=8), method=ChunkKV(keep_tokens=3, window=8, scoring="reconstruction"))
-    gemma = tiny_model("gemma3")
-    with pytest.raises(chunkkv.UnsupportedModelError, match="sliding-window layers"):
-        chunkkv.compress(gemma, _prompt(length=60), method=ChunkKV(keep_tokens=20, window=4, scoring="reconstruction"))
-    # the selection itself refuses to run without its scores
+    # the selection from a capture runs the pass itself, and refuses without an instruction
     capture = capture_prefill(llama, _prompt(), window=8)
-    from chunkkv.multi import compress_from_capture
-
-    with pytest.raises(ChunkKVError, match="needs its scoring pass"):
+    with pytest.raises(PromptError, match="feeds the instruction"):
         compress_from_capture(capture, ChunkKV(keep_tokens=30, window=8, scoring="reconstruction"))
     broken = tiny_model("llama")
     broken.get_output_embeddings = lambda: None  # a model that hides its output projection
     with pytest.raises(chunkkv.UnsupportedModelError, match="output projection"):
         chunkkv.compress(broken, _prompt(), method=ChunkKV(keep_tokens=30, window=8, scoring="surprisal"))
+
+
+def test_agnostic_scoring_on_a_model_with_sliding_window_layers():
+    """Gemma 3's mix: the sliding layers (window shorter than the prompt) stay as they are, the full
+    layers are scored (shallow: the first quarter of them) and compressed."""
+    gemma = tiny_model("gemma3", sliding_window=16)
+    ids = _prompt(length=60)
+    for scoring in ("reconstruction", "shallow_reconstruction", "hybrid"):
+        ctx = chunkkv.compress(gemma, ids, method=ChunkKV(keep_tokens=20, window=4, scoring=scoring),
+                               scoring_prompt=PROMPT)
+        assert ctx.cache.pruned_layers == [1, 3]
+        assert [len(ctx.kept_positions(i)) for i in (1, 3)] == [20, 20]
+        assert ctx.cache.stored_lengths()[0] <= 16  # a sliding layer holds its window
 
 
 def test_surprisal_is_each_tokens_negative_log_likelihood(llama):
@@ -490,9 +521,10 @@ def test_question_agnostic_default_and_bounded_memory(llama):
     assert agnostic_method(chunkkv.KVPressChunkKV(remove_fraction=0.5), tokenizer=tok).chunking == "fixed"
     with pytest.raises(PromptError, match="cannot be combined with prefill_chunk"):
         chunkkv.compress(llama, _prompt(), method=ChunkKV(keep_tokens=40, window=8, scoring="reconstruction"),
-                         prefill_chunk=32)
+                         prefill_chunk=32, scoring_prompt=PROMPT)
     # a reconstruction-scored context decodes under a decode budget (re-selection uses the window)
-    ctx = chunkkv.compress(llama, _prompt(seed=8), method=ChunkKV(keep_tokens=40, window=8, scoring="reconstruction"))
+    ctx = chunkkv.compress(llama, _prompt(seed=8), method=ChunkKV(keep_tokens=40, window=8, scoring="reconstruction"),
+                           scoring_prompt=PROMPT)
     chunkkv.generation.set_decode_budget(ctx, 40, 4)
     tokens = chunkkv.continue_from(llama, ctx, _prompt(1, 3, seed=9), chunkkv.Sampling(max_new_tokens=12))
     assert tokens.shape == (1, 12) and max(ctx.cache.stored_lengths()) <= 44

@@ -9,7 +9,8 @@ import chunkkv
 from chunkkv import selection as sel
 from chunkkv.boundaries import boundary_token_ids
 from chunkkv.errors import ChunkKVError
-from chunkkv.multi import capture_prefill, compress_from_capture
+from chunkkv.capture import capture_prefill
+from chunkkv.pipeline import compress_from_capture
 
 from models import VOCAB, tiny_model
 

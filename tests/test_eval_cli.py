@@ -237,7 +237,7 @@ def test_shared_context_is_compressed_once_with_the_same_answers(model_dir, tmp_
     run_eval(model, tok, out_dir=str(tmp_path / "reuse"), **kw)
     assert len(calls) == 1
 
-    def fresh(self, context_ids, keep):
+    def fresh(self, context_ids, keep, chat):
         return real(self.model, torch.tensor([context_ids]), method=self.method)
 
     monkeypatch.setattr(Generator, "_compressed", fresh)
@@ -260,11 +260,11 @@ def test_several_methods_share_one_prefill_per_sample_with_the_same_results(mode
     for query_aware in (False, True):
         config = chunkkv.evaluation.EvalConfig(out_dir=str(tmp_path / f"many{query_aware}"), query_aware=query_aware, **kw)
         captures = []
-        real = chunkkv.evaluation.runner.capture_prefill
-        monkeypatch.setattr(chunkkv.evaluation.runner, "capture_prefill",
+        real = chunkkv.evaluation.runner.prefill
+        monkeypatch.setattr(chunkkv.evaluation.runner, "prefill",
                             lambda *a, **k: captures.append(1) or real(*a, **k))
         many = run_eval_many(model, tok, config, methods)
-        monkeypatch.setattr(chunkkv.evaluation.runner, "capture_prefill", real)
+        monkeypatch.setattr(chunkkv.evaluation.runner, "prefill", real)
         assert len(captures) == 2  # two samples, one prefill each for the three methods
         for name, method in methods.items():
             alone = run_eval(model, tok, out_dir=str(tmp_path / f"alone{query_aware}{name}"), method=method,
@@ -276,10 +276,10 @@ def test_several_methods_share_one_prefill_per_sample_with_the_same_results(mode
             assert many[name]["samples"] == alone["samples"] == 2
         # resumes: nothing left to do, no prefill
         captures.clear()
-        monkeypatch.setattr(chunkkv.evaluation.runner, "capture_prefill",
+        monkeypatch.setattr(chunkkv.evaluation.runner, "prefill",
                             lambda *a, **k: captures.append(1) or real(*a, **k))
         run_eval_many(model, tok, config, methods)
-        monkeypatch.setattr(chunkkv.evaluation.runner, "capture_prefill", real)
+        monkeypatch.setattr(chunkkv.evaluation.runner, "prefill", real)
         assert captures == []
 
 

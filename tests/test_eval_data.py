@@ -14,7 +14,7 @@ from test_eval_support import FIXTURES, build_tokenizer
 from chunkkv.errors import ChunkKVError
 from chunkkv.evaluation.cli import parse_grid
 from chunkkv.evaluation.distributed import Shard, shard_info
-from chunkkv.evaluation.prompting import encode_prompt
+from chunkkv.prompting import encode_prompt
 from chunkkv.evaluation.runner import EvalConfig
 from chunkkv.evaluation.store import RecordStore, read_jsonl
 from chunkkv.evaluation.tasks import build_task, gsm8k, jailbreakv, longbench, niah

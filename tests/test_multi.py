@@ -8,7 +8,8 @@ import torch
 import chunkkv
 from chunkkv import ChunkKV, FullKV, H2O, PyramidKV, SnapKV, StreamingLLM
 from chunkkv.errors import ChunkKVError
-from chunkkv.multi import capture_prefill, compress_from_capture
+from chunkkv.capture import capture_prefill
+from chunkkv.pipeline import compress_from_capture
 
 from models import VOCAB, tiny_model
 
@@ -114,7 +115,7 @@ def test_capture_refuses_what_it_cannot_serve(llama):
 
 
 def test_stacked_contexts_decode_as_each_alone(llama):
-    from chunkkv.multi import stack_contexts
+    from chunkkv.context import stack_contexts
 
     ids, mask = _batch((100,), seed=6)
     question = _batch((4,), seed=7)[0]
@@ -134,7 +135,7 @@ def test_stacked_contexts_decode_as_each_alone(llama):
 
 
 def test_prefix_of_a_capture_equals_compressing_the_prefix(llama):
-    from chunkkv.multi import capture_prefix
+    from chunkkv.capture import capture_prefix
 
     ids, mask = _batch((110,), seed=11)
     question = ids[:, 96:]

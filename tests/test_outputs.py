@@ -236,7 +236,8 @@ CLI_ERRORS = [
     ([*EVAL, "--task", "niah", "--out", "{tmp}/e", "--device", "cuda:99"], "--device cuda:99: "),
     (["bench", "--model", "/no/such/model", "--out", "{tmp}/b", "--device", "tpu"], "--device 'tpu' is not a device"),
     # budget and task before the model loads (the model path does not exist)
-    (["eval", "--model", "/no/such/model", "--task", "niah", "--out", "{tmp}/e"], "--method chunkkv needs a budget"),
+    (["eval", "--model", "/no/such/model", "--task", "niah", "--out", "{tmp}/e", "--chunk-size", "0"],
+     "chunk_size=0 must be a positive int"),
     ([*EVAL, "--task", "nope", "--out", "{tmp}/e"], "unknown task 'nope'"),
     ([*EVAL[:4], "snapkv", "--keep-fraction", "3", "--task", "niah", "--out", "{tmp}/e"], "keep_fraction=3.0 is out of range"),
 ]

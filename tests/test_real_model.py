@@ -26,7 +26,7 @@ QUESTION = "What is the secret ingredient of the Harbor Cafe's soup?"
 
 
 def _needle_prompt(tokenizer, tokens: int, depth: float):
-    from chunkkv.evaluation.prompting import render_prompt
+    from chunkkv.prompting import render_prompt
     from chunkkv.haystack import paul_graham_text
 
     text = paul_graham_text(min_chars=6 * tokens)
@@ -41,7 +41,8 @@ def test_needle_at_2k_with_full_cache_and_chunkkv_10pct(smollm2):
     """A pipeline check on one 2k-token document (needle at 80 % depth) where both answer; how often
     each method answers across lengths and depths is measured in docs/quality.md (at 10 % ChunkKV
     misses on this small model at some depths)."""
-    from chunkkv.multi import capture_prefill, compress_from_capture
+    from chunkkv.capture import capture_prefill
+    from chunkkv.pipeline import compress_from_capture
 
     model, tokenizer = smollm2
     ids = _needle_prompt(tokenizer, 2000, 80.0)

@@ -6,38 +6,50 @@ Quick start::
     method = chunkkv.ChunkKV(keep_fraction=0.1, chunk_size=10, reuse_depth=2)
     ctx = chunkkv.compress(model, input_ids, method=method)      # compressed cache + next logits
     out = model.generate(torch.cat([input_ids, question_ids], 1), cache=ctx.cache, max_new_tokens=32)
+
+The public names are loaded on first use (PEP 562), so ``import chunkkv`` and the command line's
+``--help`` do not pay for importing torch and transformers.
 """
 
-from .attention import attach, detach
-from .budget import Budget, pyramid_budgets
-from .cache import ChunkKVCache, PrunedLayer
-from .compress import CompressedContext, CompressionStats, compress
-from .errors import BudgetError, ChunkKVError, PromptError, UnsupportedModelError
-from .generation import GenerationResult, Sampling, continue_from, extend, generate, set_decode_budget
-from .persist import ContextFileError, load_context
-from .recompress import DecodeBudget
-from .pretrained import load_pretrained
-from .methods import (
-    H2O,
-    METHODS,
-    ChunkKV,
-    FullKV,
-    KVPressChunkKV,
-    KVPressSnapKV,
-    Method,
-    PyramidKV,
-    SnapKV,
-    StreamingLLM,
-    make_method,
-)
-from .multi import PrefillCapture, capture_prefill, compress_from_capture
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "H2O", "METHODS", "Budget", "BudgetError", "ChunkKV", "ChunkKVCache", "ChunkKVError", "CompressedContext",
-    "CompressionStats", "FullKV", "GenerationResult", "KVPressChunkKV", "KVPressSnapKV", "Method", "PromptError",
-    "PrefillCapture", "PrunedLayer", "PyramidKV", "Sampling", "SnapKV", "StreamingLLM", "UnsupportedModelError", "attach",
-    "ContextFileError", "capture_prefill", "compress", "compress_from_capture", "continue_from", "load_context", "detach", "extend", "generate", "load_pretrained", "make_method", "pyramid_budgets",
-    "DecodeBudget", "set_decode_budget",
-]
+#: public name -> the module that defines it
+_EXPORTS = {
+    "attach": "attention", "detach": "attention",
+    "Budget": "budget", "pyramid_budgets": "budget",
+    "ChunkKVCache": "cache", "PrunedLayer": "cache",
+    "CompressedContext": "context", "CompressionStats": "context", "load_context": "context",
+    "stack_contexts": "context",
+    "compress": "pipeline", "compress_from_capture": "pipeline", "prefill": "pipeline",
+    "PrefillCapture": "capture", "capture_prefill": "capture",
+    "BudgetError": "errors", "ChunkKVError": "errors", "PromptError": "errors", "UnsupportedModelError": "errors",
+    "GenerationResult": "generation", "Sampling": "generation", "continue_from": "generation", "extend": "generation",
+    "generate": "generation", "set_decode_budget": "generation",
+    "ContextFileError": "persist",
+    "DecodeBudget": "recompress",
+    "load_pretrained": "pretrained",
+    "H2O": "methods", "METHODS": "methods", "ChunkKV": "methods", "FullKV": "methods", "KVPressChunkKV": "methods",
+    "KVPressSnapKV": "methods", "Method": "methods", "PyramidKV": "methods", "SnapKV": "methods",
+    "StreamingLLM": "methods", "make_method": "methods",
+    "SCORERS": "scorers", "Scorer": "scorers",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'chunkkv' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

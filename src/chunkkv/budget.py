@@ -25,6 +25,9 @@ from dataclasses import dataclass
 
 from .errors import BudgetError
 
+#: The budget every command uses when none is given: keep 10 % of the prompt (the paper's setting).
+DEFAULT_KEEP_FRACTION = 0.1
+
 
 @dataclass(frozen=True)
 class Budget:

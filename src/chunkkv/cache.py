@@ -28,6 +28,7 @@ from transformers.cache_utils import (
 )
 
 from .errors import UnsupportedModelError
+from .recompress import DecodeBudget
 
 _last_update = threading.local()
 
@@ -253,8 +254,6 @@ class ChunkKVCache(Cache):
         The budget lives on the cache, so it also applies under stock ``model.generate(...,
         cache=cache)`` (the model must be attached: :func:`chunkkv.attach`).
         """
-        from .recompress import DecodeBudget  # recompress imports this module
-
         policy = DecodeBudget.build(method, keep, every, self.pruned_layers)
         for i in self.pruned_layers:
             layer = self.layers[i]
@@ -268,7 +267,7 @@ class ChunkKVCache(Cache):
             self.layers[i].recent_queries = None
 
     @property
-    def decode_budget(self):
+    def decode_budget(self) -> DecodeBudget | None:
         """The active :class:`chunkkv.recompress.DecodeBudget`, or None."""
         for i in self.pruned_layers:
             return self.layers[i].bound

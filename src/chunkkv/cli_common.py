@@ -19,8 +19,10 @@ from typing import Iterator, Sequence
 
 import torch
 
+from .budget import DEFAULT_KEEP_FRACTION
 from .errors import ChunkKVError
-from .methods import METHODS, SCORINGS, Method, make_method
+from .methods import METHODS, Method, make_method
+from .scorers import SCORINGS
 
 
 def add_method_arguments(parser: argparse.ArgumentParser, default_method: str = "chunkkv") -> None:
@@ -28,23 +30,28 @@ def add_method_arguments(parser: argparse.ArgumentParser, default_method: str = 
     g = parser.add_argument_group("compression")
     g.add_argument("--method", default=default_method, help=f"one of {', '.join(METHODS)} (default: {default_method})")
     budget = g.add_mutually_exclusive_group()
-    budget.add_argument("--keep-fraction", type=float, help="share of the prompt KEPT per layer, e.g. 0.1")
+    budget.add_argument("--keep-fraction", type=float,
+                        help=f"share of the prompt KEPT per layer, e.g. 0.1 (the default budget of every command: "
+                             f"{DEFAULT_KEEP_FRACTION:g})")
     budget.add_argument("--keep-tokens", type=int, help="prompt tokens kept per layer, e.g. 128")
     budget.add_argument(
         "--remove-fraction", type=float, help="share REMOVED per layer (kvpress's compression_ratio), e.g. 0.9"
     )
-    g.add_argument("--window", type=int, help="observation window (tokens); default: the method's")
-    g.add_argument("--chunk-size", type=int, help="ChunkKV chunk size (default 10)")
-    g.add_argument("--reuse-depth", help="layer-wise index reuse depth: 1 = off, 2 = paper, 'all'")
+    g.add_argument("--window", type=int, help="observation window (tokens); default: the method's (32)")
+    g.add_argument("--chunk-size", type=int,
+                   help="ChunkKV chunk size (default 10 when the question ends the prompt; compressed before the "
+                        "question: one chunk per sentence of at most 30 tokens, unless a chunk flag is given)")
+    g.add_argument("--reuse-depth", help="layer-wise index reuse depth: 1 = off (default), 2 = paper, 'all'")
     g.add_argument("--pooling", choices=["none", "avg", "max"], help="score pooling (default: the method's)")
     g.add_argument("--kernel", type=int, help="pooling kernel size")
     g.add_argument("--n-sink", type=int, help="StreamingLLM sink tokens (default 4)")
     g.add_argument("--scoring", choices=list(SCORINGS),
-                   help="how tokens are scored: window (the prompt's last tokens; the papers' setting), "
-                        "reconstruction (attention while the model repeats the context; question-agnostic), "
-                        "shallow_reconstruction (the same through the first quarter of the layers, one score for all), "
-                        "probe (attention from a generic question), surprisal (each token's negative log-likelihood), "
-                        "hybrid (surprisal + shallow_reconstruction: the question-agnostic default); "
+                   help="where token scores come from (default: window when the question ends the prompt, "
+                        "hybrid when the context is compressed before the question): window (the prompt's last "
+                        "tokens; the papers' setting), reconstruction (attention while the model repeats the "
+                        "context), shallow_reconstruction (the same through the first quarter of the layers, one "
+                        "score for all), probe (attention from a generic question), surprisal (each token's "
+                        "negative log-likelihood), hybrid (surprisal + shallow_reconstruction); "
                         "see docs/question-agnostic.md")
     m = parser.add_argument_group("bounded memory (docs/memory.md)")
     m.add_argument(
@@ -87,7 +94,8 @@ def bounds_from_args(args: argparse.Namespace, method: Method | None = None) -> 
 
 
 def method_from_args(args: argparse.Namespace, num_layers: int | None = None, notice: bool = True) -> Method:
-    """Build the method the flags describe; ``--reuse-depth all`` needs ``num_layers``.
+    """Build the method the flags describe; ``--reuse-depth all`` needs ``num_layers``. Without a
+    budget flag a compressing method keeps :data:`chunkkv.budget.DEFAULT_KEEP_FRACTION`.
 
     With ``notice``, says on stdout when ``--method full`` is given a budget (which it ignores).
     """
@@ -109,18 +117,28 @@ def method_from_args(args: argparse.Namespace, num_layers: int | None = None, no
                 params["reuse_depth"] = int(depth)
             except ValueError:
                 raise ChunkKVError(f"--reuse-depth {depth!r} must be an integer >= 1 or 'all'") from None
-    budgets = [k for k in ("keep_fraction", "keep_tokens", "remove_fraction") if k in params]
+    budgets = [k for k in _BUDGETS if k in params]
     if str(args.method).lower().replace("_", "").replace(" ", "") in ("full", "none", "fullkv"):
         if budgets and notice:
             flags = ", ".join("--" + k.replace("_", "-") for k in budgets)
             print(f"note: --method {args.method} keeps every token, so {flags} has no effect (nothing is compressed)")
         return make_method("full")
-    if not any(k in params for k in ("keep_fraction", "keep_tokens", "remove_fraction")):
-        raise ChunkKVError(
-            f"--method {args.method} needs a budget: --keep-fraction F (share kept), --keep-tokens N, "
-            "or --remove-fraction R (share removed, kvpress's compression_ratio)"
-        )
+    if not budgets:
+        params["keep_fraction"] = DEFAULT_KEEP_FRACTION
     return make_method(args.method, **params)
+
+
+def method_as_run(method: Method | None, args: argparse.Namespace, tokenizer, *, query_aware: bool) -> Method | None:
+    """The method a command runs: compressed before the question, a scoring method gets the
+    question-agnostic default (:func:`chunkkv.agnostic.agnostic_method`) unless ``--scoring`` is given,
+    and its sentence chunks unless a chunk flag is given. Query-aware runs keep the method."""
+    from .agnostic import agnostic_method
+
+    if query_aware or method is None:
+        return method
+    chunk_flags = any(getattr(args, name, None) is not None for name in ("chunk_size", "pooling", "kernel"))
+    return agnostic_method(method, getattr(args, "scoring", None), getattr(args, "prefill_chunk", None) is None,
+                           tokenizer, chunking=not chunk_flags)
 
 
 TESTBED = "testbed"  # the --model value that means "the shipped testbed model"
@@ -275,13 +293,12 @@ def token_counts(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers (8192 or 8k), got {text!r}") from None
 
 
-def methods_from_args(args: argparse.Namespace, names: Sequence[str], num_layers: int | None = None,
-                      default_keep_fraction: float | None = 0.1) -> list:
+def methods_from_args(args: argparse.Namespace, names: Sequence[str], num_layers: int | None = None) -> list:
     """One method per name with the shared budget and only the settings each method has.
 
-    Without a budget flag every compressing method keeps ``default_keep_fraction`` (None: the
-    budget is required). The kvpress presets take the budget as ``remove_fraction``; a
-    ``--keep-fraction F`` is passed to them as ``remove_fraction = 1 - F``.
+    Without a budget flag every compressing method keeps :data:`chunkkv.budget.DEFAULT_KEEP_FRACTION`.
+    The kvpress presets take the budget as ``remove_fraction``; a ``--keep-fraction F`` is passed to
+    them as ``remove_fraction = 1 - F``.
     """
     methods = []
     for name in names:
@@ -293,8 +310,8 @@ def methods_from_args(args: argparse.Namespace, names: Sequence[str], num_layers
             if fname not in known or (fname == "reuse_depth" and not cls.shared_across_heads) or (
                     fname == "scoring" and not cls.scores_tokens):
                 setattr(ns, flag, None)
-        if all(getattr(ns, b, None) is None for b in _BUDGETS) and cls.name != "full" and default_keep_fraction is not None:
-            ns.keep_fraction = default_keep_fraction
+        if all(getattr(ns, b, None) is None for b in _BUDGETS) and cls.name != "full":
+            ns.keep_fraction = DEFAULT_KEEP_FRACTION
         for b in _BUDGETS:
             if not hasattr(ns, b):
                 setattr(ns, b, None)
@@ -320,7 +337,7 @@ def prompt_parts(tokenizer, context: str, question: str | None, separator: str, 
     the template's prefix and the question text its end of turn and assistant header; ``special``
     says whether the tokenizer should add its own special tokens to the context (raw text only).
     ``question=None`` gives the context alone (no question follows)."""
-    from .evaluation.prompting import chat_template_available, render_prompt
+    from .prompting import chat_template_available, render_prompt
 
     use_chat = mode == "on" or (mode == "auto" and chat_template_available(tokenizer))
     if use_chat and not chat_template_available(tokenizer):

@@ -13,9 +13,12 @@ from dataclasses import dataclass, field, replace
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from .compress import CompressedContext, compress
+from .agnostic import agnostic_method
+from .pipeline import compress
+from .context import CompressedContext
 from .errors import ChunkKVError, PromptError
 from .methods import ChunkKV, Method
+from .prompting import chat_template_available, render_prompt
 
 
 @dataclass(frozen=True)
@@ -204,13 +207,19 @@ class Answer:
 
 @dataclass
 class GenerationResult:
-    """Output of :func:`generate`."""
+    """Output of :func:`generate`.
+
+    ``context``: the compressed context the answers were decoded on (question-agnostic: the one
+    shared by every question; query-aware: the last question's), e.g. to inspect
+    ``context.kept_positions(layer)`` or ``context.save(path)``.
+    """
 
     answers: list[Answer]
     kept_tokens: dict[int, list[int]] = field(default_factory=dict)
     prompt_tokens: list[int] = field(default_factory=list)
     cache_bytes: int = 0
     compress_seconds: float = 0.0
+    context: CompressedContext | None = None
 
 
 def _encode(tokenizer, texts: list[str], device, add_special_tokens: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -273,8 +282,6 @@ def generate(
     sampling = sampling or Sampling()
     if sampling.eos_token_id is None and tokenizer.eos_token_id is not None:
         sampling = Sampling(**{**sampling.__dict__, "eos_token_id": tokenizer.eos_token_id})
-    from .evaluation.prompting import chat_template_available, render_prompt  # evaluation imports this module
-
     device = next(model.parameters()).device
     use_chat = chat_template_available(tokenizer) if chat_template is None else bool(chat_template)
     if use_chat and not chat_template_available(tokenizer):
@@ -286,18 +293,15 @@ def generate(
     result = GenerationResult(answers=[])
     shared = None
     if not query_aware:
-        from .agnostic import PROMPTS, agnostic_method, scoring_prompt
-
         method = agnostic_method(method, scoring, prefill_chunk is None, tokenizer)
-        prompt = None
-        if method is not None and method.scoring in PROMPTS:  # the scorings that feed a prompt
-            prompt = scoring_prompt(tokenizer, method.scoring, chat=use_chat)
         heads = [split(c, qs[0])[0] for c in contexts]  # the context part does not depend on the question
         ids, mask = _encode(tokenizer, heads, device, add_special_tokens=not use_chat)
-        shared = compress(model, ids, mask, method, prefill_chunk=prefill_chunk, scoring_prompt=prompt)
+        shared = compress(model, ids, mask, method, prefill_chunk=prefill_chunk, tokenizer=tokenizer,
+                          chat_template=use_chat)
         result.kept_tokens, result.prompt_tokens = shared.stats.kept, shared.stats.prompt_lengths
         result.cache_bytes = shared.cache.nbytes()
-        result.compress_seconds = shared.stats.prefill_seconds
+        result.compress_seconds = shared.stats.prefill_seconds + shared.stats.scoring_seconds
+        result.context = shared
     if query_aware and scoring is not None and method is not None and method.scoring != scoring:
         method = replace(method, scoring=scoring)
     for question in qs:
@@ -305,10 +309,12 @@ def generate(
         if query_aware:
             ids, mask = _encode(tokenizer, ["".join(split(c, question)) for c in contexts], device,
                                 add_special_tokens=not use_chat)
-            ctx = compress(model, ids, mask, method, prefill_chunk=prefill_chunk)
+            ctx = compress(model, ids, mask, method, prefill_chunk=prefill_chunk, tokenizer=tokenizer,
+                           chat_template=use_chat)
             result.kept_tokens, result.prompt_tokens = ctx.stats.kept, ctx.stats.prompt_lengths
             result.cache_bytes = max(result.cache_bytes, ctx.cache.nbytes())
-            result.compress_seconds += ctx.stats.prefill_seconds
+            result.compress_seconds += ctx.stats.prefill_seconds + ctx.stats.scoring_seconds
+            result.context = ctx
             tokens = continue_from(model, ctx, None, sampling, decode_budget=decode_budget, compress_every=compress_every)
         else:
             tail = split(contexts[0], question)[1]

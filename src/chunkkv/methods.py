@@ -25,58 +25,14 @@ import torch
 from . import selection as sel
 from .budget import Budget, pyramid_budgets
 from .errors import BudgetError, ChunkKVError
-from .scoring import accumulated_attention_scores, window_attention_scores
+from .scorers import SCORERS, SCORINGS, AccumulatedScorer, LayerInputs, Scorer, WindowScorer, resolve_scorer
+
+__all__ = ["METHODS", "SCORINGS", "ChunkKV", "FullKV", "H2O", "KVPressChunkKV", "KVPressSnapKV", "LayerInputs", "Method",
+           "PyramidKV", "SnapKV", "StreamingLLM", "make_method"]
 
 POOLINGS = ("none", "avg", "max")
 CHUNK_REDUCES = ("mean", "sum", "sqrt_mean")
 SEGMENTATIONS = ("fixed", "aligned", "sentence")
-#: Where token scores come from (see ``Method.scoring``).
-SCORINGS = ("window", "reconstruction", "shallow_reconstruction", "probe", "surprisal", "hybrid")
-
-
-@dataclass
-class LayerInputs:
-    """What a method sees for one layer at prefill.
-
-    Attributes:
-        queries: ``[B, Hq, T, d]`` query states of the whole prompt (post RoPE / q-norm).
-        keys: ``[B, Hkv, T, d]`` key states of the whole prompt.
-        scaling: softmax scale used by the model; ``softcap``: logit soft-cap or None.
-        key_valid: ``[B, T]`` bool, False at left padding (None = no padding).
-        lengths: ``[B]`` real tokens per row; ``pad``: ``[B]`` left padding per row.
-        kept: ``[B]`` tokens this layer keeps per row; ``slots``: ``max(kept)`` (host int).
-        memo: raw scores already computed for this layer and prompt, shared by several methods
-            (:mod:`chunkkv.multi`): ``{("window", w): [B, Hkv, T]}``, ``{("accumulated",): [B, Hkv, T]}``.
-            None (``compress``) computes them. ``queries`` may then hold only the last queries.
-        input_ids: ``[B, T]`` the prompt's token ids (left-padded), for methods that look at the
-            tokens (ChunkKV with ``boundary_ids``).
-    """
-
-    queries: torch.Tensor
-    keys: torch.Tensor
-    scaling: float
-    softcap: float | None
-    key_valid: torch.Tensor | None
-    lengths: torch.Tensor
-    pad: torch.Tensor
-    kept: torch.Tensor
-    slots: int
-    memo: dict | None = None
-    input_ids: torch.Tensor | None = None
-
-    def cached(self, key: tuple, compute) -> torch.Tensor:
-        """``compute()``, or the memo's value under ``key`` (stored there on first use)."""
-        if self.memo is None:
-            return compute()
-        if key not in self.memo:
-            self.memo[key] = compute()
-        return self.memo[key]
-
-    def window_scores(self, window: int) -> torch.Tensor:
-        """Raw window attention scores ``[B, Hkv, T]`` of the last ``min(window, q)`` queries."""
-        win = min(window, self.queries.shape[2])
-        return self.cached(("window", win), lambda: window_attention_scores(
-            self.queries[:, :, -win:], self.keys, self.scaling, self.key_valid, self.softcap))
 
 
 @dataclass(frozen=True)
@@ -90,18 +46,14 @@ class Method:
         reuse_depth: layer-wise index reuse; layers form groups of this many and follow the
             first layer of their group. 1 = off, 2 = the paper. Only for methods whose selection
             is shared by all heads of a layer.
-        scoring: what the token scores are. ``"window"``: attention from the prompt's last
-            ``window`` queries (the papers' setting; query-aware when the question ends the
-            prompt). Question-agnostic alternatives (:mod:`chunkkv.agnostic`), computed after
-            the prompt's prefill on the full cache, whose extra tokens never stay in the cache:
-            ``"reconstruction"``: the largest attention each token receives while the model
-            repeats the context (KVzip's signal); ``"shallow_reconstruction"``: the same, run
-            through the first quarter of the layers only, one score (the max over their heads) for
-            every layer and head; ``"probe"``: the attention a generic
-            question-like prompt gives it; ``"surprisal"``: the token's negative log-likelihood
-            given what precedes it (Selective Context's self-information; no extra tokens, the
-            same scores for every layer and head); ``"hybrid"``: surprisal plus shallow
-            reconstruction, each over its row maximum. The window is kept in every case.
+        scoring: where the token scores come from: a name of :data:`chunkkv.scorers.SCORERS` or a
+            :class:`chunkkv.scorers.Scorer`. ``"window"`` (default): the method's own attention
+            scoring (the prompt's last ``window`` queries; every query for H2O), query-aware when
+            the question ends the prompt. The question-agnostic scorers run after the prompt's
+            prefill on the full cache, and their extra tokens never stay in it:
+            ``"reconstruction"`` (KVzip's signal), ``"shallow_reconstruction"``, ``"probe"``,
+            ``"surprisal"``, ``"hybrid"`` (surprisal + shallow reconstruction); see
+            :mod:`chunkkv.scorers`. The window is kept in every case.
     """
 
     name: ClassVar[str] = "method"
@@ -110,20 +62,24 @@ class Method:
     exact_budget: ClassVar[bool] = True
     # True when ``select`` scores with the queries of the last ``window`` prompt positions.
     uses_window_queries: ClassVar[bool] = False
-    # True when the method ranks tokens by attention scores (so ``scoring`` applies).
+    # True when the method ranks tokens by scores (so ``scoring`` applies).
     scores_tokens: ClassVar[bool] = False
+    # What ``scoring="window"`` means for this method (None: it does not score tokens).
+    own_scorer: ClassVar[Scorer | None] = None
 
     keep_tokens: int | None = None
     keep_fraction: float | None = None
     remove_fraction: float | None = None
     window: int = 32
     reuse_depth: int = 1
-    scoring: str = "window"
+    scoring: str | Scorer = "window"
 
     def __post_init__(self) -> None:
         self.budget  # validates the budget fields
-        if self.scoring not in SCORINGS:
-            raise ChunkKVError(f"scoring={self.scoring!r} is not one of {', '.join(SCORINGS)}")
+        scorer = resolve_scorer(self.scoring)  # unknown names: a clear error
+        named = [name for name, known in SCORERS.items() if known == scorer]
+        if named and self.scoring != named[0]:
+            object.__setattr__(self, "scoring", named[0])  # a registered scorer is stored by its name
         if self.scoring != "window" and not self.scores_tokens:
             raise ChunkKVError(
                 f"{self.name} does not score tokens, so scoring={self.scoring!r} means nothing for it; "
@@ -166,22 +122,26 @@ class Method:
         return [per_row for _ in range(num_layers)]
 
     @property
+    def scorer(self) -> Scorer | None:
+        """The :class:`~chunkkv.scorers.Scorer` this method ranks tokens with (None: it does not score)."""
+        if not self.scores_tokens:
+            return None
+        return self.own_scorer if self.scoring == "window" else resolve_scorer(self.scoring)
+
+    @property
     def needs_all_queries(self) -> bool:
         """True when scoring uses every prompt query (H2O), not just the window."""
-        return False
+        return self.scores_tokens and self.scorer.needs_all_queries
 
-    def raw_scores(self, inputs: LayerInputs, window_scores) -> torch.Tensor:
-        """Raw ``[B, Hkv, T]`` scores (padded coordinates): ``window_scores()`` for
-        ``scoring="window"``, else the question-agnostic scores computed before selection."""
-        if self.scoring == "window":
-            return window_scores()
-        scores = (inputs.memo or {}).get((self.scoring,))
-        if scores is None:
-            raise ChunkKVError(
-                f"scoring={self.scoring!r} needs its scoring pass, which chunkkv.compress runs; this selection "
-                "was called without it"
-            )
-        return scores
+    @property
+    def inline(self) -> bool:
+        """True when each layer can be pruned right after its own attention during the prefill
+        (the scores need nothing from later layers or extra tokens)."""
+        return not self.scores_tokens or self.scorer.inline
+
+    def raw_scores(self, inputs: LayerInputs) -> torch.Tensor:
+        """Raw ``[B, Hkv, T]`` scores of one layer (padded coordinates) from the method's scorer."""
+        return self.scorer.scores(inputs, self.window)
 
     def select(self, inputs: LayerInputs) -> torch.Tensor:
         """Row-relative picks ``[B, 1 or Hkv, slots]`` (``-1`` = filler) for one layer."""
@@ -192,6 +152,19 @@ class Method:
         cleared = {"keep_tokens": None, "keep_fraction": None, "remove_fraction": None}
         cleared.update(budget)
         return replace(self, **cleared)
+
+    def settings(self) -> dict[str, Any]:
+        """Every field as JSON holds it (token-id sets as sorted lists, an unregistered scorer as its
+        :meth:`~chunkkv.scorers.Scorer.to_json`): what saved contexts and run records store."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Scorer):
+                value = value.to_json()
+            elif isinstance(value, (set, frozenset)):
+                value = sorted(value)
+            out[f.name] = value
+        return out
 
     def describe(self) -> str:
         """One line naming the method and its non-default settings."""
@@ -211,6 +184,7 @@ class _Scored(Method):
 
     uses_window_queries: ClassVar[bool] = True
     scores_tokens: ClassVar[bool] = True
+    own_scorer: ClassVar[Scorer] = WindowScorer()
     pooling: str = "max"
     kernel: int = 7
 
@@ -225,7 +199,7 @@ class _Scored(Method):
 
     def scores(self, inputs: LayerInputs) -> torch.Tensor:
         """Row-relative pooled prefix scores ``[B, Hkv, T]`` (``-inf`` outside the prefix)."""
-        raw = self.raw_scores(inputs, lambda: inputs.window_scores(self.window))
+        raw = self.raw_scores(inputs)
         aligned = raw if inputs.key_valid is None else sel.align_rows(raw, inputs.pad)
         return sel.prefix_scores(aligned, inputs.lengths, inputs.kept, self.window, self.pooling, self.kernel)
 
@@ -271,13 +245,10 @@ class H2O(Method):
     name: ClassVar[str] = "h2o"
     scores_tokens: ClassVar[bool] = True
 
-    @property
-    def needs_all_queries(self) -> bool:
-        return self.scoring == "window"
+    own_scorer: ClassVar[Scorer] = AccumulatedScorer()
 
     def select(self, inputs: LayerInputs) -> torch.Tensor:
-        raw = self.raw_scores(inputs, lambda: inputs.cached(("accumulated",), lambda: accumulated_attention_scores(
-            inputs.queries, inputs.keys, inputs.scaling, inputs.key_valid, inputs.softcap)))
+        raw = self.raw_scores(inputs)
         aligned = raw if inputs.key_valid is None else sel.align_rows(raw, inputs.pad)
         scores = sel.prefix_scores(aligned, inputs.lengths, inputs.kept, self.window)
         return sel.select_tokens_per_head(scores, inputs.lengths, inputs.kept, self.window, inputs.slots)
@@ -447,7 +418,7 @@ class KVPressChunkKV(ChunkKV):
 
     def select(self, inputs: LayerInputs) -> torch.Tensor:
         win = min(self.window, inputs.queries.shape[2])
-        raw = self.raw_scores(inputs, lambda: inputs.window_scores(self.window))
+        raw = self.raw_scores(inputs)
         aligned = raw if inputs.key_valid is None else sel.align_rows(raw, inputs.pad)
         length = aligned.shape[-1]
         prefix_len = inputs.lengths - win

@@ -15,7 +15,8 @@ stopped:
 
 Loading checks the fingerprint against the model it is given and the checksums against the data,
 so a context saved for another model or dtype, or a damaged file, raises
-:class:`ContextFileError` instead of producing a silently wrong cache.
+:class:`ContextFileError` instead of producing a silently wrong cache. This module is the file
+format only; :meth:`chunkkv.CompressedContext.save` and :func:`chunkkv.load_context` use it.
 """
 
 from __future__ import annotations
@@ -23,16 +24,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from .cache import ChunkKVCache, PrunedLayer
-from .compress import CompressedContext, CompressionStats
 from .errors import ChunkKVError
 from .methods import METHODS, Method
+from .scorers import scorer_from_json
 
 FORMAT = "chunkkv-context"
 VERSION = 1
@@ -101,7 +103,7 @@ def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
 
 
 # --- save -----------------------------------------------------------------------------------------
-def save_context(context: CompressedContext, path: str | os.PathLike, model: torch.nn.Module) -> int:
+def write_context(context: Any, path: str | os.PathLike, model: torch.nn.Module) -> int:
     """Write ``context`` (compressed for ``model``) to ``path``; returns the file size in bytes.
 
     Save a context before extending it with a question (or save a ``fork()`` taken then): what is
@@ -142,8 +144,7 @@ def save_context(context: CompressedContext, path: str | os.PathLike, model: tor
         "format": FORMAT,
         "version": VERSION,
         "layers": layers,
-        "method": {"name": method.name, "fields": {f.name: _json_field(getattr(method, f.name)) for f in fields(method)},
-                   "describe": method.describe()},
+        "method": {"name": method.name, "fields": method.settings(), "describe": method.describe()},
         "stats": stats,
         "model": model_fingerprint(model),
         "aliases": aliases,
@@ -155,11 +156,6 @@ def save_context(context: CompressedContext, path: str | os.PathLike, model: tor
     except OSError as exc:
         raise ContextFileError(f"cannot write the context to {path}: {exc.strerror or exc}") from None
     return path.stat().st_size
-
-
-def _json_field(value):
-    """A method field as JSON holds it: sets of token ids (``boundary_ids``) as sorted lists."""
-    return sorted(value) if isinstance(value, (set, frozenset)) else value
 
 
 def header_bytes(path: str | os.PathLike) -> int:
@@ -245,15 +241,24 @@ def _check_model(path: Path, saved: dict, model: torch.nn.Module) -> None:
         )
 
 
-def load_context(path: str | os.PathLike, model: torch.nn.Module) -> CompressedContext:
-    """Load a context saved by :meth:`CompressedContext.save` for ``model`` (on the model's device).
+@dataclass
+class SavedContext:
+    """The parts of a saved context, checked against the model (see :func:`read_context`)."""
 
-    Continuing from it gives exactly the tokens and logits of continuing the context in memory.
+    cache: ChunkKVCache
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    next_logits: torch.Tensor
+    method: Method
+    stats: dict[str, Any]
+
+
+def read_context(path: str | os.PathLike, model: torch.nn.Module) -> SavedContext:
+    """Read a context file written by :func:`write_context` for ``model`` (tensors on its device).
+
     Raises :class:`ContextFileError` when the file is not a chunkkv context, is damaged, or was
     saved for another model, dtype or checkpoint.
     """
-    from .attention import attach
-
     path = Path(path)
     device = next(model.parameters()).device
     meta, tensors = _read(path, device)
@@ -287,11 +292,10 @@ def load_context(path: str | os.PathLike, model: torch.nn.Module) -> CompressedC
     if cls is None:
         raise ContextFileError(f"{path} was compressed with method {method_meta['name']!r}, unknown to this chunkkv")
     known = {f.name for f in fields(cls)}
-    method: Method = cls(**{k: v for k, v in method_meta["fields"].items() if k in known})
+    params = {k: v for k, v in method_meta["fields"].items() if k in known}
+    if isinstance(params.get("scoring"), dict):
+        params["scoring"] = scorer_from_json(params["scoring"])
+    method: Method = cls(**params)
     stats = dict(meta["stats"])
     stats["kept"] = {int(k): v for k, v in stats["kept"].items()}
-    attach(model)  # decoding over a pruned cache needs chunkkv's attention
-    return CompressedContext(
-        cache, tensors["input_ids"], tensors["attention_mask"], tensors["next_logits"], method,
-        CompressionStats(**stats),
-    )
+    return SavedContext(cache, tensors["input_ids"], tensors["attention_mask"], tensors["next_logits"], method, stats)

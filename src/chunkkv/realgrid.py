@@ -28,12 +28,13 @@ from typing import Any
 import torch
 
 from .analysis import adjacent_mean, jaccard_matrix, mean_head_jaccard, stacked_kept_masks, union_over_heads
-from .compress import compress
+from .capture import capture_prefill, capture_prefix
+from .pipeline import compress, compress_from_capture
+from .context import stack_contexts
 from .errors import ChunkKVError
 from .evaluation.store import read_jsonl
 from .generation import Sampling, continue_from
 from .methods import make_method
-from .multi import capture_prefill, capture_prefix, compress_from_capture, stack_contexts
 from .realtasks import REAL_TASKS, RealSample, context_split, make_samples, render, score_prediction
 
 __all__ = ["GridSpec", "chunked_specs", "default_specs", "run_grid"]

@@ -22,7 +22,8 @@ import torch
 
 from . import selection as sel
 from .errors import BudgetError, ChunkKVError
-from .methods import FullKV, LayerInputs, Method, StreamingLLM
+from .methods import FullKV, Method, StreamingLLM
+from .scorers import LayerInputs
 
 
 def reselect(
@@ -36,6 +37,7 @@ def reselect(
     slots: int,
     key_valid: torch.Tensor | None,
     input_ids: torch.Tensor | None = None,
+    layer: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose ``kept[b]`` of the held slots of one layer with ``method``'s own scoring.
 
@@ -48,6 +50,7 @@ def reselect(
         key_valid: ``[B, S]`` False at filler slots, or None when every slot is real.
         input_ids: ``[B, S]`` the token id of every held slot, when the slots are the prompt (one-shot
             prefill); None otherwise (methods that need tokens then refuse).
+        layer: the model layer index (for scorers with per-layer evidence).
 
     Returns:
         ``(index, valid)`` as :func:`chunkkv.selection.finalize` gives them: ``index [B, 1 or Hkv, slots]``
@@ -56,7 +59,7 @@ def reselect(
     pad = keys.shape[2] - real
     inputs = LayerInputs(
         queries=queries, keys=keys, scaling=scaling, softcap=softcap, key_valid=key_valid,
-        lengths=real, pad=pad, kept=kept, slots=slots, input_ids=input_ids,
+        lengths=real, pad=pad, kept=kept, slots=slots, layer=layer, input_ids=input_ids,
     )
     return sel.finalize(method.select(inputs), pad)
 
@@ -148,7 +151,7 @@ class DecodeBudget:
             index, new_valid = reselect(
                 self.method, layer.recent_queries, keys,
                 kwargs.get("scaling") or getattr(module, "scaling", keys.shape[-1] ** -0.5), kwargs.get("softcap"),
-                real, real.clamp(max=self.keep), self.keep, valid,
+                real, real.clamp(max=self.keep), self.keep, valid, layer=idx,
             )
             # Without fillers before, every row holds >= keep + every real slots: none after either.
             self.chosen[idx] = (index, new_valid if valid is not None else None)

@@ -227,7 +227,7 @@ def window_for(cfg: SweepConfig, prep: Prepared) -> int:
 
 def capture_for(model, prep: Prepared, cfg: SweepConfig, specs: Sequence[Spec]):
     """One prefill of the sample that serves every spec (:mod:`chunkkv.multi`)."""
-    from .multi import capture_prefill
+    from .capture import capture_prefill
 
     return capture_prefill(model, prep.ids, window=window_for(cfg, prep),
                            accumulated=any(s.method == "h2o" for s in specs))
@@ -237,7 +237,7 @@ def run_one(model, tokenizer, prep: Prepared, spec: Spec, cfg: SweepConfig, capt
     """Compress once (from ``capture`` when given: equal to ``compress``, without the prefill),
     decode once; the record of one (sample, spec)."""
     from .analysis import adjacent_mean, context_kept_masks, jaccard_matrix, mean_head_jaccard, union_over_heads
-    from .compress import compress
+    from .pipeline import compress
     from .generation import Sampling, continue_from
     from .synthetic import score_sample
 
@@ -245,7 +245,7 @@ def run_one(model, tokenizer, prep: Prepared, spec: Spec, cfg: SweepConfig, capt
     method = spec.build(window)
     t0 = time.perf_counter()
     if capture is not None:
-        from .multi import compress_from_capture
+        from .pipeline import compress_from_capture
 
         ctx = compress_from_capture(capture, method)
     else:

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..compress import compress
+from ..pipeline import compress
 from ..evaluation.store import read_jsonl
 from ..methods import ChunkKV, FullKV
 from .measure import MiB, MemoryMeter, now

@@ -39,7 +39,8 @@ import torch
 from .. import __version__
 from .. import selection as sel
 from ..cache import ChunkKVCache, PrunedLayer
-from ..compress import CompressedContext, compress
+from ..pipeline import compress
+from ..context import CompressedContext
 from ..generation import extend
 from ..methods import ChunkKV, FullKV, LayerInputs, Method, make_method
 from .measure import MemoryMeter, expected_kv_bytes, kv_bytes_per_layer, now, stats_dict

@@ -148,7 +148,7 @@ def paul_graham_document(tokenizer, length: int, depth: float, seed: int = 0) ->
     """About ``length`` tokens of the Paul Graham essays (starting at essay ``seed``) with the
     paper's needle inserted at a sentence end near ``depth`` percent, asked through the chat
     template when the tokenizer has one."""
-    from ..evaluation.prompting import chat_template_available, render_prompt
+    from ..prompting import chat_template_available, render_prompt
     from ..haystack import PAUL_GRAHAM_NEEDLE, paul_graham_text
 
     use_chat = chat_template_available(tokenizer)

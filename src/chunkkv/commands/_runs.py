@@ -9,9 +9,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..compress import compress
+from ..pipeline import compress, compress_from_capture, prefill
 from ..generation import Sampling, continue_from, set_decode_budget
-from ..multi import capture_prefill, compress_from_capture
 from ..analysis import context_kept_masks, jaccard_matrix, mean_head_jaccard, shares_heads, union_over_heads
 from ..cli_common import Prompt, Timer, full_cache_bytes
 
@@ -84,21 +83,29 @@ def run_methods(
     sampling: Sampling | None = None,
     bar=None,
     bounds: dict | None = None,
+    chat_template: bool | None = None,
 ) -> list[MethodRun]:
-    """Compress ``prompt`` with each method; answer when ``sampling`` is given.
+    """Compress ``prompt`` with each method (as it runs: see :func:`chunkkv.cli_common.method_as_run`);
+    answer when ``sampling`` is given.
 
     With ``question_ids`` (question-agnostic mode) those tokens are fed after the compressed
     prompt before decoding; otherwise decoding starts right after the prompt (query-aware: the
     question is the end of the prompt). ``bounds`` (from :func:`chunkkv.cli_common.bounds_from_args`)
     applies chunked prefill and a decode budget to the methods that can re-select (not the full
-    cache, which stays the reference, nor the kvpress preset).
+    cache, which stays the reference, nor the kvpress preset). ``chat_template``: whether the prompt
+    was rendered with the tokenizer's chat template (for scoring-pass instructions; None: auto).
+    Two or more methods share one prefill (:func:`chunkkv.pipeline.prefill`).
     """
     device = next(model.parameters()).device
     ids = prompt.input_ids.to(device)
     runs = []
     task = bar.add_task("compressing", total=len(methods)) if bar is not None else None
     chunked = bounds is not None and bounds.get("prefill_chunk") is not None
-    capture = None if chunked else _shared_prefill(model, ids, methods, bar, task)
+    capture = None
+    if not chunked and len(methods) > 1:
+        if bar is not None:
+            bar.update(task, description=f"prefill {ids.shape[1]} tokens (once, shared by every method)")
+        capture = prefill(model, ids, methods=methods, tokenizer=tokenizer, chat_template=chat_template)
     for method in methods:
         if bar is not None:
             bar.update(task, description=f"{method.name}: " + ("selecting" if capture else f"prefill {ids.shape[1]} tokens"))
@@ -107,7 +114,8 @@ def run_methods(
         if capture is not None and chunk is None:
             ctx = compress_from_capture(capture, method)
         else:
-            ctx = compress(model, ids, method=method, prefill_chunk=chunk)
+            ctx = compress(model, ids, method=method, prefill_chunk=chunk, tokenizer=tokenizer,
+                           chat_template=chat_template)
         if bounded and bounds["decode_budget"] is not None:
             set_decode_budget(ctx, bounds["decode_budget"], bounds["compress_every"])
         layers, masks = context_kept_masks(ctx)
@@ -118,7 +126,7 @@ def run_methods(
             layers=layers,
             kept_bytes=ctx.cache.nbytes(),
             full_bytes=full_cache_bytes(ctx.cache, ids.shape[1]),
-            prefill_seconds=ctx.stats.prefill_seconds + ctx.stats.select_seconds,
+            prefill_seconds=ctx.stats.prefill_seconds + ctx.stats.select_seconds + ctx.stats.scoring_seconds,
         )
         if sampling is not None:
             if bar is not None:
@@ -139,18 +147,3 @@ def run_methods(
         if bar is not None:
             bar.advance(task)
     return runs
-
-
-def _shared_prefill(model, ids: torch.Tensor, methods, bar, task):
-    """One prefill for every method (:mod:`chunkkv.multi`): each layer is pruned only after its own
-    attention, so the prefill is the same for all of them. None when the model has sliding-window
-    layers (then each method runs its own compressing prefill)."""
-    from ..cache import ChunkKVCache
-
-    cache = ChunkKVCache(model.config)
-    if len(methods) < 2 or len(cache.pruned_layers) != len(cache.layers):
-        return None
-    window = max([m.window for m in methods if m.uses_window_queries] or [1])
-    if bar is not None:
-        bar.update(task, description=f"prefill {ids.shape[1]} tokens (once, shared by every method)")
-    return capture_prefill(model, ids, window=window, accumulated=any(m.needs_all_queries for m in methods))

@@ -14,7 +14,8 @@ import argparse
 import time
 
 from ..cli_common import (
-    DEFAULT_METHODS, TESTBED, add_method_arguments, add_model_arguments, bounds_from_args, describe, format_bytes, load, methods_from_args, parse_method_names, progress,
+    DEFAULT_METHODS, TESTBED, add_method_arguments, add_model_arguments, bounds_from_args, describe, format_bytes, load,
+    method_as_run, methods_from_args, parse_method_names, progress,
     resolve_model, set_help, tokenize_prompt,
 )
 from ..errors import ChunkKVError
@@ -53,7 +54,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              "(the constructed 2-layer model), a .gguf file, a model folder or a hub id")
     add_method_arguments(parser)
     set_help(parser, "--method", argparse.SUPPRESS)
-    set_help(parser, "--keep-fraction", "share of the prompt KEPT per layer (default 0.1, i.e. 10%%)")
     g = parser.add_argument_group("demo")
     g.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated methods to compare (default {DEFAULT_METHODS})")
     g.add_argument("--length", type=int, default=None,
@@ -97,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
     testbed = resolve_model(args)
     model, tokenizer = load(args)
     num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
-    methods = methods_from_args(args, names, num_layers)
+    methods = [method_as_run(m, args, tokenizer, query_aware=not args.question_agnostic)
+               for m in methods_from_args(args, names, num_layers)]
     if args.length is None:
         args.length = 2048 if testbed else 4096
     doc = make_document(tokenizer, args.length, args.depth, args.seed, testbed, args.haystack)

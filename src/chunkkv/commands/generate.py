@@ -14,11 +14,14 @@ import sys
 import torch
 
 from ..cli_common import (
-    add_chat_argument, prompt_parts,
-    Timer, add_method_arguments, add_model_arguments, bounds_from_args, method_from_args, add_sampling_arguments, describe, format_bytes, format_layer_counts, full_cache_bytes, load,
-    read_context, resolve_model, sampling_from_args, set_help,
+    Timer, add_chat_argument, add_method_arguments, add_model_arguments, add_sampling_arguments, bounds_from_args,
+    describe, format_bytes, format_layer_counts, full_cache_bytes, load, method_as_run, method_from_args, progress,
+    prompt_parts, read_context, resolve_model, sampling_from_args, set_help,
 )
+from ..pipeline import compress
+from ..context import load_context
 from ..errors import ChunkKVError
+from ..generation import extend, set_decode_budget
 
 EPILOG = """\
 examples:
@@ -101,21 +104,13 @@ def run(args: argparse.Namespace) -> int:
                 text = head + tail if args.query_aware else head
                 ids = _encode(tokenizer, text, special).to(device)
                 _warn_unknown(tokenizer, ids)
-                from ..compress import compress
-                from ..cli_common import progress
-
-                prompt = None
-                if not args.query_aware:
-                    from ..agnostic import PROMPTS, agnostic_method, scoring_prompt
-
-                    method = agnostic_method(method, args.scoring, bounds["prefill_chunk"] is None, tokenizer)
-                    if method.scoring in PROMPTS:
-                        # the same scoring prompt chunkkv.generate builds (chat template or not, as the context)
-                        prompt = scoring_prompt(tokenizer, method.scoring, chat=not special)
+                if qi == 0:
+                    method = method_as_run(method, args, tokenizer, query_aware=args.query_aware)
                 with progress() as bar:
                     bar.add_task(f"compressing {ids.shape[1]} tokens with {method.name}", total=None)
+                    # the scoring pass's instruction is asked the way the context was rendered
                     ctx = compress(model, ids, method=method, prefill_chunk=bounds["prefill_chunk"],
-                                   scoring_prompt=prompt)
+                                   tokenizer=tokenizer, chat_template=not special)
                 totals["prefill"] += ctx.stats.prefill_seconds
                 kept_report = _kept(ctx, ids.shape[1])
                 if qi == 0:
@@ -132,8 +127,6 @@ def run(args: argparse.Namespace) -> int:
                         print(f"saved the compressed context to {args.save_context} ({format_bytes(size)})", file=out)
             work = ctx if args.query_aware else shared.fork()
             if bounds["decode_budget"] is not None:
-                from ..generation import set_decode_budget
-
                 set_decode_budget(work, bounds["decode_budget"], bounds["compress_every"])
             _answer(model, tokenizer, work, question, args.separator, sampling, device, out, totals,
                     args.chat_template, feed=not args.query_aware)
@@ -148,8 +141,6 @@ def _answer(model, tokenizer, work, question, separator, sampling, device, out, 
             feed: bool = True) -> None:
     """Feed ``question`` (if any; ``feed=False`` when it already ends the compressed prompt) to the
     compressed context ``work`` and stream the answer."""
-    from ..generation import extend
-
     new_ids = None
     if question is not None:
         print(f"\nQ: {question}", file=out)
@@ -172,8 +163,6 @@ def _answer(model, tokenizer, work, question, separator, sampling, device, out, 
 
 def _run_loaded(args: argparse.Namespace) -> int:
     """Answer the questions on a context saved by ``--save-context`` (no compression here)."""
-    from ..persist import load_context
-
     if args.context_file is not None:
         raise ChunkKVError("--load-context replaces the context: give either --context-file or --load-context")
     if args.query_aware or args.save_context is not None:
@@ -260,8 +249,6 @@ def _pick(scores: torch.Tensor, sampling, generator) -> torch.Tensor:
 @torch.inference_mode()
 def _stream(model, tokenizer, ctx, sampling, out) -> tuple[int, float]:
     """Decode on ``ctx`` printing each decoded increment; returns (tokens, seconds)."""
-    from ..generation import extend
-
     device = ctx.attention_mask.device
     eos = sampling.eos_token_id
     eos = set([eos] if isinstance(eos, int) else (eos or []))

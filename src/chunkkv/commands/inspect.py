@@ -73,14 +73,15 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load(args)
     num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
     methods = methods_from_args(args, names, num_layers)
-    head, tail, _ = prompt_parts(tokenizer, context, args.question, args.separator, args.chat_template)
+    head, tail, special = prompt_parts(tokenizer, context, args.question, args.separator, args.chat_template)
     text = head + tail
     prompt = tokenize_prompt(tokenizer, text)
     sampling = None
     if args.max_new_tokens > 0:
         sampling = Sampling(max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id)
     with progress() as bar:
-        runs = run_methods(model, tokenizer, prompt, methods, sampling=sampling, bar=bar, bounds=bounds)
+        runs = run_methods(model, tokenizer, prompt, methods, sampling=sampling, bar=bar, bounds=bounds,
+                           chat_template=not special)
     layers = runs[0].layers
     if args.layer is not None and args.layer not in layers:
         raise ChunkKVError(f"--layer {args.layer} is out of range: the compressed layers are {layers[0]}-{layers[-1]}")

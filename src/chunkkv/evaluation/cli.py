@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 
 from ..cli_common import (
-    add_method_arguments, add_model_arguments, bounds_from_args, check_device, load_model, method_from_args,
+    add_method_arguments, add_model_arguments, bounds_from_args, check_device, load_model, method_as_run,
+    method_from_args,
     parse_method_names, token_counts,
 )
 from ..errors import ChunkKVError
@@ -208,6 +209,8 @@ def run(args: argparse.Namespace) -> int:
         model, tokenizer = load_model(args)
         if str(getattr(args, "reuse_depth", "")).lower() == "all":
             method = method_from_args(args, num_layers=getattr(model.config, "num_hidden_layers", None), notice=False)
+        method = method_as_run(method, args, tokenizer, query_aware=config.query_aware)
+        _say_mode(method, config)
         metrics = run_eval(model, tokenizer, config, method=method, shard=shard)
     if metrics is None:
         print(f"rank {shard.rank}: done; rank 0 merges", file=sys.stderr)
@@ -237,6 +240,9 @@ def _run_many(args: argparse.Namespace, config: EvalConfig, shard) -> int:
         _say_if_no_op(method, config)
     with output_locks(args.out, shard):
         model, tokenizer = load_model(args)
+        methods = [method_as_run(m, args, tokenizer, query_aware=config.query_aware) for m in methods]
+        for method in methods:
+            _say_mode(method, config)
         results = run_eval_many(model, tokenizer, config, dict(zip(labels, methods)), shard=shard)
     if all(m is None for m in results.values()):
         print(f"rank {shard.rank}: done; rank 0 merges", file=sys.stderr)
@@ -286,6 +292,15 @@ def _say_if_no_op(method, config: EvalConfig) -> None:
     if max(config.lengths) <= window:
         print(f"note: every context length ({', '.join(map(str, config.lengths))}) is at most the observation window "
               f"({window} tokens), so nothing will be compressed; lower --window or use longer --lengths")
+
+
+def _say_mode(method, config: EvalConfig) -> None:
+    """Say which compression runs: query-aware or before the question, and with which scoring."""
+    if method is None or isinstance(method, FullKV):
+        return
+    mode = ("query-aware (the question ends the compressed prompt)" if config.query_aware else
+            "question-agnostic (the context is compressed before the question)")
+    print(f"{method.describe()}: {mode}")
 
 
 def _headline(metrics: dict) -> str:

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..compress import compress
+from ..pipeline import compress
 from ..errors import ChunkKVError
 from ..generation import extend, set_decode_budget
 from ..methods import make_method

@@ -39,11 +39,13 @@ from typing import Any
 
 import torch
 
-from ..agnostic import NEEDS_SURPRISAL, PROMPTS, agnostic_method, agnostic_scores, scoring_prompt
+from ..agnostic import agnostic_method
+from ..capture import capture_prefix
+from ..pipeline import compress_from_capture, prefill
+from ..context import stack_contexts
 from ..errors import ChunkKVError
 from ..generation import Sampling, continue_from
 from ..methods import make_method
-from ..multi import capture_prefill, capture_prefix, compress_from_capture, stack_contexts
 from .metrics import mean_interval, rouge_l_score
 from .store import read_jsonl
 
@@ -171,13 +173,7 @@ def _agnostic_outputs(model, tokenizer, capture, sample: RecallSample, keys: lis
     head = torch.tensor([sample.ids[sample.context_len:]], device=capture.input_ids.device)
     out = {}
     for k in keys:
-        method = _method(k, tokenizer)
-        if method.scoring != "window" and (method.scoring,) not in prefix.memo[0]:  # every layer, once per scoring
-            layers = list(range(len(prefix.cache.layers)))
-            prompt = scoring_prompt(tokenizer, method.scoring, chat=False) if method.scoring in PROMPTS else None
-            for layer, value in agnostic_scores(model, prefix, method.scoring, layers, prompt).items():
-                prefix.memo[layer][(method.scoring,)] = value
-        ctx = compress_from_capture(prefix, method)
+        ctx = compress_from_capture(prefix, _method(k, tokenizer))  # scoring passes run on the prefix, once each
         toks = continue_from(model, ctx, head, sampling)[0].tolist()
         out[k] = (toks, None, _Config.parse(k).budget + len(head[0]) + sampling.max_new_tokens)
     return out
@@ -195,10 +191,9 @@ def run_sample(model, tokenizer, sample: RecallSample, config: RecallConfig, tod
     if agnostic:
         window += len(sample.ids) - sample.context_len  # the prefix's own window lies before the head
     t0 = time.perf_counter()
-    surprisal = any(c.scoring is not None and c.method(tokenizer).scoring in NEEDS_SURPRISAL
-                    for c in parsed.values())
-    capture = capture_prefill(model, ids, window=window, surprisal=surprisal,
-                              accumulated=any(c.name == "h2o" and c.scoring is None for c in parsed.values()))
+    # one prefill for every configuration: the query-aware methods and the question-agnostic ones
+    capture = prefill(model, ids, methods=[_method(k, tokenizer) for k in keys if k != "full"], window=window,
+                      tokenizer=tokenizer, chat_template=False)  # the prompt is raw text
     capture_s = time.perf_counter() - t0
     sampling = Sampling(max_new_tokens=config.new_tokens)
     outputs: dict[str, tuple[list[int], float | None, int]] = {}

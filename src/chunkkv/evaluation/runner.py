@@ -27,15 +27,15 @@ from typing import Any
 
 import torch
 
-from ..compress import compress
+from ..capture import PrefillCapture
+from ..pipeline import compress, compress_from_capture, prefill
 from ..errors import ChunkKVError
 from ..generation import Sampling, continue_from, extend, set_decode_budget
-from ..methods import FullKV, H2O, Method, StreamingLLM
-from ..multi import PrefillCapture, capture_prefill, compress_from_capture
+from ..methods import FullKV, Method, StreamingLLM
 from ..outputs import LOCK_NAME, OutputLock, check_output_dir
 from .base import EvalSample, Task, mean
 from .distributed import Shard
-from .prompting import chat_template_available, encode_prompt
+from ..prompting import chat_template_available, encode_prompt
 from .store import RecordStore, write_json_atomic, write_text_atomic
 from .tasks import build_task
 
@@ -136,9 +136,9 @@ def _check_numbers(config: EvalConfig) -> None:
 
 
 def describe_method(method: Method | None) -> dict[str, Any]:
-    """``{"name": ..., <fields>}`` of a method (FullKV when None)."""
+    """``{"name": ..., <fields>}`` of a method (FullKV when None), JSON-ready."""
     method = method or FullKV()
-    return {"name": method.name, **dataclasses.asdict(method)}
+    return {"name": method.name, **method.settings()}
 
 
 def _as_list(value: Any) -> list[int]:
@@ -148,28 +148,27 @@ def _as_list(value: Any) -> list[int]:
 
 
 class SharedPrefill:
-    """One prefill per context for several methods answering the same samples (:mod:`chunkkv.multi`).
+    """One prefill per context for several methods answering the same samples
+    (:func:`chunkkv.pipeline.prefill`).
 
     Holds the capture of the last context it saw; a method asking for the same context gets its
-    compressed cache built from that capture (exactly what ``compress`` would give) instead of a
-    new prefill. ``window``: the largest observation window of the methods; ``accumulated``: some
-    method is H2O (its all-query scores are computed during the capture).
+    compressed cache built from that capture (exactly what ``compress`` would give, scoring passes
+    included) instead of a new prefill.
     """
 
     def __init__(self, methods: list[Method | None]) -> None:
-        windows = [m.window for m in methods if m is not None and m.uses_window_queries]
-        self.window = max(windows, default=1)
-        self.accumulated = any(isinstance(m, H2O) for m in methods)
-        self._key: tuple[int, ...] | None = None
+        self.methods = [m for m in methods if m is not None]
+        self._key: tuple | None = None
         self._capture: PrefillCapture | None = None
         self.prefills = 0
 
-    def context(self, model: torch.nn.Module, context_ids: list[int], method: Method, device):
-        key = tuple(context_ids)
+    def context(self, model: torch.nn.Module, context_ids: list[int], method: Method, device, tokenizer=None,
+                chat_template: bool | None = None):
+        key = (tuple(context_ids), chat_template)
         if key != self._key:
             self._key, self._capture = None, None  # free the previous capture before the next prefill
-            self._capture = capture_prefill(model, torch.tensor([context_ids], device=device), window=self.window,
-                                            accumulated=self.accumulated)
+            self._capture = prefill(model, torch.tensor([context_ids], device=device), methods=self.methods,
+                                    tokenizer=tokenizer, chat_template=chat_template)
             self._key = key
             self.prefills += 1
         return compress_from_capture(self._capture, method)
@@ -198,7 +197,7 @@ class Generator:
         self.device = model.get_input_embeddings().weight.device
         self._last: tuple[tuple[int, ...], Any] | None = None
 
-    def _compressed(self, context_ids: list[int], keep: bool):
+    def _compressed(self, context_ids: list[int], keep: bool, chat: bool):
         """The compressed context. With ``keep`` it is also held (and forked) for the next sample,
         which has the same context (GSM8K's exemplars): compression is deterministic, so reusing
         it gives the same answers. Only one context is held, and only when it will be reused (a
@@ -217,10 +216,11 @@ class Generator:
             method = FullKV() if self._too_short(len(context_ids)) else self.method
             chunk = self.config.prefill_chunk if method is self.method else None
             if self.shared is not None and chunk is None:
-                base = self.shared.context(self.model, context_ids, method or FullKV(), self.device)
+                base = self.shared.context(self.model, context_ids, method or FullKV(), self.device, self.tokenizer,
+                                           chat)
             else:
                 base = compress(self.model, torch.tensor([context_ids], device=self.device), method=method,
-                                prefill_chunk=chunk)
+                                prefill_chunk=chunk, tokenizer=self.tokenizer, chat_template=chat)
         if not keep:
             return base
         self._last = (key, base)
@@ -255,7 +255,7 @@ class Generator:
             top_p=self.config.top_p, seed=seed if self.config.do_sample else None,
             eos_token_id=stops or None, pad_token_id=self.pad,
         )
-        ctx = self._compressed(context_ids, keep=reuse_next and not self.config.query_aware)
+        ctx = self._compressed(context_ids, keep=reuse_next and not self.config.query_aware, chat=use_chat)
         if self.config.decode_budget is not None and self.method is not None:
             set_decode_budget(ctx, self.config.decode_budget, self.config.compress_every, self.method)
         if question_ids:

@@ -1,4 +1,4 @@
-"""Turn a sample's context and question into token ids, with or without the chat template.
+"""Turn a context and a question into token ids, with or without the chat template.
 
 The split between the compressed context and the question must survive the chat template: the
 user message is rendered with a marker between context and question, and the rendered text is cut
@@ -9,11 +9,14 @@ compress; everything after it (question, end of turn, assistant header) is fed a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
-from ..errors import PromptError
+import torch
 
-__all__ = ["EncodedPrompt", "chat_template_available", "encode_prompt", "render_prompt"]
+from .errors import PromptError
+
+__all__ = ["EncodedPrompt", "chat_template_available", "encode_prompt", "instruction_ids", "instructions",
+           "render_prompt"]
 
 _MARK = "\u2063<<chunkkv-split>>\u2063"
 
@@ -89,3 +92,36 @@ def encode_prompt(
     if not full_ids:
         raise PromptError("the prompt encodes to no tokens")
     return EncodedPrompt(context_ids, question_ids, full_ids, use_chat)
+
+
+def instruction_ids(tokenizer: Any, instruction: str, separator: str = "\n\n", chat: bool | None = None) -> torch.Tensor:
+    """Token ids ``[n]`` a scoring pass feeds after the context: ``separator + instruction``, then the
+    end of the user's turn and the assistant's opening when the context was rendered with the chat
+    template (the way a question is asked of a chat-templated context), else a newline.
+
+    ``chat`` None: when the tokenizer has a chat template.
+    """
+    suffix = "\n"
+    if chat is None:
+        chat = chat_template_available(tokenizer)
+    if chat:
+        marker = "\x00chunkkv\x00"
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": marker}], add_generation_prompt=True, tokenize=False
+        )
+        if marker in rendered:
+            suffix = rendered.split(marker, 1)[1]
+    return tokenizer(separator + instruction + suffix, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+
+
+def instructions(tokenizer: Any, chat: bool | None = None) -> Callable[[str], torch.Tensor]:
+    """``instruction -> token ids`` for the scoring passes of one context (see :func:`instruction_ids`),
+    each instruction tokenized once."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def ids(instruction: str) -> torch.Tensor:
+        if instruction not in seen:
+            seen[instruction] = instruction_ids(tokenizer, instruction, chat=chat)
+        return seen[instruction]
+
+    return ids

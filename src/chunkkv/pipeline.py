@@ -1,0 +1,297 @@
+"""The one recipe: prefill once, run what the scorers need, select for one or many methods.
+
+Every entry point (``compress``, ``generate``, the eval tasks, ``demo``, ``inspect``, the recall and
+perplexity tasks, the sweep and the studies) compresses through here:
+
+* :func:`compress` — one method. When its scorer is ``inline`` (the observation window, H2O's
+  accumulated attention) each layer is scored, selected and pruned right after its own attention
+  during the prefill, so peak memory holds one layer's full prompt K/V, not every layer's; with
+  ``prefill_chunk=C`` the prompt goes through in chunks and every layer re-selects after each
+  (:mod:`chunkkv.recompress`), bounding prefill memory by budget + ``C`` tokens per layer. Other
+  scorers need the whole prefill first (surprisal, scoring passes): the prompt is captured and
+  compressed from the capture.
+* :func:`prefill` + :func:`compress_from_capture` — several methods: one capture sized for all of
+  them (:mod:`chunkkv.capture`), each method's cache built from it, equal to its own ``compress``.
+
+Selection is the same call in every path: the method's ``select`` on a
+:class:`~chunkkv.scorers.LayerInputs` at each reuse-leader layer, followers taking the leader's
+indices, then :func:`chunkkv.selection.finalize` and :meth:`~chunkkv.cache.PrunedLayer.prune`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from . import selection as sel
+from .attention import attach, attention_modules, compression_session
+from .capture import PrefillCapture, capture_prefill, gather_evidence, now
+from .cache import ChunkKVCache, PrunedLayer
+from .context import CompressedContext, CompressionStats, mark_wrapper_layers
+from .errors import ChunkKVError, PromptError, UnsupportedModelError
+from .methods import FullKV, Method
+from .plan import LayerPlan, chunk_bounds, plan_layers, plan_prefill
+from .prompt import as_method, check_prompt, check_window, row_lengths
+from .prompting import instructions
+from .recompress import check_bounded_method, reselect
+from .scorers import LayerInputs
+
+__all__ = ["compress", "compress_from_capture", "prefill"]
+
+
+@dataclass
+class _Session:
+    """Per-request state the attention wrapper needs during one compressing (inline) prefill."""
+
+    method: Method
+    cache: ChunkKVCache
+    measure: bool
+    stats: CompressionStats
+    plan: LayerPlan | None = None
+    # The prompt's token ids, for methods that look at tokens (boundary-aware ChunkKV); set only for a
+    # one-shot prefill, where held slots are the prompt's positions.
+    input_ids: torch.Tensor | None = None
+    chosen: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+
+    def on_attention(self, module, layer: PrunedLayer, query, key, kwargs) -> None:
+        idx = module.layer_idx
+        plan = self.plan
+        if plan is None or idx not in plan.counts or layer is not self.cache.layers[idx]:
+            return
+        start = now(key.device) if self.measure else 0.0
+        leader = plan.leaders[idx]
+        if leader == idx:
+            index, valid = reselect(
+                self.method, query, key,
+                kwargs.get("scaling") or getattr(module, "scaling", key.shape[-1] ** -0.5), kwargs.get("softcap"),
+                plan.real[idx], plan.counts[idx], plan.slots[idx], plan.key_valid[idx], input_ids=self.input_ids,
+                layer=idx,
+            )
+            self.chosen[idx] = (index, valid if plan.fillers[idx] else None)
+            if idx not in self.stats.scored_layers:
+                self.stats.scored_layers.append(idx)
+            if plan.last and self.method.window > 0 and min(plan.slots[idx], query.shape[2]) >= self.method.window:
+                # Seed the decoding window (used only if a decode budget is set later).
+                # A copy: a view would keep the whole prompt's query states alive with the context.
+                layer.recent_queries = query[:, :, -self.method.window :].clone()
+        layer.prune(*self.chosen[leader])
+        if self.measure:
+            self.stats.select_seconds += now(key.device) - start
+
+
+def _instructions(tokenizer, chat_template: bool | None, scoring_prompt: torch.Tensor | None) -> Callable | None:
+    """``text -> ids`` for scoring-pass instructions: fixed ids when given, else the tokenizer's."""
+    if scoring_prompt is not None:
+        ids = torch.as_tensor(scoring_prompt).reshape(-1)
+        return lambda _text: ids
+    if tokenizer is not None:
+        return instructions(tokenizer, chat_template)
+    return None
+
+
+@torch.inference_mode()
+def prefill(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    methods: Sequence[Method | None] = (),
+    *,
+    tokenizer=None,
+    chat_template: bool | None = None,
+    scoring_prompt: torch.Tensor | None = None,
+    window: int | None = None,
+) -> PrefillCapture:
+    """Prefill ``input_ids`` once, capturing what every one of ``methods`` needs (the largest window,
+    H2O's accumulated scores, surprisal; scoring passes run on demand in
+    :func:`compress_from_capture`). ``tokenizer`` / ``chat_template`` / ``scoring_prompt``: see
+    :func:`compress`. ``window``: keep at least this many queries per layer (default: the methods')."""
+    methods = [as_method(m) for m in methods]
+    windows = [m.window for m in methods if m.uses_window_queries]
+    return capture_prefill(
+        model, input_ids, attention_mask, window=max(windows + [window or 1]),
+        accumulated=any(m.needs_all_queries for m in methods),
+        surprisal=any(m.scorer is not None and m.scorer.needs_surprisal for m in methods),
+        instructions=_instructions(tokenizer, chat_template, scoring_prompt),
+    )
+
+
+@torch.inference_mode()
+def compress_from_capture(
+    capture: PrefillCapture, method: Method | None = None, *, share_scores: bool = True, scoring_block: int = 512,
+) -> CompressedContext:
+    """The :class:`CompressedContext` ``compress(model, ids, mask, method)`` would return, built from a
+    capture (the capture is left unchanged and can serve more methods). Scoring passes the method's
+    scorer needs run here, once per capture.
+
+    ``share_scores=False`` recomputes the raw window scores for this method alone, so
+    ``stats.select_seconds`` is the method's own scoring + selection + gather time (H2O's
+    accumulated scores always come from the capture).
+
+    Raises :class:`ChunkKVError` when the capture lacks what ``method`` needs (a longer window, H2O
+    without ``accumulated=True``, surprisal it did not compute).
+    """
+    method = as_method(method)
+    check_window(method, capture.lengths)
+    if method.uses_window_queries and method.window > capture.window:
+        raise ChunkKVError(
+            f"{method.name} scores with window={method.window} but the capture kept {capture.window} queries; "
+            f"capture with window >= {method.window}")
+    if method.needs_all_queries and not capture.accumulated:
+        raise ChunkKVError(f"{method.name} needs every prompt query: capture with accumulated=True")
+    cache = capture.cache.fork()
+    width = capture.input_ids.shape[1]
+    device = capture.input_ids.device
+    lengths = torch.tensor(capture.lengths, device=device)
+    pad = width - lengths
+    key_valid = capture.key_valid
+    stats = CompressionStats(prompt_lengths=list(capture.lengths), prefill_seconds=capture.prefill_seconds)
+    if not isinstance(method, FullKV):
+        plan = plan_layers(method, capture.lengths, width, cache.pruned_layers, device)
+        leaders = [i for i in plan.counts if plan.is_leader(i)]
+        if leaders and not method.inline:
+            gather_evidence(capture, method.scorer, leaders, block=scoring_block)
+        stats.kept.update(plan.kept)
+        chosen: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        start = time.perf_counter()
+        for idx in plan.counts:  # depth order: a leader comes before its followers
+            leader = plan.leaders[idx]
+            if leader == idx:
+                memo = capture.memo[idx] if share_scores else {
+                    k: v for k, v in capture.memo[idx].items() if k == ("accumulated",)}
+                inputs = LayerInputs(
+                    queries=capture.queries[idx], keys=capture.cache.layers[idx].keys, scaling=capture.scaling[idx],
+                    softcap=capture.softcap[idx], key_valid=key_valid, lengths=lengths, pad=pad,
+                    kept=plan.counts[idx], slots=plan.slots[idx], layer=idx, memo=memo, evidence=capture.evidence,
+                    input_ids=capture.input_ids,
+                )
+                index, valid = sel.finalize(method.select(inputs), pad)
+                chosen[idx] = (index, valid if plan.fillers[idx] else None)
+                stats.scored_layers.append(idx)
+            cache.layers[idx].prune(*chosen[leader])  # the fork's own layer: the capture keeps its tensors
+            if leader == idx and 0 < method.window <= min(plan.slots[idx], capture.queries[idx].shape[2]):
+                # Seed the decoding window as compress() does (used only if a decode budget is set later).
+                cache.layers[idx].recent_queries = capture.queries[idx][:, :, -method.window:]
+        mark_wrapper_layers(cache)
+        stats.select_seconds = time.perf_counter() - start
+        stats.scoring_seconds = capture.scoring_seconds(method.scorer)
+    return CompressedContext(cache, capture.input_ids, capture.attention_mask.clone(), capture.next_logits, method,
+                             stats, capture.model)
+
+
+@torch.inference_mode()
+def compress(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    method: Method | str | None = None,
+    *,
+    measure: bool = False,
+    prefill_chunk: int | None = None,
+    tokenizer=None,
+    chat_template: bool | None = None,
+    scoring_prompt: torch.Tensor | None = None,
+    scoring_block: int = 512,
+) -> CompressedContext:
+    """Prefill ``input_ids`` with ``method`` and return the compressed cache and next-token logits.
+
+    Args:
+        model: a transformers decoder-only causal LM (sdpa or eager attention). It is attached to
+            chunkkv's attention wrapper (see :func:`chunkkv.attention.attach`) if not already.
+        input_ids: ``[B, T]`` or ``[T]`` token ids, left-padded for batches.
+        attention_mask: ``[B, T]`` 1 for real tokens, 0 for left padding (None = no padding).
+        method: a :mod:`chunkkv.methods` method (or a name: ``"full"``; a compressing method needs a
+            budget, so build it with :func:`chunkkv.make_method`); None or :class:`FullKV` keeps everything.
+        measure: time the selection step (syncs the device around each layer's selection; leave
+            off outside benchmarks).
+        prefill_chunk: run the prompt ``C`` tokens at a time (chunks counted back from the end, so
+            the first may be shorter); after each chunk every prunable layer re-selects over what
+            it holds plus the chunk, scored by the chunk's queries, so no layer ever holds more than
+            its final budget + ``C`` tokens. The final kept count is the one-shot count for the
+            whole prompt. None or ``C >= T``: one pass. Needs an inline scorer (``scoring="window"``).
+        tokenizer: tokenizes the instruction of a scorer that runs a scoring pass
+            (reconstruction, probe, hybrid); ``chat_template``: whether the prompt was rendered with
+            the tokenizer's chat template (None: when it has one), so the instruction is asked the same
+            way. ``scoring_prompt``: the instruction's token ids ``[n]`` instead (an empty tensor: none).
+        scoring_block: scoring-pass tokens per forward (memory, not results).
+
+    Each row chooses its own tokens. Rows shorter than their budget keep every token.
+    """
+    method = as_method(method)
+    input_ids, attention_mask = check_prompt(input_ids, attention_mask)
+    lengths_host = row_lengths(attention_mask)
+    if prefill_chunk is not None and (
+        isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1
+    ):
+        raise PromptError(f"prefill_chunk={prefill_chunk!r} must be a positive int (tokens per prefill chunk) or None")
+    check_window(method, lengths_host)
+    width = input_ids.shape[1]
+    if not method.inline:
+        # The scores need the whole prefill first (surprisal, scoring passes on the full cache).
+        if prefill_chunk is not None and prefill_chunk < width:
+            raise PromptError(
+                f"scoring={method.scoring!r} scores the context after its whole prefill, on the full cache, so it "
+                "cannot be combined with prefill_chunk (which never holds the full cache); use scoring='window'"
+            )
+        capture = prefill(model, input_ids, attention_mask, [method], tokenizer=tokenizer,
+                          chat_template=chat_template, scoring_prompt=scoring_prompt)
+        ctx = compress_from_capture(capture, method, scoring_block=scoring_block)
+        ctx.source = weakref.ref(model)
+        return ctx
+    attach(model)
+    bounds = chunk_bounds(width, prefill_chunk)
+    if len(bounds) > 2 and not isinstance(method, FullKV):
+        check_bounded_method(method, "prefill_chunk")
+    # Sliding-window layers whose window holds the whole prompt are compressed too (FullKV keeps
+    # the stock, bounded layers).
+    cache = ChunkKVCache(model.config, prompt_length=None if isinstance(method, FullKV) else width)
+    pruned = cache.pruned_layers
+    if not pruned and not isinstance(method, FullKV):
+        windows = sorted({w for w in (getattr(layer, "sliding_window", None) for layer in cache.layers) if w})
+        raise UnsupportedModelError(
+            f"every attention layer of this model is sliding-window (window {', '.join(map(str, windows)) or '?'} "
+            f"tokens) and the prompt ({width} tokens) is longer than the window, so the cache is already "
+            "bounded by the window and chunkkv has nothing to compress; give a prompt no longer than the "
+            "window, or use method 'full'"
+        )
+    modules = {m.layer_idx for m in attention_modules(model)}
+    missing = [i for i in pruned if i not in modules]
+    if missing:
+        raise UnsupportedModelError(f"layers {missing} have no self_attn module with a matching layer_idx")
+
+    device = input_ids.device
+    stats = CompressionStats(prompt_lengths=lengths_host)
+    session = plans = None
+    if not isinstance(method, FullKV):
+        plans = plan_prefill(method, lengths_host, width, pruned, device, bounds)
+        session = _Session(method=method, cache=cache, measure=measure, stats=stats,
+                           input_ids=input_ids if len(bounds) == 2 else None)
+        final = method.kept_per_layer(lengths_host, len(pruned))
+        touched = {layer for plan in plans for layer in plan.counts}
+        stats.kept = {layer: list(final[pos]) for pos, layer in enumerate(pruned) if layer in touched}
+
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    start = now(device)
+    with compression_session(session) if session is not None else contextlib.nullcontext():
+        for k in range(len(bounds) - 1):
+            lo, hi = bounds[k], bounds[k + 1]
+            if session is not None:
+                session.plan = plans[k]
+            out = model(
+                input_ids=input_ids[:, lo:hi],
+                attention_mask=attention_mask[:, :hi],
+                position_ids=position_ids[:, lo:hi],
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+    stats.prefill_seconds = now(device) - start
+    stats.scored_layers.sort()
+    mark_wrapper_layers(cache)
+    return CompressedContext(
+        cache, input_ids, attention_mask, out.logits[:, -1, :], method, stats, weakref.ref(model)
+    )
