@@ -525,6 +525,7 @@ def load_model(args: argparse.Namespace):
     from .pretrained import load_pretrained
 
     check_device(getattr(args, "device", None))
+    resolve_model(args)  # 'testbed' is a name every command knows
     return load_pretrained(
         args.model, dtype=None if args.dtype == "auto" else args.dtype, device=args.device,
         attn_implementation=args.attn_implementation, device_map=args.device_map,
