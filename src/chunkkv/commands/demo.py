@@ -65,7 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="which document (default 0)")
     g.add_argument("--layer", type=int, default=None, help="layer whose kept tokens are shown (default: a middle layer)")
     g.add_argument("--question-agnostic", action="store_true",
-                   help="compress the document alone, then append the question (default: the question ends the prompt)")
+                   help="compress the document alone with the question-agnostic default (hybrid scoring, sentence "
+                        "chunks for chunkkv; --scoring to choose), then append the question (default: the question "
+                        "ends the prompt)")
     g.add_argument("--max-new-tokens", type=int, default=None, help="answer length (default: the gold answer's + 8)")
     g.add_argument("--context-tokens", type=int, default=30, help="tokens shown on each side of the needle (default 30)")
     g.add_argument("--color", choices=["auto", "always", "never"], default="auto", help="colored output (default auto)")

@@ -60,7 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--limit", type=int, help="at most N samples per (sub)task")
     g.add_argument("--max-new-tokens", type=int, help="override the benchmark's generation length")
     g.add_argument("--query-aware", action="store_true",
-                   help="compress context + question together (default: compress the context, then feed the question)")
+                   help="compress context + question together, scored by the question (the paper's setting). "
+                        "Default: compress the context before the question with the question-agnostic default "
+                        "(hybrid scoring, sentence chunks for chunkkv; --scoring window for the window), then feed it")
     g.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
                    help="apply the tokenizer's chat template (default: if it has one; LongBench skips it where the official script does)")
     g.add_argument("--system-prompt", help="system message (with the chat template)")
