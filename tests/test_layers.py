@@ -31,6 +31,7 @@ LAYERS: list[set[str]] = [
     {"context", "plan", "prompt", "agnostic"},  # the compressed-context type, the layer plan, prompt checks, defaults
     {"scoring_pass"},
     {"capture"},
+    {"inline"},  # compression inside the prompt's own forward (one-shot, chunked, look-ahead)
     {"pipeline"},  # the one recipe: compress, prefill, compress_from_capture
     {"generation", "pretrained", "analysis", "outputs", "synthetic"},
     {"haystack"},  # finds the essays' wheel as pretrained finds the model's

@@ -139,6 +139,11 @@ class Method:
         (the scores need nothing from later layers or extra tokens)."""
         return not self.scores_tokens or self.scorer.inline
 
+    def kept_recent(self, inputs: LayerInputs) -> int:
+        """Most recent held tokens always kept: the observation window, unless the caller says
+        otherwise (a look-ahead re-selection, whose window is not held yet, keeps none by force)."""
+        return self.window if inputs.keep_recent is None else inputs.keep_recent
+
     def raw_scores(self, inputs: LayerInputs) -> torch.Tensor:
         """Raw ``[B, Hkv, T]`` scores of one layer (padded coordinates) from the method's scorer."""
         return self.scorer.scores(inputs, self.window)
@@ -201,7 +206,8 @@ class _Scored(Method):
         """Row-relative pooled prefix scores ``[B, Hkv, T]`` (``-inf`` outside the prefix)."""
         raw = self.raw_scores(inputs)
         aligned = raw if inputs.key_valid is None else sel.align_rows(raw, inputs.pad)
-        return sel.prefix_scores(aligned, inputs.lengths, inputs.kept, self.window, self.pooling, self.kernel)
+        return sel.prefix_scores(aligned, inputs.lengths, inputs.kept, self.kept_recent(inputs), self.pooling,
+                                 self.kernel)
 
 
 @dataclass(frozen=True)
@@ -250,8 +256,9 @@ class H2O(Method):
     def select(self, inputs: LayerInputs) -> torch.Tensor:
         raw = self.raw_scores(inputs)
         aligned = raw if inputs.key_valid is None else sel.align_rows(raw, inputs.pad)
-        scores = sel.prefix_scores(aligned, inputs.lengths, inputs.kept, self.window)
-        return sel.select_tokens_per_head(scores, inputs.lengths, inputs.kept, self.window, inputs.slots)
+        recent = self.kept_recent(inputs)
+        scores = sel.prefix_scores(aligned, inputs.lengths, inputs.kept, recent)
+        return sel.select_tokens_per_head(scores, inputs.lengths, inputs.kept, recent, inputs.slots)
 
 
 @dataclass(frozen=True)
@@ -261,7 +268,8 @@ class SnapKV(_Scored):
     name: ClassVar[str] = "snapkv"
 
     def select(self, inputs: LayerInputs) -> torch.Tensor:
-        return sel.select_tokens_per_head(self.scores(inputs), inputs.lengths, inputs.kept, self.window, inputs.slots)
+        return sel.select_tokens_per_head(self.scores(inputs), inputs.lengths, inputs.kept, self.kept_recent(inputs),
+                                          inputs.slots)
 
 
 @dataclass(frozen=True)
@@ -367,7 +375,7 @@ class ChunkKV(_Scored):
 
     def select(self, inputs: LayerInputs) -> torch.Tensor:
         return sel.select_chunks(
-            self.scores(inputs), inputs.lengths, inputs.kept, self.window, inputs.slots,
+            self.scores(inputs), inputs.lengths, inputs.kept, self.kept_recent(inputs), inputs.slots,
             self.chunk_size, self.chunk_reduce, self.segments(inputs), self.peak_weight,
         )
 

@@ -4,12 +4,10 @@ Every entry point (``compress``, ``generate``, the eval tasks, ``demo``, ``inspe
 perplexity tasks, the sweep and the studies) compresses through here:
 
 * :func:`compress` — one method. When its scorer is ``inline`` (the observation window, H2O's
-  accumulated attention) each layer is scored, selected and pruned right after its own attention
-  during the prefill, so peak memory holds one layer's full prompt K/V, not every layer's; with
-  ``prefill_chunk=C`` the prompt goes through in chunks and every layer re-selects after each
-  (:mod:`chunkkv.recompress`), bounding prefill memory by budget + ``C`` tokens per layer. Other
-  scorers need the whole prefill first (surprisal, scoring passes): the prompt is captured and
-  compressed from the capture.
+  accumulated attention) the prompt's own forward prunes each layer right after its attention
+  (:mod:`chunkkv.inline`: one-shot, or in chunks of ``prefill_chunk`` tokens with bounded memory).
+  Other scorers need the whole prefill first (surprisal, scoring passes): the prompt is captured
+  and compressed from the capture.
 * :func:`prefill` + :func:`compress_from_capture` — several methods: one capture sized for all of
   them (:mod:`chunkkv.capture`), each method's cache built from it, equal to its own ``compress``.
 
@@ -20,68 +18,24 @@ indices, then :func:`chunkkv.selection.finalize` and :meth:`~chunkkv.cache.Prune
 
 from __future__ import annotations
 
-import contextlib
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import torch
 
 from . import selection as sel
-from .attention import attach, attention_modules, compression_session
-from .capture import PrefillCapture, capture_prefill, gather_evidence, now
-from .cache import ChunkKVCache, PrunedLayer
+from .capture import PrefillCapture, capture_prefill, gather_evidence
 from .context import CompressedContext, CompressionStats, mark_wrapper_layers
-from .errors import ChunkKVError, PromptError, UnsupportedModelError
+from .errors import ChunkKVError, PromptError
+from .inline import prefill_inline
 from .methods import FullKV, Method
-from .plan import LayerPlan, chunk_bounds, plan_layers, plan_prefill
+from .plan import plan_layers
 from .prompt import as_method, check_prompt, check_window, row_lengths
 from .prompting import instructions
-from .recompress import check_bounded_method, reselect
 from .scorers import LayerInputs
 
 __all__ = ["compress", "compress_from_capture", "prefill"]
-
-
-@dataclass
-class _Session:
-    """Per-request state the attention wrapper needs during one compressing (inline) prefill."""
-
-    method: Method
-    cache: ChunkKVCache
-    measure: bool
-    stats: CompressionStats
-    plan: LayerPlan | None = None
-    # The prompt's token ids, for methods that look at tokens (boundary-aware ChunkKV); set only for a
-    # one-shot prefill, where held slots are the prompt's positions.
-    input_ids: torch.Tensor | None = None
-    chosen: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
-
-    def on_attention(self, module, layer: PrunedLayer, query, key, kwargs) -> None:
-        idx = module.layer_idx
-        plan = self.plan
-        if plan is None or idx not in plan.counts or layer is not self.cache.layers[idx]:
-            return
-        start = now(key.device) if self.measure else 0.0
-        leader = plan.leaders[idx]
-        if leader == idx:
-            index, valid = reselect(
-                self.method, query, key,
-                kwargs.get("scaling") or getattr(module, "scaling", key.shape[-1] ** -0.5), kwargs.get("softcap"),
-                plan.real[idx], plan.counts[idx], plan.slots[idx], plan.key_valid[idx], input_ids=self.input_ids,
-                layer=idx,
-            )
-            self.chosen[idx] = (index, valid if plan.fillers[idx] else None)
-            if idx not in self.stats.scored_layers:
-                self.stats.scored_layers.append(idx)
-            if plan.last and self.method.window > 0 and min(plan.slots[idx], query.shape[2]) >= self.method.window:
-                # Seed the decoding window (used only if a decode budget is set later).
-                # A copy: a view would keep the whole prompt's query states alive with the context.
-                layer.recent_queries = query[:, :, -self.method.window :].clone()
-        layer.prune(*self.chosen[leader])
-        if self.measure:
-            self.stats.select_seconds += now(key.device) - start
 
 
 def _instructions(tokenizer, chat_template: bool | None, scoring_prompt: torch.Tensor | None) -> Callable | None:
@@ -192,6 +146,7 @@ def compress(
     *,
     measure: bool = False,
     prefill_chunk: int | None = None,
+    lookahead: bool = True,
     tokenizer=None,
     chat_template: bool | None = None,
     scoring_prompt: torch.Tensor | None = None,
@@ -213,6 +168,9 @@ def compress(
             it holds plus the chunk, scored by the chunk's queries, so no layer ever holds more than
             its final budget + ``C`` tokens. The final kept count is the one-shot count for the
             whole prompt. None or ``C >= T``: one pass. Needs an inline scorer (``scoring="window"``).
+        lookahead: in chunks, score each re-selection of a window scorer (SnapKV, PyramidKV, ChunkKV)
+            with the prompt's last ``window`` tokens fed early (the question, when it ends the prompt),
+            not with the chunk's own last queries (:mod:`chunkkv.inline`).
         tokenizer: tokenizes the instruction of a scorer that runs a scoring pass
             (reconstruction, probe, hybrid); ``chat_template``: whether the prompt was rendered with
             the tokenizer's chat template (None: when it has one), so the instruction is asked the same
@@ -242,56 +200,5 @@ def compress(
         ctx = compress_from_capture(capture, method, scoring_block=scoring_block)
         ctx.source = weakref.ref(model)
         return ctx
-    attach(model)
-    bounds = chunk_bounds(width, prefill_chunk)
-    if len(bounds) > 2 and not isinstance(method, FullKV):
-        check_bounded_method(method, "prefill_chunk")
-    # Sliding-window layers whose window holds the whole prompt are compressed too (FullKV keeps
-    # the stock, bounded layers).
-    cache = ChunkKVCache(model.config, prompt_length=None if isinstance(method, FullKV) else width)
-    pruned = cache.pruned_layers
-    if not pruned and not isinstance(method, FullKV):
-        windows = sorted({w for w in (getattr(layer, "sliding_window", None) for layer in cache.layers) if w})
-        raise UnsupportedModelError(
-            f"every attention layer of this model is sliding-window (window {', '.join(map(str, windows)) or '?'} "
-            f"tokens) and the prompt ({width} tokens) is longer than the window, so the cache is already "
-            "bounded by the window and chunkkv has nothing to compress; give a prompt no longer than the "
-            "window, or use method 'full'"
-        )
-    modules = {m.layer_idx for m in attention_modules(model)}
-    missing = [i for i in pruned if i not in modules]
-    if missing:
-        raise UnsupportedModelError(f"layers {missing} have no self_attn module with a matching layer_idx")
-
-    device = input_ids.device
-    stats = CompressionStats(prompt_lengths=lengths_host)
-    session = plans = None
-    if not isinstance(method, FullKV):
-        plans = plan_prefill(method, lengths_host, width, pruned, device, bounds)
-        session = _Session(method=method, cache=cache, measure=measure, stats=stats,
-                           input_ids=input_ids if len(bounds) == 2 else None)
-        final = method.kept_per_layer(lengths_host, len(pruned))
-        touched = {layer for plan in plans for layer in plan.counts}
-        stats.kept = {layer: list(final[pos]) for pos, layer in enumerate(pruned) if layer in touched}
-
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    start = now(device)
-    with compression_session(session) if session is not None else contextlib.nullcontext():
-        for k in range(len(bounds) - 1):
-            lo, hi = bounds[k], bounds[k + 1]
-            if session is not None:
-                session.plan = plans[k]
-            out = model(
-                input_ids=input_ids[:, lo:hi],
-                attention_mask=attention_mask[:, :hi],
-                position_ids=position_ids[:, lo:hi],
-                cache=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-    stats.prefill_seconds = now(device) - start
-    stats.scored_layers.sort()
-    mark_wrapper_layers(cache)
-    return CompressedContext(
-        cache, input_ids, attention_mask, out.logits[:, -1, :], method, stats, weakref.ref(model)
-    )
+    return prefill_inline(model, input_ids, attention_mask, method, lengths_host, prefill_chunk=prefill_chunk,
+                          lookahead=lookahead, measure=measure)

@@ -38,6 +38,8 @@ def reselect(
     key_valid: torch.Tensor | None,
     input_ids: torch.Tensor | None = None,
     layer: int = 0,
+    memo: dict | None = None,
+    keep_recent: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose ``kept[b]`` of the held slots of one layer with ``method``'s own scoring.
 
@@ -51,6 +53,8 @@ def reselect(
         input_ids: ``[B, S]`` the token id of every held slot, when the slots are the prompt (one-shot
             prefill); None otherwise (methods that need tokens then refuse).
         layer: the model layer index (for scorers with per-layer evidence).
+        memo: raw scores already computed for these slots (``LayerInputs.memo``), e.g. a look-ahead's.
+        keep_recent: most recent slots always kept (None: the method's window).
 
     Returns:
         ``(index, valid)`` as :func:`chunkkv.selection.finalize` gives them: ``index [B, 1 or Hkv, slots]``
@@ -59,7 +63,8 @@ def reselect(
     pad = keys.shape[2] - real
     inputs = LayerInputs(
         queries=queries, keys=keys, scaling=scaling, softcap=softcap, key_valid=key_valid,
-        lengths=real, pad=pad, kept=kept, slots=slots, layer=layer, input_ids=input_ids,
+        lengths=real, pad=pad, kept=kept, slots=slots, layer=layer, memo=memo, input_ids=input_ids,
+        keep_recent=keep_recent,
     )
     return sel.finalize(method.select(inputs), pad)
 

@@ -101,6 +101,7 @@ class LayerInputs:
         evidence: the prompt's :class:`Evidence` (None when only inline scorers run).
         input_ids: ``[B, T]`` the prompt's token ids (boundary-aware ChunkKV), None when the
             held slots are not the prompt.
+        keep_recent: most recent slots always kept (None: the method's window).
     """
 
     queries: torch.Tensor | None
@@ -116,6 +117,7 @@ class LayerInputs:
     memo: dict | None = None
     evidence: Evidence | None = None
     input_ids: torch.Tensor | None = None
+    keep_recent: int | None = None
 
     def cached(self, key: tuple, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         """``compute()``, or the memo's value under ``key`` (stored there on first use)."""

@@ -1,0 +1,211 @@
+"""Compression inside the prompt's own forward: each layer pruned right after its attention.
+
+One-shot (one chunk): each layer attends over its whole prompt (the output is exact), then keeps the
+selected tokens, so peak memory holds one layer's full prompt K/V, not every layer's.
+
+In chunks (``prefill_chunk=C``): the prompt goes through ``C`` tokens at a time and every prunable
+layer re-selects over what it holds plus the chunk (:mod:`chunkkv.recompress`), so no layer holds
+more than its final budget + ``C`` tokens. What scores each re-selection:
+
+* **look-ahead** (``lookahead=True``, window scorers: SnapKV, PyramidKV, ChunkKV): the prompt's last
+  ``window`` tokens — the question, when it ends the prompt — are fed early, after each chunk, on a
+  fork of what the layers hold, at their final positions; their queries score every layer as they
+  will at the end, and their keys are thrown away. The chunk's layers are pruned after that pass,
+  not during the chunk's forward (every layer then holds budget + ``C`` at once, as the bound
+  allows). So an early chunk is judged by the question, not by what the document finds salient;
+* **the chunk's own last queries** (``lookahead=False``, and H2O's accumulated attention, and
+  StreamingLLM, which needs no scores): each layer re-selects right after the chunk's attention.
+
+The last chunk is always scored by its own last ``window`` queries: they are the prompt's last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+from .attention import attach, attention_modules, compression_session
+from .cache import ChunkKVCache, PrunedLayer
+from .capture import now
+from .context import CompressedContext, CompressionStats, mark_wrapper_layers
+from .errors import UnsupportedModelError
+from .methods import FullKV, Method
+from .plan import LayerPlan, chunk_bounds, plan_prefill
+from .recompress import check_bounded_method, reselect
+from .scorers import WindowScorer
+from .scoring import window_attention_scores
+
+__all__ = ["prefill_inline"]
+
+
+def _scaling(module, key, kwargs) -> float:
+    return kwargs.get("scaling") or getattr(module, "scaling", key.shape[-1] ** -0.5)
+
+
+@dataclass
+class _Session:
+    """The attention wrapper's session during a compressing prefill: prune after each attention,
+    unless the chunk is ``deferred`` (its layers are pruned after the look-ahead pass)."""
+
+    method: Method
+    cache: ChunkKVCache
+    measure: bool
+    stats: CompressionStats
+    plan: LayerPlan | None = None
+    deferred: bool = False
+    # The prompt's token ids, for methods that look at tokens (boundary-aware ChunkKV); set only for a
+    # one-shot prefill, where held slots are the prompt's positions.
+    input_ids: torch.Tensor | None = None
+    chosen: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+
+    def on_attention(self, module, layer: PrunedLayer, query, key, kwargs) -> None:
+        idx = module.layer_idx
+        plan = self.plan
+        if self.deferred or plan is None or idx not in plan.counts or layer is not self.cache.layers[idx]:
+            return
+        start = now(key.device) if self.measure else 0.0
+        if plan.is_leader(idx):
+            self.select(idx, layer, query, key, _scaling(module, key, kwargs), kwargs.get("softcap"))
+            if plan.last and self.method.window > 0 and min(plan.slots[idx], query.shape[2]) >= self.method.window:
+                # Seed the decoding window (used only if a decode budget is set later).
+                # A copy: a view would keep the whole prompt's query states alive with the context.
+                layer.recent_queries = query[:, :, -self.method.window :].clone()
+        layer.prune(*self.chosen[plan.leaders[idx]])
+        if self.measure:
+            self.stats.select_seconds += now(key.device) - start
+
+    def select(self, idx: int, layer: PrunedLayer, query, key, scaling: float, softcap, memo: dict | None = None,
+               keep_recent: int | None = None):
+        plan = self.plan
+        index, valid = reselect(
+            self.method, query, key, scaling, softcap, plan.real[idx], plan.counts[idx], plan.slots[idx],
+            plan.key_valid[idx], input_ids=self.input_ids, layer=idx, memo=memo, keep_recent=keep_recent,
+        )
+        self.chosen[idx] = (index, valid if plan.fillers[idx] else None)
+        if idx not in self.stats.scored_layers:
+            self.stats.scored_layers.append(idx)
+
+
+class _Lookahead:
+    """The session of a look-ahead pass: the window's queries score what each leader layer holds
+    (window attention over the held slots and the window itself, as at the end of the prompt)."""
+
+    def __init__(self, fork: ChunkKVCache, plan: LayerPlan) -> None:
+        self.fork = fork
+        self.plan = plan
+        self.found: dict[int, tuple[torch.Tensor, torch.Tensor, float, float | None]] = {}
+
+    def on_attention(self, module, layer: PrunedLayer, query, key, kwargs) -> None:
+        idx = module.layer_idx
+        if not self.plan.is_leader(idx) or layer is not self.fork.layers[idx]:
+            return
+        held = key.shape[2] - query.shape[2]
+        valid = self.plan.key_valid[idx]
+        key_valid = None if valid is None else torch.cat([valid, valid.new_ones(valid.shape[0], query.shape[2])], 1)
+        scaling, softcap = _scaling(module, key, kwargs), kwargs.get("softcap")
+        scores = window_attention_scores(query, key, scaling, key_valid, softcap)[..., :held]
+        self.found[idx] = (scores, query, scaling, softcap)
+
+
+def _uses_lookahead(method: Method) -> bool:
+    return isinstance(method.scorer, WindowScorer)
+
+
+@torch.inference_mode()
+def prefill_inline(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    method: Method,
+    lengths: list[int],
+    *,
+    prefill_chunk: int | None = None,
+    lookahead: bool = True,
+    measure: bool = False,
+) -> CompressedContext:
+    """Prefill checked ``input_ids`` with an inline ``method`` (see the module docstring)."""
+    attach(model)
+    width = input_ids.shape[1]
+    bounds = chunk_bounds(width, prefill_chunk)
+    if len(bounds) > 2 and not isinstance(method, FullKV):
+        check_bounded_method(method, "prefill_chunk")
+    # Sliding-window layers whose window holds the whole prompt are compressed too (FullKV keeps
+    # the stock, bounded layers).
+    cache = ChunkKVCache(model.config, prompt_length=None if isinstance(method, FullKV) else width)
+    pruned = cache.pruned_layers
+    if not pruned and not isinstance(method, FullKV):
+        windows = sorted({w for w in (getattr(layer, "sliding_window", None) for layer in cache.layers) if w})
+        raise UnsupportedModelError(
+            f"every attention layer of this model is sliding-window (window {', '.join(map(str, windows)) or '?'} "
+            f"tokens) and the prompt ({width} tokens) is longer than the window, so the cache is already "
+            "bounded by the window and chunkkv has nothing to compress; give a prompt no longer than the "
+            "window, or use method 'full'"
+        )
+    modules = {m.layer_idx for m in attention_modules(model)}
+    missing = [i for i in pruned if i not in modules]
+    if missing:
+        raise UnsupportedModelError(f"layers {missing} have no self_attn module with a matching layer_idx")
+
+    device = input_ids.device
+    stats = CompressionStats(prompt_lengths=lengths)
+    session = plans = None
+    if not isinstance(method, FullKV):
+        plans = plan_prefill(method, lengths, width, pruned, device, bounds)
+        session = _Session(method=method, cache=cache, measure=measure, stats=stats,
+                           input_ids=input_ids if len(bounds) == 2 else None)
+        final = method.kept_per_layer(lengths, len(pruned))
+        touched = {layer for plan in plans for layer in plan.counts}
+        stats.kept = {layer: list(final[pos]) for pos, layer in enumerate(pruned) if layer in touched}
+    ahead = session is not None and lookahead and len(bounds) > 2 and _uses_lookahead(method)
+
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    start = now(device)
+    with compression_session(session) if session is not None else contextlib.nullcontext():
+        for k in range(len(bounds) - 1):
+            lo, hi = bounds[k], bounds[k + 1]
+            if session is not None:
+                session.plan = plans[k]
+                session.deferred = ahead and not plans[k].last and bool(plans[k].counts)
+            out = model(
+                input_ids=input_ids[:, lo:hi],
+                attention_mask=attention_mask[:, :hi],
+                position_ids=position_ids[:, lo:hi],
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            if session is not None and session.deferred:
+                _look_ahead(model, session, input_ids, attention_mask, position_ids, hi)
+    stats.prefill_seconds = now(device) - start
+    stats.scored_layers.sort()
+    mark_wrapper_layers(cache)
+    return CompressedContext(
+        cache, input_ids, attention_mask, out.logits[:, -1, :], method, stats, weakref.ref(model)
+    )
+
+
+def _look_ahead(model, session: _Session, input_ids, attention_mask, position_ids, seen: int) -> None:
+    """Feed the prompt's last ``window`` tokens on a fork of what the layers hold after ``seen``
+    tokens, then prune every planned layer with the scores their queries give."""
+    plan, cache = session.plan, session.cache
+    win = session.method.window
+    fork = cache.fork()
+    scoring = _Lookahead(fork, plan)
+    mask = torch.cat([attention_mask[:, :seen], attention_mask[:, -win:]], dim=1)
+    with compression_session(scoring):
+        model(input_ids=input_ids[:, -win:], attention_mask=mask, position_ids=position_ids[:, -win:], cache=fork,
+              use_cache=True, logits_to_keep=1)
+    start = now(input_ids.device) if session.measure else 0.0
+    for idx in plan.counts:  # depth order: a leader comes before its followers
+        layer = cache.layers[idx]
+        if plan.is_leader(idx):
+            scores, query, scaling, softcap = scoring.found[idx]
+            # the window is not held yet: the whole budget goes to what it scores, nothing is kept by force
+            session.select(idx, layer, query, layer.keys, scaling, softcap, memo={("window", query.shape[2]): scores},
+                           keep_recent=0)
+        layer.prune(*session.chosen[plan.leaders[idx]])
+    if session.measure:
+        session.stats.select_seconds += now(input_ids.device) - start
