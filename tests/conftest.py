@@ -4,6 +4,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/reference.py and helpers
+# the repository root: the studies (studies/, run from a checkout, not installed) are imported from there
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(1, _ROOT)
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 # CHUNKKV_TEST_DEVICE=cuda runs the whole suite on a GPU: every tensor and model the tests create

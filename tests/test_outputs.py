@@ -285,7 +285,7 @@ def test_data_files_that_are_not_text_are_clear_errors_in_the_library(tmp_path):
 
 
 def test_sweep_heading_reports_the_real_prompt_length():
-    from chunkkv.sweep import render_markdown
+    from studies.sweep.report import render_markdown
 
     cfg = {"tasks": ["niah_single"], "question_agnostic": False, "window": "question", "extra_new_tokens": 2,
            "seed": 0, "haystack": "varied", "sweep_fraction": 0.1, "chunk_size": 10, "heatmap_fraction": 0.1}

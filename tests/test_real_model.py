@@ -39,8 +39,8 @@ def _needle_prompt(tokenizer, tokens: int, depth: float):
 
 def test_needle_at_2k_with_full_cache_and_chunkkv_10pct(smollm2):
     """A pipeline check on one 2k-token document (needle at 80 % depth) where both answer; how often
-    each method answers across lengths and depths is measured in docs/quality.md (at 10 % ChunkKV
-    misses on this small model at some depths)."""
+    each method answers across lengths and depths is measured in studies/real_grid/README.md (at 10 %
+    ChunkKV misses on this small model at some depths)."""
     from chunkkv.capture import capture_prefill
     from chunkkv.pipeline import compress_from_capture
 

@@ -11,8 +11,8 @@ import torch
 from chunkkv import pretrained
 from chunkkv.errors import ChunkKVError
 from chunkkv.haystack import essays_available
-from chunkkv.realgrid import GridSpec, default_specs, is_headline, parse_plan, run_grid, run_sample
-from chunkkv.realtasks import REAL_TASKS, context_split, make_samples, render, score_prediction
+from studies.real_grid.grid import GridSpec, default_specs, is_headline, parse_plan, run_grid, run_sample
+from studies.real_grid.tasks import REAL_TASKS, context_split, make_samples, render, score_prediction
 
 from models import tiny_model
 
@@ -93,7 +93,7 @@ def test_one_sample_through_every_kind_of_row(tok, tmp_path):
     assert len(by_key["chunkkv/f0.1/c10/r1"]["jaccard_matrix"]) == 4
     assert all(r["score"] in (0.0, 1.0) and "rouge1" in r for r in records)
     # the grid appends records and skips what is done
-    from chunkkv.realgrid import PlanItem
+    from studies.real_grid.grid import PlanItem
 
     plan = [PlanItem(300, ["niah_paper"], 1, True)]
     assert run_grid(model, tok, tmp_path, plan, specs[:3], window=16, progress=False) == 1
@@ -103,7 +103,7 @@ def test_one_sample_through_every_kind_of_row(tok, tmp_path):
 
 
 def test_report_tables_have_n_and_wilson_intervals(tmp_path):
-    from chunkkv.realreport import cell, markdown, summarise, trails, wilson
+    from studies.real_grid.report import cell, markdown, summarise, trails, wilson
 
     lo, hi = wilson(0, 10)
     assert lo == 0.0 and abs(hi - 0.2775) < 1e-3
@@ -119,7 +119,7 @@ def test_report_tables_have_n_and_wilson_intervals(tmp_path):
 
 
 def test_chunked_rows_run_their_own_prefill_and_equal_one_shot_when_one_chunk(tok):
-    from chunkkv.realgrid import chunked_specs
+    from studies.real_grid.grid import chunked_specs
 
     specs = chunked_specs(tokens=(64,), fractions=(), chunks=(100, 4096))
     assert [s.key for s in specs] == ["full", "chunkkv/t64/c10/r1", "chunkkv/t64/c10/r1/p100", "chunkkv/t64/c10/r1/p4096"]
@@ -135,7 +135,7 @@ def test_chunked_rows_run_their_own_prefill_and_equal_one_shot_when_one_chunk(to
 
 
 def test_chunked_report_pairs_the_same_samples():
-    from chunkkv.realreport import chunked_markdown
+    from studies.real_grid.report import chunked_markdown
 
     records = []
     for i in range(4):

@@ -1,4 +1,5 @@
-"""``chunkkv sweep``: a tiny end-to-end sweep on the shipped testbed, plus the pure helpers."""
+"""``chunkkv sweep`` (the study in ``studies/sweep``): a tiny end-to-end sweep on the shipped testbed, the
+pure helpers, where its outputs go by default, and the one-line error of an installation without the studies."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import json
 import pytest
 import torch
 
-from chunkkv import sweep
-from chunkkv.cli import main
+from chunkkv import cli as _cli
 from chunkkv import cli_common as _common
+from chunkkv.cli import main
+from studies import ROOT
+from studies import sweep
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -156,3 +159,33 @@ def test_help_and_question_agnostic_mode(tmp_path, capsys):
     assert results["config"]["question_agnostic"] is True
     assert {r["method"]: r["tasks"]["niah_single"] for r in results["rows"]}["full"] == 100.0
     assert all(json.loads(line)["window"] in (8,) for line in (tmp_path / "records.jsonl").read_text().splitlines())
+
+
+def test_defaults_write_into_the_study_wherever_the_command_starts(tmp_path, monkeypatch):
+    """``--out`` / ``--report`` default to studies/sweep/results and its README, resolved against the
+    repository root, not the current folder; ``python -m studies.sweep`` takes the same flags."""
+    import argparse
+
+    from studies.sweep import cli as sweep_cli
+
+    monkeypatch.chdir(tmp_path)
+    parser = argparse.ArgumentParser()
+    sweep_cli.add_arguments(parser)
+    args = parser.parse_args([])
+    assert args.out == str(ROOT / "studies" / "sweep" / "results")
+    assert args.report == str(ROOT / "studies" / "sweep" / "README.md")
+    assert (ROOT / "studies" / "sweep" / "results" / "results.json").exists()  # the shipped tables' data
+    assert sweep.BEGIN in (ROOT / "studies" / "sweep" / "README.md").read_text()
+    assert sweep_cli.main(["--tasks", "nope", "--no-progress"]) == 2
+
+
+def test_the_command_finds_the_study_from_another_folder_and_explains_a_wheel(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # not the checkout: the study is found next to the source tree
+    assert _cli.studies_root() == ROOT
+    assert main(["sweep", "--tasks", "nope", "--no-progress"]) == 2
+    assert "unknown nope" in capsys.readouterr().err
+    # an installed wheel run outside a checkout: no studies/ anywhere -> one line, exit 2
+    monkeypatch.setattr(_cli, "studies_root", lambda: None)
+    assert main(["sweep", "--lengths", "256"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "study that runs from a source checkout" in err[0]

@@ -1,7 +1,9 @@
 """``chunkkv`` command line: one dispatcher, one module per command.
 
 Each command module defines ``add_arguments(parser)`` and ``run(args) -> int``; it is imported only
-when its command runs, so ``chunkkv --help`` stays fast.
+when its command runs, so ``chunkkv --help`` stays fast. ``chunkkv sweep`` is a study, not part of
+the installed package: its module lives in ``studies/sweep`` of a source checkout (next to ``src/``,
+or in the current folder), and an installed wheel says so and exits 2.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 from .errors import ChunkKVError
 
@@ -18,8 +21,30 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("chunkkv.evaluation.cli", "run a benchmark (NIAH, LongBench, GSM8K, JailbreakV, synthetic)"),
     "bench": ("chunkkv.bench.cli", "efficiency benchmark: memory, prefill overhead, decode speed"),
     "inspect": ("chunkkv.commands.inspect", "HTML report of what each method kept, layer by layer"),
-    "sweep": ("chunkkv.sweep", "quality sweep on the synthetic suite: methods x budgets x tasks, chunk sizes, reuse depths, Jaccard"),
+    "sweep": ("studies.sweep.cli", "quality sweep on the synthetic suite: methods x budgets x tasks, chunk sizes, reuse depths, "
+                                   "Jaccard (a study: runs from a source checkout)"),
 }
+
+
+def studies_root() -> Path | None:
+    """The source checkout whose ``studies/`` package the study commands run: the repository of this
+    source tree (``src/chunkkv`` -> its root, the editable install), else the current folder; None
+    when neither holds ``studies/`` (an installed wheel run elsewhere)."""
+    here = Path(__file__).resolve().parents[2]
+    for root in (here, Path.cwd()):
+        if (root / "studies" / "__init__.py").is_file():
+            return root
+    return None
+
+
+def _import_study(module_name: str):
+    """Import ``studies.<...>`` from :func:`studies_root` (put first on ``sys.path``); None if absent."""
+    root = studies_root()
+    if root is None:
+        return None
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    return importlib.import_module(module_name)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +71,15 @@ def main(argv: list[str] | None = None) -> int:
     name = argv[0]
     module_name, help_text = COMMANDS[name]
     try:
-        module = importlib.import_module(module_name)
+        if module_name.startswith("studies."):
+            module = _import_study(module_name)
+            if module is None:
+                print(f"chunkkv {name}: error: the {name} is a study that runs from a source checkout of chunkkv "
+                      f"(studies/ next to src/); this installation has none: clone the repository and run it there",
+                      file=sys.stderr)
+                return 2
+        else:
+            module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.startswith("chunkkv"):
             print(f"chunkkv {name}: not available in this version", file=sys.stderr)

@@ -1,31 +1,30 @@
 """Which layers' reconstruction attention keeps the answers: the dev-set study behind
 ``scoring="shallow_reconstruction"`` (issue 14).
 
-For the dev documents of tools/agnostic_tune.py (documents 50.., 8 dev needles, never the test or
+For the dev documents of :mod:`.tune` (documents 50.., 8 dev needles, never the test or
 held-out ones) it runs KVzip's reconstruction pass once per document on every layer and caches each
 layer's per-KV-head scores (``--cache``); then, for each way of turning those into one score per
 token, it counts how many needles' answer words survive ChunkKV's selection on sentence chunks
 (the library's own ``select_chunks``; no decoding), beside the surprisal default.
 
-Usage: PYTHONPATH=src python tools/agnostic_shallow_dev.py --lengths 1024,2048 --out docs/results/agnostic/tuning_shallow.md
+Usage: python -m studies.question_agnostic shallow_dev --lengths 1024,2048,4096 \
+           --out studies/question_agnostic/results/tuning_shallow.md
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-import agnostic_tune as tune  # noqa: E402
+from chunkkv import selection as sel
+from chunkkv.budget import Budget
+from chunkkv.capture import capture_prefill, layer_scores
+from chunkkv.prompting import instructions
 
-from chunkkv import selection as sel  # noqa: E402
-from chunkkv.agnostic import agnostic_scores, scoring_prompt  # noqa: E402
-from chunkkv.budget import Budget  # noqa: E402
-from chunkkv.multi import capture_prefill  # noqa: E402
+from . import tune
 
 
 def _rank(x: torch.Tensor) -> torch.Tensor:
@@ -41,28 +40,27 @@ def _q99(x: torch.Tensor, q: float = 0.99) -> torch.Tensor:
 def reconstruction_scores(model, tok, data, lengths, cache: Path) -> dict:
     """{(length, doc): [layers, kv heads, T] float16} reconstruction scores, cached and resumable."""
     out = torch.load(cache) if cache.exists() else {}
-    prompt = scoring_prompt(tok, "reconstruction")
     layers = list(range(model.config.num_hidden_layers))
     for length, doc, ids, *_ in data:
         if length not in lengths or (length, doc) in out:
             continue
         t0 = time.perf_counter()
-        capture = capture_prefill(model, ids, torch.ones_like(ids), window=1)
-        scores = agnostic_scores(model, capture, "reconstruction", layers, prompt)
+        capture = capture_prefill(model, ids, torch.ones_like(ids), window=1, instructions=instructions(tok))
+        scores = layer_scores(capture, "reconstruction", layers)  # the pass: every layer, per KV head
         out[(length, doc)] = torch.stack([scores[i][0] for i in layers]).half()
         torch.save(out, cache)
         print(f"{length}/{doc}: {time.perf_counter() - t0:.1f} s", flush=True)
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m studies.question_agnostic shallow_dev")
     ap.add_argument("--lengths", default="1024,2048")
     ap.add_argument("--cache", default="/tmp/chunkkv-dev8-recon.pt")
-    ap.add_argument("--dev-cache", default="/tmp/chunkkv-agnostic-dev8.pt", help="agnostic_tune.py's cache")
+    ap.add_argument("--dev-cache", default="/tmp/chunkkv-agnostic-dev8.pt", help="the tune study's cache")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from chunkkv.boundaries import boundary_token_ids
     from chunkkv.pretrained import load_pretrained

@@ -1,8 +1,8 @@
 """Compress once, save, load in a NEW process, ask several questions (issue 14 item 4).
 
-    PYTHONPATH=src python tools/agnostic_saved_demo.py [--length 2048] [--scoring default]
+    python -m studies.question_agnostic saved_demo [--length 2048] [--scoring default]
 
-Process 1 (this one): builds a NIAH document with 4 needles (tools/agnostic_niah.py), compresses it
+Process 1 (this one): builds a NIAH document with 4 needles (:mod:`.niah`), compresses it
 question-agnostically with ChunkKV, saves it, and answers the 4 questions in memory. Process 2 (a
 subprocess started with ``--load``): loads the model and the saved context, answers the same 4
 questions. The answers must be identical token for token.
@@ -15,17 +15,16 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 import chunkkv
-from chunkkv.agnostic import PROMPTS, agnostic_method, scoring_prompt
+from chunkkv.agnostic import agnostic_method
 from chunkkv.persist import header_bytes
 from chunkkv.pretrained import load_pretrained
 
-sys.path.insert(0, str(Path(__file__).parent))
-from agnostic_niah import NEEDLES, build_document, encode  # noqa: E402
+from .. import ROOT
+from .niah import NEEDLES, build_document, encode
 
 
 def answers(model, tok, ctx, questions) -> list[str]:
@@ -39,8 +38,8 @@ def answers(model, tok, ctx, questions) -> list[str]:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m studies.question_agnostic saved_demo")
     ap.add_argument("--length", type=int, default=2048)
     ap.add_argument("--doc", type=int, default=0)
     ap.add_argument("--scoring", default="default",
@@ -49,7 +48,7 @@ def main() -> None:
     ap.add_argument("--keep-fraction", type=float, default=0.2)
     ap.add_argument("--path", default="/tmp/chunkkv_demo.ckv")
     ap.add_argument("--load", action="store_true", help="(the second process) load and answer")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(1)
     model, tok = load_pretrained("smollm2", dtype=torch.float32, device="cpu")
     document, _ = build_document(tok, args.length, args.doc)
@@ -62,13 +61,13 @@ def main() -> None:
         return
     method = chunkkv.ChunkKV(keep_fraction=args.keep_fraction)
     method = agnostic_method(method, None if args.scoring == "default" else args.scoring, tokenizer=tok)
-    ctx = chunkkv.compress(model, encoded[0][0], method=method,
-                           scoring_prompt=scoring_prompt(tok, method.scoring) if method.scoring in PROMPTS else None)
+    ctx = chunkkv.compress(model, encoded[0][0], method=method, tokenizer=tok)  # tokenizes a pass's instruction
     size = ctx.save(args.path)
     kv = ctx.cache.nbytes()
     in_memory = answers(model, tok, ctx, questions)
-    child = subprocess.run([sys.executable, __file__, "--load", "--path", args.path, "--length", str(args.length),
-                            "--doc", str(args.doc)], capture_output=True, text=True, check=True)
+    child = subprocess.run([sys.executable, "-m", "studies.question_agnostic.saved_demo", "--load", "--path", args.path,
+                            "--length", str(args.length), "--doc", str(args.doc)],
+                           capture_output=True, text=True, check=True, cwd=ROOT)
     loaded = json.loads(child.stdout.strip().splitlines()[-1])
     print(f"method {method.describe()}: {encoded[0][0].shape[1]} context tokens, prefill "
           f"{ctx.stats.prefill_seconds:.1f} s + scoring {ctx.stats.scoring_seconds:.1f} s")

@@ -1,14 +1,14 @@
 """Question-agnostic NIAH on SmolLM2-135M-Instruct + the Paul Graham essays (issue 14).
 
 Each document: essays cut to ``length`` tokens with 4 distinct needles inserted at 4 depths; the
-document (chat-templated, up to its end) is prefilled ONCE (chunkkv.multi.capture_prefill), scored
+document (chat-templated, up to its end) is prefilled ONCE (chunkkv.capture.capture_prefill), scored
 once per question-agnostic scoring (window / probe / reconstruction, all layers), and every
 method x budget is built from that capture; the 4 questions are then asked of each compressed
 cache (question fed after compression). Beside them: the full cache, and query-aware ChunkKV
 (document + question compressed together, once per question).
 
 Resumable: one JSON line per (length, doc, config, question) in --out; rerun to continue.
-Usage: PYTHONPATH=src python tools/agnostic_niah.py --out docs/results/agnostic/niah.jsonl
+Usage: python -m studies.question_agnostic niah [--out studies/question_agnostic/results/niah.jsonl]
 """
 
 from __future__ import annotations
@@ -22,10 +22,15 @@ from pathlib import Path
 import torch
 
 import chunkkv
-from chunkkv.agnostic import SENTENCE_CHUNKS, agnostic_method, agnostic_scores, scoring_prompt
+from chunkkv.agnostic import SENTENCE_CHUNKS, agnostic_method
+from chunkkv.capture import capture_prefill, layer_scores
 from chunkkv.haystack import paul_graham_text
-from chunkkv.multi import capture_prefill, compress_from_capture
+from chunkkv.pipeline import compress_from_capture
 from chunkkv.pretrained import load_pretrained
+from chunkkv.prompting import instructions
+from chunkkv.scorers import resolve_scorer
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 NEEDLES = [
     ("The secret ingredient in Grandma Rosa's famous soup is smoked paprika.",
@@ -180,9 +185,9 @@ def ask_all(model, ctx, questions: list[torch.Tensor], max_new: int, eos: int, p
     return answers
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="docs/results/agnostic/niah.jsonl")
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m studies.question_agnostic niah")
+    ap.add_argument("--out", default=str(RESULTS / "niah.jsonl"), help="records (JSONL; default: results/niah.jsonl)")
     ap.add_argument("--lengths", default="1024,2048,4096")
     ap.add_argument("--docs", type=int, default=4)
     ap.add_argument("--docs-at", default="", help="cap docs per length, e.g. 4096:2")
@@ -197,7 +202,7 @@ def main() -> None:
     ap.add_argument("--first-doc", type=int, default=0, help="documents first-doc .. docs-1 (to extend a run)")
     ap.add_argument("--sentence", action="store_true", help="also ChunkKV with sentence chunks on sqrt-surprisal")
     ap.add_argument("--no-qa", action="store_true", help="skip query-aware ChunkKV (one prefill per question)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.needles == "holdout":
         global NEEDLES
         NEEDLES = HOLDOUT_NEEDLES
@@ -247,22 +252,20 @@ def main() -> None:
                     all((length, doc, "qa-chunkkv|window|20% kept", q) in done for q in range(4))):
                 continue
             t0 = time.perf_counter()
-            capture = capture_prefill(model, ids, window=32, surprisal=True)
+            # the scoring passes' instructions are tokenized by the capture; each pass runs once per
+            # document (chunkkv.capture.gather_evidence) and serves every config that needs it
+            capture = capture_prefill(model, ids, window=32, surprisal=True, instructions=instructions(tok))
             prefill = time.perf_counter() - t0
             layers = list(range(model.config.num_hidden_layers))
             timing = {"length": length, "doc": doc, "config": "_timing", "q": None, "tokens": ids.shape[1],
                       "prefill_s": prefill, "surprisal_s": capture.surprisal_seconds}
-            for layer, value in agnostic_scores(model, capture, "surprisal", layers).items():
-                capture.memo[layer][("surprisal",)] = value
             for scoring in ("probe", "reconstruction", "shallow_reconstruction", "hybrid"):
                 wanted = [f"{m}|{s}|{meth.budget.describe()}" for m, s, meth in grid if s == scoring]
                 if all((length, doc, k, q) in done for k in wanted for q in range(4)):
                     continue  # already answered in an earlier run: skip the (costly) scoring pass
-                t0 = time.perf_counter()
-                scores = agnostic_scores(model, capture, scoring, layers, scoring_prompt(tok, scoring))
-                timing[f"{scoring}_s"] = time.perf_counter() - t0
-                for layer, value in scores.items():
-                    capture.memo[layer][(scoring,)] = value
+                layer_scores(capture, scoring, layers)  # runs its pass now, unless an earlier scoring ran it
+                # the pass time of this scoring (hybrid's pass is shallow reconstruction's: the same seconds)
+                timing[f"{scoring}_s"] = sum(capture.pass_seconds.get(p, 0.0) for p in resolve_scorer(scoring).passes())
             if (length, doc, "_timing", None) not in done:
                 write(timing)
             elif "reconstruction_s" not in timing:  # a resumed run: its surprisal cost on its own line

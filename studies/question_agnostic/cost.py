@@ -1,8 +1,8 @@
 """Scoring cost as a ratio to the prefill, from one run (issue 14): SmolLM2, 1 CPU thread (``--threads``).
 
-    PYTHONPATH=src python tools/agnostic_cost.py --lengths 1024,2048,4096
+    python -m studies.question_agnostic cost --lengths 1024,2048,4096
 
-For each length: one NIAH document (tools/agnostic_niah.py), then ``chunkkv.compress`` with
+For each length: one NIAH document (:mod:`.niah`), then ``chunkkv.compress`` with
 ChunkKV 20 % for each scoring, reuse depth 1 and 2; prints ``stats.prefill_seconds`` and
 ``stats.scoring_seconds`` (the scoring pass alone) and their ratio, and the plain window
 compression's prefill as the baseline. Same process, same document, interleaved.
@@ -12,30 +12,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
 import chunkkv
-from chunkkv.agnostic import scoring_prompt
 from chunkkv.pretrained import load_pretrained
 
-sys.path.insert(0, str(Path(__file__).parent))
-from agnostic_niah import NEEDLES, build_document, encode  # noqa: E402
+from .niah import NEEDLES, build_document, encode
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m studies.question_agnostic cost")
     ap.add_argument("--lengths", default="1024,2048,4096")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None, help="also write the rows here (JSONL), e.g. results/cost_quarter.jsonl")
     ap.add_argument("--scorings", default="window,probe,reconstruction,shallow_reconstruction,surprisal")
     ap.add_argument("--depths", default="1,2", help="reuse depths")
     ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, tok = load_pretrained("smollm2", dtype=torch.float32, device="cpu")
-    prompts = {s: scoring_prompt(tok, s) for s in ("probe", "reconstruction", "shallow_reconstruction")}
     rows = []
     for length in [int(x) for x in args.lengths.split(",")]:
         document, _ = build_document(tok, length, 0)
@@ -45,7 +41,7 @@ def main() -> None:
             plain = None  # the window run's prefill (no surprisal projection), when "window" comes first
             for scoring in args.scorings.split(","):
                 method = chunkkv.ChunkKV(keep_fraction=0.2, reuse_depth=depth, scoring=scoring)
-                ctx = chunkkv.compress(model, ids, method=method, scoring_prompt=prompts.get(scoring))
+                ctx = chunkkv.compress(model, ids, method=method, tokenizer=tok)  # tokenizes its pass's instruction
                 if scoring == "window":
                     plain = ctx.stats.prefill_seconds
                 row = {"length": ids.shape[1], "reuse_depth": depth, "scoring": scoring,

@@ -1,28 +1,26 @@
 """Tune question-agnostic selection offline on a DEV set of needles and documents (issue 14).
 
-The test set of tools/agnostic_niah.py (its 4 needles, documents 0-11) is not used here: this tool
+The test set of :mod:`.niah` (its 4 needles, documents 0-11) is not used here: this study
 builds its own documents (documents 50.., other essay passages) with 8 other needles (two sets of
 4, alternating by document), computes each token's surprisal once (cached in --cache), and for
 every candidate chunking / score transform and budget reports how often the whole needle sentence
 and its answer words survive ChunkKV's selection (the library's own ``prefix_scores`` +
 ``select_chunks``). No decoding: it measures what is kept, in seconds.
 
-Usage: PYTHONPATH=src python tools/agnostic_tune.py --out docs/results/agnostic/tuning.md
+Usage: python -m studies.question_agnostic tune --out studies/question_agnostic/results/tuning.md
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-import agnostic_niah as niah  # noqa: E402
+from chunkkv import selection as sel
+from chunkkv.budget import Budget
 
-from chunkkv import selection as sel  # noqa: E402
-from chunkkv.budget import Budget  # noqa: E402
+from . import niah
 
 DEV_NEEDLES = [
     ("The password for the old server room is 5839.", "What is the password for the old server room?", "5839"),
@@ -147,14 +145,14 @@ def kept_set(scores: torch.Tensor, budget: Budget, kernel: int, chunk: int, wind
     return set(picks[0, 0].tolist())
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m studies.question_agnostic tune")
     ap.add_argument("--lengths", default="1024,2048,4096")
     ap.add_argument("--docs", type=int, default=8)
     ap.add_argument("--cache", default="/tmp/chunkkv-agnostic-dev8.pt")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="", help="write the table (markdown) here too")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from chunkkv.pretrained import load_pretrained
 

@@ -1,6 +1,6 @@
-"""Tables for docs/question-agnostic.md from tools/agnostic_niah.py's JSONL (Wilson 95 % intervals).
+"""Tables for the study's README from the niah study's JSONL (Wilson 95 % intervals).
 
-    python tools/agnostic_table.py docs/results/agnostic/niah.jsonl
+    python -m studies.question_agnostic table [studies/question_agnostic/results/niah.jsonl] > results/tables.md
 """
 
 from __future__ import annotations
@@ -8,8 +8,11 @@ from __future__ import annotations
 import json
 import sys
 from collections import defaultdict
+from pathlib import Path
 
 from chunkkv.evaluation.metrics import wilson_interval as wilson
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def cell(records: list[dict]) -> str:
@@ -52,7 +55,8 @@ def extended(rows: list[dict], by_doc: dict, configs: list[str]) -> None:
     print()
 
 
-def main(path: str) -> None:
+def print_tables(path: str) -> None:
+    """Print the markdown tables of one niah JSONL file."""
     rows, seen = [], set()
     for line in open(path):
         if line.strip():
@@ -131,5 +135,11 @@ def main(path: str) -> None:
               f"{t['surprisal_s']:.2f} s ({t['surprisal_s'] / (t['prefill_s'] - t['surprisal_s']):.2f}x of the rest)")
 
 
+def main(argv: list[str] | None = None) -> None:
+    """``table [PATH]``: the tables of ``PATH`` (default ``results/niah.jsonl``) on stdout."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    print_tables(argv[0] if argv else str(RESULTS / "niah.jsonl"))
+
+
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "docs/results/agnostic/niah.jsonl")
+    main()

@@ -1,6 +1,6 @@
-"""The real-model quality grid: every method x budget on :mod:`chunkkv.realtasks`, one prefill per sample.
+"""The real-model quality grid: every method x budget on :mod:`studies.real_grid.tasks`, one prefill per sample.
 
-For each sample the prompt is prefilled once (:func:`chunkkv.multi.capture_prefill`); every
+For each sample the prompt is prefilled once (:func:`chunkkv.capture.capture_prefill`); every
 configuration's compressed cache is built from that capture (:func:`compress_from_capture`, equal
 to its own ``compress``), and all query-aware configurations decode together as one batch
 (:func:`stack_contexts`); the question-agnostic row is served from the same capture's context
@@ -12,7 +12,8 @@ runs with other settings append to the same file (merging is by key). Samples ar
 rounds (sample 0 of every task and length, then sample 1, ...), so a run cut short still covers
 every cell evenly.
 
-``python -m chunkkv.realgrid --out docs/results/real --plan "1024:niah_paper,niah_nl:8:all"`` (see ``--help``).
+``python -m studies.real_grid run --plan "1024:niah_paper,niah_nl:8:all"`` (see ``--help``; ``--out``
+defaults to ``studies/real_grid/results``).
 """
 
 from __future__ import annotations
@@ -27,17 +28,23 @@ from typing import Any
 
 import torch
 
-from .analysis import adjacent_mean, jaccard_matrix, mean_head_jaccard, stacked_kept_masks, union_over_heads
-from .capture import capture_prefill, capture_prefix
-from .pipeline import compress, compress_from_capture
-from .context import stack_contexts
-from .errors import ChunkKVError
-from .evaluation.store import read_jsonl
-from .generation import Sampling, continue_from
-from .methods import make_method
-from .realtasks import REAL_TASKS, RealSample, context_split, make_samples, render, score_prediction
+from chunkkv.analysis import adjacent_mean, jaccard_matrix, mean_head_jaccard, stacked_kept_masks, union_over_heads
+from chunkkv.boundaries import boundary_token_ids
+from chunkkv.capture import capture_prefill, capture_prefix
+from chunkkv.context import stack_contexts
+from chunkkv.errors import ChunkKVError
+from chunkkv.evaluation.store import read_jsonl
+from chunkkv.generation import Sampling, continue_from
+from chunkkv.methods import make_method
+from chunkkv.pipeline import compress, compress_from_capture
+from chunkkv.pretrained import load_pretrained
+
+from .. import shown
+from .tasks import REAL_TASKS, RealSample, context_split, make_samples, render, score_prediction
 
 __all__ = ["GridSpec", "chunked_specs", "default_specs", "run_grid"]
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 METHODS = ["streamingllm", "h2o", "snapkv", "pyramidkv", "chunkkv"]
 FRACTIONS = [0.05, 0.1, 0.2, 0.3]
@@ -271,8 +278,6 @@ def run_grid(model, tokenizer, out: Path, plan: list[PlanItem], specs: list[Grid
     rows run. ``h2o_lengths``: lengths where H2O runs (its all-query scores cost more than the
     prefill; None = all). ``deadline``: a ``time.time()`` after which no new sample starts.
     """
-    from .boundaries import boundary_token_ids
-
     out.mkdir(parents=True, exist_ok=True)
     path = out / "records.jsonl"
     done = _load_done(path)
@@ -284,7 +289,7 @@ def run_grid(model, tokenizer, out: Path, plan: list[PlanItem], specs: list[Grid
     ran = 0
     for r, item, t in order:
         if deadline is not None and time.time() > deadline:
-            print("realgrid: deadline reached, stopping", file=sys.stderr)
+            print("real_grid: deadline reached, stopping", file=sys.stderr)
             break
         L = item.length
         todo = [s for s in specs if (t, L, r, s.key) not in done and (item.whole or is_headline(s)) and not (
@@ -302,7 +307,7 @@ def run_grid(model, tokenizer, out: Path, plan: list[PlanItem], specs: list[Grid
         ran += 1
         if progress:
             full = next((x["score"] for x in records if x["spec"] == "full"), None)
-            print(f"realgrid: {t} {L} #{r}: {len(records)} configs in {time.perf_counter() - t0:.0f} s (full {full})",
+            print(f"real_grid: {t} {L} #{r}: {len(records)} configs in {time.perf_counter() - t0:.0f} s (full {full})",
                   file=sys.stderr, flush=True)
     return ran
 
@@ -341,9 +346,9 @@ DEFAULT_PLAN = ("1024:niah_paper,niah_nl,multikey,icl,vt:6:all;"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m chunkkv.realgrid", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m studies.real_grid run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--out", default="docs/results/real")
+    parser.add_argument("--out", default=str(RESULTS), help=f"records folder (default {shown(RESULTS)})")
     parser.add_argument("--plan", default=DEFAULT_PLAN,
                         help=f"LENGTH:TASKS:SAMPLES:all|headline;... (default {DEFAULT_PLAN})")
     parser.add_argument("--h2o-lengths", default="1024,2048", help="lengths where H2O runs ('' = none)")
@@ -360,14 +365,12 @@ def main(argv: list[str] | None = None) -> int:
         plan = parse_plan(args.plan)
         h2o = {int(x) for x in args.h2o_lengths.split(",") if x}
     except ValueError as exc:
-        print(f"realgrid: error: bad number in --h2o-lengths: {exc}", file=sys.stderr)
+        print(f"real_grid: error: bad number in --h2o-lengths: {exc}", file=sys.stderr)
         return 2
     except ChunkKVError as exc:
-        print(f"realgrid: error: {exc}", file=sys.stderr)
+        print(f"real_grid: error: {exc}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    from .pretrained import load_pretrained
-
     model, tokenizer = load_pretrained(args.model, dtype=torch.float32, device="cpu")
     num_layers = model.config.num_hidden_layers
     if args.full_only:

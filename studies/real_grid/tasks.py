@@ -1,5 +1,5 @@
 """Long-context tasks in natural language that a small real model (SmolLM2-135M-Instruct) solves
-with the full cache: the quality harness of ``docs/quality.md``.
+with the full cache: the quality harness of ``studies/real_grid/README.md``.
 
 Every sample is a chat prompt ``user: <context>\\n\\n<question>`` rendered with the tokenizer's chat
 template (generation prompt added). The context is Paul Graham's essays (the original NIAH
@@ -31,7 +31,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ChunkKVError
+from chunkkv.errors import ChunkKVError
 
 __all__ = ["REAL_TASKS", "NEEDLES", "RealSample", "make_samples", "score_prediction", "context_split"]
 
@@ -111,7 +111,7 @@ def _insert(text: str, fact: str, depth: float) -> str:
 
 def _haystack(tokenizer, n_tokens: int, start: int) -> str:
     """About ``n_tokens`` tokens of the essays from essay ``start``, cut at a sentence end."""
-    from .haystack import paul_graham_text
+    from chunkkv.haystack import paul_graham_text
 
     text = paul_graham_text(min_chars=6 * n_tokens + 2000, start=start)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][: max(n_tokens, 1)]
@@ -245,7 +245,7 @@ def score_prediction(sample: RealSample, prediction: str) -> dict[str, float]:
         hit = hit and not any(re.search(rf"\b{o}\b", text) for o in others)
     out = {"score": float(hit)}
     if sample.reference:
-        from .evaluation.metrics import rouge1_score
+        from chunkkv.evaluation.metrics import rouge1_score
 
         out["rouge1"] = float(rouge1_score(f"{sample.prefix} {prediction}".strip(), sample.reference))
     return out

@@ -1,8 +1,10 @@
-"""Tables and plots of the real-model grid (:mod:`chunkkv.realgrid`) for ``docs/quality.md``.
+"""Tables and plots of the real-model grid (:mod:`studies.real_grid.grid`) for its README.
 
-``python -m chunkkv.realreport --out docs/results/real --report docs/quality.md`` reads
-``records.jsonl`` (and ``speedup.jsonl``), writes ``summary.json`` and the PNGs next to them, and
-rewrites the block between ``<!-- real:begin -->`` and ``<!-- real:end -->`` of the report.
+``python -m studies.real_grid report`` (defaults: ``--out studies/real_grid/results --report
+studies/real_grid/README.md``) reads ``records.jsonl`` (and ``speedup.jsonl``), writes ``trails.json``
+and the PNGs next to them, and rewrites the block between ``<!-- real:begin -->`` and
+``<!-- real:end -->`` of the report (``--chunked``: the chunked-prefill grid's block,
+``<!-- chunked:begin -->`` ... ``<!-- chunked:end -->``).
 Every accuracy is given with its n and a 95 % Wilson interval.
 """
 
@@ -10,12 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable
 
-from .evaluation.metrics import wilson_interval as wilson
-from .evaluation.store import read_jsonl
+from chunkkv.evaluation.metrics import wilson_interval as wilson
+from chunkkv.evaluation.store import read_jsonl
+
+from .. import ROOT, shown
+
+STUDY = Path(__file__).resolve().parent
 
 BEGIN, END = "<!-- real:begin -->", "<!-- real:end -->"
 METHODS = ["full", "streamingllm", "h2o", "snapkv", "pyramidkv", "chunkkv"]
@@ -53,7 +60,7 @@ def _fmt(x: float | None, scale: float = 100.0, nd: int = 1) -> str:
 
 
 def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Everything the tables need, keyed by name (also written to ``summary.json``)."""
+    """Everything the tables need, keyed by name."""
     for r in records:
         r["L"] = _nominal(r["length"])
     by = defaultdict(list)
@@ -87,7 +94,9 @@ def spec_key(method: str, fraction: float | None = None, tokens: int | None = No
     return "/".join(parts) + "".join(f"/{x}" for x in extra.get("suffix", []))
 
 
-def markdown(s: dict, speed: list[dict[str, Any]], model: str) -> str:
+def markdown(s: dict, speed: list[dict[str, Any]], model: str,
+             records: str = "studies/real_grid/results/records.jsonl") -> str:
+    """The grid's tables; ``records`` names the raw records file in the text."""
     lines: list[str] = []
     L_all = s["lengths"]
     ok = s["ok_tasks"]
@@ -95,7 +104,7 @@ def markdown(s: dict, speed: list[dict[str, Any]], model: str) -> str:
     add(f"Model **{model}** (fp32, CPU, sdpa), Paul Graham essays as the haystack, chat template with an answer "
         "prefix, greedy decoding, query-aware (the question ends the compressed prompt), observation window 32 "
         "tokens for every method. Accuracy = every required answer string in the generated text; intervals are "
-        "95 % Wilson. Raw records: `docs/results/real/records.jsonl` (one line per sample and configuration).")
+        f"95 % Wilson. Raw records: `{records}` (one line per sample and configuration).")
     add("")
     add("### Full-cache accuracy per task and length (calibration)")
     add("")
@@ -341,7 +350,7 @@ CHUNKED_BEGIN, CHUNKED_END = "<!-- chunked:begin -->", "<!-- chunked:end -->"
 
 
 def chunked_markdown(records: list[dict[str, Any]], model: str) -> str:
-    """Issue 11's quality cost of chunked prefill (``realgrid --grid chunked``): per task group and
+    """Issue 11's quality cost of chunked prefill (``python -m studies.real_grid run --grid chunked``): per task group and
     budget, one-shot vs chunked ``C`` per length (Wilson intervals), the paired differences, and
     the prefill time of each chunked run over the one-shot prefill of the same sample."""
     for r in records:
@@ -403,17 +412,20 @@ def write_block(report: Path, body: str, begin: str = BEGIN, end: str = END) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m chunkkv.realreport", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="docs/results/real")
-    parser.add_argument("--report", default="docs/quality.md")
+    parser = argparse.ArgumentParser(prog="python -m studies.real_grid report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=str(STUDY / "results"),
+                        help=f"the grid's records folder (default {shown(STUDY / 'results')})")
+    parser.add_argument("--report", default=str(STUDY / "README.md"),
+                        help=f"markdown file whose generated block is rewritten (default {shown(STUDY / 'README.md')}; "
+                             "'' for none)")
     parser.add_argument("--model", default="SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)")
     parser.add_argument("--chunked", action="store_true",
-                        help="the chunked-prefill grid (realgrid --grid chunked): its block in --report")
+                        help="the chunked-prefill grid (run --grid chunked): its block in --report")
     args = parser.parse_args(argv)
     out = Path(args.out)
     records = load(out / "records.jsonl")
     if not records:
-        print(f"realreport: error: no records in {out / 'records.jsonl'}")
+        print(f"real_grid report: error: no records in {out / 'records.jsonl'}")
         return 2
     if args.chunked:
         body = chunked_markdown(records, args.model)
@@ -423,12 +435,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     speed = [json.loads(x) for x in (out / "speedup.jsonl").read_text().splitlines()] if (out / "speedup.jsonl").exists() else []
     s = summarise(records)
-    body = markdown(s, speed, args.model)
+    body = markdown(s, speed, args.model, records=shown(out / "records.jsonl"))
     trail = trails(s)
     (out / "trails.json").write_text(json.dumps(trail, indent=1) + "\n", encoding="utf-8")
     body += "\n" + trails_markdown(trail)
     written = plots(s, out)
-    body += "\n" + "".join(f"\n![{w}](results/real/{w})\n" for w in written)
+    # figures linked relative to the report (or to the repository root when there is none)
+    base = Path(args.report).resolve().parent if args.report else ROOT
+    body += "\n" + "".join(f"\n![{w}]({Path(os.path.relpath(out.resolve() / w, base)).as_posix()})\n" for w in written)
     if args.report:
         write_block(Path(args.report), body)
     print(body)

@@ -2,32 +2,29 @@
 
 The held-out needles showed the default losing a plain fact ("... sold at a gas station in
 Tucson."): few of its words surprise the model or the copy heads. The dev needles of
-tools/agnostic_tune.py are mostly names and numbers. This set (8 new plain facts, documents 60..,
+:mod:`.tune` are mostly names and numbers. This set (8 new plain facts, documents 60..,
 never the test or held-out needles or documents) judges ways of ranking sentence chunks on the
 default's token scores (hybrid: surprisal / its max + shallow reconstruction / its max) by how
 many needles' answer words ChunkKV keeps, without decoding; the original dev set is scored beside
 it (its shallow scores recomputed at today's depth).
 
-    PYTHONPATH=src python tools/agnostic_plain_dev.py --out docs/results/agnostic/tuning_plain.md
+    python -m studies.question_agnostic plain_dev --out studies/question_agnostic/results/tuning_plain.md
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-import agnostic_niah as niah  # noqa: E402
-import agnostic_tune as tune  # noqa: E402
+from chunkkv import selection as sel
+from chunkkv.boundaries import boundary_token_ids
+from chunkkv.budget import Budget
+from chunkkv.capture import capture_prefill, layer_scores
+from chunkkv.prompting import instructions
 
-from chunkkv import selection as sel  # noqa: E402
-from chunkkv.agnostic import agnostic_scores, scoring_prompt  # noqa: E402
-from chunkkv.boundaries import boundary_token_ids  # noqa: E402
-from chunkkv.budget import Budget  # noqa: E402
-from chunkkv.multi import capture_prefill  # noqa: E402
+from . import niah, tune
 
 PLAIN_A = [
     ("The spare tyre for the delivery van is kept behind the bakery.",
@@ -54,7 +51,6 @@ PLAIN_OFFSET = 60
 def documents(tok, model, lengths: dict[int, int], plain: bool, cache: Path) -> list:
     """[(length, doc, ids, hybrid parts (surprisal, shallow), sentence segments, answer spans)], cached."""
     out = torch.load(cache) if cache.exists() else {}
-    prompt = scoring_prompt(tok, "shallow_reconstruction")
     ends = torch.tensor(sorted(boundary_token_ids(tok, clauses=False)))
     saved = niah.NEEDLES
     try:
@@ -70,8 +66,9 @@ def documents(tok, model, lengths: dict[int, int], plain: bool, cache: Path) -> 
                 niah.NEEDLES = needles
                 document, _ = niah.build_document(tok, length, doc)
                 ids, _ = niah.encode(tok, document, needles[0][1])
-                capture = capture_prefill(model, ids, torch.ones_like(ids), window=32, surprisal=True)
-                shallow = agnostic_scores(model, capture, "shallow_reconstruction", [0], prompt)[0][0, 0]
+                capture = capture_prefill(model, ids, torch.ones_like(ids), window=32, surprisal=True,
+                                          instructions=instructions(tok))
+                shallow = layer_scores(capture, "shallow_reconstruction", [0])[0][0, 0]  # one row for every layer
                 spans = niah.locate(tok, ids[0], document)
                 answers = []
                 for (lo, hi), needle in zip(spans, needles):
@@ -103,13 +100,13 @@ def topk_mean(token: torch.Tensor, segs: torch.Tensor, k: int) -> torch.Tensor:
     return (total / count.clamp(min=1))[segs] + 1e-6 * root
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m studies.question_agnostic plain_dev")
     ap.add_argument("--cache", default="/tmp/chunkkv-plain-dev.pt")
     ap.add_argument("--dev-cache", default="/tmp/chunkkv-dev-quarter.pt")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from chunkkv.pretrained import load_pretrained
 
@@ -132,8 +129,8 @@ def main() -> None:
         "shallow reconstruction alone, sqrt_mean + 0.2 peak": (lambda s, c: norm(c), None, "sqrt_mean", 0.2),
     }
     lines = ["Answer words ChunkKV keeps on sentence chunks (<= 30 tokens, window 32 kept, no decoding), SmolLM2-135M-"
-             "Instruct, essays. plain: 8 plainly worded needles (tools/agnostic_plain_dev.py), documents 60.. "
-             "(1k x 8, 2k x 8, 4k x 4: 80 needles); dev: the dev needles of tools/agnostic_tune.py, documents 50.. "
+             "Instruct, essays. plain: 8 plainly worded needles (studies.question_agnostic plain_dev), documents 60.. "
+             "(1k x 8, 2k x 8, 4k x 4: 80 needles); dev: the dev needles of the tune study, documents 50.. "
              "(1k/2k/4k x 8: 96 needles); shallow reconstruction at today's depth.", "",
              "| sentence score | " + " | ".join(f"plain {b.describe()}" for b in budgets) + " | " +
              " | ".join(f"dev {b.describe()}" for b in budgets) + " |", "|---|" + "---|" * (2 * len(budgets))]
