@@ -106,6 +106,27 @@ def test_attend_and_score_gives_the_attention_output_and_the_same_scores():
     torch.testing.assert_close(out[real], reference[real], atol=1e-5, rtol=1e-5)
 
 
+def test_masked_scores_equal_the_plain_scores_under_a_causal_mask_and_honour_a_window():
+    from chunkkv.scoring import masked_attention_scores
+
+    g = torch.Generator().manual_seed(2)
+    batch, n_q, n_kv, context, q_len, d = 2, 4, 2, 20, 6, 8
+    keys = torch.randn(batch, n_kv, context + q_len, d, generator=g)
+    queries = torch.randn(batch, n_q, q_len, d, generator=g)
+    key_valid = torch.ones(batch, context + q_len, dtype=torch.bool)
+    key_valid[1, :5] = False
+    causal = torch.ones(q_len, context + q_len, dtype=torch.bool).tril(context)
+    mask = causal[None, None] & key_valid[:, None, None, :]
+    for reduce in ("max", "sum"):
+        want = max_attention_scores(queries, keys, 0.3, context, key_valid, reduce=reduce)
+        torch.testing.assert_close(masked_attention_scores(queries, keys, 0.3, mask, context, reduce=reduce), want)
+        additive = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+        torch.testing.assert_close(masked_attention_scores(queries, keys, 0.3, additive, context, reduce=reduce), want)
+    window = mask & (torch.arange(context + q_len)[None, :] > torch.arange(context, context + q_len)[:, None] - 8)
+    scores = masked_attention_scores(queries, keys, 0.3, window, context)
+    assert bool((scores[..., : context - 7] == 0).all()) and bool((scores[..., context - 7:] > 0).all())
+
+
 def test_the_scoring_pass_equals_the_model_attention_path(llama, monkeypatch):
     """The scored layers' attention computed once (output and scores) changes nothing downstream:
     the same scores as running the model's own attention and scoring beside it."""
@@ -394,6 +415,13 @@ def test_agnostic_scoring_on_a_model_with_sliding_window_layers():
         assert ctx.cache.pruned_layers == [1, 3]
         assert [len(ctx.kept_positions(i)) for i in (1, 3)] == [20, 20]
         assert ctx.cache.stored_lengths()[0] <= 16  # a sliding layer holds its window
+        assert torch.equal(ctx.kept_positions(0), torch.arange(60 - ctx.cache.stored_lengths()[0], 60))
+    # a prompt inside the window: every layer is compressed, and the pass (prompt + 40 repeated
+    # tokens) outgrows the 64-token window of the sliding layers, whose scores follow their mask
+    gemma = tiny_model("gemma3", sliding_window=64)
+    ctx = chunkkv.compress(gemma, _prompt(length=40), method=ChunkKV(keep_tokens=20, window=4, scoring="reconstruction"),
+                           scoring_prompt=torch.arange(11, 41))
+    assert ctx.cache.pruned_layers == [0, 1, 2, 3] and ctx.cache.stored_lengths() == [20] * 4
 
 
 def test_surprisal_is_each_tokens_negative_log_likelihood(llama):

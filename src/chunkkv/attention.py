@@ -123,8 +123,8 @@ def _make_wrapper(inner_name: str) -> Callable:
                 return output
         output = inner(module, query, key, value, attention_mask, **kwargs)
         if layer is not None:
-            if session is not None:
-                session.on_attention(module, layer, query, key, kwargs)
+            if session is not None:  # the mask as this layer applied it (window, padding, fillers)
+                session.on_attention(module, layer, query, key, {**kwargs, "attention_mask": attention_mask})
             elif layer.bound is not None:
                 layer.bound.after_attention(module, layer, query, kwargs)
         return output

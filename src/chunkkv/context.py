@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 
 from .attention import attach
-from .cache import ChunkKVCache
+from .cache import ChunkKVCache, PrunedLayer
 from .errors import ChunkKVError
 from .methods import Method
 from .persist import ContextFileError, read_context, write_context
@@ -98,8 +98,9 @@ class CompressedContext:
         Positions count the row's own prompt tokens from 0 (left padding excluded, so for an unpadded
         prompt they index ``input_ids[row]`` directly). For per-head methods (SnapKV, PyramidKV, H2O)
         pass ``head`` (a KV head) or get the union over heads (``head=None``). A layer that was never
-        pruned (full cache, or a budget at least the prompt) kept every position. Tokens appended after
-        compression (questions, answers) are not included.
+        pruned (full cache, or a budget at least the prompt) kept every position; a stock sliding-window
+        layer (the window shorter than the prompt) holds the last positions inside its window. Tokens
+        appended after compression (questions, answers) are not included.
         """
         cache_layers = self._cache.layers
         if not 0 <= layer < len(cache_layers):
@@ -110,7 +111,11 @@ class CompressedContext:
         width = self.input_ids.shape[1]  # the mask grows as tokens are appended; the prompt does not
         pad = int(width - self.attention_mask[row, :width].sum())
         cache_layer = cache_layers[layer]
-        index = getattr(cache_layer, "kept_index", None)
+        if not isinstance(cache_layer, PrunedLayer):  # a stock (sliding-window) layer: its last tokens
+            stored = cache_layer.keys.shape[-2] if getattr(cache_layer, "is_initialized", False) else 0
+            seen = getattr(cache_layer, "cumulative_length", stored)
+            return torch.arange(max(seen - stored, pad), min(seen, width)) - pad
+        index = cache_layer.kept_index
         if index is None:
             return torch.arange(width - pad)
         heads = index.shape[1]
@@ -182,7 +187,18 @@ def stack_contexts(contexts: list[CompressedContext]) -> CompressedContext:
     cache = first.cache.fork()
     width = first.input_ids.shape[1]
     kept: dict[int, list[int]] = {}
-    for i in cache.pruned_layers:
+    for i, target in enumerate(cache.layers):
+        kinds = {type(ctx._cache.layers[i]) for ctx in contexts}
+        if len(kinds) > 1:
+            raise ChunkKVError(
+                f"stack_contexts: layer {i} is compressible in some contexts and a stock layer in others (a "
+                "sliding-window layer whose window holds the prompt, kept stock by method 'full'); stack the "
+                "compressing methods only")
+        if not isinstance(target, PrunedLayer):  # a stock layer: the same tokens in every context
+            if getattr(target, "is_initialized", False):
+                target.keys = torch.cat([ctx._cache.layers[i].keys for ctx in contexts])
+                target.values = torch.cat([ctx._cache.layers[i].values for ctx in contexts])
+            continue
         layers = [ctx.cache.layers[i] for ctx in contexts]
         heads = layers[0].keys.shape[1]
         slots = max(layer.stored_length for layer in layers)
@@ -198,7 +214,6 @@ def stack_contexts(contexts: list[CompressedContext]) -> CompressedContext:
             index.append(torch.cat([idx.new_zeros(1, 1, fill).expand(1, idx.shape[1], fill), idx], -1).expand(1, heads, slots))
             ok = layer.valid if layer.valid is not None else torch.ones(1, n, dtype=torch.bool, device=k.device)
             valid.append(torch.cat([ok.new_zeros(1, fill), ok], dim=-1))
-        target = cache.layers[i]
         target.keys, target.values = torch.cat(keys), torch.cat(values)
         target.kept_index = torch.cat(index)
         all_valid = torch.cat(valid)

@@ -246,6 +246,43 @@ def max_attention_scores(
     return _causal_block_scores(queries, keys, scaling, softcap, key_valid, query_valid, block, reduce)[..., :context_len]
 
 
+def masked_attention_scores(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    scaling: float,
+    mask: torch.Tensor,
+    context_len: int,
+    query_valid: torch.Tensor | None = None,
+    softcap: float | None = None,
+    reduce: str = "max",
+) -> torch.Tensor:
+    """:func:`max_attention_scores` under the layer's own 4-D attention mask (a sliding window, say).
+
+    Args:
+        mask: ``[B, 1 or Hq, q, S]``, bool (True = attend) or additive float, as the model's attention
+            function received it.
+        queries, keys, scaling, context_len, query_valid, softcap, reduce: as in :func:`max_attention_scores`.
+
+    Returns:
+        ``[B, Hkv, context_len]`` float32.
+    """
+    batch, n_q_heads, q_len, _ = queries.shape
+    n_kv = keys.shape[1]
+    groups = n_q_heads // n_kv
+    logits = _grouped_logits(queries, keys, scaling, softcap).view(batch, n_kv, groups, q_len, -1)
+    mask = mask[..., -keys.shape[2]:]
+    if mask.shape[1] != 1:
+        mask = mask.view(batch, n_kv, groups, q_len, -1)
+    else:
+        mask = mask[:, :, None]
+    if mask.dtype == torch.bool:
+        logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
+    else:
+        logits = logits + mask.float()
+    probs = torch.softmax(logits.view(batch, n_kv, groups * q_len, -1), dim=-1)
+    return _reduce_queries(probs[..., :context_len], query_valid, groups, reduce)
+
+
 def token_surprisal(
     hidden: torch.Tensor,
     head: torch.nn.Module,

@@ -23,7 +23,7 @@ from .attention import compression_session
 from .cache import PrunedLayer
 from .errors import PromptError, UnsupportedModelError
 from .scorers import ScoringPass
-from .scoring import attend_and_score, max_attention_scores
+from .scoring import attend_and_score, masked_attention_scores, max_attention_scores
 
 #: The fewest context tokens repeated per reconstruction chunk (``chunk="auto"``): chunks are as long
 #: as the model's trained positions allow, never shorter than this.
@@ -66,10 +66,15 @@ class _ScoringSession:
     def on_attention(self, module, layer: PrunedLayer, query, key, kwargs) -> None:
         if not self._scored(module, layer):
             return
-        self._add(module.layer_idx, max_attention_scores(
-            query, key, _scaling(module, key, kwargs), self.context_len, self.key_valid, self.query_valid,
-            kwargs.get("softcap"), self.reduce,
-        ))
+        mask = kwargs.get("attention_mask")
+        if kwargs.get("sliding_window") is not None and mask is not None:
+            # the layer sees a window of keys: score what it attends to, as its own mask says
+            scores = masked_attention_scores(query, key, _scaling(module, key, kwargs), mask, self.context_len,
+                                             self.query_valid, kwargs.get("softcap"), self.reduce)
+        else:
+            scores = max_attention_scores(query, key, _scaling(module, key, kwargs), self.context_len, self.key_valid,
+                                          self.query_valid, kwargs.get("softcap"), self.reduce)
+        self._add(module.layer_idx, scores)
 
     def _scored(self, module, layer: PrunedLayer) -> bool:
         return module.layer_idx in self.layers and layer is self.cache.layers[module.layer_idx]

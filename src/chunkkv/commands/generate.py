@@ -227,7 +227,14 @@ def _kept(ctx, prompt_len: int) -> dict:
     mean = sum(counts.values()) / max(1, len(counts))
     line = (f"kept {mean:.0f} of {prompt_len} tokens per layer ({100 * mean / prompt_len:.1f} %), "
             f"KV {format_bytes(nbytes)} of {format_bytes(full)}")
-    return {"line": line, "layers": format_layer_counts(counts, prompt_len), "bytes": nbytes, "full": full}
+    layers = format_layer_counts(counts, prompt_len)
+    stock = [i for i in range(len(ctx.cache.layers)) if i not in counts]
+    if stock:  # sliding-window layers shorter than the prompt stay as the model keeps them
+        held = ctx.cache.stored_lengths()
+        layers += (f"; {len(stock)} sliding-window layers left as they are, holding {max(held[i] for i in stock)} "
+                   f"tokens each ({format_bytes(sum(ctx.cache.layer_nbytes()[i] for i in stock))})")
+        line += f" ({len(counts)} of {len(ctx.cache.layers)} layers compressed)"
+    return {"line": line, "layers": layers, "bytes": nbytes, "full": full}
 
 
 def _pick(scores: torch.Tensor, sampling, generator) -> torch.Tensor:
