@@ -36,7 +36,9 @@ from chunkkv.errors import ChunkKVError
 from chunkkv.evaluation.store import read_jsonl
 from chunkkv.generation import Sampling, continue_from
 from chunkkv.methods import make_method
+from chunkkv.agnostic import agnostic_method
 from chunkkv.pipeline import compress, compress_from_capture
+from chunkkv.prompting import instructions
 from chunkkv.pretrained import load_pretrained
 
 from .. import shown
@@ -67,6 +69,8 @@ class GridSpec:
     agnostic: bool = False
     timed: bool = False  # scores computed for this spec alone, so select_seconds is its own cost
     prefill_chunk: int | None = None  # chunked prefill (own forward, not served from the capture)
+    lookahead: bool = False  # chunked: each chunk scored by the prompt's last window fed early
+    scoring: str | None = None  # a scoring name, or "default": the question-agnostic default
 
     @property
     def key(self) -> str:
@@ -83,9 +87,13 @@ class GridSpec:
             parts.append("timed")
         if self.prefill_chunk is not None:
             parts.append(f"p{self.prefill_chunk}")
+        if self.lookahead:
+            parts.append("la")
+        if self.scoring is not None:
+            parts.append(f"s{self.scoring}")
         return "/".join(parts)
 
-    def build(self, window: int, boundary_ids: frozenset[int] | None):
+    def build(self, window: int, boundary_ids: frozenset[int] | None, tokenizer=None):
         if self.method == "full":
             return make_method("full")
         params: dict[str, Any] = {"window": window}
@@ -94,7 +102,10 @@ class GridSpec:
                 params[name] = getattr(self, name)
         if self.boundaries:
             params["boundary_ids"] = boundary_ids
-        return make_method(self.method, **params)
+        method = make_method(self.method, **params)
+        if self.scoring == "default":  # what question-agnostic generate runs: hybrid, sentence chunks
+            return agnostic_method(method, None, self.prefill_chunk is None, tokenizer)
+        return method if self.scoring is None else agnostic_method(method, self.scoring)
 
 
 def default_specs(num_layers: int, methods=METHODS, fractions=FRACTIONS, tokens=TOKENS,
@@ -120,14 +131,23 @@ def default_specs(num_layers: int, methods=METHODS, fractions=FRACTIONS, tokens=
     return list(dict.fromkeys(specs))
 
 
-def chunked_specs(tokens=(128,), fractions=(0.1,), chunks=(256, 512, 1024)) -> list[GridSpec]:
-    """Issue 11's grid: full; ChunkKV one-shot and with chunked prefill of ``chunks`` tokens, at
-    every budget (chunk 10, no reuse)."""
+def chunked_specs(tokens=(128,), fractions=(0.1,), chunks=(512, 1024), lookahead=(512, 1024),
+                  agnostic_fraction: float | None = 0.2, agnostic_chunks=()) -> list[GridSpec]:
+    """The chunked-prefill grid (issues 11 and 24): full; ChunkKV one-shot and with chunked prefill of
+    ``chunks`` tokens, each chunk scored by its own last queries, and of ``lookahead`` tokens, each
+    chunk scored by the prompt's last window fed early, at every budget (chunk 10, no reuse); the
+    question-agnostic default at ``agnostic_fraction``, one-shot and chunked."""
     budgets = [{"keep_tokens": t} for t in tokens] + [{"keep_fraction": f} for f in fractions]
     specs = [GridSpec("chunked", "full")]
     for b in budgets:
         specs.append(GridSpec("chunked", "chunkkv", chunk_size=10, reuse_depth=1, **b))
         specs += [GridSpec("chunked", "chunkkv", chunk_size=10, reuse_depth=1, prefill_chunk=c, **b) for c in chunks]
+        specs += [GridSpec("chunked", "chunkkv", chunk_size=10, reuse_depth=1, prefill_chunk=c, lookahead=True, **b)
+                  for c in lookahead]
+    if agnostic_fraction is not None:
+        specs.append(GridSpec("chunked", "chunkkv", keep_fraction=agnostic_fraction, agnostic=True, scoring="default"))
+        specs += [GridSpec("chunked", "chunkkv", keep_fraction=agnostic_fraction, agnostic=True, scoring="default",
+                           prefill_chunk=c) for c in agnostic_chunks]
     return specs
 
 
@@ -179,7 +199,11 @@ def run_sample(model, tokenizer, sample: RealSample, specs: list[GridSpec], *, w
         spans["answer"] = [i for i, (s, e) in enumerate(enc["offset_mapping"]) if s < a0 + len(answer) and e > a0]
     want_h2o = h2o and any(s.method == "h2o" and not s.agnostic for s in specs)
     t0 = time.perf_counter()
-    capture = capture_prefill(model, ids, window=window + q_len, accumulated=want_h2o)
+    # the question-agnostic scorers run on the context's prefix of this capture (surprisal cut from it,
+    # scoring passes with the instruction asked through the chat template, as the prompt is rendered)
+    capture = capture_prefill(model, ids, window=window + q_len, accumulated=want_h2o,
+                              surprisal=any(s.scoring is not None for s in specs),
+                              instructions=instructions(tokenizer, chat=True))
     capture_s = time.perf_counter() - t0
     prefix = capture_prefix(capture, len(context_ids)) if any(s.agnostic for s in specs) else None
     eos = tokenizer.eos_token_id
@@ -188,16 +212,22 @@ def run_sample(model, tokenizer, sample: RealSample, specs: list[GridSpec], *, w
     for spec in specs:
         if spec.method == "h2o" and not want_h2o:
             continue
-        method = spec.build(window, boundary_ids)
+        method = spec.build(window, boundary_ids, tokenizer)
         if spec.prefill_chunk is not None:
             t2 = time.perf_counter()
-            ctx = compress(model, ids, method=method, prefill_chunk=spec.prefill_chunk)
+            # a question-agnostic row compresses the context alone; the question is fed after it
+            prompt = ids[:, :len(context_ids)] if spec.agnostic else ids
+            ctx = compress(model, prompt, method=method, prefill_chunk=spec.prefill_chunk, lookahead=spec.lookahead,
+                           tokenizer=tokenizer, chat_template=True)
             prefill_s = time.perf_counter() - t2
         else:
             ctx = compress_from_capture(prefix if spec.agnostic else capture, method, share_scores=not spec.timed)
             prefill_s = None
         info = _kept_stats(ctx, ctx.input_ids.shape[1], spans, spec.key in jaccard_keys)
         info["select_seconds"] = round(ctx.stats.select_seconds, 4)
+        if ctx.stats.scoring_seconds:
+            info["scoring_seconds"] = round(ctx.stats.scoring_seconds, 3)
+        info["method_describe"] = method.describe()
         if prefill_s is not None:
             info["prefill_seconds"] = round(prefill_s, 3)
         rows[spec.agnostic].append((spec, ctx, info))
@@ -222,7 +252,7 @@ def run_sample(model, tokenizer, sample: RealSample, specs: list[GridSpec], *, w
             })
     for r in records:
         r["capture_seconds"] = round(capture_s, 3)
-        r["decode_seconds"] = round(decode_s.get(r["spec"].endswith("/qa"), 0.0), 3)
+        r["decode_seconds"] = round(decode_s.get("/qa" in r["spec"], 0.0), 3)
     del capture, prefix, rows
     return records
 
