@@ -11,6 +11,7 @@ would produce NaN logits and different tokens; block tables are checked disjoint
 from __future__ import annotations
 
 import math
+import re
 import os
 import signal
 import socket
@@ -325,3 +326,130 @@ def dense_window_scores(model, prompt: list[int], window: int) -> torch.Tensor:
         if handle is not None and handle.compressors:  # put the engine's observer back
             tag_model(model, handle.compressor.scorer)
     return total["s"]
+
+
+# --- chunkkv serve -----------------------------------------------------------------------------------
+WORDS = ("the quick brown fox jumps over a lazy dog while seven silver lanterns glow above quiet harbor "
+         "streets and old sailors tell stories about distant islands storms treasure maps and secret codes").split()
+
+
+def save_chat_model(path: Path) -> Path:
+    """A tiny random Llama with a word-level tokenizer and a chat template, saved as a HF folder."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "user:": 4, "assistant:": 5}
+    for word in WORDS:
+        vocab.setdefault(word, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                        pad_token="<pad>")
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}"
+                               "{% if add_generation_prompt %}assistant: {% endif %}")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, initializer_range=0.1,
+                                      max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    with torch.device("cpu"):
+        transformers.LlamaForCausalLM(config).eval().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(method: str, url: str, body: dict | None = None, timeout: float = 60):
+    import json
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return response.status, json.load(response)
+
+
+def test_chunkkv_serve_answers_concurrent_requests_and_stops_on_sigterm(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import psutil
+
+    folder = save_chat_model(tmp_path / "chat-model")
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(chunkkv.__file__).parents[1]),
+                                                          os.environ.get("PYTHONPATH", "")])}
+    log = (tmp_path / "serve.log").open("w+")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "chunkkv.cli", "serve", "--model", str(folder), "--keep-fraction", "0.25",
+         "--window", "8", "--page-size", "16", "--num-blocks", "96", "--max-batch-tokens", "128", "--threads", "1",
+         "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while True:
+            try:
+                assert http("GET", base + "/health", timeout=2) == (200, {"status": "ok"})
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, _read(log)
+                time.sleep(0.5)
+
+        def ask(n_words: int):
+            text = " ".join(WORDS[i % len(WORDS)] for i in range(n_words))
+            body = {"messages": [{"role": "user", "content": text}], "max_tokens": 6, "temperature": 0}
+            return http("POST", base + "/v1/chat/completions", body)
+
+        with ThreadPoolExecutor(3) as pool:
+            answers = list(pool.map(ask, (90, 150, 230)))
+        for status, reply in answers:
+            assert status == 200 and reply["choices"][0]["message"]["role"] == "assistant"
+            assert reply["usage"]["completion_tokens"] >= 1
+        children = psutil.Process(server.pid).children(recursive=True)
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=30) == 0
+        psutil.wait_procs(children, timeout=15)
+        assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    text = _read(log)
+    assert len(re.findall(r"request \d+: prompt \d+ tokens, kept \d+ of \d+ pages", text)) == 3, text
+    assert "chunkkv serve: stopped" in text
+
+
+def _read(log) -> str:
+    log.flush()
+    log.seek(0)
+    return log.read()
+
+
+@pytest.mark.parametrize("argv,phrase", [
+    (["--method", "chunkkv"], "needs a budget"),
+    (["--keep-fraction", "1.5"], "out of range"),
+    (["--method", "full", "--keep-fraction", "0.2"], "keeps every token"),
+    (["--keep-fraction", "0.2", "--page-size", "2"], "page-size"),
+])
+def test_chunkkv_serve_bad_flags_fail_in_one_line(capsys, argv, phrase):
+    from chunkkv.cli import main
+
+    assert main(["serve", *argv]) == 2
+    err = capsys.readouterr().err
+    assert phrase in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_chunkkv_serve_refuses_an_untested_transformers(capsys, monkeypatch):
+    import transformers
+
+    from chunkkv.cli import main
+
+    monkeypatch.delenv("CHUNKKV_SERVE_ANY_TRANSFORMERS", raising=False)
+    monkeypatch.setattr(transformers, "__version__", "5.30.0")
+    assert main(["serve", "--keep-fraction", "0.2"]) == 2
+    err = capsys.readouterr().err
+    assert "tested with transformers >=5.25,<5.26, but 5.30.0" in err and err.count("\n") == 1

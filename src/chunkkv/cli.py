@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("chunkkv.evaluation.cli", "run a benchmark (NIAH, LongBench, GSM8K, JailbreakV, synthetic)"),
     "bench": ("chunkkv.bench.cli", "efficiency benchmark: memory, prefill overhead, decode speed"),
     "inspect": ("chunkkv.commands.inspect", "HTML report of what each method kept, layer by layer"),
+    "serve": ("chunkkv.commands.serve", "OpenAI-compatible server (transformers serve, continuous batching), ChunkKV on every request"),
     "sweep": ("chunkkv.sweep", "quality sweep on the synthetic suite: methods x budgets x tasks, chunk sizes, reuse depths, Jaccard"),
 }
 

@@ -20,6 +20,7 @@ The engine keeps one block table per attention type, shared by all its layers, s
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from .pages import PagePlan, kept_positions, plan_pages, select_pages
 from .window import Slot, WindowScorer
 
 FULL_ATTENTION = "full_attention"
+logger = logging.getLogger("chunkkv.serving")
 WARMUP_PREFIX = "__warmup_"
 
 
@@ -118,6 +120,7 @@ class PagedCompressor:
     trace: bool = False
     check_invariants: bool = False  # tests: block tables disjoint and sized to the stored length, each step
     poison_freed: bool = False  # tests: fill dropped pages with NaN, so any read of them shows
+    log_requests: bool = False
     max_records: int = 4096
 
     records: OrderedDict = field(default_factory=OrderedDict)  # request id -> CompressionRecord
@@ -246,6 +249,10 @@ class PagedCompressor:
         state.position_offset = plan.stored_tokens
         self.offsets[rid] = plan.n_tokens - plan.stored_tokens
         self._remember(CompressionRecord(rid, n_tokens, plan, pages, freed, self._decoding_in_batch))
+        if self.log_requests:
+            used, total = self.pages_in_use()
+            logger.info("request %s: prompt %d tokens, kept %d of %d pages (%d tokens), freed %d; pool %d/%d pages in use",
+                        rid, n_tokens, plan.keep_pages, plan.n_pages, plan.stored_tokens, len(freed), used, total)
         return 1
 
     def _remember(self, record: CompressionRecord) -> None:

@@ -39,6 +39,7 @@ class ServingHandle:
     trace: bool = False
     check_invariants: bool = False
     poison_freed: bool = False
+    log_requests: bool = False
     compressors: list = field(default_factory=list)
 
     @property
@@ -50,7 +51,8 @@ class ServingHandle:
 
 
 def enable(model, method=None, page_size: int = 32, settings: CompressionSettings | None = None, *,
-           trace: bool = False, check_invariants: bool = False, poison_freed: bool = False) -> ServingHandle:
+           trace: bool = False, check_invariants: bool = False, poison_freed: bool = False,
+           log_requests: bool = False) -> ServingHandle:
     """Compress every request of ``model``'s continuous batching with ``method`` (a :class:`chunkkv.ChunkKV`).
 
     Args:
@@ -62,6 +64,7 @@ def enable(model, method=None, page_size: int = 32, settings: CompressionSetting
         settings: instead of ``method``/``page_size``, ready-made :class:`CompressionSettings`.
         trace: record pages in use after every step (``handle.compressor.timeline``).
         check_invariants, poison_freed: test aids (see :class:`PagedCompressor`).
+        log_requests: one ``chunkkv.serving`` log line (INFO) per compressed request.
 
     Returns the :class:`ServingHandle` (also stored on the model). Calling it again replaces the settings.
     """
@@ -77,7 +80,7 @@ def enable(model, method=None, page_size: int = 32, settings: CompressionSetting
             "batching's 'paged|eager'); load the model with attn_implementation='sdpa'")
     _check_layers(model)
     install_tap()
-    handle = ServingHandle(settings, trace, check_invariants, poison_freed)
+    handle = ServingHandle(settings, trace, check_invariants, poison_freed, log_requests)
     previous = getattr(model, HANDLE_ATTR, None)
     original_init = previous.original_init if previous is not None else model.init_continuous_batching
     handle.original_init = original_init  # type: ignore[attr-defined]
@@ -155,7 +158,7 @@ def _wrap_manager(manager, handle: ServingHandle) -> None:
         processor = original_create()
         if getattr(processor, "_chunkkv_compressor", None) is None:
             compressor = PagedCompressor(handle.settings, trace=handle.trace, check_invariants=handle.check_invariants,
-                                         poison_freed=handle.poison_freed)
+                                         poison_freed=handle.poison_freed, log_requests=handle.log_requests)
             compressor.attach(processor)
             tag_model(manager.model, compressor.scorer)
             handle.compressors.append(compressor)
