@@ -163,6 +163,20 @@ def test_engine_keeps_the_pages_dense_scores_choose(batch_run):
         assert pages == record.kept_pages, rid
 
 
+def test_score_from_zero_scores_with_every_layer():
+    model = sharp_model()
+    handle = serving.enable(model, chunkkv.ChunkKV(keep_fraction=0.3, window=WINDOW), page_size=PAGE, score_from=0.0)
+    inputs = prompts((150, 211))
+    out = model.generate_batch(inputs, generation_config=greedy(), continuous_batching_config=cb_config())
+    s = handle.settings
+    for rid, prompt in zip(out, inputs):
+        record = handle.compressor.records[rid]
+        scores = dense_window_scores(model, prompt, WINDOW, first_layer=0)
+        assert record.kept_pages == select_pages(scores, record.plan, s.pooling, s.kernel, s.chunk_reduce).tolist()
+    with pytest.raises(serving.ServingError, match="score_from"):
+        serving.CompressionSettings(keep_fraction=0.2, score_from=1.0)
+
+
 def test_original_positions_matter(batch_run):
     """Power check: decoding from the stored length instead of the prompt length changes the answer."""
     model, handle, inputs, outputs = batch_run
@@ -306,11 +320,16 @@ def test_enable_forces_the_settings_compressed_requests_need():
 
 
 # --- helpers ----------------------------------------------------------------------------------------
-def dense_window_scores(model, prompt: list[int], window: int) -> torch.Tensor:
-    """Window attention scores of ``prompt`` alone, summed over layers, from a plain forward."""
+def dense_window_scores(model, prompt: list[int], window: int, first_layer: int | None = None) -> torch.Tensor:
+    """Window attention scores of ``prompt`` alone, summed over the layers from ``first_layer`` (default: the
+    deeper half, as the engine scores), from a plain forward."""
     total = {}
+    if first_layer is None:
+        first_layer = model.config.num_hidden_layers // 2
 
     def observe(module, query, key, kwargs):
+        if module.layer_idx < first_layer:
+            return
         scaling = kwargs.get("scaling") or module.scaling
         s = window_attention_scores(query[:, :, -window:], key, scaling)
         total["s"] = s if "s" not in total else total["s"] + s

@@ -27,7 +27,8 @@ A page is the chunk: --page-size tokens (default 32). Each request keeps exactly
 clamp(ceil(kept / page), window pages, prompt pages) pages, kept being the token budget
 (--keep-fraction F: floor(F * prompt tokens); --keep-tokens N; --remove-fraction R = kvpress's
 compression_ratio). One page set serves every layer (the engine has one block table per attention
-type). The pool holds --num-blocks pages. Tested with transformers 5.25 (pip install 'chunkkv[serve]').
+type), scored by the window attention of the deeper half of the layers (--score-from). The pool
+holds --num-blocks pages. Tested with transformers 5.25 (pip install 'chunkkv[serve]').
 """
 
 
@@ -48,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--pooling", default="max", choices=("none", "avg", "max"), help="score pooling (default max)")
     g.add_argument("--kernel", type=int, default=7, help="pooling kernel (default 7)")
     g.add_argument("--page-size", type=int, default=32, help="tokens per KV page = ChunkKV chunk size (default 32)")
+    g.add_argument("--score-from", type=float, default=0.5,
+                   help="share of the layers, from the bottom, left out of the scores (default 0.5: the deeper "
+                        "half scores; 0: every layer)")
     e = parser.add_argument_group("engine and server")
     e.add_argument("--num-blocks", type=int, default=256, help="pages in the KV pool (default 256)")
     e.add_argument("--max-batch-tokens", type=int, default=512, help="tokens per forward pass (default 512)")
@@ -72,7 +76,7 @@ def settings_from_args(args: argparse.Namespace):
     if not budget:
         raise ChunkKVError("--method chunkkv needs a budget: --keep-fraction F, --keep-tokens N or --remove-fraction R")
     method = make_method("chunkkv", window=args.window, pooling=args.pooling, kernel=args.kernel, **budget)
-    return CompressionSettings.from_method(method, args.page_size)
+    return CompressionSettings.from_method(method, args.page_size, args.score_from)
 
 
 def _check_engine_args(args: argparse.Namespace) -> None:

@@ -15,7 +15,9 @@ three things, all per request:
    becomes the stored length.
 
 The engine keeps one block table per attention type, shared by all its layers, so a request keeps
-**one page set for every layer**, chosen from window scores summed over all layers.
+**one page set for every layer**, chosen from window scores summed over the deeper layers
+(``score_from=0.5``: the deeper half; early layers attend locally and, summed in, drown the pages
+that matter — see ``docs/serving.md``).
 """
 
 from __future__ import annotations
@@ -52,9 +54,18 @@ class CompressionSettings:
     chunk_reduce: str = "mean"
     peak_weight: float = 0.0
     page_size: int = 32
+    score_from: float = 0.5  # scores come from the layers at depth >= this share (0 = every layer)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= float(self.score_from) < 1.0:
+            raise ServingError(f"score_from={self.score_from!r} must be in [0, 1): the share of the layers, from the "
+                               "bottom, that do not score (0.5 = the deeper half scores)")
+
+    def first_scored_layer(self, num_layers: int) -> int:
+        return min(num_layers - 1, int(self.score_from * num_layers))
 
     @classmethod
-    def from_method(cls, method, page_size: int) -> CompressionSettings:
+    def from_method(cls, method, page_size: int, score_from: float = 0.5) -> CompressionSettings:
         from ..methods import ChunkKV
 
         if not isinstance(method, ChunkKV) or type(method).name != "chunkkv":
@@ -72,7 +83,13 @@ class CompressionSettings:
         if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 4:
             raise ServingError(f"page_size={page_size!r} must be an int >= 4 (transformers' minimum page size)")
         return cls(method.keep_tokens, method.keep_fraction, method.remove_fraction, method.window,
-                   method.pooling, method.kernel, method.chunk_reduce, float(method.peak_weight), page_size)
+                   method.pooling, method.kernel, method.chunk_reduce, float(method.peak_weight), page_size,
+                   score_from)
+
+    @property
+    def keeps_everything(self) -> bool:
+        """A budget that never drops a page (``keep_fraction=1``): the hooks only observe (baselines)."""
+        return self.budget.is_full
 
     @property
     def budget(self):
@@ -110,6 +127,7 @@ class TracePoint:
     active: int
     waiting: int
     compressed_now: int
+    decoding: int = 0  # active requests that have generated at least one token
 
 
 @dataclass
@@ -128,8 +146,10 @@ class PagedCompressor:
     offsets: dict = field(default_factory=dict)  # request id -> tokens dropped (position shift)
     scorer: WindowScorer | None = None
     processor: object = None
+    restarts: int = 0  # prefills started again from scratch (the engine's soft reset when pages ran out)
     _slots: list = field(default_factory=list)
     _decoding_in_batch: int = 0
+    _started: set = field(default_factory=set)  # requests whose prefill started (for counting restarts)
     _t0: float = field(default_factory=time.perf_counter)
 
     # --- wiring ---------------------------------------------------------------------------------
@@ -153,7 +173,8 @@ class PagedCompressor:
             raise ServingError(f"the engine's page size is {allocator.tokens_per_page}, the compression's "
                                f"{self.settings.page_size}: they must be equal (a chunk is a page)")
         self.processor = processor
-        self.scorer = WindowScorer(self.settings.window)
+        num_layers = len(allocator.layer_indices)
+        self.scorer = WindowScorer(self.settings.window, self.settings.first_scored_layer(num_layers))
         io = processor.inputs_and_outputs
         original_prepare = io.prepare_batch_tensors
         original_step = processor._generation_step
@@ -185,12 +206,16 @@ class PagedCompressor:
             rid = state.request_id
             past, q_len = state.position_offset, fs.query_length
             if past == 0:  # a (re)started prefill: anything known about this id is stale (soft reset)
+                if rid in self._started:
+                    self.restarts += 1
+                self._started.add(rid)
                 self.offsets.pop(rid, None)
                 self.records.pop(rid, None)
                 if self.scorer is not None:
                     self.scorer.forget(rid)
             prefilling = rid not in self.offsets and rid not in self.records and state.generated_len() == 0
             ours = prefilling and not rid.startswith(WARMUP_PREFIX)
+            ours = ours and not self.settings.keeps_everything  # observe-only baseline: nothing to score
             final = ours and fs.has_new_token
             partial = ours and not fs.has_new_token
             slots.append(Slot(rid, q_start, q_len, k_start, past + q_len, final, partial))
@@ -267,6 +292,7 @@ class PagedCompressor:
             del self.offsets[rid]
         for rid in self.scorer.pending() - live:
             self.scorer.forget(rid)
+        self._started &= live
 
     def _check_invariants(self) -> None:
         allocator = self.processor.cache.cache_allocators[FULL_ATTENTION]
@@ -291,5 +317,6 @@ class PagedCompressor:
     def _trace(self, compressed: int) -> None:
         used, total = self.pages_in_use()
         scheduler = self.processor.scheduler
+        decoding = sum(1 for state in scheduler.active_requests.values() if state.generated_len() > 0)
         self.timeline.append(TracePoint(time.perf_counter() - self._t0, used, total, len(scheduler.active_requests),
-                                        len(scheduler.waiting_requests), compressed))
+                                        len(scheduler.waiting_requests), compressed, decoding))

@@ -51,6 +51,7 @@ class ServingHandle:
 
 
 def enable(model, method=None, page_size: int = 32, settings: CompressionSettings | None = None, *,
+           score_from: float = 0.5,
            trace: bool = False, check_invariants: bool = False, poison_freed: bool = False,
            log_requests: bool = False) -> ServingHandle:
     """Compress every request of ``model``'s continuous batching with ``method`` (a :class:`chunkkv.ChunkKV`).
@@ -61,6 +62,8 @@ def enable(model, method=None, page_size: int = 32, settings: CompressionSetting
             its ``chunk_size`` and ``reuse_depth`` do not apply: a chunk is a page and one page set
             serves every layer.
         page_size: tokens per page, the engine's and the chunk's.
+        score_from: the share of the layers, from the bottom, left out of the scores (0.5: the deeper
+            half scores; 0: every layer).
         settings: instead of ``method``/``page_size``, ready-made :class:`CompressionSettings`.
         trace: record pages in use after every step (``handle.compressor.timeline``).
         check_invariants, poison_freed: test aids (see :class:`PagedCompressor`).
@@ -72,7 +75,7 @@ def enable(model, method=None, page_size: int = 32, settings: CompressionSetting
     if settings is None:
         if method is None:
             raise ServingError("enable() needs a method (chunkkv.ChunkKV(keep_fraction=...)) or settings")
-        settings = CompressionSettings.from_method(method, page_size)
+        settings = CompressionSettings.from_method(method, page_size, score_from)
     impl = getattr(model.config, "_attn_implementation", None)
     if impl not in ("sdpa", "eager", "paged|eager"):
         raise ServingError(

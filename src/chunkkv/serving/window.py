@@ -5,7 +5,8 @@ The engine packs every request of a batch into one row: queries ``[1, Hq, sum(q_
 (:class:`Slot`, host ints computed before the forward) says where each request sits, so for each
 layer the scorer slices its window queries and its keys and calls
 :func:`chunkkv.scoring.window_attention_scores`; scores are summed over layers, because the engine
-has one block table per attention type: one kept set serves every layer.
+has one block table per attention type: one kept set serves every layer. Only layers from
+``first_layer`` up score (the deeper ones; see :class:`~chunkkv.serving.engine.CompressionSettings`).
 
 A prefill the scheduler splits over several batches ends with a chunk that may be shorter than the
 window: the last ``window`` queries of every earlier chunk are kept per layer (``[1, Hq, <=w, d]``)
@@ -40,8 +41,9 @@ class Slot:
 class WindowScorer:
     """Accumulates the window scores of finishing prefills over the layers of one forward pass."""
 
-    def __init__(self, window: int) -> None:
+    def __init__(self, window: int, first_layer: int = 0) -> None:
         self.window = window
+        self.first_layer = first_layer  # layers below it do not score (their split-prefill queries are not kept)
         self.slots: list[Slot] = []
         self._scores: dict[str, torch.Tensor] = {}
         self._query_tail: dict[str, dict[int, torch.Tensor]] = {}  # split prefills: layer -> last queries
@@ -53,9 +55,9 @@ class WindowScorer:
 
     def __call__(self, module, query: torch.Tensor, key: torch.Tensor, kwargs: dict) -> None:
         """The attention tap's observer: called once per layer with the packed query and key states."""
-        if not self.slots:
-            return
         layer = module.layer_idx
+        if not self.slots or layer < self.first_layer:
+            return
         scaling = kwargs.get("scaling")
         if scaling is None:
             scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
