@@ -212,6 +212,20 @@ def test_poisoned_pages_would_show(monkeypatch):
         assert result.generated_tokens != reference
 
 
+def test_observe_only_baseline_changes_nothing():
+    """keep_fraction=1: the hooks trace and record but never score or drop; answers equal plain generate."""
+    model = sharp_model()
+    handle = serving.enable(model, chunkkv.ChunkKV(keep_fraction=1.0, window=WINDOW), page_size=PAGE, trace=True)
+    inputs = prompts((150, 211))
+    out = model.generate_batch(inputs, generation_config=greedy(), continuous_batching_config=cb_config())
+    for (rid, result), prompt in zip(out.items(), inputs):
+        record = handle.compressor.records[rid]
+        assert not record.plan.compresses and record.kept_positions == list(range(len(prompt)))
+        plain = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False)[0, len(prompt):]
+        assert result.generated_tokens == plain.tolist()
+    assert handle.compressor.timeline and handle.compressor.restarts == 0
+
+
 def test_split_prefill_shorter_than_the_window():
     """A prompt whose last prefill chunk is shorter than the window: the earlier chunks' last queries are kept."""
     model, handle = compressed_model(keep_fraction=0.3)

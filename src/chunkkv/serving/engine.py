@@ -149,6 +149,7 @@ class PagedCompressor:
     restarts: int = 0  # prefills started again from scratch (the engine's soft reset when pages ran out)
     _slots: list = field(default_factory=list)
     _decoding_in_batch: int = 0
+    _observed: list = field(default_factory=list)  # (request id, prompt tokens) of observe-only prefills
     _started: set = field(default_factory=set)  # requests whose prefill started (for counting restarts)
     _t0: float = field(default_factory=time.perf_counter)
 
@@ -200,6 +201,7 @@ class PagedCompressor:
     # --- before the forward ---------------------------------------------------------------------
     def _plan_batch(self, requests_in_batch) -> list[Slot]:
         slots, q_start, k_start = [], 0, 0
+        self._observed = []
         self._decoding_in_batch = sum(1 for fs in requests_in_batch if fs.state.generated_len() > 0)
         for fs in requests_in_batch:
             state = fs.state
@@ -215,7 +217,9 @@ class PagedCompressor:
                     self.scorer.forget(rid)
             prefilling = rid not in self.offsets and rid not in self.records and state.generated_len() == 0
             ours = prefilling and not rid.startswith(WARMUP_PREFIX)
-            ours = ours and not self.settings.keeps_everything  # observe-only baseline: nothing to score
+            if ours and fs.has_new_token and self.settings.keeps_everything:
+                self._observed.append((rid, past + q_len))  # observe-only baseline: recorded, never scored
+            ours = ours and not self.settings.keeps_everything
             final = ours and fs.has_new_token
             partial = ours and not fs.has_new_token
             slots.append(Slot(rid, q_start, q_len, k_start, past + q_len, final, partial))
@@ -235,6 +239,9 @@ class PagedCompressor:
     def _after_forward(self, scores: dict[str, torch.Tensor]) -> None:
         compressed = 0
         scheduler = self.processor.scheduler
+        for rid, n_tokens in self._observed:
+            plan = self.settings.plan(n_tokens)
+            self._remember(CompressionRecord(rid, n_tokens, plan, list(range(plan.n_pages)), [], self._decoding_in_batch))
         for rid, token_scores in scores.items():
             state = scheduler.active_requests.get(rid)
             if state is None:  # cancelled meanwhile
