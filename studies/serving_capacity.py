@@ -55,24 +55,28 @@ FACTS = [
 ]
 
 
-def build_prompts(tokenizer, n: int, target_tokens: int) -> list[tuple[list[int], str]]:
-    """``n`` chat prompts of about ``target_tokens`` tokens: an essay slice with a fact at a varying depth,
-    then the question; returns (token ids, expected answer word)."""
+def build_requests(tokenizer, n: int, target_tokens: int, offset: int = 0) -> list[dict]:
+    """``n`` chat requests of about ``target_tokens`` tokens (at most that many): an essay slice with a fact at
+    a varying depth, then the question. Each is ``{"ids", "answer", "document", "question"}``; the user turn
+    is ``document + "\n\n" + question`` (as ``chunkkv.generate`` renders a context and a question)."""
     from chunkkv.haystack import paul_graham_text
 
     words = paul_graham_text().split()
-    prompts = []
+    requests = []
     for i in range(n):
         fact, question, answer = FACTS[i % len(FACTS)]
-        start = (i * 1777) % (len(words) - 4 * target_tokens)
+        question = f"Answer in one sentence. Question: {question}"
+        start = (offset + i * 1777) % (len(words) - 4 * target_tokens)
         depth = 0.15 + 0.7 * (i / max(1, n - 1))
 
-        def render(n_words: int) -> list[int]:
+        def document(n_words: int) -> str:
             doc = words[start : start + n_words]
             cut = int(len(doc) * depth)
-            text = " ".join(doc[:cut] + [fact] + doc[cut:]) + f"\n\nAnswer in one sentence. Question: {question}"
-            return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                 tokenize=True, return_dict=False)
+            return " ".join(doc[:cut] + [fact] + doc[cut:])
+
+        def render(n_words: int) -> list[int]:
+            return tokenizer.apply_chat_template([{"role": "user", "content": document(n_words) + "\n\n" + question}],
+                                                 add_generation_prompt=True, tokenize=True, return_dict=False)
 
         n_words = int(target_tokens * 0.7)
         for _ in range(4):  # a few proportional corrections land within a few tokens of the target
@@ -80,8 +84,13 @@ def build_prompts(tokenizer, n: int, target_tokens: int) -> list[tuple[list[int]
             n_words = max(10, int(n_words * target_tokens / n_tokens))
         while len(ids := render(n_words)) > target_tokens:
             n_words -= 2
-        prompts.append((ids, answer))
-    return prompts
+        requests.append({"ids": ids, "answer": answer, "document": document(n_words), "question": question})
+    return requests
+
+
+def build_prompts(tokenizer, n: int, target_tokens: int) -> list[tuple[list[int], str]]:
+    """(token ids, expected answer word) of :func:`build_requests`."""
+    return [(r["ids"], r["answer"]) for r in build_requests(tokenizer, n, target_tokens)]
 
 
 def run_mode(model, tokenizer, prompts, args, keep_fraction: float) -> dict:
