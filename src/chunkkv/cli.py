@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("chunkkv.evaluation.cli", "run a benchmark (NIAH, LongBench, GSM8K, JailbreakV, synthetic)"),
     "bench": ("chunkkv.bench.cli", "efficiency benchmark: memory, prefill overhead, decode speed"),
     "inspect": ("chunkkv.commands.inspect", "HTML report of what each method kept, layer by layer"),
+    "serve": ("chunkkv.commands.serve", "OpenAI-compatible server (transformers serve, continuous batching), ChunkKV on every request"),
     "sweep": ("studies.sweep.cli", "quality sweep on the synthetic suite: methods x budgets x tasks, chunk sizes, reuse depths, "
                                    "Jaccard (a study: runs from a source checkout)"),
 }
