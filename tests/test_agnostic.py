@@ -536,7 +536,6 @@ def test_question_agnostic_default_and_bounded_memory(llama):
     assert AGNOSTIC_DEFAULT == "hybrid"
     assert agnostic_method(method).scoring == "hybrid"  # the measured default (docs/question-agnostic.md)
     assert agnostic_method(method, "window").scoring == "window"
-    assert agnostic_method(method, full_prefill=False).scoring == "window"  # chunked prefill never holds the full cache
     assert agnostic_method(StreamingLLM(keep_tokens=10)) == StreamingLLM(keep_tokens=10)
     # with a tokenizer, a ChunkKV left at the paper's chunking also gets sentence chunks
     tok = _SentenceTokenizer()
@@ -544,10 +543,9 @@ def test_question_agnostic_default_and_bounded_memory(llama):
     assert preset == replace(method, scoring="hybrid", boundary_ids=frozenset({2}), **SENTENCE_CHUNKS)
     assert agnostic_method(method, "surprisal", tokenizer=tok) == replace(method, scoring="surprisal")  # asked for
     assert agnostic_method(replace(method, chunk_size=20), tokenizer=tok).chunking == "fixed"  # the user's chunks
-    assert agnostic_method(method, full_prefill=False, tokenizer=tok) == method
     assert agnostic_method(SnapKV(keep_tokens=10), tokenizer=tok) == SnapKV(keep_tokens=10, scoring="hybrid")
     assert agnostic_method(chunkkv.KVPressChunkKV(remove_fraction=0.5), tokenizer=tok).chunking == "fixed"
-    with pytest.raises(PromptError, match="cannot be combined with prefill_chunk"):
+    with pytest.raises(PromptError, match="scoring='reconstruction' scores the whole context on the full cache"):
         chunkkv.compress(llama, _prompt(), method=ChunkKV(keep_tokens=40, window=8, scoring="reconstruction"),
                          prefill_chunk=32, scoring_prompt=PROMPT)
     # a reconstruction-scored context decodes under a decode budget (re-selection uses the window)

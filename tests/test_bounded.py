@@ -296,3 +296,75 @@ def test_the_decoding_window_does_not_pin_a_forwards_queries():
     chunkkv.extend(model, ctx, _prompt(length=30, seed=5))  # one 30-token forward re-selects
     windows = [ctx.cache.layers[i].recent_queries for i in ctx.cache.pruned_layers]
     assert all(q is not None and q.shape[2] == 8 and own_storage(q) for q in windows)
+
+
+# --- question-agnostic scores kept chunk by chunk -------------------------------------------------
+AGNOSTIC = {
+    "hybrid": ChunkKV(keep_tokens=40, window=8, chunk_size=5, scoring="hybrid"),
+    "surprisal-sentences": ChunkKV(keep_tokens=40, window=8, scoring="surprisal", boundary_ids=frozenset(range(1, 25)),
+                                   segmentation="sentence", chunk_size=12, chunk_reduce="sqrt_mean", kernel=1),
+    "snapkv-shallow": SnapKV(keep_tokens=40, window=8, scoring="shallow_reconstruction"),
+}
+INSTRUCTION = torch.tensor([11, 12, 13, 14, 15])
+
+
+@pytest.mark.parametrize("name", list(AGNOSTIC))
+def test_agnostic_chunked_prefill_equals_full_forward_masked_over_time(llama, name, monkeypatch):
+    method = AGNOSTIC[name]
+    ids, question = _prompt(seed=2), _prompt(1, 5, seed=3)
+    log = EvictionLog(monkeypatch)
+    ctx = chunkkv.compress(llama, ids, method=method, prefill_chunk=25, scoring_prompt=INSTRUCTION)
+    one_shot = chunkkv.compress(llama, ids, method=method, scoring_prompt=INSTRUCTION)
+    assert ctx.cache.stored_lengths() == one_shot.cache.stored_lengths() == [40] * 4
+    assert all(peak <= 40 + 25 for peak in log.stored_peak(ctx._cache))
+    assert ctx.cache.get_seq_length() == 120 and ctx.stats.scoring_seconds > 0
+    for i in ctx.cache.pruned_layers:  # the final window is kept, positions are original
+        kept = ctx.kept_positions(i)
+        assert torch.equal(kept[-8:], torch.arange(112, 120)) and int(kept.min()) >= 0
+    got = chunkkv.extend(llama, ctx, question)
+    full = torch.cat([ids, question], 1)
+    truth = timed_truth_logits(llama, full, torch.ones_like(full), log.evicted_after(ctx._cache, 125))
+    torch.testing.assert_close(got, truth[:, 120:].to(got.dtype), atol=2e-5, rtol=1e-4)
+
+
+def test_agnostic_chunked_surprisal_is_each_tokens_nll_given_what_is_held(llama):
+    """Surprisal is causal: chunk by chunk it is each token's NLL given what the layers hold, so
+    before anything is dropped it is the one-shot value (padded rows included)."""
+    from chunkkv.capture import capture_prefill
+    from chunkkv.chunk_scoring import RunningScores
+    from chunkkv.inline import prefill_inline
+    from chunkkv.scoring import first_token_surprisal
+
+    _, ids, mask = left_padded((100, 61, 83))
+    real = mask.bool()
+    firsts = real & ~torch.cat([torch.zeros_like(real[:, :1]), real[:, :-1]], 1)  # their value is the row's max
+    want = capture_prefill(llama, ids, mask, window=6, surprisal=True).surprisal.masked_fill(firsts, 0)
+    for keep, exact in ((100, 100), (40, 48)):  # the first pruning comes after 48 tokens (chunks of 16)
+        method = ChunkKV(keep_tokens=keep, window=6, scoring="surprisal")
+        running = RunningScores(llama, method.scorer, ids, mask, None, [0, 1, 2, 3])
+        prefill_inline(llama, ids, mask, method, [100, 61, 83], prefill_chunk=16, running=running)
+        got = first_token_surprisal(running.nll, mask).masked_fill(firsts, 0)
+        torch.testing.assert_close(got[:, :exact], want[:, :exact], atol=1e-4, rtol=1e-4)
+        assert (keep == 100) == torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_agnostic_chunked_padded_batch_equals_rows_alone(llama):
+    rows, ids, mask = left_padded((100, 61, 83))
+    method = AGNOSTIC["hybrid"]
+    ctx = chunkkv.compress(llama, ids, mask, method=method, prefill_chunk=20, scoring_prompt=INSTRUCTION)
+    question = _prompt(1, 4, seed=30)
+    batched = chunkkv.extend(llama, ctx.fork(), question)
+    for b, r in enumerate(rows):
+        alone = chunkkv.compress(llama, r[None], method=method, prefill_chunk=20, scoring_prompt=INSTRUCTION)
+        for layer in alone.cache.pruned_layers:
+            assert torch.equal(ctx.kept_positions(layer, b), alone.kept_positions(layer, 0)), (b, layer)
+        torch.testing.assert_close(batched[b], chunkkv.extend(llama, alone, question)[0], atol=1e-4, rtol=1e-4)
+
+
+def test_agnostic_chunked_prefill_refuses_what_needs_the_full_cache(llama):
+    for scoring in ("reconstruction", "probe"):
+        with pytest.raises(ChunkKVError, match=f"scoring='{scoring}' scores the whole context on the full cache"):
+            chunkkv.compress(llama, _prompt(), method=ChunkKV(keep_tokens=40, window=8, scoring=scoring),
+                             prefill_chunk=30, scoring_prompt=INSTRUCTION)
+    with pytest.raises(ChunkKVError, match="feeds the instruction"):
+        chunkkv.compress(llama, _prompt(), method=ChunkKV(keep_tokens=40, window=8, scoring="hybrid"), prefill_chunk=30)

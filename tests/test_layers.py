@@ -30,7 +30,7 @@ LAYERS: list[set[str]] = [
     {"persist"},  # the context file format
     {"context", "plan", "prompt", "agnostic"},  # the compressed-context type, the layer plan, prompt checks, defaults
     {"scoring_pass"},
-    {"capture"},
+    {"capture", "chunk_scoring"},
     {"inline"},  # compression inside the prompt's own forward (one-shot, chunked, look-ahead)
     {"pipeline"},  # the one recipe: compress, prefill, compress_from_capture
     {"generation", "pretrained", "analysis", "outputs", "synthetic"},

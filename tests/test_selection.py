@@ -193,3 +193,58 @@ def test_reuse_schedule():
     assert set(sel.reuse_leaders(list(range(6)), 99).values()) == {0}
     with pytest.raises(ValueError):
         sel.reuse_leaders([0, 1], 0)
+
+
+def _glue_reference(segments, is_digit):
+    """Plain loops: walk each row; a chunk start inside a digit run moves to the token after the run."""
+    out = []
+    for seg, dig in zip(segments.tolist(), is_digit.tolist()):
+        ids, current, pending = [], -1, False
+        for p, (s, d) in enumerate(zip(seg, dig)):
+            start = p == 0 or s != seg[p - 1]
+            inside = p > 0 and d and dig[p - 1]
+            if start and inside:
+                pending = True
+            if (start and not inside) or (pending and not inside):
+                current += 1
+                pending = False
+            ids.append(current)
+        out.append(ids)
+    return torch.tensor(out)
+
+
+def test_glue_digits_never_starts_a_chunk_inside_a_number():
+    g = torch.Generator().manual_seed(0)
+    for length, chunk in ((40, 4), (57, 10), (33, 3)):
+        is_digit = torch.rand(3, length, generator=g) < 0.4
+        for segments in (sel.fixed_segments(3, length, chunk, "cpu"),
+                         sel.sentence_segments(torch.rand(3, length, generator=g) < 0.15, chunk)):
+            got = sel.glue_digits(segments, is_digit)
+            assert torch.equal(got, _glue_reference(segments, is_digit))
+            starts = torch.ones_like(is_digit)
+            starts[:, 1:] = got[:, 1:] != got[:, :-1]
+            assert not bool((starts[:, 1:] & is_digit[:, 1:] & is_digit[:, :-1]).any())  # never inside a run
+    # a run that spans two edges: one chunk to its end, the next chunk starts right after it
+    digits = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0]]).bool()
+    assert sel.glue_digits(sel.fixed_segments(1, 12, 4, "cpu"), digits).tolist() == [[0] * 11 + [1]]
+
+
+def test_chunkkv_keeps_a_number_whole():
+    """A name (2) scores high and the number after it (digits at 3-6, scoring low) straddles a chunk
+    edge: fixed chunks keep the name and the first digit only; with digit_ids the run joins the
+    name's chunk and is kept whole."""
+    from chunkkv import ChunkKV
+    from chunkkv.scorers import LayerInputs
+
+    ids = torch.full((1, 20), 9)
+    ids[0, 3:7] = torch.tensor([1, 2, 3, 4])
+    scores = torch.full((1, 1, 20), 0.01)
+    scores[0, 0, 2], scores[0, 0, 9], scores[0, 0, 13] = 1.0, 0.5, 0.9
+    for digits in (None, frozenset(range(10))):
+        method = ChunkKV(keep_tokens=13, window=2, chunk_size=4, pooling="none", digit_ids=digits)
+        inputs = LayerInputs(queries=torch.zeros(1, 1, 2, 2), keys=torch.zeros(1, 1, 20, 2), scaling=1.0, softcap=None,
+                             key_valid=None, lengths=torch.tensor([20]), pad=torch.tensor([0]), kept=torch.tensor([13]),
+                             slots=13, input_ids=ids, memo={("window", 2): scores})
+        kept = set(method.select(inputs)[0, 0].tolist())
+        assert {2, 18, 19} <= kept and len(kept) == 13
+        assert {3, 4, 5, 6} <= kept if digits else not {4, 5, 6} <= kept

@@ -24,13 +24,13 @@ from typing import Any
 
 import torch
 
-from .boundaries import boundary_token_ids
+from .boundaries import boundary_token_ids, digit_token_ids
 from .errors import PromptError
 from .methods import ChunkKV, Method
 from .prompting import instruction_ids
 from .scorers import SCORERS, resolve_scorer
 
-__all__ = ["AGNOSTIC_DEFAULT", "PROMPTS", "SENTENCE_CHUNKS", "agnostic_method", "scoring_prompt"]
+__all__ = ["AGNOSTIC_DEFAULT", "PROMPTS", "SENTENCE_CHUNKS", "agnostic_method", "keep_numbers_whole", "scoring_prompt"]
 
 #: The scoring a question-agnostic run gives a scoring method left at ``scoring="window"``.
 AGNOSTIC_DEFAULT = "hybrid"
@@ -44,17 +44,15 @@ PROMPTS = {name: scorer.passes()[0].instruction for name, scorer in SCORERS.item
 
 
 def agnostic_method(
-    method: Method | None, scoring: str | None = None, full_prefill: bool = True, tokenizer=None, *,
-    chunking: bool = True,
+    method: Method | None, scoring: str | None = None, tokenizer=None, *, chunking: bool = True,
 ) -> Method | None:
-    """The method a question-agnostic compression runs.
+    """The method a question-agnostic compression runs (one-shot or in chunks: a chunked prefill
+    keeps the default's scores up to date chunk by chunk, :mod:`chunkkv.chunk_scoring`).
 
     ``scoring`` given: the method with that scoring, nothing else changed. Otherwise a scoring
     method left at ``"window"`` gets :data:`AGNOSTIC_DEFAULT`, and a :class:`ChunkKV` also left
     at the paper's chunking gets :data:`SENTENCE_CHUNKS` with the ``tokenizer``'s sentence ends
-    (when a tokenizer is given and ``chunking``). Only when the prefill holds the full cache:
-    ``full_prefill=False`` (a chunked prefill) keeps the method as it is. Other methods are
-    returned unchanged.
+    (when a tokenizer is given and ``chunking``). Other methods are returned unchanged.
     """
     if method is None or not method.scores_tokens:
         if scoring not in (None, "window") and method is not None:
@@ -62,7 +60,7 @@ def agnostic_method(
         return method
     if scoring is not None:
         return method if method.scoring == scoring else replace(method, scoring=scoring)
-    if method.scoring != "window" or AGNOSTIC_DEFAULT == "window" or not full_prefill:
+    if method.scoring != "window" or AGNOSTIC_DEFAULT == "window":
         return method
     method = replace(method, scoring=AGNOSTIC_DEFAULT)
     defaults = ChunkKV.__dataclass_fields__
@@ -72,6 +70,16 @@ def agnostic_method(
         if ends:  # a vocabulary with no sentence ends keeps fixed chunks
             method = replace(method, boundary_ids=ends, **SENTENCE_CHUNKS)
     return method
+
+
+def keep_numbers_whole(method: Method | None, tokenizer) -> Method | None:
+    """``method`` with the tokenizer's digit tokens as ``digit_ids`` (a ChunkKV whose chunks should
+    never cut a number written digit by digit), when it is a :class:`ChunkKV` without them; every
+    other method as it is. What ``chunkkv.generate`` and the commands run, in both modes."""
+    if type(method) is not ChunkKV or method.digit_ids is not None or tokenizer is None:
+        return method
+    digits = digit_token_ids(tokenizer)
+    return replace(method, digit_ids=digits) if digits else method
 
 
 def scoring_prompt(

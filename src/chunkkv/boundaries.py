@@ -9,7 +9,7 @@ from __future__ import annotations
 import weakref
 from typing import Any
 
-__all__ = ["SENTENCE_ENDS", "CLAUSE_ENDS", "boundary_token_ids"]
+__all__ = ["SENTENCE_ENDS", "CLAUSE_ENDS", "boundary_token_ids", "digit_token_ids"]
 
 SENTENCE_ENDS = ".!?"
 CLAUSE_ENDS = ",;:"
@@ -45,3 +45,23 @@ def _scan(tokenizer: Any, clauses: bool) -> frozenset[int]:
         if "\n" in text or (stripped and stripped[-1] in ends):
             found.add(token_id)
     return frozenset(found)
+
+
+def digit_token_ids(tokenizer: Any) -> frozenset[int]:
+    """Ids of the tokens whose text is one or more digits and nothing else (no space): the pieces a
+    tokenizer that writes numbers digit by digit (SmolLM2, Gemma, Llama 3) cuts them into, so
+    ``ChunkKV(digit_ids=...)`` can keep a run of them in one chunk. Remembered per tokenizer."""
+    key = ("digits", len(tokenizer))
+    try:
+        known = _FOUND.setdefault(tokenizer, {})
+    except TypeError:
+        known = {}
+    if key not in known:
+        special = set(getattr(tokenizer, "all_special_ids", []) or [])
+        known[key] = frozenset(
+            i for i in range(len(tokenizer)) if i not in special and _is_digits(tokenizer.decode([i])))
+    return known[key]
+
+
+def _is_digits(text: str) -> bool:
+    return bool(text) and text.isascii() and text.isdigit()

@@ -129,16 +129,17 @@ def method_from_args(args: argparse.Namespace, num_layers: int | None = None, no
 
 
 def method_as_run(method: Method | None, args: argparse.Namespace, tokenizer, *, query_aware: bool) -> Method | None:
-    """The method a command runs: compressed before the question, a scoring method gets the
-    question-agnostic default (:func:`chunkkv.agnostic.agnostic_method`) unless ``--scoring`` is given,
-    and its sentence chunks unless a chunk flag is given. Query-aware runs keep the method."""
-    from .agnostic import agnostic_method
+    """The method a command runs: a ChunkKV keeps numbers whole (:func:`chunkkv.agnostic.keep_numbers_whole`);
+    compressed before the question, a scoring method gets the question-agnostic default
+    (:func:`chunkkv.agnostic.agnostic_method`) unless ``--scoring`` is given, and its sentence chunks
+    unless a chunk flag is given."""
+    from .agnostic import agnostic_method, keep_numbers_whole
 
+    method = keep_numbers_whole(method, tokenizer)
     if query_aware or method is None:
         return method
     chunk_flags = any(getattr(args, name, None) is not None for name in ("chunk_size", "pooling", "kernel"))
-    return agnostic_method(method, getattr(args, "scoring", None), getattr(args, "prefill_chunk", None) is None,
-                           tokenizer, chunking=not chunk_flags)
+    return agnostic_method(method, getattr(args, "scoring", None), tokenizer, chunking=not chunk_flags)
 
 
 TESTBED = "testbed"  # the --model value that means "the shipped testbed model"

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from .agnostic import agnostic_method
+from .agnostic import agnostic_method, keep_numbers_whole
 from .pipeline import compress
 from .context import CompressedContext
 from .errors import ChunkKVError, PromptError
@@ -292,8 +292,9 @@ def generate(
 
     result = GenerationResult(answers=[])
     shared = None
+    method = keep_numbers_whole(method, tokenizer)
     if not query_aware:
-        method = agnostic_method(method, scoring, prefill_chunk is None, tokenizer)
+        method = agnostic_method(method, scoring, tokenizer)
         heads = [split(c, qs[0])[0] for c in contexts]  # the context part does not depend on the question
         ids, mask = _encode(tokenizer, heads, device, add_special_tokens=not use_chat)
         shared = compress(model, ids, mask, method, prefill_chunk=prefill_chunk, tokenizer=tokenizer,

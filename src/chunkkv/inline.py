@@ -7,6 +7,10 @@ In chunks (``prefill_chunk=C``): the prompt goes through ``C`` tokens at a time 
 layer re-selects over what it holds plus the chunk (:mod:`chunkkv.recompress`), so no layer holds
 more than its final budget + ``C`` tokens. What scores each re-selection:
 
+* **question-agnostic scores kept chunk by chunk** (surprisal, shallow reconstruction, hybrid:
+  :mod:`chunkkv.chunk_scoring`): after each chunk's forward and its reconstruction pass, every
+  layer re-selects over what it holds with the running per-token scores;
+
 * **look-ahead** (``lookahead=True``, window scorers: SnapKV, PyramidKV, ChunkKV): the prompt's last
   ``window`` tokens — the question, when it ends the prompt — are fed early, after each chunk, on a
   fork of what the layers hold, at their final positions; their queries score every layer as they
@@ -30,12 +34,13 @@ import torch
 from .attention import attach, attention_modules, compression_session
 from .cache import ChunkKVCache, PrunedLayer
 from .capture import now
+from .chunk_scoring import RunningScores
 from .context import CompressedContext, CompressionStats, mark_wrapper_layers
 from .errors import UnsupportedModelError
 from .methods import FullKV, Method
 from .plan import LayerPlan, chunk_bounds, plan_prefill
 from .recompress import check_bounded_method, reselect
-from .scorers import WindowScorer
+from .scorers import Evidence, WindowScorer
 from .scoring import window_attention_scores
 
 __all__ = ["prefill_inline"]
@@ -56,33 +61,37 @@ class _Session:
     stats: CompressionStats
     plan: LayerPlan | None = None
     deferred: bool = False
-    # The prompt's token ids, for methods that look at tokens (boundary-aware ChunkKV); set only for a
-    # one-shot prefill, where held slots are the prompt's positions.
+    # The prompt's token ids, for methods that look at tokens (boundary-aware ChunkKV): the held
+    # slots' ids are read from it by their prompt positions.
     input_ids: torch.Tensor | None = None
     chosen: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
 
     def on_attention(self, module, layer: PrunedLayer, query, key, kwargs) -> None:
         idx = module.layer_idx
         plan = self.plan
-        if self.deferred or plan is None or idx not in plan.counts or layer is not self.cache.layers[idx]:
+        if plan is None or idx not in plan.counts or layer is not self.cache.layers[idx]:
+            return
+        if plan.last and plan.is_leader(idx) and 0 < self.method.window <= min(plan.slots[idx], query.shape[2]):
+            # Seed the decoding window (used only if a decode budget is set later).
+            # A copy: a view would keep the whole prompt's query states alive with the context.
+            layer.recent_queries = query[:, :, -self.method.window :].clone()
+        if self.deferred:
             return
         start = now(key.device) if self.measure else 0.0
         if plan.is_leader(idx):
             self.select(idx, layer, query, key, _scaling(module, key, kwargs), kwargs.get("softcap"))
-            if plan.last and self.method.window > 0 and min(plan.slots[idx], query.shape[2]) >= self.method.window:
-                # Seed the decoding window (used only if a decode budget is set later).
-                # A copy: a view would keep the whole prompt's query states alive with the context.
-                layer.recent_queries = query[:, :, -self.method.window :].clone()
         layer.prune(*self.chosen[plan.leaders[idx]])
         if self.measure:
             self.stats.select_seconds += now(key.device) - start
 
     def select(self, idx: int, layer: PrunedLayer, query, key, scaling: float, softcap, memo: dict | None = None,
-               keep_recent: int | None = None):
+               keep_recent: int | None = None, evidence: Evidence | None = None):
         plan = self.plan
+        # the token ids of what the layer holds, read by their prompt positions (one-shot: the prompt)
+        ids = None if self.input_ids is None else self.input_ids.gather(1, layer.slot_positions()[:, 0, :])
         index, valid = reselect(
             self.method, query, key, scaling, softcap, plan.real[idx], plan.counts[idx], plan.slots[idx],
-            plan.key_valid[idx], input_ids=self.input_ids, layer=idx, memo=memo, keep_recent=keep_recent,
+            plan.key_valid[idx], input_ids=ids, layer=idx, memo=memo, keep_recent=keep_recent, evidence=evidence,
         )
         self.chosen[idx] = (index, valid if plan.fillers[idx] else None)
         if idx not in self.stats.scored_layers:
@@ -125,8 +134,10 @@ def prefill_inline(
     prefill_chunk: int | None = None,
     lookahead: bool = True,
     measure: bool = False,
+    running: RunningScores | None = None,
 ) -> CompressedContext:
-    """Prefill checked ``input_ids`` with an inline ``method`` (see the module docstring)."""
+    """Prefill checked ``input_ids`` with ``method`` (see the module docstring): an inline scorer,
+    or ``running`` question-agnostic scores kept chunk by chunk."""
     attach(model)
     width = input_ids.shape[1]
     bounds = chunk_bounds(width, prefill_chunk)
@@ -154,8 +165,7 @@ def prefill_inline(
     session = plans = None
     if not isinstance(method, FullKV):
         plans = plan_prefill(method, lengths, width, pruned, device, bounds)
-        session = _Session(method=method, cache=cache, measure=measure, stats=stats,
-                           input_ids=input_ids if len(bounds) == 2 else None)
+        session = _Session(method=method, cache=cache, measure=measure, stats=stats, input_ids=input_ids)
         final = method.kept_per_layer(lengths, len(pruned))
         touched = {layer for plan in plans for layer in plan.counts}
         stats.kept = {layer: list(final[pos]) for pos, layer in enumerate(pruned) if layer in touched}
@@ -163,12 +173,16 @@ def prefill_inline(
 
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     start = now(device)
-    with compression_session(session) if session is not None else contextlib.nullcontext():
+    with compression_session(session) if session is not None else contextlib.nullcontext(), \
+            running.hook() if running is not None else contextlib.nullcontext():
         for k in range(len(bounds) - 1):
             lo, hi = bounds[k], bounds[k + 1]
+            planned = session is not None and bool(plans[k].counts)
             if session is not None:
                 session.plan = plans[k]
-                session.deferred = ahead and not plans[k].last and bool(plans[k].counts)
+                session.deferred = planned and (running is not None or (ahead and not plans[k].last))
+            if running is not None:
+                running.expect(lo, hi)
             out = model(
                 input_ids=input_ids[:, lo:hi],
                 attention_mask=attention_mask[:, :hi],
@@ -177,14 +191,36 @@ def prefill_inline(
                 use_cache=True,
                 logits_to_keep=1,
             )
-            if session is not None and session.deferred:
+            if running is not None:
+                running.after_chunk(cache, lo, hi, position_ids)  # every chunk's tokens get their scores
+                if planned:
+                    _select_running(session, running, hi)
+            elif planned and session.deferred:
                 _look_ahead(model, session, input_ids, attention_mask, position_ids, hi)
     stats.prefill_seconds = now(device) - start
+    if running is not None:
+        stats.prefill_seconds -= running.seconds  # the scoring, counted apart as in one-shot
+        stats.scoring_seconds = running.seconds
     stats.scored_layers.sort()
     mark_wrapper_layers(cache)
     return CompressedContext(
         cache, input_ids, attention_mask, out.logits[:, -1, :], method, stats, weakref.ref(model)
     )
+
+
+def _select_running(session: _Session, running: RunningScores, seen: int) -> None:
+    """Prune every planned layer with the running question-agnostic scores of what it holds."""
+    plan, cache = session.plan, session.cache
+    start = now(cache.layers[next(iter(plan.counts))].keys.device) if session.measure else 0.0
+    for idx in plan.counts:  # depth order: a leader comes before its followers
+        layer = cache.layers[idx]
+        if plan.is_leader(idx):
+            # before the last chunk the context's end is not its end yet: nothing is kept by force
+            session.select(idx, layer, None, layer.keys, 1.0, None, evidence=running.evidence(layer, seen),
+                           keep_recent=None if plan.last else 0)
+        layer.prune(*session.chosen[plan.leaders[idx]])
+    if session.measure:
+        session.stats.select_seconds += now(layer.keys.device) - start
 
 
 def _look_ahead(model, session: _Session, input_ids, attention_mask, position_ids, seen: int) -> None:

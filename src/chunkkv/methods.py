@@ -306,6 +306,9 @@ class ChunkKV(_Scored):
         reuse_depth: layer-wise index reuse (paper: 2).
         boundary_ids: token ids that end a sentence or clause
             (:func:`chunkkv.boundaries.boundary_token_ids`), for the segmentations below.
+        digit_ids: token ids that are digits (:func:`chunkkv.boundaries.digit_token_ids`): a chunk
+            never starts inside a run of them, so a number written digit by digit is kept or dropped
+            whole (None: off, the paper's chunks).
         segmentation: where chunks start. ``"fixed"``: every ``chunk_size`` tokens (the paper);
             ``"aligned"``: that grid with each edge moved to the nearest boundary within a
             quarter chunk; ``"sentence"``: one chunk per sentence (a new one after every boundary
@@ -321,6 +324,7 @@ class ChunkKV(_Scored):
     boundary_ids: frozenset[int] | None = field(default=None, repr=False)
     segmentation: str | None = None
     peak_weight: float = 0.0
+    digit_ids: frozenset[int] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -331,13 +335,15 @@ class ChunkKV(_Scored):
             raise ChunkKVError(f"chunk_size={self.chunk_size!r} must be a positive int (the paper uses 10)")
         if self.chunk_reduce not in CHUNK_REDUCES:
             raise ChunkKVError(f"chunk_reduce={self.chunk_reduce!r} must be one of {', '.join(CHUNK_REDUCES)}")
-        if self.boundary_ids is not None:
-            if isinstance(self.boundary_ids, (str, bytes)) or not all(
-                    isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.boundary_ids):
-                raise ChunkKVError(
-                    "boundary_ids must be token ids (ints >= 0) of sentence/clause ends, e.g. "
-                    "chunkkv.boundaries.boundary_token_ids(tokenizer)")
-            object.__setattr__(self, "boundary_ids", frozenset(self.boundary_ids))
+        for name, how in (("boundary_ids", "of sentence/clause ends, e.g. chunkkv.boundaries.boundary_token_ids(tokenizer)"),
+                          ("digit_ids", "of digits, e.g. chunkkv.boundaries.digit_token_ids(tokenizer)")):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, (str, bytes)) or not all(
+                    isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value):
+                raise ChunkKVError(f"{name} must be token ids (ints >= 0) {how}")
+            object.__setattr__(self, name, frozenset(value))
         if self.segmentation is not None and self.segmentation not in SEGMENTATIONS:
             raise ChunkKVError(f"segmentation={self.segmentation!r} must be one of {', '.join(SEGMENTATIONS)}")
         if self.segmentation in ("aligned", "sentence") and not self.boundary_ids:
@@ -353,25 +359,33 @@ class ChunkKV(_Scored):
         return "aligned" if self.boundary_ids else "fixed"
 
     def segments(self, inputs: LayerInputs) -> torch.Tensor | None:
-        """Row-relative chunk ids ``[B, T]`` for boundary-aware chunks (None: the fixed grid)."""
+        """Row-relative chunk ids ``[B, T]`` for boundary-aware chunks or whole numbers (None: the
+        fixed grid, by the fast path)."""
         chunking = self.chunking
-        if chunking == "fixed":  # (any other chunking has boundary ids: checked at construction)
+        if chunking == "fixed" and not self.digit_ids:
             return None
         if inputs.input_ids is None:
             raise ChunkKVError(
-                f"boundary-aware chunks (segmentation={chunking!r}) need the prompt's token ids: they work with "
-                "a one-shot prefill, not with prefill_chunk")
+                f"chunks cut at sentence ends or kept whole around numbers need the token ids of what the layer "
+                f"holds (segmentation={chunking!r}, digit_ids {'set' if self.digit_ids else 'unset'}), which this "
+                "selection was not given")
+
+        def row_relative(ids: frozenset[int]) -> torch.Tensor:
+            found = torch.isin(inputs.input_ids, torch.tensor(sorted(ids), device=inputs.input_ids.device))
+            return found if inputs.key_valid is None else sel.align_rows(found, inputs.pad, fill=False)
 
         def compute() -> torch.Tensor:
-            ids = torch.tensor(sorted(self.boundary_ids), device=inputs.input_ids.device)
-            is_end = torch.isin(inputs.input_ids, ids)
-            if inputs.key_valid is not None:
-                is_end = sel.align_rows(is_end, inputs.pad, fill=False)
+            batch, length = inputs.input_ids.shape
             if chunking == "sentence":
-                return sel.sentence_segments(is_end, self.chunk_size)
-            return sel.boundary_segments(is_end, self.chunk_size)
+                segments = sel.sentence_segments(row_relative(self.boundary_ids), self.chunk_size)
+            elif chunking == "aligned":
+                segments = sel.boundary_segments(row_relative(self.boundary_ids), self.chunk_size)
+            else:
+                segments = sel.fixed_segments(batch, length, self.chunk_size, inputs.input_ids.device)
+            return sel.glue_digits(segments, row_relative(self.digit_ids)) if self.digit_ids else segments
 
-        return inputs.cached(("segments", chunking, self.chunk_size, hash(self.boundary_ids)), compute)
+        key = ("segments", chunking, self.chunk_size, hash(self.boundary_ids), hash(self.digit_ids))
+        return inputs.cached(key, compute)
 
     def select(self, inputs: LayerInputs) -> torch.Tensor:
         return sel.select_chunks(
@@ -408,7 +422,7 @@ class KVPressChunkKV(ChunkKV):
                 "the share REMOVED), e.g. remove_fraction=0.9 keeps about 10 %"
             )
         ignored = [name for name, off in (("chunk_reduce", "mean"), ("boundary_ids", None), ("segmentation", None),
-                                          ("peak_weight", 0.0)) if getattr(self, name) != off]
+                                          ("peak_weight", 0.0), ("digit_ids", None)) if getattr(self, name) != off]
         if ignored:  # kvpress's chunks are fixed and mean-scored: refuse rather than ignore
             raise ChunkKVError(
                 f"the kvpress preset reproduces kvpress's fixed, mean-scored chunks; {', '.join(ignored)} "

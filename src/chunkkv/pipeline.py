@@ -25,7 +25,9 @@ from collections.abc import Callable, Sequence
 import torch
 
 from . import selection as sel
+from .cache import ChunkKVCache
 from .capture import PrefillCapture, capture_prefill, gather_evidence
+from .chunk_scoring import RunningScores
 from .context import CompressedContext, CompressionStats, mark_wrapper_layers
 from .errors import ChunkKVError, PromptError
 from .inline import prefill_inline
@@ -167,7 +169,9 @@ def compress(
             the first may be shorter); after each chunk every prunable layer re-selects over what
             it holds plus the chunk, scored by the chunk's queries, so no layer ever holds more than
             its final budget + ``C`` tokens. The final kept count is the one-shot count for the
-            whole prompt. None or ``C >= T``: one pass. Needs an inline scorer (``scoring="window"``).
+            whole prompt. None or ``C >= T``: one pass. Window scorers score each chunk with the look-ahead
+            (below); surprisal, shallow reconstruction and hybrid are kept up to date chunk by chunk
+            (:mod:`chunkkv.chunk_scoring`); the other scorers need the full cache and are refused.
         lookahead: in chunks, score each re-selection of a window scorer (SnapKV, PyramidKV, ChunkKV)
             with the prompt's last ``window`` tokens fed early (the question, when it ends the prompt),
             not with the chunk's own last queries (:mod:`chunkkv.inline`).
@@ -188,13 +192,15 @@ def compress(
         raise PromptError(f"prefill_chunk={prefill_chunk!r} must be a positive int (tokens per prefill chunk) or None")
     check_window(method, lengths_host)
     width = input_ids.shape[1]
+    if not method.inline and prefill_chunk is not None and prefill_chunk < width:
+        # Question-agnostic scores kept chunk by chunk (the full cache is never held).
+        running = RunningScores(model, method.scorer, input_ids, attention_mask,
+                                _instructions(tokenizer, chat_template, scoring_prompt),
+                                ChunkKVCache(model.config, prompt_length=width).pruned_layers, scoring_block)
+        return prefill_inline(model, input_ids, attention_mask, method, lengths_host, prefill_chunk=prefill_chunk,
+                              measure=measure, running=running)
     if not method.inline:
         # The scores need the whole prefill first (surprisal, scoring passes on the full cache).
-        if prefill_chunk is not None and prefill_chunk < width:
-            raise PromptError(
-                f"scoring={method.scoring!r} scores the context after its whole prefill, on the full cache, so it "
-                "cannot be combined with prefill_chunk (which never holds the full cache); use scoring='window'"
-            )
         capture = prefill(model, input_ids, attention_mask, [method], tokenizer=tokenizer,
                           chat_template=chat_template, scoring_prompt=scoring_prompt)
         ctx = compress_from_capture(capture, method, scoring_block=scoring_block)

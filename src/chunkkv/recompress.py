@@ -23,7 +23,7 @@ import torch
 from . import selection as sel
 from .errors import BudgetError, ChunkKVError
 from .methods import FullKV, Method, StreamingLLM
-from .scorers import LayerInputs
+from .scorers import Evidence, LayerInputs
 
 
 def reselect(
@@ -40,6 +40,7 @@ def reselect(
     layer: int = 0,
     memo: dict | None = None,
     keep_recent: int | None = None,
+    evidence: Evidence | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose ``kept[b]`` of the held slots of one layer with ``method``'s own scoring.
 
@@ -55,6 +56,7 @@ def reselect(
         layer: the model layer index (for scorers with per-layer evidence).
         memo: raw scores already computed for these slots (``LayerInputs.memo``), e.g. a look-ahead's.
         keep_recent: most recent slots always kept (None: the method's window).
+        evidence: scores of the held slots computed outside the forward (a question-agnostic chunked prefill).
 
     Returns:
         ``(index, valid)`` as :func:`chunkkv.selection.finalize` gives them: ``index [B, 1 or Hkv, slots]``
@@ -64,7 +66,7 @@ def reselect(
     inputs = LayerInputs(
         queries=queries, keys=keys, scaling=scaling, softcap=softcap, key_valid=key_valid,
         lengths=real, pad=pad, kept=kept, slots=slots, layer=layer, memo=memo, input_ids=input_ids,
-        keep_recent=keep_recent,
+        keep_recent=keep_recent, evidence=evidence,
     )
     return sel.finalize(method.select(inputs), pad)
 

@@ -30,7 +30,7 @@ from .scoring import attend_and_score, masked_attention_scores, max_attention_sc
 RECONSTRUCTION_CHUNK = 512
 
 
-class _ScoredEnough(Exception):
+class ScoredEnough(Exception):
     """Raised by the scoring session after its last layer: the rest of the forward is not needed."""
 
 
@@ -88,7 +88,7 @@ class _ScoringSession:
         else:
             self.scores[idx] = previous + block
         if idx == self.stop_after:
-            raise _ScoredEnough
+            raise ScoredEnough
 
 
 def _scaling(module, key, kwargs) -> float:
@@ -208,7 +208,7 @@ def run_pass(
                 try:
                     model(input_ids=seg_ids[:, start:stop], attention_mask=seen, position_ids=positions, cache=cache,
                           use_cache=True, logits_to_keep=1)
-                except _ScoredEnough:
+                except ScoredEnough:
                     pass
     missing = [i for i in layers if i not in session.scores]
     if missing:

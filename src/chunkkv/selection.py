@@ -236,6 +236,29 @@ def sentence_segments(is_end: torch.Tensor, max_len: int) -> torch.Tensor:
     return torch.cumsum(new_chunk.long(), dim=1) - 1
 
 
+def fixed_segments(batch: int, length: int, chunk_size: int, device) -> torch.Tensor:
+    """Chunk ids ``[B, T]`` of the paper's fixed chunks: ``t // chunk_size``."""
+    return (torch.arange(length, device=device) // chunk_size).expand(batch, length)
+
+
+def glue_digits(segments: torch.Tensor, is_digit: torch.Tensor) -> torch.Tensor:
+    """Chunk ids ``[B, T]`` with no chunk starting inside a run of digits.
+
+    ``is_digit [B, T]`` (row-relative, bool) marks digit tokens; a chunk that would start at a
+    digit right after another digit starts right after the run instead (the rest of the run joins
+    the chunk before it), so a number written digit by digit is kept or dropped whole.
+    """
+    start = torch.ones_like(is_digit)
+    start[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    inside = torch.zeros_like(is_digit)
+    inside[:, 1:] = is_digit[:, 1:] & is_digit[:, :-1]
+    run = torch.cumsum((~inside).long(), dim=1) - 1  # a digit run and the token before it share an id
+    moved = torch.zeros(run.shape[0], run.shape[1] + 1, dtype=torch.long, device=run.device)
+    moved.scatter_reduce_(1, run, (start & inside).long(), "amax")  # runs that held a chunk start
+    after = ~inside & (run > 0) & moved.gather(1, (run - 1).clamp(min=0)).bool()  # the token after such a run
+    return torch.cumsum(((start & ~inside) | after).long(), dim=1) - 1
+
+
 def segment_priority(
     scores: torch.Tensor, segments: torch.Tensor, reduce: str = "mean", peak_weight: float = 0.0
 ) -> torch.Tensor:

@@ -104,7 +104,7 @@ class GridSpec:
             params["boundary_ids"] = boundary_ids
         method = make_method(self.method, **params)
         if self.scoring == "default":  # what question-agnostic generate runs: hybrid, sentence chunks
-            return agnostic_method(method, None, self.prefill_chunk is None, tokenizer)
+            return agnostic_method(method, None, tokenizer)
         return method if self.scoring is None else agnostic_method(method, self.scoring)
 
 
