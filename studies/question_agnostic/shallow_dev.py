@@ -23,6 +23,8 @@ from chunkkv import selection as sel
 from chunkkv.budget import Budget
 from chunkkv.capture import capture_prefill, layer_scores
 from chunkkv.prompting import instructions
+from chunkkv.scorers import REPEAT, ScoringPass
+from chunkkv.scoring_pass import run_pass
 
 from . import tune
 
@@ -37,16 +39,22 @@ def _q99(x: torch.Tensor, q: float = 0.99) -> torch.Tensor:
     return (x / torch.quantile(x[1:], q).clamp(min=1e-12)).clamp(max=1.0)
 
 
-def reconstruction_scores(model, tok, data, lengths, cache: Path) -> dict:
-    """{(length, doc): [layers, kv heads, T] float16} reconstruction scores, cached and resumable."""
+def reconstruction_scores(model, tok, data, lengths, cache: Path, shallow: int | None = None) -> dict:
+    """{(length, doc): [layers, kv heads, T] float16} reconstruction scores, cached and resumable.
+    ``shallow``: only the first that many layers (the pass stops after them)."""
     out = torch.load(cache) if cache.exists() else {}
-    layers = list(range(model.config.num_hidden_layers))
+    n_layers = model.config.num_hidden_layers
+    layers = list(range(shallow or n_layers))
     for length, doc, ids, *_ in data:
         if length not in lengths or (length, doc) in out:
             continue
         t0 = time.perf_counter()
         capture = capture_prefill(model, ids, torch.ones_like(ids), window=1, instructions=instructions(tok))
-        scores = layer_scores(capture, "reconstruction", layers)  # the pass: every layer, per KV head
+        if shallow:  # per-layer scores of the first layers, the forward stopped after them
+            spec = ScoringPass(REPEAT, repeat=True, depth=shallow / n_layers, reduce="max")
+            scores = run_pass(model, capture, spec, layers, capture.instructions(REPEAT))
+        else:
+            scores = layer_scores(capture, "reconstruction", layers)  # the pass: every layer, per KV head
         out[(length, doc)] = torch.stack([scores[i][0] for i in layers]).half()
         torch.save(out, cache)
         print(f"{length}/{doc}: {time.perf_counter() - t0:.1f} s", flush=True)
@@ -59,6 +67,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cache", default="/tmp/chunkkv-dev8-recon.pt")
     ap.add_argument("--dev-cache", default="/tmp/chunkkv-agnostic-dev8.pt", help="the tune study's cache")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--shallow", type=int, default=None,
+                    help="score only the first N layers (the rows that need deeper ones are left out)")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -68,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     model, tok = load_pretrained("smollm2", dtype=torch.float32, device="cpu")
     lengths = [int(x) for x in args.lengths.split(",")]
     data = tune.dev_documents(tok, model, [1024, 2048, 4096], 8, Path(args.dev_cache))
-    recon = reconstruction_scores(model, tok, data, lengths, Path(args.cache))
+    recon = reconstruction_scores(model, tok, data, lengths, Path(args.cache), args.shallow)
     docs = [d for d in data if d[0] in lengths and (d[0], d[1]) in recon]
     ends = torch.tensor(sorted(boundary_token_ids(tok, clauses=False)))
     budgets = [Budget(keep_fraction=0.1), Budget(keep_fraction=0.2), Budget(keep_fraction=0.3), Budget(keep_tokens=128)]
@@ -101,6 +111,8 @@ def main(argv: list[str] | None = None) -> None:
         **{f"hybrid (layers < 8), chunks ranked by {reduce} + {peak} x peak": (
             (lambda s, r: s / s[1:].amax() + r[:8].amax((0, 1)) / r[:8].amax((0, 1))[1:].amax()), reduce, peak)
            for reduce in ("sqrt_mean", "mean") for peak in (0.0, 0.5, 1.0)},
+        **{f"hybrid with layer {k - 1} only (the last of layers < {k})": ((lambda s, r, k=k: s / s[1:].amax() +
+           r[k - 1].amax(0) / r[k - 1].amax(0)[1:].amax()), "sqrt_mean", 0.2) for k in (8,)},
         f"max over every head of the odd layers < {half}": (lambda s, r: r[1:half:2].amax((0, 1)), "mean", 0.0),
         f"max over every head of every third layer < {half}": (lambda s, r: r[0:half:3].amax((0, 1)), "mean", 0.0),
     }
@@ -108,7 +120,15 @@ def main(argv: list[str] | None = None) -> None:
              f"{tune.DEV_OFFSET}..), 4 dev needles each, {4 * len(docs)} needles. Cell: needles whose answer words "
              "ChunkKV keeps on sentence chunks <= 30 tokens (window 32 kept too; no decoding).", "",
              "| token score | " + " | ".join(b.describe() for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
+    depth = min(int(r.shape[0]) for r in recon.values()) if recon else 0
     for name, (score, reduce, peak) in variants.items():
+        try:
+            score(docs[0][3], recon[(docs[0][0], docs[0][1])].float())
+        except IndexError:
+            continue  # a row that needs layers the pass did not score (--shallow)
+        if depth < n_layers and ("all" in name or any(f"< {k}" in name for k in (10, 12, 15, 20)) or
+                                 any(f"one layer: {i}" == name.split(", ")[-1] for i in range(depth, n_layers))):
+            continue
         cells = []
         for budget in budgets:
             kept = 0
