@@ -32,7 +32,8 @@ LAYERS: list[set[str]] = [
     {"scoring_pass"},
     {"capture"},
     {"pipeline"},  # the one recipe: compress, prefill, compress_from_capture
-    {"generation", "pretrained", "analysis", "outputs", "synthetic"},
+    {"generation", "pretrained", "analysis", "outputs", "synthetic", "scoped"},
+    {"hf_pipeline"},  # transformers' pipeline("chunkkv-text-generation"), on chunkkv.generate
     {"haystack"},  # finds the essays' wheel as pretrained finds the model's
     {"cli_common"},
 ]
