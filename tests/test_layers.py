@@ -20,6 +20,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "chunkkv"
 #: The core, bottom layer first; a module may import only from layers below its own.
 LAYERS: list[set[str]] = [
     {"errors"},
+    {"names"},  # the names a user types (methods, scorings): no torch
     {"budget", "scoring", "boundaries", "prompting"},  # pure kernels, tokenizer glue
     {"selection"},
     {"scorers"},

@@ -12,15 +12,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
-import torch
-
-from ..cli_common import add_model_arguments, check_device, load_model, token_count, token_counts
+from ..cli_common import add_model_arguments, check_device, load_model, parse_method_names, token_count, token_counts
 from ..errors import ChunkKVError
-from ..methods import make_method
 from ..outputs import OutputLock, check_output_dir
-from .models import ALIASES, RANDOM_MODELS, is_random_model, random_llama
-from .runner import DEFAULT_METHODS, BenchConfig, run_bench
+from .models import ALIASES, DEFAULT_METHODS, RANDOM_MODELS, is_random_model
+
+if TYPE_CHECKING:  # torch and the runner are imported when the bench runs: --help stays fast
+    import torch
+
+    from .runner import BenchConfig
 
 
 def _floats(text: str) -> list[float]:
@@ -89,6 +91,8 @@ def _log(msg: str) -> None:
 
 
 def config_from_args(args: argparse.Namespace, device: torch.device) -> BenchConfig:
+    from .runner import BenchConfig
+
     gpu = device.type == "cuda"
     contexts = args.contexts or ([2048, 4096, 8192, 16384, 32768] if gpu else [2048, 4096, 8192])
     return BenchConfig(
@@ -115,6 +119,10 @@ def config_from_args(args: argparse.Namespace, device: torch.device) -> BenchCon
 
 def load(args: argparse.Namespace, max_positions: int):
     """``(model, label, folder or None)`` for ``--model``."""
+    import torch
+
+    from .models import random_llama
+
     if is_random_model(args.model):
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = args.dtype
@@ -143,8 +151,19 @@ def _check_counts(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # Everything that can be checked without the model is checked before it loads.
+    # Everything that can be checked without the model is checked before it loads: first without torch.
     _check_counts(args)
+    if not args.prefill_memory:
+        parse_method_names(args.methods)
+        parse_method_names(args.decode_method, "--decode-method")
+        if not 0 < args.budget <= 1:
+            raise ChunkKVError(f"--budget {args.budget} is the share of the prompt KEPT, in (0, 1] (0.1 keeps 10 %)")
+        check_output_dir(args.out)
+    import torch
+
+    from ..methods import make_method
+    from .runner import run_bench
+
     check_device(args.device)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.prefill_memory:

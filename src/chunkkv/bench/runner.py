@@ -44,8 +44,7 @@ from ..context import CompressedContext
 from ..generation import extend
 from ..methods import ChunkKV, FullKV, LayerInputs, Method, make_method
 from .measure import MemoryMeter, expected_kv_bytes, kv_bytes_per_layer, now, stats_dict
-
-DEFAULT_METHODS = ("full", "streamingllm", "h2o", "snapkv", "pyramidkv", "chunkkv")
+from .models import DEFAULT_METHODS
 
 
 @dataclass
@@ -246,21 +245,22 @@ def _fit_loglog(xs: list[float], ys: list[float]) -> dict[str, float | None]:
 
 # --- the benchmark ------------------------------------------------------------------------------
 class _Progress:
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.bar = None
-        if enabled:
-            from tqdm.auto import tqdm
+    """The bench's bar (:func:`chunkkv.cli_common.progress`: a terminal only, nothing left behind)."""
 
-            self.bar = tqdm(total=total, desc="bench", unit="run", dynamic_ncols=True)
+    def __init__(self, total: int, enabled: bool) -> None:
+        from ..cli_common import progress
+
+        self._context = progress(enabled)
+        self.bar = self._context.__enter__()
+        self.task = self.bar.add_task("bench", total=total)
 
     def step(self, label: str) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix_str(label[:60], refresh=False)
-            self.bar.update(1)
+        self.bar.update(self.task, advance=1, description=f"bench: {label[:60]}")
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        if self._context is not None:
+            self._context.__exit__(None, None, None)
+            self._context = None
 
 
 class Bench:
