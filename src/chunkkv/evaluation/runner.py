@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -189,9 +190,10 @@ class Generator:
 
 
 def _check_run_file(out: Path, fingerprint: dict[str, Any], expected: int | None = None,
-                    flags: dict[str, Any] | None = None, limit: int | None = None) -> None:
+                    flags: dict[str, Any] | None = None, limit: int | None = None, ids: list[str] | None = None) -> None:
     """Refuse to resume a folder written with other settings; record ours (and, for
-    :func:`preload_check`, the settings as the flags gave them and the ``--limit``)."""
+    :func:`preload_check`, the settings as the flags gave them, the ``--limit`` and a digest of the
+    sample ids)."""
     path = out / "run.json"
     if path.exists():
         try:
@@ -202,8 +204,12 @@ def _check_run_file(out: Path, fingerprint: dict[str, Any], expected: int | None
             _refuse_other_settings(out, saved.get("config", {}), fingerprint)
     record = {"config": fingerprint, "expected": expected}
     if flags is not None:
-        record.update(flags=flags, limit=limit)
+        record.update(flags=flags, limit=limit, ids=_ids_digest(ids or []))
     write_json_atomic(path, record)
+
+
+def _ids_digest(ids) -> str:
+    return hashlib.sha256("\n".join(sorted(set(map(str, ids)))).encode()).hexdigest()
 
 
 def _refuse_other_settings(out: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
@@ -241,9 +247,12 @@ def preload_check(config: EvalConfig, method: Method | None, shard: Shard | None
     except (OSError, json.JSONDecodeError):
         return None
     expected = saved.get("expected")
-    finished = (expected is not None and metrics.get("complete") and metrics.get("expected") == expected
-                and metrics.get("samples", 0) >= expected)
-    return metrics if finished else None
+    if not (expected is not None and metrics.get("complete") and metrics.get("expected") == expected):
+        return None
+    # Every sample of the run has a record, and nothing else does (an interrupted write, a record
+    # added by a run with another --limit: a run with the model sorts it out).
+    done = RecordStore(config.out_dir).load()
+    return metrics if _ids_digest(done) == saved.get("ids") else None
 
 
 def _wait_for(store: RecordStore, ids: list[str], log_every: float = 300.0) -> None:
@@ -324,7 +333,7 @@ def run_eval(
         if len(set(ids)) != len(ids):
             raise ChunkKVError(f"the task produced duplicate sample ids (e.g. {_first_duplicate(ids)})")
         _check_run_file(store.dir, config.fingerprint(method), len(samples),
-                        None if flags_method is None else config.fingerprint(flags_method), config.limit)
+                        None if flags_method is None else config.fingerprint(flags_method), config.limit, ids)
         done = store.load()
         todo = [(i, s) for i, s in enumerate(samples) if shard.owns(i) and s.id not in done]
         if todo:
@@ -385,7 +394,7 @@ def run_eval_many(
                     raise ChunkKVError("--overwrite cannot be used in a sharded run: delete the output folder first")
                 stores[n].reset()
             flags = None if flags_methods is None else c.fingerprint(flags_methods[n])
-            _check_run_file(stores[n].dir, c.fingerprint(methods[n]), len(samples), flags, c.limit)
+            _check_run_file(stores[n].dir, c.fingerprint(methods[n]), len(samples), flags, c.limit, ids)
             done = stores[n].load()
             todo[n] = {i for i, s in enumerate(samples) if shard.owns(i) and s.id not in done}
         if any(todo.values()):
