@@ -212,13 +212,13 @@ def sampling_from_args(args: argparse.Namespace, tokenizer=None):
 
 # --- model --------------------------------------------------------------------------------------
 def testbed_path() -> Path:
-    """Where the shipped testbed model lives: ``./models/chunkkv-testbed`` or the repository's copy."""
-    here = Path.cwd() / TESTBED_DIR
-    repo = Path(__file__).resolve().parents[2] / TESTBED_DIR
-    for candidate in (here, repo):
+    """Where the shipped testbed model lives: inside the package (``chunkkv/testbed/chunkkv-testbed``,
+    in a source checkout and in an installed wheel alike), else ``./models/chunkkv-testbed``."""
+    packaged = Path(__file__).resolve().parent / "testbed" / "chunkkv-testbed"
+    for candidate in (packaged, Path.cwd() / TESTBED_DIR):
         if (candidate / "config.json").exists():
             return candidate
-    return repo
+    return packaged
 
 
 def resolve_model(args: argparse.Namespace) -> bool:
