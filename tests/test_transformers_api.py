@@ -189,6 +189,9 @@ def test_pipeline_compresses_once_and_answers_every_question_as_generate_does(qa
     want = chunkkv.generate(model, tok, context, questions, method,
                             sampling=chunkkv.Sampling(max_new_tokens=5))
     assert got == {"answers": [a.texts[0] for a in want.answers]}
+    chunkkv.detach(model)
+    pipe(context, question=questions[0], method=method, max_new_tokens=2)
+    assert model.config._attn_implementation == "sdpa"  # the call leaves the model as it was
     assert want.context.method.scoring == "hybrid"  # the question-agnostic default ran
     one = pipe(context, question=questions[0], method=method, max_new_tokens=5)
     assert one == {"answer": got["answers"][0]}

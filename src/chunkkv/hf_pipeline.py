@@ -99,9 +99,14 @@ class ChunkKVPipeline(Pipeline):
 
     def _forward(self, model_inputs: dict, method: Method | str | None = None, **kwargs: Any) -> dict:
         sampling = {k: kwargs.pop(k) for k in _SAMPLING if k in kwargs}
-        result = generate(self.model, self.tokenizer, model_inputs["context"], model_inputs["questions"],
-                          _method(method), sampling=Sampling(**sampling), **kwargs)
-        return {"answers": [a.texts[0] for a in result.answers], "result": result}
+        impl = self.model.config._attn_implementation
+        try:
+            result = generate(self.model, self.tokenizer, model_inputs["context"], model_inputs["questions"],
+                              _method(method), sampling=Sampling(**sampling), **kwargs)
+        finally:  # no compressed context leaves the call: the model goes back to its own attention
+            if self.model.config._attn_implementation != impl:
+                self.model.set_attn_implementation(impl)
+        return {"answers": [a.texts[0] for a in result.answers]}
 
     def postprocess(self, model_outputs: dict, single: bool = True) -> dict:
         answers = model_outputs["answers"]

@@ -216,6 +216,10 @@ class FullKV(Method):
     def budget(self) -> Budget:
         return Budget.full()
 
+    def describe(self) -> str:
+        """``"full"``: it has no budget or settings to show."""
+        return "full"
+
     def select(self, inputs: LayerInputs) -> torch.Tensor:  # pragma: no cover - never called
         raise RuntimeError("FullKV keeps every token; there is nothing to select")
 

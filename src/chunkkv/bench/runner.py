@@ -139,6 +139,16 @@ def prefill_entries(cfg: BenchConfig, with_presets: bool) -> list[Entry]:
     return entries
 
 
+def _e2e_plan(cfg: BenchConfig) -> list[Entry]:
+    """The configurations every end-to-end request runs."""
+    return [
+        Entry("full", FullKV()),
+        Entry("snapkv", make_method("snapkv", keep_fraction=cfg.budget)),
+        Entry("chunkkv", ChunkKV(keep_fraction=cfg.budget)),
+        Entry("chunkkv_reuse2", ChunkKV(keep_fraction=cfg.budget, reuse_depth=2), 2),
+    ]
+
+
 def _decode_method(cfg: BenchConfig, fraction: float) -> Method:
     return make_method(cfg.decode_method, keep_fraction=fraction)
 
@@ -252,9 +262,11 @@ class _Progress:
 
         self._context = progress(enabled)
         self.bar = self._context.__enter__()
+        self.total, self.steps = total, 0
         self.task = self.bar.add_task("bench", total=total)
 
     def step(self, label: str) -> None:
+        self.steps += 1
         self.bar.update(self.task, advance=1, description=f"bench: {label[:60]}")
 
     def close(self) -> None:
@@ -363,14 +375,23 @@ class Bench:
         finally:
             torch.set_num_threads(threads_before)
 
+    def _steps(self, entries: list[Entry]) -> int:
+        """How many times the sections below call ``progress.step``: the bar's total."""
+        cfg = self.cfg
+
+        def runnable(plan: list[Entry], n: int) -> int:
+            return sum(1 for e in plan if not (e.compressed and n <= e.method.window))
+
+        prefill = sum(runnable(entries, c) * (1 + cfg.repeats) for c in cfg.contexts)
+        decode = len(cfg.contexts) * len(cfg.batch_sizes) * (1 + len(cfg.decode_fractions))
+        e2e = sum(runnable(_e2e_plan(cfg), n_in) * (1 + (cfg.e2e_repeats or cfg.repeats)) for n_in, _ in cfg.e2e)
+        return 1 + prefill + decode + e2e + 1 + (1 if cfg.peers else 0)  # warm-up, ..., scaling, peers
+
     def _run(self) -> dict[str, Any]:
         cfg = self.cfg
         peers_on = cfg.peers
         entries = prefill_entries(cfg, with_presets=peers_on)
-        n_prefill = len(cfg.contexts) * len(entries) * (1 + cfg.repeats)
-        n_decode = len(cfg.contexts) * len(cfg.batch_sizes) * (1 + len(cfg.decode_fractions))
-        n_e2e = len(cfg.e2e) * 4 * (1 + (cfg.e2e_repeats or cfg.repeats))
-        total = n_prefill + n_decode + n_e2e + 1 + (1 if peers_on else 0)
+        total = self._steps(entries)
         self.progress = _Progress(total, self.progress_enabled)
         started = time.time()
         # Objects that exist now (modules, the model) are never garbage: keep the full collections
@@ -580,13 +601,7 @@ class Bench:
         cfg = self.cfg
         batch = cfg.e2e_batch
         ids = self.prompts.get(n_in, batch)
-        plan = [
-            Entry("full", FullKV()),
-            Entry("snapkv", make_method("snapkv", keep_fraction=cfg.budget)),
-            Entry("chunkkv", ChunkKV(keep_fraction=cfg.budget)),
-            Entry("chunkkv_reuse2", ChunkKV(keep_fraction=cfg.budget, reuse_depth=2), 2),
-        ]
-        plan = [e for e in plan if not (e.compressed and n_in <= e.method.window)]
+        plan = [e for e in _e2e_plan(cfg) if not (e.compressed and n_in <= e.method.window)]
         samples: dict[str, dict[str, list[float]]] = {e.name: {"total": [], "prefill": [], "decode": []} for e in plan}
 
         def request(e: Entry) -> tuple[float, float, float]:

@@ -131,9 +131,12 @@ def run(args: argparse.Namespace) -> int:
                 if qi == 0:
                     mode = "query-aware (context + question compressed together)" if args.query_aware and question else \
                         "question-agnostic (context compressed once, before the questions)"
+                    if method.name == "full":
+                        mode = "the full cache, nothing compressed"
                     print(f"method {method.describe()} · {mode}", file=out)
                 scored = f" + {method.scoring} scoring {ctx.stats.scoring_seconds:.2f} s" if ctx.stats.scoring_seconds else ""
-                print(f"compressed {ids.shape[1]} prompt tokens in {ctx.stats.prefill_seconds:.2f} s{scored}: "
+                verb = "prefilled" if method.name == "full" else "compressed"  # the full cache compresses nothing
+                print(f"{verb} {ids.shape[1]} prompt tokens in {ctx.stats.prefill_seconds:.2f} s{scored}: "
                       f"{kept_report['line']}", file=out, flush=True)
                 if not args.query_aware:
                     shared = ctx
