@@ -194,7 +194,7 @@ def _print_report(console, plain, args, model, doc, prompt, runs, layer, testbed
     device = next(model.parameters()).device
     mode = "the question ends the prompt (query-aware)" if not args.question_agnostic else \
         "document compressed alone, question appended after (question-agnostic)"
-    console.print(Text.assemble(("chunkkv demo", "bold"), f" · model {args.model}" + (" (testbed)" if testbed and args.model != "testbed" else "")
+    console.print(Text.assemble(("chunkkv demo", "bold"), f" · model {args.model}" + (" (testbed)" if testbed else "")
                                 + f" · {cfg.model_type}, {cfg.num_hidden_layers} layers, "
                                 f"{cfg.num_key_value_heads} KV heads · {device}"))
     console.print(f"Document: {len(prompt)} prompt tokens ({doc.source}), needle at {doc.depth:g} % depth; {mode}")
