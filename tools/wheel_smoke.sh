@@ -4,8 +4,8 @@
 #
 #   bash tools/wheel_smoke.sh [PYTHON]      # PYTHON: the project venv's (default .venv/bin/python)
 #
-# Nothing is downloaded: the wheel is built with the project venv's setuptools (--no-build-isolation)
-# and installed with --no-deps; the clean venv sees the project venv's site-packages (torch,
+# Nothing but setuptools (when the venv's is older than pyproject's build-system asks) is downloaded:
+# the wheel is built with the project venv's setuptools (--no-build-isolation) and installed with --no-deps; the clean venv sees the project venv's site-packages (torch,
 # transformers, the eval extras) through a .pth line, which adds the folder to sys.path without
 # running its .pth files, so the project's editable install stays out and `import chunkkv` is the wheel's.
 set -euo pipefail
@@ -14,6 +14,9 @@ PY=${1:-.venv/bin/python}
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 echo "== building the wheel"
+# pyproject's build-system: setuptools >= 77 (SPDX license, license-files); a fresh venv has an older one.
+"$PY" -c 'import setuptools, sys; sys.exit(int(setuptools.__version__.split(".")[0]) < 77)' 2>/dev/null \
+    || "$PY" -m pip install -q --disable-pip-version-check "setuptools>=77"
 "$PY" -m pip wheel . --no-deps --no-build-isolation -q -w "$WORK/dist"
 WHEEL=$(ls "$WORK"/dist/chunkkv-*.whl)
 "$PY" - "$WHEEL" <<'PYEOF'
