@@ -27,7 +27,6 @@ from .distributed import shard_info
 from .tasks import build_task
 
 # The runner (torch, the model code) is imported when a run starts: --help and flag errors stay fast.
-
 __all__ = ["add_arguments", "config_from_args", "parse_grid", "run"]
 
 
@@ -224,11 +223,11 @@ def run(args: argparse.Namespace) -> int:
             metrics = finished  # a finished run: its result, without loading the model
             print(f"{args.out} holds the finished run with these settings: its result (no model loaded)")
         else:
+            asked = method  # as the flags give it, before the model resolves anything (what preload_check compares)
             model, tokenizer = load_model(args)
             if str(getattr(args, "reuse_depth", "")).lower() == "all":
                 method = method_from_args(args, num_layers=getattr(model.config, "num_hidden_layers", None),
                                           notice=False)
-            asked = method
             method = method_as_run(method, args, tokenizer, query_aware=config.query_aware)
             _say_mode(method, config)
             metrics = run_eval(model, tokenizer, config, method=method, shard=shard, flags_method=asked)
