@@ -17,6 +17,7 @@ echo "== building the wheel"
 # pyproject's build-system: setuptools >= 77 (SPDX license, license-files); a fresh venv has an older one.
 "$PY" -c 'import setuptools, sys; sys.exit(int(setuptools.__version__.split(".")[0]) < 77)' 2>/dev/null \
     || "$PY" -m pip install -q --disable-pip-version-check "setuptools>=77"
+rm -rf build  # setuptools' staging folder: a file left there by an earlier build would ship in the wheel
 "$PY" -m pip wheel . --no-deps --no-build-isolation -q -w "$WORK/dist"
 WHEEL=$(ls "$WORK"/dist/chunkkv-*.whl)
 "$PY" - "$WHEEL" <<'PYEOF'
