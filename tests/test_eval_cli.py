@@ -306,3 +306,38 @@ def test_bad_budget_lists_are_usage_errors(tmp_path, capsys, flag, value, messag
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert main(["eval", "--task", "ppl", "--model", "testbed", "--ppl-methods", ",", "--out", str(tmp_path / "y")]) == 2
     assert "--ppl-methods ',' names no method" in capsys.readouterr().err
+
+
+def test_settings_and_finished_runs_are_checked_before_the_model_loads(model_dir, tmp_path, monkeypatch, capsys):
+    """A resumed folder with other settings is refused, and a finished run prints its result, without
+    loading the model; the NIAH headline is the exact answer beside ROUGE-1."""
+    from chunkkv.evaluation import cli as eval_cli
+
+    out = tmp_path / "pre"
+    args = ["--task", "niah", "--lengths", "60", "--depths", "0,100", "--max-new-tokens", "3"]
+    assert _eval(model_dir, out, *args) == 0
+    headline = [line for line in capsys.readouterr().out.splitlines() if line.startswith("niah [")]
+    m = _metrics(out)
+    assert headline == [f"niah [chunkkv keep_fraction=0.5]: answer found (exact) = {m['substring']}, "
+                        f"ROUGE-1 = {m['rouge1']} over 2 samples"]
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(eval_cli, "load_model", no_model)
+    assert _eval(model_dir, out, *args) == 0
+    printed = capsys.readouterr().out
+    assert "no model loaded" in printed and headline[0] in printed.splitlines()
+    assert _eval(model_dir, out, *args, method=["--method", "snapkv", "--keep-fraction", "0.5", "--window", "4"]) == 2
+    assert "other settings (method differ)" in capsys.readouterr().err
+    with pytest.raises(AssertionError, match="the model was loaded"):  # another --limit: a run to do
+        _eval(model_dir, out, *args, "--limit", "1")
+    many = tmp_path / "many"
+    flags = ["eval", "--model", str(model_dir), "--methods", "full,chunkkv", "--keep-fraction", "0.5", "--window", "4",
+             "--no-progress", "--out", str(many), *args]
+    monkeypatch.undo()
+    assert main(flags) == 0
+    monkeypatch.setattr(eval_cli, "load_model", no_model)
+    capsys.readouterr()
+    assert main(flags) == 0
+    assert "no model loaded" in capsys.readouterr().out

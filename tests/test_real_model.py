@@ -77,6 +77,33 @@ def test_readme_quick_start_runs_as_written(smollm2):
     assert printed[1] == expected[1]  # kept count and KV size, exactly as documented
 
 
+def _section_blocks(heading: str) -> list[tuple[str, list[str]]]:
+    """``(code, printed lines)`` of every python block of a README section followed by "prints"."""
+    text = README.read_text()
+    section = text[text.index(heading):]
+    section = section[: section.index("\n## ", 1)]
+    return [(code, out.strip().splitlines())
+            for code, out in re.findall(r"```python\n(.*?)```\s*prints\n\n```\n(.*?)```", section, re.S)]
+
+
+def test_readme_with_block_and_pipeline_run_as_written(smollm2):
+    blocks = _section_blocks("## Inside transformers")
+    assert len(blocks) == 2
+    model, tokenizer = smollm2
+    chunkkv.detach(model)  # as freshly loaded (earlier tests compressed with it, which attaches it)
+    original = chunkkv.load_pretrained
+    chunkkv.load_pretrained = lambda *a, **k: (model, tokenizer)  # the blocks load the same model; reuse it
+    try:
+        for code, expected in blocks:
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                exec(compile(code, "README.md", "exec"), {})
+            assert out.getvalue().strip().splitlines() == expected
+    finally:
+        chunkkv.load_pretrained = original
+    assert model.config._attn_implementation == "sdpa" and "generate" not in vars(model)
+
+
 def test_chat_template_split_matches_the_template(smollm2):
     """The context/question cut used by generate() and the commands gives back the model's own
     chat-templated prompt, with the document entirely in the compressed part."""

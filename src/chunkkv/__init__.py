@@ -37,6 +37,8 @@ _EXPORTS = {
     "KVPressSnapKV": "methods", "Method": "methods", "PyramidKV": "methods", "SnapKV": "methods",
     "StreamingLLM": "methods", "make_method": "methods",
     "SCORERS": "scorers", "Scorer": "scorers",
+    "Compressing": "scoped", "compressing": "scoped",
+    "ChunkKVPipeline": "hf_pipeline", "register_pipeline": "hf_pipeline",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -13,6 +13,7 @@ import importlib
 import sys
 from pathlib import Path
 
+from . import __version__
 from .errors import ChunkKVError
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -52,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="chunkkv",
         description="ChunkKV KV-cache compression for Hugging Face transformers models.",
+        epilog="chunkkv COMMAND --help describes a command.",
     )
+    parser.add_argument("--version", action="version", version=f"chunkkv {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
@@ -62,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    if argv and argv[0] == "--version":
+        parser.parse_args(argv[:1])  # prints the version and exits
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         if argv and argv[0] not in ("-h", "--help"):
             parser.print_usage(sys.stderr)

@@ -15,20 +15,22 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
-import torch
-
-from .budget import DEFAULT_KEEP_FRACTION
+from .budget import DEFAULT_KEEP_FRACTION, Budget
 from .errors import ChunkKVError
-from .methods import METHODS, Method, make_method
-from .scorers import SCORINGS
+from .names import METHOD_NAMES, SCORING_NAMES, canonical_method
+
+if TYPE_CHECKING:  # torch and the method classes are imported where they are used: --help stays fast
+    import torch
+
+    from .methods import Method
 
 
 def add_method_arguments(parser: argparse.ArgumentParser, default_method: str = "chunkkv") -> None:
     """``--method`` plus the budget and method settings (only those a method has are passed on)."""
     g = parser.add_argument_group("compression")
-    g.add_argument("--method", default=default_method, help=f"one of {', '.join(METHODS)} (default: {default_method})")
+    g.add_argument("--method", default=default_method, help=f"one of {', '.join(METHOD_NAMES)} (default: {default_method})")
     budget = g.add_mutually_exclusive_group()
     budget.add_argument("--keep-fraction", type=float,
                         help=f"share of the prompt KEPT per layer, e.g. 0.1 (the default budget of every command: "
@@ -45,7 +47,7 @@ def add_method_arguments(parser: argparse.ArgumentParser, default_method: str = 
     g.add_argument("--pooling", choices=["none", "avg", "max"], help="score pooling (default: the method's)")
     g.add_argument("--kernel", type=int, help="pooling kernel size")
     g.add_argument("--n-sink", type=int, help="StreamingLLM sink tokens (default 4)")
-    g.add_argument("--scoring", choices=list(SCORINGS),
+    g.add_argument("--scoring", choices=list(SCORING_NAMES),
                    help="where token scores come from (default: window when the question ends the prompt, "
                         "hybrid when the context is compressed before the question): window (the prompt's last "
                         "tokens; the papers' setting), reconstruction (attention while the model repeats the "
@@ -73,8 +75,6 @@ def bounds_from_args(args: argparse.Namespace, method: Method | None = None) -> 
     Fails before any model is loaded: bad numbers, ``--compress-every`` without ``--decode-budget``,
     or a method that cannot re-select (full cache, the kvpress preset).
     """
-    from .recompress import check_bounded_method
-
     chunk = getattr(args, "prefill_chunk", None)
     budget = getattr(args, "decode_budget", None)
     every = getattr(args, "compress_every", None)
@@ -84,6 +84,8 @@ def bounds_from_args(args: argparse.Namespace, method: Method | None = None) -> 
     if every is not None and budget is None:
         raise ChunkKVError("--compress-every needs --decode-budget N (the tokens each layer keeps while decoding)")
     if method is not None:
+        from .recompress import check_bounded_method
+
         if budget is not None:
             check_bounded_method(method, "--decode-budget")
             if method.name != "streamingllm" and budget < method.window:
@@ -99,6 +101,9 @@ def method_from_args(args: argparse.Namespace, num_layers: int | None = None, no
 
     With ``notice``, says on stdout when ``--method full`` is given a budget (which it ignores).
     """
+    from .methods import make_method
+
+    check_method_flags(args)
     params = {}
     for flag, name in [
         ("keep_fraction", "keep_fraction"), ("keep_tokens", "keep_tokens"), ("remove_fraction", "remove_fraction"),
@@ -126,6 +131,25 @@ def method_from_args(args: argparse.Namespace, num_layers: int | None = None, no
     if not budgets:
         params["keep_fraction"] = DEFAULT_KEEP_FRACTION
     return make_method(args.method, **params)
+
+
+def check_method_flags(args: argparse.Namespace, names: Sequence[str] | None = None) -> None:
+    """The method flags checked without importing torch (so a typo is refused at once): the method
+    names (``names``, default ``--method``), the budget, ``--reuse-depth`` and the bounded-memory numbers."""
+    for name in names if names is not None else [getattr(args, "method", "full")]:
+        canonical_method(name)
+    budget = {k: getattr(args, k) for k in _BUDGETS if getattr(args, k, None) is not None}
+    if budget:
+        Budget(**budget)  # the library's own messages (out of range, given twice)
+    depth = getattr(args, "reuse_depth", None)
+    if depth is not None and str(depth).lower() != "all":
+        try:
+            ok = int(depth) >= 1
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ChunkKVError(f"--reuse-depth {depth!r} must be an integer >= 1 or 'all'")
+    bounds_from_args(args)
 
 
 def method_as_run(method: Method | None, args: argparse.Namespace, tokenizer, *, query_aware: bool) -> Method | None:
@@ -189,13 +213,13 @@ def sampling_from_args(args: argparse.Namespace, tokenizer=None):
 
 # --- model --------------------------------------------------------------------------------------
 def testbed_path() -> Path:
-    """Where the shipped testbed model lives: ``./models/chunkkv-testbed`` or the repository's copy."""
-    here = Path.cwd() / TESTBED_DIR
-    repo = Path(__file__).resolve().parents[2] / TESTBED_DIR
-    for candidate in (here, repo):
+    """Where the shipped testbed model lives: inside the package (``chunkkv/testbed/chunkkv-testbed``,
+    in a source checkout and in an installed wheel alike), else ``./models/chunkkv-testbed``."""
+    packaged = Path(__file__).resolve().parent / "testbed" / "chunkkv-testbed"
+    for candidate in (packaged, Path.cwd() / TESTBED_DIR):
         if (candidate / "config.json").exists():
             return candidate
-    return repo
+    return packaged
 
 
 def resolve_model(args: argparse.Namespace) -> bool:
@@ -215,19 +239,11 @@ def resolve_model(args: argparse.Namespace) -> bool:
 
 
 def load(args: argparse.Namespace):
-    """``(model, tokenizer)`` with a spinner; clear one-line errors come from ``cli_common.load_model``."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # our spinner replaces transformers' per-shard bars
-    try:
-        with progress() as bar:
-            bar.add_task(f"loading {args.model}", total=None)
-            model, tokenizer = load_model(args)
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-    return model, tokenizer
+    """``(model, tokenizer)`` with a spinner (on a terminal); clear one-line errors come from
+    ``cli_common.load_model``."""
+    with progress() as bar:
+        bar.add_task(f"loading {args.model}", total=None)
+        return load_model(args)
 
 
 # --- input --------------------------------------------------------------------------------------
@@ -265,18 +281,17 @@ _SETTINGS = {  # flag attribute -> method field
 
 def method_class(name: str):
     """The method class ``make_method`` would build for ``name`` (aliases allowed)."""
-    key = name.lower().replace("_", "").replace(" ", "")
-    aliases = {"streaming": "streamingllm", "fullkv": "full", "none": "full", "pyramid": "pyramidkv", "snap": "snapkv"}
-    key = aliases.get(key, key)
-    if key not in METHODS:
-        make_method(name)  # raises the library's "unknown method ..." error
-    return METHODS[key]
+    from .methods import METHODS
+
+    return METHODS[canonical_method(name)]  # unknown names: the library's "unknown method ..." error
 
 
 def parse_method_names(text: str, flag: str = "--methods") -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
         raise ChunkKVError(f"{flag} {text!r} names no method; e.g. {flag} chunkkv,snapkv")
+    for name in names:
+        canonical_method(name)  # a typo is refused before anything is loaded
     return names
 
 
@@ -375,6 +390,8 @@ class Prompt:
 
 def tokenize_prompt(tokenizer, text: str) -> Prompt:
     """Tokenize ``text`` (with the tokenizer's special tokens, as ``chunkkv.generate`` does)."""
+    import torch
+
     specials = set(getattr(tokenizer, "all_special_ids", []) or [])
     try:
         enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
@@ -448,17 +465,31 @@ def full_cache_bytes(cache, prompt_len: int) -> int:
 
 # --- progress -----------------------------------------------------------------------------------
 @contextmanager
-def progress() -> Iterator:
-    """A transient rich progress display on stderr (silent when stderr is not a terminal)."""
+def progress(enabled: bool = True) -> Iterator:
+    """A transient rich progress display on stderr (``add_task`` / ``update`` / ``advance``).
+
+    Drawn only when stderr is a terminal and ``enabled``: in a log file or a pipe it writes nothing
+    at all (no bar, no blank line), and on a terminal it leaves nothing behind when done.
+    """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+    console = Console(stderr=True)
     bar = Progress(
         SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=Console(stderr=True), transient=True,
+        console=console, transient=True, disable=not (enabled and console.is_terminal),
     )
     with bar:
         yield bar
+
+
+def track(items: Sequence, description: str, enabled: bool = True, total: int | None = None) -> Iterator:
+    """Iterate ``items`` with a :func:`progress` bar (same rules: a terminal only, nothing left behind)."""
+    with progress(enabled) as bar:
+        task = bar.add_task(description, total=len(items) if total is None else total)
+        for item in items:
+            yield item
+            bar.advance(task)
 
 
 class Timer:
@@ -468,6 +499,8 @@ class Timer:
 
     def _sync(self) -> None:
         if self.device is not None and self.device.type == "cuda":
+            import torch
+
             torch.cuda.synchronize(self.device)
 
     def __enter__(self) -> Timer:
@@ -498,6 +531,8 @@ def check_device(name: str | None, flag: str = "--device") -> None:
     """Raise :class:`ChunkKVError` unless ``name`` (None = automatic) is a device this torch can use."""
     if name is None:
         return
+    import torch
+
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
@@ -523,11 +558,35 @@ def check_device(name: str | None, flag: str = "--device") -> None:
 def load_model(args: argparse.Namespace):
     """Load ``(model, tokenizer)`` from ``--model`` with clear errors for the common mistakes
     (see :func:`chunkkv.pretrained.load_pretrained`)."""
+    from transformers.utils import logging as hf_logging
+
     from .pretrained import load_pretrained
 
     check_device(getattr(args, "device", None))
+    check_dtype(args)
     resolve_model(args)  # 'testbed' is a name every command knows
-    return load_pretrained(
-        args.model, dtype=None if args.dtype == "auto" else args.dtype, device=args.device,
-        attn_implementation=args.attn_implementation, device_map=args.device_map,
-    )
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # transformers' per-shard bars would land in logs; ours is a spinner
+    try:
+        return load_pretrained(
+            args.model, dtype=None if args.dtype == "auto" else args.dtype, device=args.device,
+            attn_implementation=args.attn_implementation, device_map=args.device_map,
+        )
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def check_dtype(args: argparse.Namespace) -> None:
+    """Refuse ``--dtype float16`` on a CPU: CPU kernels for half precision are several times slower
+    than float32 (compression about 6x on SmolLM2) and a GGUF model would be converted and cached
+    once more in that dtype, for nothing."""
+    if getattr(args, "dtype", None) != "float16" or getattr(args, "device_map", None):
+        return
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type == "cpu":
+        raise ChunkKVError("--dtype float16 on a CPU is several times slower than float32 (no half-precision "
+                           "kernels) and converts a new weight cache; use --dtype float32 or bfloat16 on a CPU, "
+                           "float16 on a GPU (--device cuda)")

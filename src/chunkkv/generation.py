@@ -249,6 +249,7 @@ def generate(
     compress_every: int | None = None,
     chat_template: bool | None = None,
     scoring: str | None = None,
+    answer_prefix: str = "",
 ) -> GenerationResult:
     """Answer each question on a compressed context (text in, text out).
 
@@ -272,6 +273,8 @@ def generate(
             question-agnostic run of a method left at ``"window"`` uses
             :data:`chunkkv.agnostic.AGNOSTIC_DEFAULT` (the document's last tokens say nothing about
             the questions to come); pass ``scoring="window"`` to force the window.
+        answer_prefix: text the answer starts with, fed after the question (after the assistant
+            header with the chat template), e.g. ``"Answer:"``; the returned texts are what follows it.
     """
     contexts = [context] if isinstance(context, str) else list(context)
     qs = [questions] if isinstance(questions, str) else list(questions)
@@ -288,7 +291,8 @@ def generate(
         raise PromptError("chat_template=True but this tokenizer has no chat template; pass chat_template=False")
 
     def split(text: str, question: str) -> tuple[str, str]:
-        return render_prompt(tokenizer, text, "\n\n" + question if use_chat else question, use_chat)
+        head, tail = render_prompt(tokenizer, text, "\n\n" + question if use_chat else question, use_chat)
+        return head, tail + answer_prefix
 
     result = GenerationResult(answers=[])
     shared = None

@@ -25,6 +25,7 @@ import torch
 from . import selection as sel
 from .budget import Budget, pyramid_budgets
 from .errors import BudgetError, ChunkKVError
+from .names import canonical_method
 from .scorers import SCORERS, SCORINGS, AccumulatedScorer, LayerInputs, Scorer, WindowScorer, resolve_scorer
 
 __all__ = ["METHODS", "SCORINGS", "ChunkKV", "FullKV", "H2O", "KVPressChunkKV", "KVPressSnapKV", "LayerInputs", "Method",
@@ -220,6 +221,10 @@ class FullKV(Method):
     @property
     def budget(self) -> Budget:
         return Budget.full()
+
+    def describe(self) -> str:
+        """``"full"``: it has no budget or settings to show."""
+        return "full"
 
     def select(self, inputs: LayerInputs) -> torch.Tensor:  # pragma: no cover - never called
         raise RuntimeError("FullKV keeps every token; there is nothing to select")
@@ -477,12 +482,7 @@ def make_method(name: str, **params: Any) -> Method:
 
     Parameters that the method does not have are an error, with the list of those it has.
     """
-    key = name.lower().replace("_", "").replace(" ", "")
-    aliases = {"streaming": "streamingllm", "fullkv": "full", "none": "full", "pyramid": "pyramidkv", "snap": "snapkv"}
-    key = aliases.get(key, key)
-    if key not in METHODS:
-        raise ChunkKVError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}")
-    cls = METHODS[key]
+    cls = METHODS[canonical_method(name)]  # unknown names: a clear error
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(params) - known)
     if unknown:

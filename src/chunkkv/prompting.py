@@ -8,6 +8,8 @@ compress; everything after it (question, end of turn, assistant header) is fed a
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -125,3 +127,28 @@ def instructions(tokenizer: Any, chat: bool | None = None) -> Callable[[str], to
         return seen[instruction]
 
     return ids
+
+
+_TOO_LONG = "sequence-length-is-longer-than-the-specified-maximum"
+
+
+@contextlib.contextmanager
+def long_text(tokenizer: Any) -> Iterator[Any]:
+    """Tokenize a text longer than the model's window *on purpose* (a haystack that is cut to
+    length afterwards) without transformers' "Token indices sequence length is longer than the
+    specified maximum sequence length" warning. Only inside the block: a prompt that really is too
+    long still warns afterwards."""
+    flags = getattr(tokenizer, "deprecation_warnings", None)
+    if not isinstance(flags, dict):
+        yield tokenizer
+        return
+    had, before = _TOO_LONG in flags, flags.get(_TOO_LONG)
+    flags[_TOO_LONG] = True  # what transformers sets once it has warned
+    try:
+        yield tokenizer
+    finally:
+        if had:
+            flags[_TOO_LONG] = before
+        else:
+            flags.pop(_TOO_LONG, None)
+

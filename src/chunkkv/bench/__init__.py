@@ -8,12 +8,27 @@ Command line: ``chunkkv bench`` (see :mod:`chunkkv.bench.cli` and ``docs/benchma
     write_outputs(result, "bench-results")      # results.json, report.md, PNG plots
 """
 
-from .measure import MemoryMeter, Stats, expected_kv_bytes, kv_bytes_per_layer
-from .models import RANDOM_MODELS, random_llama
-from .report import evaluate_targets, to_markdown, write_outputs
-from .runner import BenchConfig, run_bench
+from __future__ import annotations
 
-__all__ = [
-    "RANDOM_MODELS", "BenchConfig", "MemoryMeter", "Stats", "evaluate_targets", "expected_kv_bytes",
-    "kv_bytes_per_layer", "random_llama", "run_bench", "to_markdown", "write_outputs",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "MemoryMeter": "measure", "Stats": "measure", "expected_kv_bytes": "measure", "kv_bytes_per_layer": "measure",
+    "RANDOM_MODELS": "models", "random_llama": "models", "evaluate_targets": "report", "to_markdown": "report",
+    "write_outputs": "report", "BenchConfig": "runner", "run_bench": "runner",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:  # PEP 562: submodules load on first use, so the CLI's --help stays fast
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

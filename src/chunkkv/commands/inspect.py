@@ -53,18 +53,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cli_common import check_device
-    from ..generation import Sampling
+    from ..cli_common import check_device, check_method_flags
     from ..outputs import check_output_file
-    from ._report import write_report
-    from ._runs import run_methods
 
     names = parse_method_names(args.methods)
-    methods_from_args(args, names)  # unknown method or bad budget: fail before loading the model
+    check_method_flags(args, names)  # names, budget, bounds: before torch is imported
     bounds = bounds_from_args(args)
     if args.max_new_tokens < 0:
         raise ChunkKVError(f"--max-new-tokens {args.max_new_tokens} must be >= 0")
     out = check_output_file(args.out, "--out", create_parent=False)
+    methods_from_args(args, names)  # each method's own checks: fail before loading the model
+    from ..generation import Sampling
+    from ._report import write_report
+    from ._runs import run_methods
+
     check_device(args.device)
     context = read_context(args.context_file)
     if args.question is not None and not args.question.strip():

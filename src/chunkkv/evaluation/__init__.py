@@ -11,12 +11,26 @@ context/question split), ``store`` (append-only JSONL, resume, merge), ``distrib
 ``runner`` (generation loop, metrics files), ``tasks`` (one module per benchmark).
 """
 
-from .base import EvalSample
-from .distributed import Shard, shard_info
-from .runner import EvalConfig, Generator, merge_results, run_eval
-from .tasks import TASK_NAMES, build_task
+from __future__ import annotations
 
-__all__ = [
-    "EvalConfig", "EvalSample", "Generator", "Shard", "TASK_NAMES", "build_task", "merge_results", "run_eval",
-    "shard_info",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "EvalSample": "base", "Shard": "distributed", "shard_info": "distributed", "EvalConfig": "config",
+    "Generator": "runner", "merge_results": "runner", "run_eval": "runner", "TASK_NAMES": "tasks", "build_task": "tasks",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:  # PEP 562: submodules load on first use, so the CLI's --help stays fast
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

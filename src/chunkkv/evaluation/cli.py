@@ -12,21 +12,21 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
 from ..cli_common import (
-    add_method_arguments, add_model_arguments, bounds_from_args, check_device, load_model, method_as_run,
-    method_from_args,
-    parse_method_names, token_counts,
+    add_method_arguments, add_model_arguments, bounds_from_args, check_device, check_method_flags, load_model,
+    method_as_run, method_from_args, parse_method_names, token_counts,
 )
 from ..errors import ChunkKVError
-from ..methods import FullKV, StreamingLLM
+from .config import EvalConfig
 from .distributed import shard_info
-from .runner import EvalConfig, merge_results, output_locks, run_eval
 from .tasks import build_task
 
+# The runner (torch, the model code) is imported when a run starts: --help and flag errors stay fast.
 __all__ = ["add_arguments", "config_from_args", "parse_grid", "run"]
 
 
@@ -177,6 +177,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.out:
         raise ChunkKVError("give --out DIR (the output folder)")
     if args.merge:
+        from .runner import merge_results
+
         metrics = merge_results(args.out)
         print(f"merged {metrics['samples']} of {metrics['expected']} samples into {args.out}/predictions.jsonl")
         return _report_incomplete(metrics, args.out)
@@ -188,6 +190,17 @@ def run(args: argparse.Namespace) -> int:
         return _run_ppl(args)
     if args.task == "recall":
         return _run_recall(args)
+    # Everything that can be checked without the model is checked before it loads: first what needs
+    # no torch (flags, task name, data file, output folder), then the method and a resumed folder's settings.
+    names = parse_method_names(args.methods) if getattr(args, "methods", None) else None
+    check_method_flags(args, names)
+    config = config_from_args(args)
+    build_task(config)  # unknown task names
+    if args.data_file:
+        _check_text_file(args.data_file, "--data-file")
+    from ..outputs import check_output_dir
+
+    check_output_dir(args.out)
     shard = shard_info()
     if shard.world > 1:
         if args.device_map:
@@ -196,24 +209,28 @@ def run(args: argparse.Namespace) -> int:
 
         if args.device is None and torch.cuda.is_available():
             args.device = f"cuda:{shard.local_rank % torch.cuda.device_count()}"
-    # Everything that can be checked without the model is checked before it loads.
-    config = config_from_args(args)
-    build_task(config)  # unknown task names
-    if args.data_file:
-        _check_text_file(args.data_file, "--data-file")
     check_device(args.device)
-    if getattr(args, "methods", None):
-        return _run_many(args, config, shard)
+    if names:
+        return _run_many(args, config, shard, names)
     method = method_from_args(args)
     bounds_from_args(args, method)
     _say_if_no_op(method, config)
+    from .runner import output_locks, preload_check, run_eval
+
     with output_locks(args.out, shard):  # a second run on this folder is refused here, before any work
-        model, tokenizer = load_model(args)
-        if str(getattr(args, "reuse_depth", "")).lower() == "all":
-            method = method_from_args(args, num_layers=getattr(model.config, "num_hidden_layers", None), notice=False)
-        method = method_as_run(method, args, tokenizer, query_aware=config.query_aware)
-        _say_mode(method, config)
-        metrics = run_eval(model, tokenizer, config, method=method, shard=shard)
+        finished = preload_check(config, method, shard)  # other settings: refused before the model loads
+        if finished is not None:
+            metrics = finished  # a finished run: its result, without loading the model
+            print(f"{args.out} holds the finished run with these settings: its result (no model loaded)")
+        else:
+            asked = method  # as the flags give it, before the model resolves anything (what preload_check compares)
+            model, tokenizer = load_model(args)
+            if str(getattr(args, "reuse_depth", "")).lower() == "all":
+                method = method_from_args(args, num_layers=getattr(model.config, "num_hidden_layers", None),
+                                          notice=False)
+            method = method_as_run(method, args, tokenizer, query_aware=config.query_aware)
+            _say_mode(method, config)
+            metrics = run_eval(model, tokenizer, config, method=method, shard=shard, flags_method=asked)
     if metrics is None:
         print(f"rank {shard.rank}: done; rank 0 merges", file=sys.stderr)
         return 0
@@ -221,18 +238,17 @@ def run(args: argparse.Namespace) -> int:
     if metrics.get("uncompressed"):
         print(f"note: {metrics['uncompressed']} of {metrics['samples']} samples were kept whole: their context is "
               f"not longer than the observation window ({getattr(method, 'window', '?')} tokens)")
-    elif not isinstance(method, FullKV) and metrics.get("mean_kept_fraction", 0) >= 1:
+    elif metrics.get("method", {}).get("name") != "full" and metrics.get("mean_kept_fraction", 0) >= 1:
         print("note: the budget kept every token of every context: compression removed nothing")
     print(f"results: {args.out}/metrics.json, {args.out}/summary.md, {args.out}/predictions.jsonl")
     return _report_incomplete(metrics, args.out)
 
 
-def _run_many(args: argparse.Namespace, config: EvalConfig, shard) -> int:
+def _run_many(args: argparse.Namespace, config: EvalConfig, shard, names: list[str]) -> int:
     """``--methods a,b,c``: every method on the same samples with one prefill per sample."""
     from ..cli_common import methods_from_args
-    from .runner import run_eval_many
+    from .runner import output_locks, preload_check, run_eval_many
 
-    names = parse_method_names(args.methods)
     methods = methods_from_args(args, names)
     labels = [m.name for m in methods]
     if len(set(labels)) != len(labels):
@@ -241,11 +257,19 @@ def _run_many(args: argparse.Namespace, config: EvalConfig, shard) -> int:
         bounds_from_args(args, method)
         _say_if_no_op(method, config)
     with output_locks(args.out, shard):
-        model, tokenizer = load_model(args)
-        methods = [method_as_run(m, args, tokenizer, query_aware=config.query_aware) for m in methods]
-        for method in methods:
-            _say_mode(method, config)
-        results = run_eval_many(model, tokenizer, config, dict(zip(labels, methods)), shard=shard)
+        finished = {label: preload_check(dataclasses.replace(config, out_dir=str(Path(args.out) / label)), m, shard)
+                    for label, m in zip(labels, methods)}
+        if all(m is not None for m in finished.values()):
+            results = finished
+            print(f"{args.out} holds the finished runs with these settings: their results (no model loaded)")
+        else:
+            model, tokenizer = load_model(args)
+            asked = dict(zip(labels, methods))
+            methods = [method_as_run(m, args, tokenizer, query_aware=config.query_aware) for m in methods]
+            for method in methods:
+                _say_mode(method, config)
+            results = run_eval_many(model, tokenizer, config, dict(zip(labels, methods)), shard=shard,
+                                    flags_methods=asked)
     if all(m is None for m in results.values()):
         print(f"rank {shard.rank}: done; rank 0 merges", file=sys.stderr)
         return 0
@@ -287,9 +311,7 @@ def _check_text_file(path: str, flag: str) -> None:
 def _say_if_no_op(method, config: EvalConfig) -> None:
     """Say on stdout, before the run, when the settings cannot compress anything."""
     window = getattr(method, "window", None)
-    if isinstance(method, FullKV) or window is None or not config.lengths:
-        return
-    if isinstance(method, StreamingLLM):
+    if method.name in ("full", "streamingllm") or window is None or not config.lengths:
         return
     if max(config.lengths) <= window:
         print(f"note: every context length ({', '.join(map(str, config.lengths))}) is at most the observation window "
@@ -298,17 +320,22 @@ def _say_if_no_op(method, config: EvalConfig) -> None:
 
 def _say_mode(method, config: EvalConfig) -> None:
     """Say which compression runs: query-aware or before the question, and with which scoring."""
-    if method is None or isinstance(method, FullKV):
+    if method is None or method.name == "full":
         return
     mode = ("query-aware (the question ends the compressed prompt)" if config.query_aware else
             "question-agnostic (the context is compressed before the question)")
     print(f"{method.describe()}: {mode}")
 
 
+#: Each task's own headline score first (NIAH: the expected answer found in the output), then ROUGE.
+_HEADLINES = (("average", "average"), ("accuracy", "accuracy"), ("safe_rate", "safe rate"),
+              ("substring", "answer found (exact)"), ("rouge1", "ROUGE-1"))
+
+
 def _headline(metrics: dict) -> str:
-    for key in ("average", "accuracy", "safe_rate", "rouge1"):
-        if key in metrics:
-            return f"{metrics['task']} [{metrics['method_label']}]: {key} = {metrics[key]} over {metrics['samples']} samples"
+    scores = [f"{label} = {metrics[key]}" for key, label in _HEADLINES if key in metrics]
+    if scores:
+        return f"{metrics['task']} [{metrics['method_label']}]: {', '.join(scores)} over {metrics['samples']} samples"
     return f"{metrics['task']}: {metrics['samples']} samples"
 
 

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,112 +34,14 @@ from ..generation import Sampling, continue_from, extend, set_decode_budget
 from ..methods import FullKV, Method, StreamingLLM
 from ..outputs import LOCK_NAME, OutputLock, check_output_dir
 from .base import EvalSample, Task, mean
+from .config import EvalConfig, describe_method
 from .distributed import Shard
 from ..prompting import chat_template_available, encode_prompt
 from .store import RecordStore, write_json_atomic, write_text_atomic
 from .tasks import build_task
 
-__all__ = ["EvalConfig", "Generator", "SharedPrefill", "merge_results", "output_locks", "run_eval", "run_eval_many"]
-
-#: Settings that may change between a run and its resumption.
-_RESUMABLE = {"out_dir", "limit", "progress", "overwrite", "model_max_positions"}
-_BOUNDS = ("prefill_chunk", "decode_budget", "compress_every")
-
-
-@dataclass
-class EvalConfig:
-    """Everything that defines an evaluation run (the CLI flags, as a dataclass).
-
-    Common: ``task`` (``niah``, ``longbench[:t,…]``, ``gsm8k``, ``jailbreakv``, ``synthetic[:t,…]``),
-    ``out_dir``, ``limit`` (samples per subtask), ``query_aware``, ``chat_template`` (None = use it
-    if the tokenizer has one), ``max_new_tokens`` (overrides the benchmark's), ``system_prompt``, ``chat_template_kwargs``,
-    sampling (``do_sample``, ``temperature``, ``top_p``, ``seed``).
-    Data: ``data_dir``, ``data_file``. LongBench: ``max_length``. NIAH: ``lengths``, ``depths``,
-    ``needle``, ``retrieval_question``, ``answer``, ``haystack_dir``, ``haystack``. GSM8K: ``num_shots``,
-    ``shots_file``. JailbreakV: ``judge_model``, ``jb_formats``, ``jb_field``. Synthetic:
-    ``lengths``, ``depths``, ``num_samples``, ``seed``, ``synthetic_haystack``.
-    """
-
-    task: str
-    out_dir: str
-    limit: int | None = None
-    query_aware: bool = False
-    chat_template: bool | None = None
-    max_new_tokens: int | None = None
-    system_prompt: str | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float | None = None
-    seed: int = 0
-    data_dir: str | None = None
-    data_file: str | None = None
-    max_length: int | None = None
-    lengths: list[int] | None = None
-    depths: list[float] | None = None
-    needle: str | None = None
-    retrieval_question: str | None = None
-    answer: str | None = None
-    haystack_dir: str | None = None
-    haystack: str = "auto"
-    num_shots: int = 8
-    shots_file: str | None = None
-    judge_model: str | None = None
-    jb_formats: list[str] | None = None
-    jb_field: str | None = None
-    num_samples: int = 10
-    synthetic_haystack: str = "varied"
-    prefill_chunk: int | None = None
-    decode_budget: int | None = None
-    compress_every: int | None = None
-    model_name: str = ""
-    dtype: str = ""
-    model_max_positions: int | None = None
-    progress: bool = True
-    overwrite: bool = False
-
-    def __post_init__(self) -> None:
-        _check_numbers(self)
-
-    def fingerprint(self, method: Method | None) -> dict[str, Any]:
-        """The settings a resumed run must share with the run that wrote the folder."""
-        data = {k: v for k, v in dataclasses.asdict(self).items() if k not in _RESUMABLE}
-        for key in _BOUNDS:  # unset: absent, so folders written before these options still resume
-            if data.get(key) is None:
-                data.pop(key, None)
-        data["method"] = describe_method(method)
-        return json.loads(json.dumps(data))
-
-
-def _check_numbers(config: EvalConfig) -> None:
-    """Reject counts and lengths that would silently run something else than asked."""
-    if config.limit is not None:
-        if isinstance(config.limit, bool) or not isinstance(config.limit, int) or config.limit < 0:
-            raise ChunkKVError(f"--limit {config.limit} must be a whole number >= 1 (samples per subtask)")
-        if config.limit == 0:
-            raise ChunkKVError("--limit 0 selects no samples, so nothing would run; give --limit N >= 1, "
-                               "or leave it out to run every sample")
-    for name, value, low in (("--max-new-tokens", config.max_new_tokens, 1), ("--max-length", config.max_length, 1),
-                             ("--num-samples", config.num_samples, 1), ("--num-shots", config.num_shots, 0)):
-        if value is not None and value < low:
-            raise ChunkKVError(f"{name} {value} must be >= {low}")
-    bad = [n for n in config.lengths or [] if n < 1]
-    if bad:
-        raise ChunkKVError(f"--lengths {bad[0]} is not a context length: every length must be >= 1 token")
-    bad_depths = [d for d in config.depths or [] if not 0 <= d <= 100]
-    if bad_depths:
-        raise ChunkKVError(f"--depths {bad_depths[0]:g} is not a percentage in 0..100 (needle depth in the context)")
-    if config.temperature is not None and config.do_sample and config.temperature <= 0:
-        raise ChunkKVError(f"--temperature {config.temperature} must be > 0 when sampling")
-    if config.top_p is not None and not 0 < config.top_p <= 1:
-        raise ChunkKVError(f"--top-p {config.top_p} must be in (0, 1]")
-
-
-def describe_method(method: Method | None) -> dict[str, Any]:
-    """``{"name": ..., <fields>}`` of a method (FullKV when None), JSON-ready."""
-    method = method or FullKV()
-    return {"name": method.name, **method.settings()}
-
+__all__ = ["EvalConfig", "Generator", "SharedPrefill", "merge_results", "output_locks", "preload_check", "run_eval",
+           "run_eval_many"]
 
 def _as_list(value: Any) -> list[int]:
     if value is None:
@@ -287,8 +189,11 @@ class Generator:
         }
 
 
-def _check_run_file(out: Path, fingerprint: dict[str, Any], expected: int | None = None) -> None:
-    """Refuse to resume a folder written with other settings; record ours."""
+def _check_run_file(out: Path, fingerprint: dict[str, Any], expected: int | None = None,
+                    flags: dict[str, Any] | None = None, limit: int | None = None, ids: list[str] | None = None) -> None:
+    """Refuse to resume a folder written with other settings; record ours (and, for
+    :func:`preload_check`, the settings as the flags gave them, the ``--limit`` and a digest of the
+    sample ids)."""
     path = out / "run.json"
     if path.exists():
         try:
@@ -296,13 +201,58 @@ def _check_run_file(out: Path, fingerprint: dict[str, Any], expected: int | None
         except json.JSONDecodeError:
             saved = None
         if saved is not None and saved.get("config") != fingerprint:
-            old = saved.get("config", {})
-            diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
-            raise ChunkKVError(
-                f"{out} holds results of a run with other settings ({', '.join(diff)} differ); "
-                "use another --out, or --overwrite to start over"
-            )
-    write_json_atomic(path, {"config": fingerprint, "expected": expected})
+            _refuse_other_settings(out, saved.get("config", {}), fingerprint)
+    record = {"config": fingerprint, "expected": expected}
+    if flags is not None:
+        record.update(flags=flags, limit=limit, ids=_ids_digest(ids or []))
+    write_json_atomic(path, record)
+
+
+def _ids_digest(ids) -> str:
+    return hashlib.sha256("\n".join(sorted(set(map(str, ids)))).encode()).hexdigest()
+
+
+def _refuse_other_settings(out: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    raise ChunkKVError(
+        f"{out} holds results of a run with other settings ({', '.join(diff)} differ); "
+        "use another --out, or --overwrite to start over"
+    )
+
+
+def preload_check(config: EvalConfig, method: Method | None, shard: Shard | None = None) -> dict[str, Any] | None:
+    """Before the model loads: compare ``config`` and the method *as the flags give it* with the run
+    that wrote ``config.out_dir`` (refused with the same message as after loading when they differ),
+    and return that run's metrics when it is finished with these settings and the same ``limit``
+    (nothing left to answer: the caller prints them without loading the model). None: run.
+
+    Folders written before this check (no ``flags`` in ``run.json``) are compared after loading, as before.
+    """
+    path = Path(config.out_dir) / "run.json"
+    if config.overwrite or not path.exists():
+        return None
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(saved, dict) or "flags" not in saved:
+        return None
+    flags = config.fingerprint(method)
+    if saved["flags"] != flags:
+        _refuse_other_settings(Path(config.out_dir), saved["flags"], flags)
+    if (shard is not None and shard.world > 1) or saved.get("limit") != config.limit:
+        return None
+    try:
+        metrics = json.loads((Path(config.out_dir) / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    expected = saved.get("expected")
+    if not (expected is not None and metrics.get("complete") and metrics.get("expected") == expected):
+        return None
+    # Every sample of the run has a record, and nothing else does (an interrupted write, a record
+    # added by a run with another --limit: a run with the model sorts it out).
+    done = RecordStore(config.out_dir).load()
+    return metrics if _ids_digest(done) == saved.get("ids") else None
 
 
 def _wait_for(store: RecordStore, ids: list[str], log_every: float = 300.0) -> None:
@@ -347,6 +297,7 @@ def run_eval(
     *,
     method: Method | None = None,
     shard: Shard | None = None,
+    flags_method: Method | None = None,
     **fields: Any,
 ) -> dict[str, Any] | None:
     """Evaluate ``model`` with ``method`` on ``config.task`` and write the results to ``config.out_dir``.
@@ -355,6 +306,9 @@ def run_eval(
     already in the folder are skipped (resume). With a ``shard`` of ``world > 1`` this process
     answers samples ``i`` with ``i % world == rank``; rank 0 then waits for the other ranks'
     records and merges.
+
+    ``flags_method``: the method as the command's flags gave it, before
+    :func:`chunkkv.cli_common.method_as_run` (recorded for :func:`preload_check`).
 
     Returns the metrics (also in ``metrics.json``), or None on ranks other than 0.
     """
@@ -378,7 +332,8 @@ def run_eval(
         ids = [s.id for s in samples]
         if len(set(ids)) != len(ids):
             raise ChunkKVError(f"the task produced duplicate sample ids (e.g. {_first_duplicate(ids)})")
-        _check_run_file(store.dir, config.fingerprint(method), len(samples))
+        _check_run_file(store.dir, config.fingerprint(method), len(samples),
+                        None if flags_method is None else config.fingerprint(flags_method), config.limit, ids)
         done = store.load()
         todo = [(i, s) for i, s in enumerate(samples) if shard.owns(i) and s.id not in done]
         if todo:
@@ -403,6 +358,7 @@ def run_eval_many(
     methods: dict[str, Method | None],
     *,
     shard: Shard | None = None,
+    flags_methods: dict[str, Method | None] | None = None,
 ) -> dict[str, dict[str, Any] | None]:
     """:func:`run_eval` for several methods on the same samples, one prefill per sample.
 
@@ -437,7 +393,8 @@ def run_eval_many(
                 if shard.world > 1:
                     raise ChunkKVError("--overwrite cannot be used in a sharded run: delete the output folder first")
                 stores[n].reset()
-            _check_run_file(stores[n].dir, c.fingerprint(methods[n]), len(samples))
+            flags = None if flags_methods is None else c.fingerprint(flags_methods[n])
+            _check_run_file(stores[n].dir, c.fingerprint(methods[n]), len(samples), flags, c.limit, ids)
             done = stores[n].load()
             todo[n] = {i for i, s in enumerate(samples) if shard.owns(i) and s.id not in done}
         if any(todo.values()):
@@ -446,11 +403,11 @@ def run_eval_many(
                 prepare(model, tokenizer)
             shared = SharedPrefill(list(methods.values()))
             generators = {n: Generator(model, tokenizer, methods[n], configs[n], shared=shared) for n in methods}
-            from tqdm.auto import tqdm
+            from ..cli_common import track
 
             wanted = [(i, s) for i, s in enumerate(samples) if any(i in t for t in todo.values())]
-            for index, sample in tqdm(wanted, desc=f"{config.task} x {len(methods)} methods",
-                                      disable=not config.progress, dynamic_ncols=True):
+            for index, sample in track(wanted, f"{config.task} x {len(methods)} methods",
+                                       config.progress and shard.local_rank == 0):
                 for n in methods:
                     if index in todo[n]:
                         out = generators[n](sample, seed=config.seed + index)
@@ -470,11 +427,11 @@ def run_eval_many(
 
 def _answer_all(task: Task, generator: Generator, store: RecordStore, todo: list[tuple[int, EvalSample]],
                 config: EvalConfig, shard: Shard, total: int) -> None:
-    from tqdm.auto import tqdm
+    from ..cli_common import track
 
     desc = f"{config.task}" + (f" [rank {shard.rank}/{shard.world}]" if shard.world > 1 else "")
-    bar = tqdm(todo, desc=desc, disable=not config.progress, dynamic_ncols=True, position=shard.local_rank)
-    for k, (index, sample) in enumerate(bar):
+    # One bar per machine (local rank 0): several ranks drawing on one terminal would overwrite each other.
+    for k, (index, sample) in enumerate(track(todo, desc, config.progress and shard.local_rank == 0)):
         following = todo[k + 1][1] if k + 1 < len(todo) else None
         same = following is not None and (following.context, following.chat) == (sample.context, sample.chat)
         out = generator(sample, seed=config.seed + index, reuse_next=same)

@@ -232,6 +232,8 @@ def build_sample(row: dict[str, Any], task: str, tokenizer: Any, max_length: int
     parts keep their text; otherwise the official cut is applied to the whole prompt, which
     then cannot be split: it is all context (``meta["split_lost"]``), compressed as a whole.
     """
+    from ...prompting import long_text
+
     template = DATASET2PROMPT[task]
     before, after = template.split("{context}")
     fields = {k: ("" if v is None else v) for k, v in row.items() if isinstance(v, (str, int, float)) or v is None}
@@ -239,7 +241,8 @@ def build_sample(row: dict[str, Any], task: str, tokenizer: Any, max_length: int
     head, tail = before.format(**fields), after.format(**fields)
     context = row["context"]
     n_head = len(tokenizer(head, add_special_tokens=True)["input_ids"])  # counts BOS, as the official script does
-    ctx_ids = _ntokens(tokenizer, context, False)
+    with long_text(tokenizer):  # a context longer than the model is cut in the middle below
+        ctx_ids = _ntokens(tokenizer, context, False)
     n_tail = len(_ntokens(tokenizer, tail, False))
     meta = {"length": row.get("length"), "all_classes": row.get("all_classes"), "truncated": False}
     if n_head + len(ctx_ids) + n_tail > max_length:
@@ -254,7 +257,8 @@ def build_sample(row: dict[str, Any], task: str, tokenizer: Any, max_length: int
             lead, trail = context[: len(context) - len(context.lstrip())], context[len(context.rstrip()) :]
             context = lead + (first + last).strip() + trail
         else:
-            full = list(tokenizer(head + context + tail, add_special_tokens=True)["input_ids"])
+            with long_text(tokenizer):
+                full = list(tokenizer(head + context + tail, add_special_tokens=True)["input_ids"])
             text = tokenizer.decode(full[:half], skip_special_tokens=True) + tokenizer.decode(
                 full[len(full) - half :], skip_special_tokens=True
             )

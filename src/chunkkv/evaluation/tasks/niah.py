@@ -148,7 +148,11 @@ class NIAHTask:
                 raise ChunkKVError(f"NIAH depth {d} is not a percentage in [0, 100]")
 
     def samples(self, tokenizer: Any) -> list[EvalSample]:
-        hay_ids = list(tokenizer(load_haystack(self.config.haystack_dir, getattr(self.config, "haystack", "builtin")), add_special_tokens=False)["input_ids"])
+        from ...prompting import long_text
+
+        with long_text(tokenizer):  # the whole haystack, cut to each length below
+            hay_ids = list(tokenizer(load_haystack(self.config.haystack_dir, getattr(self.config, "haystack", "builtin")),
+                                     add_special_tokens=False)["input_ids"])
         needle_ids = list(tokenizer(f"\n{self.needle}\n", add_special_tokens=False)["input_ids"])
         ends = _sentence_end_ids(tokenizer, hay_ids)
         out = []
