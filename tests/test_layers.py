@@ -39,7 +39,7 @@ LAYERS: list[set[str]] = [
     {"haystack"},  # finds the essays' wheel as pretrained finds the model's
     {"cli_common"},
 ]
-APPS = ("commands", "evaluation", "bench", "testbed", "cli", "__main__")
+APPS = ("commands", "evaluation", "bench", "testbed", "serving", "cli", "__main__")
 
 
 def _module_name(path: Path) -> str:
