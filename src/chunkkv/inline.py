@@ -41,7 +41,7 @@ from .methods import FullKV, Method
 from .plan import LayerPlan, chunk_bounds, plan_prefill
 from .recompress import check_bounded_method, reselect
 from .scorers import Evidence, WindowScorer
-from .scoring import window_attention_scores
+from .scoring import Workspace, window_attention_scores
 
 __all__ = ["prefill_inline"]
 
@@ -65,6 +65,8 @@ class _Session:
     # slots' ids are read from it by their prompt positions.
     input_ids: torch.Tensor | None = None
     chosen: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+    # Scratch buffers every layer's scoring reuses (the window logits): no fresh memory per layer.
+    workspace: Workspace = field(default_factory=Workspace)
 
     def on_attention(self, module, layer: PrunedLayer, query, key, kwargs) -> None:
         idx = module.layer_idx
@@ -88,10 +90,13 @@ class _Session:
                keep_recent: int | None = None, evidence: Evidence | None = None):
         plan = self.plan
         # the token ids of what the layer holds, read by their prompt positions (one-shot: the prompt)
-        ids = None if self.input_ids is None else self.input_ids.gather(1, layer.slot_positions()[:, 0, :])
+        ids = None
+        if self.input_ids is not None and self.method.needs_token_ids:
+            ids = self.input_ids.gather(1, layer.slot_positions()[:, 0, :])
         index, valid = reselect(
             self.method, query, key, scaling, softcap, plan.real[idx], plan.counts[idx], plan.slots[idx],
             plan.key_valid[idx], input_ids=ids, layer=idx, memo=memo, keep_recent=keep_recent, evidence=evidence,
+            workspace=self.workspace,
         )
         self.chosen[idx] = (index, valid if plan.fillers[idx] else None)
         if idx not in self.stats.scored_layers:
@@ -102,9 +107,10 @@ class _Lookahead:
     """The session of a look-ahead pass: the window's queries score what each leader layer holds
     (window attention over the held slots and the window itself, as at the end of the prompt)."""
 
-    def __init__(self, fork: ChunkKVCache, plan: LayerPlan) -> None:
+    def __init__(self, fork: ChunkKVCache, plan: LayerPlan, workspace: Workspace | None = None) -> None:
         self.fork = fork
         self.plan = plan
+        self.workspace = workspace
         self.found: dict[int, tuple[torch.Tensor, torch.Tensor, float, float | None]] = {}
 
     def on_attention(self, module, layer: PrunedLayer, query, key, kwargs) -> None:
@@ -115,7 +121,7 @@ class _Lookahead:
         valid = self.plan.key_valid[idx]
         key_valid = None if valid is None else torch.cat([valid, valid.new_ones(valid.shape[0], query.shape[2])], 1)
         scaling, softcap = _scaling(module, key, kwargs), kwargs.get("softcap")
-        scores = window_attention_scores(query, key, scaling, key_valid, softcap)[..., :held]
+        scores = window_attention_scores(query, key, scaling, key_valid, softcap, self.workspace)[..., :held]
         self.found[idx] = (scores, query, scaling, softcap)
 
 
@@ -229,7 +235,7 @@ def _look_ahead(model, session: _Session, input_ids, attention_mask, position_id
     plan, cache = session.plan, session.cache
     win = session.method.window
     fork = cache.fork()
-    scoring = _Lookahead(fork, plan)
+    scoring = _Lookahead(fork, plan, session.workspace)
     mask = torch.cat([attention_mask[:, :seen], attention_mask[:, -win:]], dim=1)
     with compression_session(scoring):
         model(input_ids=input_ids[:, -win:], attention_mask=mask, position_ids=position_ids[:, -win:], cache=fork,

@@ -130,6 +130,13 @@ class Method:
         return self.own_scorer if self.scoring == "window" else resolve_scorer(self.scoring)
 
     @property
+    def needs_token_ids(self) -> bool:
+        """True when :meth:`select` reads the token ids of what a layer holds (``LayerInputs.input_ids``);
+        a prefill gathers them only then. True unless a method says otherwise (so a method of your own
+        gets them)."""
+        return True
+
+    @property
     def needs_all_queries(self) -> bool:
         """True when scoring uses every prompt query (H2O), not just the window."""
         return self.scores_tokens and self.scorer.needs_all_queries
@@ -203,6 +210,10 @@ class _Scored(Method):
         if self.window < 1:
             raise ChunkKVError(f"{self.name} scores with the observation window: window must be >= 1, got {self.window}")
 
+    @property
+    def needs_token_ids(self) -> bool:
+        return False
+
     def scores(self, inputs: LayerInputs) -> torch.Tensor:
         """Row-relative pooled prefix scores ``[B, Hkv, T]`` (``-inf`` outside the prefix)."""
         raw = self.raw_scores(inputs)
@@ -239,6 +250,10 @@ class StreamingLLM(Method):
 
     n_sink: int = 4
 
+    @property
+    def needs_token_ids(self) -> bool:
+        return False
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if isinstance(self.n_sink, bool) or not isinstance(self.n_sink, int) or self.n_sink < 0:
@@ -257,6 +272,10 @@ class H2O(Method):
     scores_tokens: ClassVar[bool] = True
 
     own_scorer: ClassVar[Scorer] = AccumulatedScorer()
+
+    @property
+    def needs_token_ids(self) -> bool:
+        return False
 
     def select(self, inputs: LayerInputs) -> torch.Tensor:
         raw = self.raw_scores(inputs)
@@ -362,6 +381,11 @@ class ChunkKV(_Scored):
         if self.segmentation is not None:
             return self.segmentation
         return "aligned" if self.boundary_ids else "fixed"
+
+    @property
+    def needs_token_ids(self) -> bool:
+        """Chunks cut at sentence ends or kept whole around numbers read the token ids."""
+        return self.chunking != "fixed" or bool(self.digit_ids)
 
     def segments(self, inputs: LayerInputs) -> torch.Tensor | None:
         """Row-relative chunk ids ``[B, T]`` for boundary-aware chunks or whole numbers (None: the

@@ -24,6 +24,7 @@ from . import selection as sel
 from .errors import BudgetError, ChunkKVError
 from .methods import FullKV, Method, StreamingLLM
 from .scorers import Evidence, LayerInputs
+from .scoring import Workspace
 
 
 def reselect(
@@ -41,6 +42,7 @@ def reselect(
     memo: dict | None = None,
     keep_recent: int | None = None,
     evidence: Evidence | None = None,
+    workspace: Workspace | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose ``kept[b]`` of the held slots of one layer with ``method``'s own scoring.
 
@@ -57,6 +59,7 @@ def reselect(
         memo: raw scores already computed for these slots (``LayerInputs.memo``), e.g. a look-ahead's.
         keep_recent: most recent slots always kept (None: the method's window).
         evidence: scores of the held slots computed outside the forward (a question-agnostic chunked prefill).
+        workspace: scratch buffers reused across the layers of one compression (:class:`chunkkv.scoring.Workspace`).
 
     Returns:
         ``(index, valid)`` as :func:`chunkkv.selection.finalize` gives them: ``index [B, 1 or Hkv, slots]``
@@ -66,7 +69,7 @@ def reselect(
     inputs = LayerInputs(
         queries=queries, keys=keys, scaling=scaling, softcap=softcap, key_valid=key_valid,
         lengths=real, pad=pad, kept=kept, slots=slots, layer=layer, memo=memo, input_ids=input_ids,
-        keep_recent=keep_recent, evidence=evidence,
+        keep_recent=keep_recent, evidence=evidence, workspace=workspace,
     )
     return sel.finalize(method.select(inputs), pad)
 

@@ -32,7 +32,7 @@ from typing import Any, Callable, ClassVar
 import torch
 
 from .errors import ChunkKVError
-from .scoring import accumulated_attention_scores, window_attention_scores
+from .scoring import Workspace, accumulated_attention_scores, window_attention_scores
 
 #: The instruction a reconstruction pass feeds before repeating the context (KVzip's prompt).
 REPEAT = "Repeat the previous context exactly."
@@ -102,6 +102,8 @@ class LayerInputs:
         input_ids: ``[B, T]`` the prompt's token ids (boundary-aware ChunkKV), None when the
             held slots are not the prompt.
         keep_recent: most recent slots always kept (None: the method's window).
+        workspace: scratch buffers shared by the layers of one compression
+            (:class:`chunkkv.scoring.Workspace`); None allocates per call.
     """
 
     queries: torch.Tensor | None
@@ -118,6 +120,7 @@ class LayerInputs:
     evidence: Evidence | None = None
     input_ids: torch.Tensor | None = None
     keep_recent: int | None = None
+    workspace: Workspace | None = None
 
     def cached(self, key: tuple, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         """``compute()``, or the memo's value under ``key`` (stored there on first use)."""
@@ -131,7 +134,7 @@ class LayerInputs:
         """Raw window attention scores ``[B, Hkv, T]`` of the last ``min(window, q)`` queries."""
         win = min(window, self.queries.shape[2])
         return self.cached(("window", win), lambda: window_attention_scores(
-            self.queries[:, :, -win:], self.keys, self.scaling, self.key_valid, self.softcap))
+            self.queries[:, :, -win:], self.keys, self.scaling, self.key_valid, self.softcap, self.workspace))
 
     def need_evidence(self, what: str) -> Evidence:
         if self.evidence is None:
