@@ -304,3 +304,59 @@ def test_prefill_memory_rows_bound_and_resume(tmp_path):
     again = run_prefill_memory(model, [256, 512], [32, 64], 48, tmp_path, quadratic_limit=256, log=lambda _: None)
     assert len(again) == len(rows)  # resumed: nothing measured twice
     assert "chunked C=64" in report(rows) and "x)" in report(rows)
+
+
+def test_every_timing_comes_before_the_memory_meter(monkeypatch):
+    """Timing and memory are measured apart: the meter (which fixes glibc's mmap threshold on CPU)
+    is made once, after the last timed region, and every memory figure is still filled in."""
+    from chunkkv.bench import runner
+
+    events: list[str] = []
+
+    class Meter(runner.MemoryMeter):
+        def __init__(self, device):
+            events.append("meter")
+            super().__init__(device)
+
+    real_now, real_compress = runner.now, runner.Bench._compress
+
+    def now(device):
+        events.append("timed")
+        return real_now(device)
+
+    def compress(self, ids, method, measure=False):
+        events.append("timed" if measure else "untimed")
+        return real_compress(self, ids, method, measure)
+
+    monkeypatch.setattr(runner, "MemoryMeter", Meter)
+    monkeypatch.setattr(runner, "now", now)
+    monkeypatch.setattr(runner.Bench, "_compress", compress)
+    result = run_bench(_tiny(), _config(contexts=[96], batch_sizes=[1, 2], e2e=[(96, 3)]), progress=False)
+    assert events.count("meter") == 1
+    first_meter = events.index("meter")
+    assert "timed" in events[:first_meter] and "timed" not in events[first_meter:]
+    meta = result["meta"]
+    assert meta["timing_allocator"].startswith("glibc")  # what the timings ran under, in words
+    assert "not measured" not in meta["memory_method"]
+    for r in result["prefill"]:
+        assert r["prefill_peak_bytes_above_weights"] >= 0 and "decode_bytes" in r["decode"]
+        if r["config"] != "full":
+            assert "prefill_peak_vs_full" in r
+    for r in result["decode"]:
+        assert r["decode_bytes"] == r["kv_bytes"] + r["decode_peak_extra_bytes"]
+    for m in result["scaling"]["methods"].values():
+        assert m["memory_fit"] and all("peak_extra_bytes" in p for p in m["points"])
+
+
+def test_allocator_state_names_the_setting_timings_run_under():
+    import subprocess
+    import sys
+
+    code = ("import torch; from chunkkv.bench.measure import MemoryMeter, allocator_state\n"
+            "print(allocator_state()); m = MemoryMeter(torch.device('cpu')); print(m.fixed_mmap); print(allocator_state())")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    before, fixed, after = out.stdout.strip().splitlines()[-3:]
+    assert before == "glibc default (dynamic mmap threshold)"
+    if fixed == "True":  # glibc
+        assert "fixed at 128 KiB by an earlier memory measurement" in after

@@ -20,7 +20,11 @@ Peak memory (:class:`MemoryMeter`):
   pages stay resident in ways that depend on the order of frees, so the same prefill measured
   twice in fresh processes differed by up to 190 MiB (8k tokens, 100M model: 533 and 685 MiB).
   With the fixed threshold every tensor of 128 KiB or more is its own mapping, returned to the OS
-  when freed, and repeated runs agree to 0.1 MiB.
+  when freed, and repeated runs agree to 0.1 MiB. The setting cannot be undone and it slows the
+  code it runs (every large tensor is fresh pages: a 2k decode step of the 100M model took 58-61
+  ms instead of 38-39 on one thread), so **no timing may follow a meter in the same process**: the
+  bench times everything first and makes its meter for a last, untimed memory phase.
+  :func:`allocator_state` says which setting a process is in, for the record of a timing.
 
 KV bytes are counted from the cache tensors themselves (``numel * element_size`` of every layer's
 keys and values), never estimated.
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import os
 import statistics
 import threading
 import time
@@ -118,14 +123,35 @@ def _libc():
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+MMAP_THRESHOLD = 128 * 1024
+_FIXED_IN_THIS_PROCESS = False  # set by the first MemoryMeter that fixed the threshold
 
 
-def _fix_mmap_threshold(libc, threshold: int = 128 * 1024) -> bool:
+def _fix_mmap_threshold(libc, threshold: int = MMAP_THRESHOLD) -> bool:
     """Fix glibc's mmap threshold (no dynamic raising), so freed tensors leave the RSS at once."""
+    global _FIXED_IN_THIS_PROCESS
     try:
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
+        fixed = bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
     except AttributeError:  # not glibc
         return False
+    _FIXED_IN_THIS_PROCESS = _FIXED_IN_THIS_PROCESS or fixed
+    return fixed
+
+
+def allocator_state() -> str:
+    """The allocator setting that timings taken now run under, in words (for the record).
+
+    ``"glibc default (dynamic mmap threshold)"`` as users run, unless a :class:`MemoryMeter` fixed
+    the threshold earlier in this process or the environment sets glibc's malloc tunables."""
+    tunables = sorted(k for k in os.environ if k.startswith("MALLOC_") and k.endswith("_"))
+    if "GLIBC_TUNABLES" in os.environ:
+        tunables.append("GLIBC_TUNABLES")
+    if _FIXED_IN_THIS_PROCESS:
+        return (f"glibc mmap threshold fixed at {MMAP_THRESHOLD // 1024} KiB by an earlier memory measurement in "
+                "this process: timings are slower than a user's (run the bench in a fresh process)")
+    if tunables:
+        return "glibc with " + ", ".join(f"{k}={os.environ[k]}" for k in tunables) + " from the environment"
+    return "glibc default (dynamic mmap threshold)"
 
 
 class _RssSampler:
@@ -170,6 +196,9 @@ class MemoryMeter:
         meter.reset_peak()
         ...                         # the region
         peak = meter.peak()         # highest memory since reset_peak()
+
+    On CPU, making a meter fixes glibc's mmap threshold for the rest of the process (see the module
+    docstring): time nothing after it.
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -186,7 +215,8 @@ class MemoryMeter:
                 "cpu: peak RSS, VmHWM reset through /proc/self/clear_refs, after malloc_trim"
                 if self._hwm
                 else "cpu: peak RSS sampled every 1 ms from /proc/self/status VmRSS, after malloc_trim"
-            ) + ("; glibc mmap threshold fixed at 128 KiB" if self.fixed_mmap else "")
+            ) + (f"; glibc mmap threshold fixed at {MMAP_THRESHOLD // 1024} KiB (a memory phase of its own, "
+                 "after every timed run)" if self.fixed_mmap else "")
         else:
             self.method = "unavailable"
             self._hwm = False

@@ -11,6 +11,12 @@ The computed bound for chunked prefill (:func:`chunked_bound`) is what must be l
 every layer's K/V for ``kept + C`` tokens, plus one chunk's prefill activations.
 
 Results are appended to ``prefill_memory.jsonl`` (resumable: finished rows are skipped).
+
+The prefill time each row records is taken in this memory run, after the meter fixed glibc's mmap
+threshold (:mod:`chunkkv.bench.measure`): every large tensor is then fresh pages, which makes CPU
+prefills slower than in a user's process (row field ``time_allocator``). They compare the modes
+with each other; speed figures come from ``chunkkv bench``, whose timings run first, with the
+default allocator.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import torch
 from ..pipeline import compress
 from ..evaluation.store import read_jsonl
 from ..methods import ChunkKV, FullKV
-from .measure import MiB, MemoryMeter, now
+from .measure import MiB, MemoryMeter, allocator_state, now
 
 
 def chunked_bound(config, kept: int, chunk: int, batch: int = 1, element_size: int = 4) -> dict[str, int]:
@@ -114,7 +120,8 @@ def run_prefill_memory(
                 "kv_mib": round(ctx.cache.nbytes() / MiB, 1),
                 "bound_mib": round(bound["total"] / MiB, 1) if bound else None,
                 "bound_kv_mib": round(bound["kv"] / MiB, 1) if bound else None,
-                "meter": meter.method, "threads": torch.get_num_threads(), "time": time.time(),
+                "meter": meter.method, "time_allocator": allocator_state(), "threads": torch.get_num_threads(),
+                "time": time.time(),
             }
             del ctx
             rows.append(row)
@@ -143,7 +150,9 @@ def report(rows: list[dict[str, Any]]) -> str:
             else:
                 cells.append(f"{r['peak_mib']:.0f}")
         lines.append(f"| {c} | " + " | ".join(cells) + " |")
-    lines += ["", "Prefill seconds (chunked / one-shot):", "", "| prompt | " + " | ".join(label(m) for m in modes) + " |",
+    lines += ["", "Prefill seconds (chunked / one-shot), taken in this memory run: on CPU glibc's mmap threshold is "
+              "fixed here, which slows every prefill against a user's process; compare the modes with each other, and "
+              "take speed figures from `chunkkv bench`:", "", "| prompt | " + " | ".join(label(m) for m in modes) + " |",
               "|---" * (len(modes) + 1) + "|"]
     for c in contexts:
         one = by.get((c, "one-shot", None))

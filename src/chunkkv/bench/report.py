@@ -153,7 +153,8 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"{meta['torch_version']}, transformers {meta['transformers_version']}. Budget for the method comparison: "
         f"keep {cfg['budget']:g} of the prompt. Timings: median (min–max) of {cfg['repeats']} runs after an untimed "
         f"one; decode: median (min–max) of {cfg['decode_steps']} steps after {cfg['decode_warmup']} untimed. "
-        f"Memory: {meta['memory_method']}. Wall time {meta.get('wall_seconds', '?')} s.",
+        f"Every time was taken under the allocator {meta.get('timing_allocator', 'of this process (not recorded)')}; "
+        f"memory in a separate phase after them: {meta['memory_method']}. Wall time {meta.get('wall_seconds', '?')} s.",
         "",
         "## Targets",
         "",
@@ -177,7 +178,7 @@ def to_markdown(result: dict[str, Any]) -> str:
             r["context"], r["config"], _st(r["prefill_s"], 1, 3), _x(r["prefill_vs_full"]),
             _st(r["compress_ms"], 1, 1) if r.get("compress_ms") else "–", _pct(r.get("compress_share_of_prefill")),
             r["scored_layers"] if r["config"] != "full" else "–",
-            _mib(r["kv_bytes"]), _mib(r["prefill_peak_bytes_above_weights"]),
+            _mib(r["kv_bytes"]), _mib(r.get("prefill_peak_bytes_above_weights")),
             _st(dec.get("ms_per_token"), 1, 2), _x(dec.get("vs_bound")),
         ])
     lines += _table(["context", "config", "prefill s", "vs full", "compression ms", "share", "scored layers",

@@ -18,12 +18,20 @@ on the tokens), in this order, so every number in a report comes from the same r
 4. **scaling**: the compression step of one layer on random queries/keys of the model's shape
    at growing lengths, time and peak extra memory, with log-log slopes (1 = linear).
 5. **peers**: kvpress 0.5.5 in its own environment (:mod:`chunkkv.bench.peers`).
+6. **memory**, last: every prefill configuration, decode cache and scaling point once more, untimed,
+   for peak memory (:class:`~chunkkv.bench.measure.MemoryMeter`).
 
-Memory: see :mod:`chunkkv.bench.measure`. KV bytes are read from the cache tensors.
+Timing and memory are measured apart. On CPU the meter fixes glibc's mmap threshold (so that peak
+RSS repeats), which slows the very code being timed (a 2k decode step 38 -> 60 ms on one thread):
+every timed run therefore comes first, with the allocator as users run it, and the meter is made
+only for the memory phase. Nothing is timed after it; ``meta.timing_allocator`` and
+``meta.memory_method`` say which setting each kind of figure was taken under (a process whose
+threshold an earlier meter fixed says so). KV bytes are read from the cache tensors.
 """
 
 from __future__ import annotations
 
+import copy
 import gc
 import math
 import os
@@ -43,7 +51,8 @@ from ..pipeline import compress
 from ..context import CompressedContext
 from ..generation import extend
 from ..methods import ChunkKV, FullKV, LayerInputs, Method, make_method
-from .measure import MemoryMeter, expected_kv_bytes, kv_bytes_per_layer, now, stats_dict
+from ..scoring import Workspace
+from .measure import MemoryMeter, allocator_state, expected_kv_bytes, kv_bytes_per_layer, now, stats_dict
 from .models import DEFAULT_METHODS
 
 
@@ -287,7 +296,8 @@ class Bench:
         self.cfg = cfg
         self.device = next(model.parameters()).device
         self.info = model_info(model)
-        self.meter = MemoryMeter(self.device)
+        # Made by the memory phase, after every timed run (on CPU it fixes glibc's mmap threshold).
+        self.meter: MemoryMeter | None = None
         self.prompts = Prompts(self.info["vocab_size"], cfg.seed, self.device)
         self.model_label = model_label
         self.model_dir = model_dir
@@ -301,11 +311,15 @@ class Bench:
     def _compress(self, ids: torch.Tensor, method: Method, measure: bool = False) -> CompressedContext:
         return compress(self.model, ids, method=method, measure=measure)
 
+    def _advance(self, ctx: CompressedContext) -> None:
+        """One greedy decode step over ``ctx`` (in place), untimed."""
+        token = ctx.next_logits.argmax(dim=-1)
+        extend(self.model, ctx, token[:, None])
+
     def _step(self, ctx: CompressedContext) -> float:
         """One greedy decode step over ``ctx`` (in place); seconds."""
         t0 = now(self.device)
-        token = ctx.next_logits.argmax(dim=-1)
-        extend(self.model, ctx, token[:, None])
+        self._advance(ctx)
         return now(self.device) - t0
 
     def _bound(self, kept: int, batch: int) -> CompressedContext:
@@ -320,24 +334,14 @@ class Bench:
         return self._bounds[key]
 
     def _decode(self, ctx: CompressedContext, batch: int, with_bound: bool) -> dict[str, Any]:
-        """Time decode steps over ``ctx`` (consumed), interleaved with its bound; memory of decode.
-
-        Memory: the untimed warm-up steps run alone, with the peak measured over them:
-        ``decode_peak_extra_bytes`` is what a decode step needs on top of what was live before it
-        (the cache itself included there), ``decode_bytes`` = KV bytes + that extra.
-        """
+        """Time decode steps over ``ctx`` (consumed) after untimed warm-up steps, interleaved with its
+        bound. Memory is measured apart (:meth:`_decode_memory`, in the memory phase)."""
         steps, warmup = self.cfg.decode_steps, self.cfg.decode_warmup
         stored = ctx.cache.stored_lengths()
         kept = max(stored)
-        kv = sum(kv_bytes_per_layer(ctx.cache))
         row: dict[str, Any] = {}
-        base = self.meter.current()
-        self.meter.reset_peak()
         for _ in range(max(1, warmup)):
             self._step(ctx)
-        extra = self.meter.peak() - base
-        row["decode_peak_extra_bytes"] = extra
-        row["decode_bytes"] = kv + extra
         bound_ctx = None
         bound_stored = None
         if with_bound:
@@ -364,6 +368,18 @@ class Bench:
             row["vs_bound_paired"] = round(paired[len(paired) // 2], 4)
         return row
 
+    def _decode_memory(self, ctx: CompressedContext) -> dict[str, int]:
+        """Memory of decoding ``ctx`` (consumed; memory phase only): the peak over the untimed warm-up
+        steps. ``decode_peak_extra_bytes`` is what a decode step needs on top of what was live before
+        it (the cache itself included there), ``decode_bytes`` = KV bytes + that extra."""
+        kv = sum(kv_bytes_per_layer(ctx.cache))
+        base = self.meter.current()
+        self.meter.reset_peak()
+        for _ in range(max(1, self.cfg.decode_warmup)):
+            self._advance(ctx)
+        extra = self.meter.peak() - base
+        return {"decode_peak_extra_bytes": extra, "decode_bytes": kv + extra}
+
     # --- sections ---------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -385,7 +401,9 @@ class Bench:
         prefill = sum(runnable(entries, c) * (1 + cfg.repeats) for c in cfg.contexts)
         decode = len(cfg.contexts) * len(cfg.batch_sizes) * (1 + len(cfg.decode_fractions))
         e2e = sum(runnable(_e2e_plan(cfg), n_in) * (1 + (cfg.e2e_repeats or cfg.repeats)) for n_in, _ in cfg.e2e)
-        return 1 + prefill + decode + e2e + 1 + (1 if cfg.peers else 0)  # warm-up, ..., scaling, peers
+        memory = len(cfg.contexts) + 1  # one step per context, one for the scaling points
+        # warm-up, prefill, decode, e2e, scaling, peers, memory
+        return 1 + prefill + decode + e2e + 1 + (1 if cfg.peers else 0) + memory
 
     def _run(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -398,8 +416,9 @@ class Bench:
         # that precede each memory reading from scanning them (0.2 s each otherwise).
         gc.collect()
         gc.freeze()
+        timing_allocator = allocator_state()  # before anything runs: what every timed figure is taken under
         self.result = {
-            "meta": self._meta(entries),
+            "meta": self._meta(entries, timing_allocator),
             "prefill": [],
             "reuse": [],
             "decode": [],
@@ -426,6 +445,9 @@ class Bench:
 
                 self.result["peers"] = run_peers(self, self.log)
                 self.progress.step("peers")
+                self.on_section(self.result)
+            self._memory_section(entries)  # last: nothing is timed after the meter fixes the allocator
+            self.on_section(self.result)
         finally:
             self.progress.close()
             self._bounds.clear()
@@ -436,7 +458,7 @@ class Bench:
         self.result["meta"]["wall_seconds"] = round(time.time() - started, 1)
         return self.result
 
-    def _meta(self, entries: list[Entry]) -> dict[str, Any]:
+    def _meta(self, entries: list[Entry], timing_allocator: str) -> dict[str, Any]:
         import transformers
 
         return {
@@ -450,7 +472,8 @@ class Bench:
             "device_name": device_name(self.device),
             "threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(),
-            "memory_method": self.meter.method,
+            "timing_allocator": timing_allocator,
+            "memory_method": "not measured yet (the memory phase runs after every timed run)",
             "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.cfg).items()},
             "configurations": {e.name: e.method.describe() for e in entries},
@@ -474,12 +497,9 @@ class Bench:
         ids = self.prompts.get(context, 1)
         runnable = [e for e in entries if not (e.compressed and context <= e.method.window)]
         rows: dict[str, dict[str, Any]] = {}
-        # 1. untimed run per configuration: warm-up + memory + cache sizes
+        # 1. untimed run per configuration: warm-up + cache sizes (memory: the memory phase)
         for e in runnable:
-            base = self.meter.current()
-            self.meter.reset_peak()
             ctx = self._compress(ids, e.method, measure=True)
-            peak = self.meter.peak()
             row = {
                 "context": context,
                 "batch": 1,
@@ -488,7 +508,6 @@ class Bench:
                 "reuse_depth": e.method.reuse_depth,
                 "kept_per_layer": [ctx.cache.stored_lengths()[i] for i in ctx.cache.pruned_layers],
                 "scored_layers": len(ctx.stats.scored_layers),
-                "prefill_peak_bytes_above_weights": peak - base,
                 **cache_summary(ctx.cache, self.info, 1),
                 "_prefill": [],
                 "_compress": [],
@@ -528,9 +547,6 @@ class Bench:
                     row["compress_ms"]["median"] / 1e3 / row["prefill_s"]["median"], 5
                 )
                 row["kv_bytes_vs_full"] = round(row["kv_bytes"] / full["kv_bytes"], 4)
-                row["prefill_peak_vs_full"] = round(
-                    row["prefill_peak_bytes_above_weights"] / max(1, full["prefill_peak_bytes_above_weights"]), 4
-                )
             self.result["prefill"].append(row)
         # reuse comparison
         if reuse1 is not None:
@@ -572,6 +588,7 @@ class Bench:
                         row = {
                             "context": context, "batch": batch, "config": name, "keep_fraction": fraction,
                             "method": method.describe(), "source": f"prefill section ({reuse['config']})",
+                            "source_config": reuse["config"],
                             "stored_per_layer": reuse["stored_per_layer"], "kv_bytes": reuse["kv_bytes"],
                             "kv_bytes_arithmetic": reuse["kv_bytes_arithmetic"],
                             **reuse["decode"],
@@ -645,67 +662,78 @@ class Bench:
             self.result["e2e"].append(row)
 
     @torch.inference_mode()
-    def _layer_step(self, method: Method, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """One layer's compression step as ``compress`` runs it: score, select, finalize, gather."""
+    def _layer_step(self, method: Method, filled: PrunedLayer, q: torch.Tensor, workspace: Workspace | None) -> None:
+        """One layer's compression step as ``compress`` runs it: score, select, finalize, gather.
+
+        ``filled``: a layer holding the prompt's keys and values (left as it is: a shallow copy is
+        pruned). ``workspace``: the scratch buffers a prefill's layers share; reused across calls
+        it stands for a layer after the first, fresh for the first one (whose peak includes it)."""
+        layer = copy.copy(filled)
+        k = layer.keys
         n = k.shape[2]
-        layer = PrunedLayer()
-        layer.update(k, v)
         kept = method.budget.kept(n)
         inputs = LayerInputs(
             queries=q, keys=k, scaling=k.shape[-1] ** -0.5, softcap=None, key_valid=None,
             lengths=torch.tensor([n], device=self.device), pad=torch.zeros(1, dtype=torch.long, device=self.device),
-            kept=torch.tensor([kept], device=self.device), slots=kept,
+            kept=torch.tensor([kept], device=self.device), slots=kept, workspace=workspace,
         )
         index, _valid = sel.finalize(method.select(inputs), inputs.pad)
         layer.prune(index, None)
 
+    def _scaling_methods(self) -> dict[str, Method]:
+        budget = self.cfg.budget
+        return {"chunkkv": ChunkKV(keep_fraction=budget), "snapkv": make_method("snapkv", keep_fraction=budget)}
+
+    def _scaling_contexts(self) -> list[int]:
+        contexts = sorted(set(self.cfg.scaling_contexts or self.cfg.contexts))
+        while len(contexts) < 3:
+            contexts.append(contexts[-1] * 2)
+        return contexts
+
+    def _scaling_inputs(self, n: int, g: torch.Generator) -> tuple[PrunedLayer, torch.Tensor]:
+        """Random queries and a layer holding random keys / values of the model's shape, ``n`` tokens."""
+        info = self.info
+        dtype = next(self.model.parameters()).dtype
+        shape_q = (1, info["num_attention_heads"], n, info["head_dim"])
+        shape_k = (1, info["num_kv_heads"], n, info["head_dim"])
+        q, k, v = (torch.randn(shape, generator=g, device="cpu").to(self.device, dtype)
+                   for shape in (shape_q, shape_k, shape_k))
+        layer = PrunedLayer()
+        layer.update(k, v)
+        return layer, q
+
     def _scaling_section(self) -> None:
         """The compression step of one layer, isolated, at growing lengths: time and peak extra memory."""
         cfg = self.cfg
-        contexts = sorted(set(cfg.scaling_contexts or cfg.contexts))
-        while len(contexts) < 3:
-            contexts.append(contexts[-1] * 2)
+        contexts = self._scaling_contexts()
         info = self.info
-        dtype = next(self.model.parameters()).dtype
-        methods = {"chunkkv": ChunkKV(keep_fraction=cfg.budget), "snapkv": make_method("snapkv", keep_fraction=cfg.budget)}
+        methods = self._scaling_methods()
         g = torch.Generator(device="cpu").manual_seed(cfg.seed + 7)
-        out: dict[str, Any] = {"what": "one layer's scoring + selection + gather on random q/k/v of the model's shape",
+        out: dict[str, Any] = {"what": "one layer's scoring + selection + gather on random q/k/v of the model's shape "
+                                       "(timed with the scratch buffers reused, as by a prefill's later layers; "
+                                       "the peak includes them, as for its first)",
                                "methods": {}}
         for name, method in methods.items():
             points = []
             for n in contexts:
                 if n <= method.window:
                     continue
-                shape_q = (1, info["num_attention_heads"], n, info["head_dim"])
-                shape_k = (1, info["num_kv_heads"], n, info["head_dim"])
-                qkv = (
-                    torch.randn(shape_q, generator=g, device="cpu").to(self.device, dtype),
-                    torch.randn(shape_k, generator=g, device="cpu").to(self.device, dtype),
-                    torch.randn(shape_k, generator=g, device="cpu").to(self.device, dtype),
-                )
-                self._layer_step(method, *qkv)  # warm-up
-                base = self.meter.current()
-                self.meter.reset_peak()
-                self._layer_step(method, *qkv)
-                extra = self.meter.peak() - base
+                layer, q = self._scaling_inputs(n, g)
+                workspace = Workspace()
+                self._layer_step(method, layer, q, workspace)  # warm-up (memory: the memory phase)
                 times = []
                 for _ in range(cfg.scaling_repeats):
                     t0 = now(self.device)
-                    self._layer_step(method, *qkv)
+                    self._layer_step(method, layer, q, workspace)
                     times.append(now(self.device) - t0)
-                quadratic = info["num_attention_heads"] * n * n * 4  # one fp32 T x T score matrix per query head
                 points.append({
                     "context": n,
                     "compress_ms": stats_dict(times, 1e3, 4),
-                    "peak_extra_bytes": extra,
-                    "peak_extra_bytes_per_token": round(extra / n, 1),
-                    "quadratic_buffer_bytes": quadratic,
-                    "peak_extra_vs_quadratic": round(extra / quadratic, 5),
+                    "quadratic_buffer_bytes": info["num_attention_heads"] * n * n * 4,  # fp32 T x T per query head
                 })
-                del qkv
+                del layer, q, workspace
             fit_t = _fit_loglog([p["context"] for p in points], [p["compress_ms"]["median"] for p in points])
-            fit_m = _fit_loglog([p["context"] for p in points], [p["peak_extra_bytes"] for p in points])
-            out["methods"][name] = {"points": points, "time_fit": fit_t, "memory_fit": fit_m}
+            out["methods"][name] = {"points": points, "time_fit": fit_t}
         # the same check on the real prefill runs: compression time (all layers) vs context
         real = [r for r in self.result["prefill"] if r["config"] == "chunkkv"]
         if real:
@@ -716,6 +744,66 @@ class Bench:
                 "time_fit": _fit_loglog(xs, [r["compress_ms"]["median"] for r in real]),
             }
         self.result["scaling"] = out
+
+    def _memory_section(self, entries: list[Entry]) -> None:
+        """Peak memory of everything the timed sections ran, once each, untimed (see the module
+        docstring): prefill peaks, decode peaks, and the scaling points. The meter is made here."""
+        cfg = self.cfg
+        self.meter = MemoryMeter(self.device)  # on CPU: glibc's mmap threshold is fixed from here on
+        self.result["meta"]["memory_method"] = self.meter.method
+        prefill = self.result["prefill"]
+        for context in cfg.contexts:
+            ids = self.prompts.get(context, 1)
+            rows = {r["config"]: r for r in prefill if r["context"] == context}
+            for e in entries:
+                row = rows.get(e.name)
+                if row is None:
+                    continue
+                base = self.meter.current()
+                self.meter.reset_peak()
+                ctx = self._compress(ids, e.method)
+                row["prefill_peak_bytes_above_weights"] = self.meter.peak() - base
+                if "decode" in row:
+                    row["decode"].update(self._decode_memory(ctx))
+                del ctx
+            full = rows.get("full")
+            for row in rows.values():
+                if row["config"] != "full" and full is not None:
+                    row["prefill_peak_vs_full"] = round(
+                        row["prefill_peak_bytes_above_weights"] / max(1, full["prefill_peak_bytes_above_weights"]), 4)
+            self.progress.step(f"memory {context}")
+        by_config = {(r["context"], r["config"]): r for r in prefill}
+        for r in self.result["decode"]:
+            if r["source"] == "decode section":
+                method = FullKV() if r["config"] == "full" else _decode_method(cfg, r["keep_fraction"])
+                ctx = self._compress(self.prompts.get(r["context"], r["batch"]), method)
+                r.update(self._decode_memory(ctx))
+                del ctx
+            else:  # the cache of the prefill section, measured above
+                src = by_config[(r["context"], r["source_config"])]["decode"]
+                r.update({k: src[k] for k in ("decode_peak_extra_bytes", "decode_bytes")})
+        scaling = self.result.get("scaling", {}).get("methods", {})
+        g = torch.Generator(device="cpu").manual_seed(cfg.seed + 7)
+        for name, method in self._scaling_methods().items():
+            points = {p["context"]: p for p in scaling.get(name, {}).get("points", [])}
+            for n in self._scaling_contexts():
+                if n not in points:
+                    continue
+                layer, q = self._scaling_inputs(n, g)
+                self._layer_step(method, layer, q, Workspace())  # warm-up
+                base = self.meter.current()
+                self.meter.reset_peak()
+                self._layer_step(method, layer, q, Workspace())  # a fresh workspace: a prefill's first layer
+                extra = self.meter.peak() - base
+                p = points[n]
+                p.update(peak_extra_bytes=extra, peak_extra_bytes_per_token=round(extra / n, 1),
+                         peak_extra_vs_quadratic=round(extra / p["quadratic_buffer_bytes"], 5))
+                del layer, q
+            if name in scaling:
+                pts = scaling[name]["points"]
+                scaling[name]["memory_fit"] = _fit_loglog([p["context"] for p in pts],
+                                                          [p["peak_extra_bytes"] for p in pts])
+        self.progress.step("memory: scaling")
 
 
 def run_bench(model: torch.nn.Module, config: BenchConfig | None = None, *, progress: bool = True,
