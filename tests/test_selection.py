@@ -248,3 +248,75 @@ def test_chunkkv_keeps_a_number_whole():
         kept = set(method.select(inputs)[0, 0].tolist())
         assert {2, 18, 19} <= kept and len(kept) == 13
         assert {3, 4, 5, 6} <= kept if digits else not {4, 5, 6} <= kept
+
+
+def test_top_k_mask_is_the_head_of_a_stable_descending_sort():
+    """The O(T) top-k (a topk threshold, ties filled from the left) keeps exactly the tokens a stable
+    descending sort puts first: many ties (small integer scores, -inf), per-row budgets, budget 0."""
+    g = torch.Generator().manual_seed(31)
+    for trial in range(300):
+        batch, heads, length = 1 + trial % 3, 1 + trial % 4, 1 + (trial * 7) % 70
+        scores = torch.randint(0, 1 + trial % 5, (batch, heads, length), generator=g).float()
+        scores[torch.rand(batch, heads, length, generator=g) < 0.2] = float("-inf")
+        budget = torch.randint(0, length + 1, (batch,), generator=g)
+        width = int(budget.max())
+        if width == 0:
+            continue
+        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+        want = torch.zeros_like(scores, dtype=torch.bool)
+        for b in range(batch):
+            want[b].scatter_(-1, order[b, :, : int(budget[b])], True)
+        assert torch.equal(sel.top_k_mask(scores, budget, width), want), trial
+        picks = sel._top_prefix(scores, budget, width)
+        for b in range(batch):
+            for h in range(heads):
+                n = int(budget[b])
+                assert picks[b, h, :n].tolist() == sorted(order[b, h, :n].tolist())  # ascending positions
+                assert (picks[b, h, n:] == -1).all()
+
+
+def test_mask_to_indices_keeps_the_first_width_positions():
+    mask = torch.tensor([[True, False, True, True, False, True], [False] * 6, [True] * 6])
+    assert sel.mask_to_indices(mask, 3).tolist() == [[0, 2, 3], [-1, -1, -1], [0, 1, 2]]
+    assert sel.mask_to_indices(mask, 5).tolist() == [[0, 2, 3, 5, -1], [-1] * 5, [0, 1, 2, 3, 4]]
+
+
+def test_take_slots_equals_gather():
+    from chunkkv.cache import take_slots
+
+    g = torch.Generator().manual_seed(32)
+    states = torch.randn(2, 3, 17, 5, generator=g)
+    for heads in (1, 3):
+        index = torch.sort(torch.randint(0, 17, (2, heads, 6), generator=g), dim=-1).values
+        want = torch.gather(states, 2, index[..., None].expand(2, 3, 6, 5))
+        got = take_slots(states, index)
+        assert torch.equal(got, want) and got.is_contiguous()
+
+
+def test_window_scores_with_a_workspace_are_bit_equal():
+    """A reused workspace (logits written into it, softmax in place) changes nothing, for every layer
+    that reuses it, with padding, with a non-power-of-two scale and with soft-capping."""
+    from chunkkv.scoring import Workspace, _grouped_logits, _mask_future, _reduce_queries
+
+    g = torch.Generator().manual_seed(33)
+    ws = Workspace()
+    for trial, (n_q, n_kv, win, length, scale, softcap) in enumerate(
+            [(4, 2, 5, 40, 0.125, None), (6, 2, 7, 90, 0.3, None), (4, 1, 3, 25, 0.125, 30.0), (2, 2, 8, 64, 0.5, None)]):
+        q = torch.randn(2, n_q, win, 16, generator=g) * 3
+        k = torch.randn(2, n_kv, length, 16, generator=g)
+        valid = torch.ones(2, length, dtype=torch.bool)
+        valid[1, : trial + 3] = False
+        for key_valid in (None, valid):
+            got = window_attention_scores(q, k, scale, key_valid, softcap, workspace=ws)
+            assert torch.equal(got, window_attention_scores(q, k, scale, key_valid, softcap))
+            # and both equal the plain out-of-place computation the module had before
+            groups = n_q // n_kv
+            logits = torch.matmul(q.reshape(2, n_kv, groups * win, 16), k.transpose(-1, -2)).mul_(scale)
+            if softcap is not None:
+                logits = torch.tanh(logits / softcap) * softcap
+            _mask_future(logits, length - win, win, groups)
+            if key_valid is not None:
+                logits.masked_fill_(~key_valid[:, None, None, :], torch.finfo(logits.dtype).min)
+            query_valid = key_valid[:, -win:] if key_valid is not None else None
+            plain = _reduce_queries(torch.softmax(logits, -1), query_valid, groups) / (groups * win)
+            assert torch.equal(got, plain), (trial, key_valid is None)
