@@ -196,7 +196,8 @@ def compress(
         # Question-agnostic scores kept chunk by chunk (the full cache is never held).
         running = RunningScores(model, method.scorer, input_ids, attention_mask,
                                 _instructions(tokenizer, chat_template, scoring_prompt),
-                                ChunkKVCache(model.config, prompt_length=width).pruned_layers, scoring_block)
+                                ChunkKVCache(model.config, prompt_length=width).pruned_layers,
+                                min(scoring_block, max(64, prefill_chunk // 4)))  # a bounded pass: blocks within a chunk
         return prefill_inline(model, input_ids, attention_mask, method, lengths_host, prefill_chunk=prefill_chunk,
                               measure=measure, running=running)
     if not method.inline:
