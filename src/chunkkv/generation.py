@@ -18,6 +18,7 @@ from .pipeline import compress
 from .context import CompressedContext
 from .errors import ChunkKVError, PromptError
 from .methods import ChunkKV, Method
+from .prompt import check_positions
 from .prompting import chat_template_available, render_prompt
 
 
@@ -80,6 +81,11 @@ def extend(model: torch.nn.Module, context: CompressedContext, new_ids: torch.Te
     device = context.attention_mask.device
     new_ids = new_ids.to(device)
     n = new_ids.shape[1]
+    # the mask's width is the longest row's length (left padding): no device sync needed
+    end = context.attention_mask.shape[1] + n
+    check_positions(getattr(model, "config", None), end,
+                    what=f"{n} more tokens would take the context to {end} positions",
+                    fix="shorten the prompt or what is appended to it")
     positions = context.attention_mask.sum(-1, keepdim=True) + torch.arange(n, device=device)[None, :]
     mask = torch.cat([context.attention_mask, context.attention_mask.new_ones(batch, n)], dim=-1)
     out = model(
@@ -163,6 +169,12 @@ def continue_from(
         pad = getattr(model.generation_config, "pad_token_id", None)
     if pad is None:
         pad = eos[0] if eos else 0
+    fed = 0 if new_ids is None else (new_ids.shape[-1] if new_ids.dim() else 1)
+    end = context.attention_mask.shape[1] + fed + sampling.max_new_tokens - 1
+    check_positions(getattr(model, "config", None), end,
+                    what=(f"the context ({context.attention_mask.shape[1]} tokens), {fed} new tokens and up to "
+                          f"{sampling.max_new_tokens} generated ones reach position {end}"),
+                    fix="lower max_new_tokens or shorten the prompt")
     context = context.fork()  # never change the caller's context (no tensor copies)
     set_decode_budget(context, decode_budget, compress_every)
     warpers = _warpers(sampling)

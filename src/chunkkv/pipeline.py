@@ -36,7 +36,7 @@ from .context import CompressedContext, CompressionStats, mark_wrapper_layers
 from .errors import ChunkKVError, PromptError, UnsupportedModelError
 from .methods import FullKV, Method
 from .plan import LayerPlan, chunk_bounds, plan_layers, plan_prefill
-from .prompt import as_method, check_prompt, check_window, row_lengths
+from .prompt import as_method, check_positions, check_prompt, check_window, row_lengths
 from .prompting import instructions
 from .recompress import check_bounded_method, reselect
 from .scorers import LayerInputs
@@ -229,6 +229,7 @@ def compress(
     ):
         raise PromptError(f"prefill_chunk={prefill_chunk!r} must be a positive int (tokens per prefill chunk) or None")
     check_window(method, lengths_host)
+    check_positions(model.config, max(lengths_host))
     width = input_ids.shape[1]
     if not method.inline:
         # The scores need the whole prefill first (surprisal, scoring passes on the full cache).

@@ -191,22 +191,29 @@ def run(args: argparse.Namespace) -> int:
 def _run_prefill_memory(args: argparse.Namespace, device: torch.device) -> int:
     from pathlib import Path
 
-    from .prefill_memory import plot, report, run_prefill_memory
+    from ..cli_common import resolve_model
+    from .prefill_memory import plot, prefill_memory_store, report, run_prefill_memory
 
     contexts = args.contexts or [8192, 16384, 32768, 65536]
-    if any(c < 1 for c in args.prefill_chunks) or args.kv < 1:
+    if not args.prefill_chunks or any(c < 1 for c in args.prefill_chunks) or args.kv < 1:
         raise ChunkKVError("--prefill-chunks and --kv must be positive token counts")
-    model, label, _ = load(args, max(65536, max(contexts) + 1024))
-    _log(f"prefill memory: {label}, contexts {contexts}, C {args.prefill_chunks}, KV {args.kv}, "
-         f"{torch.get_num_threads()} threads")
-    rows = run_prefill_memory(
-        model, contexts, args.prefill_chunks, args.kv, args.out, quadratic_limit=args.quadratic_limit,
-        chunked_limit=args.chunked_limit, seed=args.seed, log=_log,
-    )
-    text = report(rows)
-    out = Path(args.out)
-    (out / "prefill_memory.md").write_text(text + "\n")
-    if not args.no_plots and rows:
-        plot(rows, out / "prefill_memory.png")
-    print(text)
-    return 0
+    if not is_random_model(args.model):
+        resolve_model(args)
+    # the folder is checked, held and its settings compared before the model loads
+    store = prefill_memory_store(args.out, model=ALIASES.get(args.model, args.model), dtype=args.dtype,
+                                 device=device.type, kept=args.kv, seed=args.seed, threads=torch.get_num_threads())
+    with store:
+        model, label, _ = load(args, max(65536, max(contexts) + 1024))
+        _log(f"prefill memory: {label}, contexts {contexts}, C {args.prefill_chunks}, KV {args.kv}, "
+             f"{torch.get_num_threads()} threads")
+        rows = run_prefill_memory(
+            model, contexts, args.prefill_chunks, args.kv, quadratic_limit=args.quadratic_limit,
+            chunked_limit=args.chunked_limit, seed=args.seed, store=store, log=_log,
+        )
+        text = report(rows)
+        out = Path(args.out)
+        (out / "prefill_memory.md").write_text(text + "\n")
+        if not args.no_plots and rows:
+            plot(rows, out / "prefill_memory.png")
+        print(text)
+        return 1 if store.say_incomplete() else 0

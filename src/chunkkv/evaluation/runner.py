@@ -32,7 +32,7 @@ from ..pipeline import compress, compress_from_capture, prefill
 from ..errors import ChunkKVError
 from ..generation import Sampling, continue_from, extend, set_decode_budget
 from ..methods import FullKV, Method, StreamingLLM
-from ..outputs import LOCK_NAME, OutputLock, check_output_dir
+from ..outputs import LOCK_NAME, OutputLock, check_output_dir, check_settings, incomplete_line
 from .base import EvalSample, Task, mean
 from .distributed import Shard
 from ..prompting import chat_template_available, encode_prompt
@@ -288,21 +288,9 @@ class Generator:
 
 
 def _check_run_file(out: Path, fingerprint: dict[str, Any], expected: int | None = None) -> None:
-    """Refuse to resume a folder written with other settings; record ours."""
-    path = out / "run.json"
-    if path.exists():
-        try:
-            saved = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            saved = None
-        if saved is not None and saved.get("config") != fingerprint:
-            old = saved.get("config", {})
-            diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
-            raise ChunkKVError(
-                f"{out} holds results of a run with other settings ({', '.join(diff)} differ); "
-                "use another --out, or --overwrite to start over"
-            )
-    write_json_atomic(path, {"config": fingerprint, "expected": expected})
+    """Refuse to resume a folder written with other settings; record ours (the rule every resumable
+    store follows: :func:`chunkkv.outputs.check_settings`)."""
+    check_settings(out, fingerprint, expected=expected)
 
 
 def _wait_for(store: RecordStore, ids: list[str], log_every: float = 300.0) -> None:
@@ -386,7 +374,8 @@ def run_eval(
             if prepare is not None:
                 prepare(model, tokenizer)
             generator = Generator(model, tokenizer, method, config)
-            _answer_all(task, generator, store, todo, config, shard, len(samples))
+            with _incomplete_on_error(store, ids, shard):
+                _answer_all(task, generator, store, todo, config, shard, len(samples))
         store.close()
         if not shard.is_main:
             return None
@@ -449,12 +438,15 @@ def run_eval_many(
             from tqdm.auto import tqdm
 
             wanted = [(i, s) for i, s in enumerate(samples) if any(i in t for t in todo.values())]
-            for index, sample in tqdm(wanted, desc=f"{config.task} x {len(methods)} methods",
-                                      disable=not config.progress, dynamic_ncols=True):
+            with contextlib.ExitStack() as said:
                 for n in methods:
-                    if index in todo[n]:
-                        out = generators[n](sample, seed=config.seed + index)
-                        stores[n].append(_record(task, sample, index, out, shard))
+                    said.enter_context(_incomplete_on_error(stores[n], ids, shard))
+                for index, sample in tqdm(wanted, desc=f"{config.task} x {len(methods)} methods",
+                                          disable=not config.progress, dynamic_ncols=True):
+                    for n in methods:
+                        if index in todo[n]:
+                            out = generators[n](sample, seed=config.seed + index)
+                            stores[n].append(_record(task, sample, index, out, shard))
         results: dict[str, dict[str, Any] | None] = {}
         for n in methods:
             stores[n].close()
@@ -466,6 +458,20 @@ def run_eval_many(
                 locks[n].upgrade()
             results[n] = finalize(stores[n], task, configs[n], methods[n], order=ids)
         return results
+
+
+@contextlib.contextmanager
+def _incomplete_on_error(store: RecordStore, ids: list[str], shard: Shard) -> Iterator[None]:
+    """A run that stops early (interrupted, or an error on some sample) says what it finished."""
+    try:
+        yield
+    except BaseException:
+        store.close()
+        mine = [i for k, i in enumerate(ids) if shard.owns(k)]
+        done = set(store.load())
+        extra = " (every rank, for a sharded run)" if shard.world > 1 else ""
+        print(incomplete_line(sum(1 for i in mine if i in done), len(mine), "samples", store.dir, extra), flush=True)
+        raise
 
 
 def _answer_all(task: Task, generator: Generator, store: RecordStore, todo: list[tuple[int, EvalSample]],
