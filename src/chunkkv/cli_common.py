@@ -128,17 +128,30 @@ def method_from_args(args: argparse.Namespace, num_layers: int | None = None, no
     return make_method(args.method, **params)
 
 
-def method_as_run(method: Method | None, args: argparse.Namespace, tokenizer, *, query_aware: bool) -> Method | None:
+def method_as_run(method: Method | None, args: argparse.Namespace, tokenizer, *, query_aware: bool,
+                  prompt_tokens: int | None = None) -> Method | None:
     """The method a command runs: compressed before the question, a scoring method gets the
     question-agnostic default (:func:`chunkkv.agnostic.agnostic_method`) unless ``--scoring`` is given,
-    and its sentence chunks unless a chunk flag is given. Query-aware runs keep the method."""
+    and its sentence chunks unless a chunk flag is given. Query-aware runs keep the method.
+
+    The default needs the whole prefill: with ``--prefill-chunk`` it applies only when the chunk
+    holds the whole prompt (``prompt_tokens``, when the command knows it); otherwise the method keeps
+    its window scoring, and a note on stdout says so."""
     from .agnostic import agnostic_method
 
     if query_aware or method is None:
         return method
     chunk_flags = any(getattr(args, name, None) is not None for name in ("chunk_size", "pooling", "kernel"))
-    return agnostic_method(method, getattr(args, "scoring", None), getattr(args, "prefill_chunk", None) is None,
-                           tokenizer, chunking=not chunk_flags)
+    chunk = getattr(args, "prefill_chunk", None)
+    one_pass = chunk is None or (prompt_tokens is not None and chunk >= prompt_tokens)
+    chosen = agnostic_method(method, getattr(args, "scoring", None), one_pass, tokenizer, chunking=not chunk_flags)
+    if not one_pass and getattr(args, "scoring", None) is None and chosen is not None and chosen.scores_tokens:
+        full = agnostic_method(method, None, True, tokenizer, chunking=not chunk_flags)
+        if full != chosen:
+            print(f"note: with --prefill-chunk {chunk}, {chosen.name} keeps its window scoring: the question-agnostic "
+                  f"default ({full.scoring}) scores after the whole prefill, which a chunked prefill never holds "
+                  "(--scoring window says so explicitly)")
+    return chosen
 
 
 TESTBED = "testbed"  # the --model value that means "the shipped testbed model"

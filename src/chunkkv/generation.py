@@ -20,6 +20,7 @@ from .errors import ChunkKVError, PromptError
 from .methods import ChunkKV, Method
 from .prompt import check_positions
 from .prompting import chat_template_available, render_prompt
+from .scorers import resolve_scorer
 
 
 @dataclass(frozen=True)
@@ -291,6 +292,10 @@ def generate(
         raise PromptError("the context is empty: give the text to compress")
     if not qs:
         raise PromptError("give at least one question")
+    if any(not isinstance(q, str) or not q.strip() for q in qs):
+        raise PromptError("a question is empty: give the text of every question")
+    if scoring is not None:
+        resolve_scorer(scoring)  # a misspelled scoring is an error even where no method scores (method=None)
     sampling = sampling or Sampling()
     if sampling.eos_token_id is None and tokenizer.eos_token_id is not None:
         sampling = Sampling(**{**sampling.__dict__, "eos_token_id": tokenizer.eos_token_id})

@@ -161,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
     for name in [*cfg.methods, cfg.decode_method]:  # unknown method names, before the model loads
         if name not in ("full", "none"):
             make_method(name, keep_fraction=cfg.budget)
+    _say_short_contexts(cfg)
     out = check_output_dir(args.out)
     with OutputLock(out, what=f"--out {out}"):  # a second bench on this folder is refused here
         if args.threads:
@@ -178,14 +179,33 @@ def run(args: argparse.Namespace) -> int:
         def save_partial(result: dict) -> None:
             partial.write_text(json.dumps(result, indent=1))
 
-        result = run_bench(model, cfg, progress=not args.no_progress, model_label=label, model_dir=folder, log=_log,
-                           on_section=save_partial)
+        try:
+            result = run_bench(model, cfg, progress=not args.no_progress, model_label=label, model_dir=folder,
+                               log=_log, on_section=save_partial)
+        except BaseException:
+            kept = f"; the sections it finished are in {partial}" if partial.exists() else ""
+            print(f"INCOMPLETE: the bench stopped before its end{kept}; run the same command again to measure "
+                  "everything (a bench starts over: its timings belong to one run)", flush=True)
+            raise
         partial.unlink(missing_ok=True)
 
         paths = write_outputs(result, args.out, plots=not args.no_plots)
     print(to_markdown(result))
     _log("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
+
+
+def _say_short_contexts(cfg: BenchConfig) -> None:
+    """Say on stdout, before the run, which methods a context too short for their window leaves out."""
+    from .runner import prefill_entries
+
+    entries = [e for e in prefill_entries(cfg, with_presets=cfg.peers) if e.compressed]
+    for context in cfg.contexts:
+        skipped = [e.name for e in entries if context <= e.method.window]
+        if skipped:
+            window = max(e.method.window for e in entries if e.name in skipped)
+            print(f"note: --contexts {context} is not longer than the observation window ({window} tokens), so "
+                  f"{', '.join(skipped)} cannot compress it: at that length only the full cache is measured")
 
 
 def _run_prefill_memory(args: argparse.Namespace, device: torch.device) -> int:

@@ -33,6 +33,7 @@ from ..errors import ChunkKVError
 from ..generation import Sampling, continue_from, extend, set_decode_budget
 from ..methods import FullKV, Method, StreamingLLM
 from ..outputs import LOCK_NAME, OutputLock, check_output_dir, check_settings, incomplete_line
+from ..prompt import position_limit
 from .base import EvalSample, Task, mean
 from .distributed import Shard
 from ..prompting import chat_template_available, encode_prompt
@@ -133,6 +134,10 @@ def _check_numbers(config: EvalConfig) -> None:
         raise ChunkKVError(f"--temperature {config.temperature} must be > 0 when sampling")
     if config.top_p is not None and not 0 < config.top_p <= 1:
         raise ChunkKVError(f"--top-p {config.top_p} must be in (0, 1]")
+    from ..synthetic import HAYSTACKS
+
+    if config.synthetic_haystack not in HAYSTACKS:
+        raise ChunkKVError(f"--synthetic-haystack {config.synthetic_haystack!r} is not one of {', '.join(HAYSTACKS)}")
 
 
 def describe_method(method: Method | None) -> dict[str, Any]:
@@ -293,6 +298,14 @@ def _check_run_file(out: Path, fingerprint: dict[str, Any], expected: int | None
     check_settings(out, fingerprint, expected=expected)
 
 
+def _check_lengths(config: EvalConfig, model: torch.nn.Module) -> None:
+    """Refuse context lengths the model has no positions for, before any sample runs."""
+    limit = position_limit(getattr(model, "config", None))
+    if limit is not None and config.lengths and max(config.lengths) > limit:
+        raise ChunkKVError(f"--lengths {max(config.lengths)} is longer than the model's {limit} positions "
+                           "(max_position_embeddings): its answers there would be garbage; give lengths within them")
+
+
 def _wait_for(store: RecordStore, ids: list[str], log_every: float = 300.0) -> None:
     """Block until every id has a record in some file of the folder (other ranks' shards)."""
     interval = float(os.environ.get("CHUNKKV_EVAL_POLL_SECONDS", "10"))
@@ -355,6 +368,7 @@ def run_eval(
         config.model_name = str(getattr(model, "name_or_path", "") or "")
     if config.model_max_positions is None:
         config.model_max_positions = getattr(model.config, "max_position_embeddings", None)
+    _check_lengths(config, model)
     task = build_task(config)
     with output_locks(config.out_dir, shard) as lock:
         store = RecordStore(config.out_dir, shard.rank, shard.world)
@@ -411,6 +425,7 @@ def run_eval_many(
         config = dataclasses.replace(config, model_name=str(getattr(model, "name_or_path", "") or ""))
     if config.model_max_positions is None:
         config = dataclasses.replace(config, model_max_positions=getattr(model.config, "max_position_embeddings", None))
+    _check_lengths(config, model)
     task = build_task(config)
     configs = {n: dataclasses.replace(config, out_dir=str(Path(config.out_dir) / n)) for n in methods}
     with contextlib.ExitStack() as stack:
