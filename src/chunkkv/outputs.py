@@ -150,9 +150,10 @@ def _write_holder(f) -> None:
 
 def _holder_text(lock_path: Path) -> str:
     try:
-        text = lock_path.read_text(encoding="utf-8").strip()
-    except OSError:
-        text = ""
+        lines = lock_path.read_text(encoding="utf-8").strip().splitlines()
+    except (OSError, UnicodeDecodeError):
+        lines = []
+    text = lines[-1].strip() if lines else ""  # the holder writes its own line last
     return f" ({text})" if text else ""
 
 
