@@ -59,7 +59,10 @@ def test_loaded_context_continues_exactly_like_memory(llama, tmp_path, case):
             if t is not None:
                 unique[t.data_ptr()] = t.numel() * t.element_size()
     index_bytes = sum(unique.values())
-    assert size == _kv_bytes(ctx) + extra + index_bytes + header_bytes(path)
+    # the last window queries of each scoring layer (a decode budget set after loading scores with them)
+    queries = [ctx.cache.layers[i].recent_queries for i in ctx.cache.pruned_layers]
+    query_bytes = sum(q.numel() * q.element_size() for q in queries if q is not None)
+    assert size == _kv_bytes(ctx) + extra + index_bytes + query_bytes + header_bytes(path)
     assert header_bytes(path) < 8192
     loaded = chunkkv.load_context(path, llama)
     assert loaded.cache.stored_lengths() == ctx.cache.stored_lengths()
@@ -295,10 +298,16 @@ def test_a_decode_budget_is_saved_and_restored(llama, tmp_path):
     for i in range(tokens.shape[1]):  # 40 tokens one at a time: several re-selections
         assert torch.equal(chunkkv.extend(llama, b, tokens[:, i:i + 1]), chunkkv.extend(llama, a, tokens[:, i:i + 1]))
     assert max(b.cache.stored_lengths()) <= 30 + 8 and a.cache.decode_budget.reselections > 0
-    # without a budget nothing is saved for one
+    # without a budget none is restored; one set after loading decodes as the same one set in memory
     plain = chunkkv.compress(llama, _prompt(seed=7), method=ChunkKV(keep_tokens=30, window=8))
     plain.save(tmp_path / "p.safetensors")
-    assert chunkkv.load_context(tmp_path / "p.safetensors", llama).cache.decode_budget is None
+    reloaded = chunkkv.load_context(tmp_path / "p.safetensors", llama)
+    assert reloaded.cache.decode_budget is None
+    a, b = plain.fork(), reloaded.fork()
+    chunkkv.set_decode_budget(a, 30, 8)
+    chunkkv.set_decode_budget(b, 30, 8)
+    for i in range(tokens.shape[1]):
+        assert torch.equal(chunkkv.extend(llama, b, tokens[:, i:i + 1]), chunkkv.extend(llama, a, tokens[:, i:i + 1]))
 
 
 def test_saving_with_another_model_is_refused(llama, tmp_path):

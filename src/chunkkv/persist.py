@@ -10,7 +10,8 @@ stopped:
   ``[B, vocab]``;
 * JSON metadata (key ``chunkkv``): format version, per-layer logical lengths and flags, the method
   (class name + fields, and its ``describe()`` line), the stats, the decode budget when one is set
-  (with ``layer.i.recent_queries``, the queries its next re-selection scores with), a fingerprint
+  (and ``layer.i.recent_queries``: the last queries a reuse leader saw, which a decode budget's next
+  re-selection scores with, so one set after loading decodes as it would in memory), a fingerprint
   of the model (config hash, dtype, layers, heads, head dim, a hash of a sample of every weight
   tensor) and a SHA-256 of every tensor's name, dtype, shape and bytes;
 * ``chunkkv_sha256``: a SHA-256 of the metadata text itself, so the header is checked as well as
@@ -187,7 +188,7 @@ def write_context(context: Any, path: str | os.PathLike, model: torch.nn.Module)
                 tensors[f"layer.{i}.valid"] = layer.valid.contiguous()
             if layer.kept_index is not None:
                 tensors[f"layer.{i}.kept_index"] = layer.kept_index.contiguous()
-            if budget is not None and layer.recent_queries is not None:
+            if layer.recent_queries is not None:  # what a decode budget's next re-selection scores with
                 tensors[f"layer.{i}.recent_queries"] = layer.recent_queries.contiguous()
         elif isinstance(layer, DynamicSlidingWindowLayer):
             entry.update(cumulative_length=layer.cumulative_length, sliding_window=layer.sliding_window)
