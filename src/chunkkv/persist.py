@@ -215,13 +215,17 @@ def write_context(context: Any, path: str | os.PathLike, model: torch.nn.Module)
         meta["decode_budget"] = {"keep": budget.keep, "every": budget.every, "method": _method_json(budget.method)}
     raw = json.dumps(meta)
     path = Path(path)
+    if path.is_dir():
+        raise ContextFileError(f"cannot write the context to {path}: it is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise ContextFileError(f"cannot write the context to {path}: the folder {path.parent} does not exist")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp),
                   metadata={_META_KEY: raw, _SUM_KEY: _header_digest(raw)})
         os.replace(tmp, path)
     except Exception as exc:  # OSError, or safetensors' own error for a folder / a missing folder
-        reason = getattr(exc, "strerror", None) or str(exc).split(" at path ")[0]
+        reason = getattr(exc, "strerror", None) or str(exc).split(" at path ")[0].split("I/O error: ")[-1]
         raise ContextFileError(f"cannot write the context to {path}: {reason}") from None
     finally:
         tmp.unlink(missing_ok=True)
