@@ -121,10 +121,10 @@ def set_decode_budget(
         # Re-selection while decoding scores with the recent queries: question-agnostic scoring
         # (chunkkv.agnostic) only ranks the prompt once, after its prefill.
         method = replace(method, scoring="window")
-    if isinstance(method, ChunkKV) and method.chunking != "fixed":
+    if isinstance(method, ChunkKV) and (method.chunking != "fixed" or method.digit_ids):
         # Boundary-aware chunks need the prompt's token ids, which a grown cache no longer lines
         # up with: re-selection cuts the fixed grid of the same chunk size.
-        method = replace(method, segmentation="fixed", boundary_ids=None)
+        method = replace(method, segmentation="fixed", boundary_ids=None, digit_ids=None)
     context._cache.set_decode_budget(method, decode_budget, every)
 
 

@@ -179,7 +179,9 @@ class Method:
             if f.name in ("keep_tokens", "keep_fraction", "remove_fraction"):
                 continue
             value = getattr(self, f.name)
-            if value != f.default:
+            if f.name == "digit_ids" and value:
+                parts.append("whole numbers")  # the tokenizer's digits: a chunk never cuts a number
+            elif value != f.default:
                 parts.append(f"{f.name}={len(value)} ids" if isinstance(value, frozenset) else f"{f.name}={value}")
         return f"{self.name}({', '.join(parts)})"
 
