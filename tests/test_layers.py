@@ -19,7 +19,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "chunkkv"
 
 #: The core, bottom layer first; a module may import only from layers below its own.
 LAYERS: list[set[str]] = [
-    {"errors"},
+    {"errors", "lazy"},
     {"names"},  # the names a user types (methods, scorings): no torch
     {"budget", "scoring", "boundaries", "prompting", "outputs"},  # pure kernels, tokenizer glue, output places
     {"selection"},

@@ -152,15 +152,10 @@ class Scorer:
     inline: ClassVar[bool] = False
     #: True when the scores need every prompt query, not just the window.
     needs_all_queries: ClassVar[bool] = False
-
-    @property
-    def needs_surprisal(self) -> bool:
-        return False
-
-    @property
-    def shared(self) -> bool:
-        """True when one row of scores serves every layer and head."""
-        return False
+    #: True when the scores need the prefill's final hidden states (each token's surprisal).
+    needs_surprisal: ClassVar[bool] = False
+    #: True when one row of scores serves every layer and head.
+    shared: ClassVar[bool] = False
 
     def passes(self) -> tuple[ScoringPass, ...]:
         """The scoring passes this scorer reads."""
@@ -221,13 +216,8 @@ class SurprisalScorer(Scorer):
     self-information): no extra tokens, one output projection over the prompt, the same scores for
     every layer and head."""
 
-    @property
-    def needs_surprisal(self) -> bool:
-        return True
-
-    @property
-    def shared(self) -> bool:
-        return True
+    needs_surprisal: ClassVar[bool] = True
+    shared: ClassVar[bool] = True
 
     def scores(self, inputs: LayerInputs, window: int) -> torch.Tensor:
         evidence = inputs.need_evidence("scoring='surprisal'")
@@ -264,7 +254,7 @@ class ReconstructionScorer(Scorer):
             raise ChunkKVError("last_only needs a depth (the share of the layers the pass runs through)")
 
     @property
-    def shared(self) -> bool:
+    def shared(self) -> bool:  # type: ignore[override]
         return self.depth is not None
 
     @property
@@ -341,11 +331,11 @@ class Combined(Scorer):
         return any(s.needs_all_queries for s, _ in self.parts)
 
     @property
-    def needs_surprisal(self) -> bool:
+    def needs_surprisal(self) -> bool:  # type: ignore[override]
         return any(s.needs_surprisal for s, _ in self.parts)
 
     @property
-    def shared(self) -> bool:
+    def shared(self) -> bool:  # type: ignore[override]
         return all(s.shared for s, _ in self.parts)
 
     def passes(self) -> tuple[ScoringPass, ...]:

@@ -398,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"LENGTH:TASKS:SAMPLES:all|headline;... (default {DEFAULT_PLAN})")
     parser.add_argument("--h2o-lengths", default="1024,2048", help="lengths where H2O runs ('' = none)")
     parser.add_argument("--full-only", action="store_true", help="only the full cache (task calibration)")
-    parser.add_argument("--grid", choices=["budgets", "chunked", "numbers"], default="budgets",
+    parser.add_argument("--grid", choices=["budgets", "chunked", "chunked-lookahead", "numbers"], default="budgets",
                         help="budgets: every method and budget (issue 10); chunked: ChunkKV one-shot vs chunked "
                              "prefill C=256/512/1024 at KV 128 and 10 %% (issue 11)")
     parser.add_argument("--speedup", type=int, default=0,
@@ -421,7 +421,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.full_only:
         specs = [GridSpec("budget", "full")]
     elif args.grid == "chunked":
-        specs = chunked_specs()
+        specs = chunked_specs(agnostic_chunks=(1024,))
+    elif args.grid == "chunked-lookahead":  # issue 24 without the chunk's-own-queries rows (issue 11's)
+        specs = chunked_specs(chunks=(), agnostic_chunks=(1024,))
     elif args.grid == "numbers":
         specs = number_specs()
     else:
