@@ -263,7 +263,7 @@ def _rewrite(path, edit):
     (lambda m: m.pop("layers"), "malformed"),
     (lambda m: m["stats"].update(bogus=1), "malformed"),
     (lambda m: m["method"].update(fields={"keep_tokens": -4}), "malformed"),
-    (lambda m: m.update(version=1), "version 1"),
+    (lambda m: m.update(version=1), "version 1"),  # a checksummed header of the first format: not what it wrote
 ], ids=["length-text", "length-short", "no-layers", "stats", "method", "version"])
 def test_a_malformed_header_with_a_valid_checksum_is_the_file_error(saved, llama, edit, message):
     _rewrite(saved, edit)
@@ -271,19 +271,29 @@ def test_a_malformed_header_with_a_valid_checksum_is_the_file_error(saved, llama
         chunkkv.load_context(saved, llama)
 
 
-def test_a_file_of_the_first_format_is_refused_clearly(saved, llama):
-    import json
+def test_a_file_of_the_first_format_still_loads_with_a_warning(llama):
+    """Contexts saved before format 2 (header not checksummed) still load (issue 21) and continue
+    exactly as a fresh compression; the warning says their header cannot be checked. The fixture was
+    written by the first format's code (commit 3608753) for tests/models.py's tiny Llama."""
+    from pathlib import Path
 
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    with safe_open(str(saved), framework="pt") as f:
-        meta = json.loads(f.metadata()["chunkkv"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    meta["version"] = 1
-    save_file(tensors, str(saved), metadata={"chunkkv": json.dumps(meta)})  # version 1 had no header checksum
-    with pytest.raises(ContextFileError, match="format version 1, this chunkkv reads version 2; recompress"):
-        chunkkv.load_context(saved, llama)
+    path = Path(__file__).parent / "fixtures" / "context-v1.ckv"
+    with pytest.warns(UserWarning, match="format 1, whose header carries no checksum"):
+        loaded = chunkkv.load_context(path, llama)
+    ids = _prompt(1, 120, seed=4)
+    fresh = chunkkv.compress(llama, ids, method=ChunkKV(keep_tokens=40, window=8, chunk_size=5, reuse_depth=2))
+    assert loaded.method == fresh.method
+    q, sampling = _prompt(1, 5, seed=5), chunkkv.Sampling(max_new_tokens=6)
+    got = chunkkv.continue_from(llama, loaded, q, sampling)
+    assert got.tolist() == [[235, 154, 124, 124, 124, 222]]  # what the first format's code decoded
+    assert torch.equal(got, chunkkv.continue_from(llama, fresh, q, sampling))
+    # its tensors are still checked
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01
+    broken = Path(__import__("tempfile").mkdtemp()) / "v1.ckv"
+    broken.write_bytes(bytes(data))
+    with pytest.warns(UserWarning), pytest.raises(ContextFileError, match="tensors do not match"):
+        chunkkv.load_context(broken, llama)
 
 
 def test_a_decode_budget_is_saved_and_restored(llama, tmp_path):

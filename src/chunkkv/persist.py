@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -48,6 +49,8 @@ from .scorers import scorer_from_json
 FORMAT = "chunkkv-context"
 #: 2: the metadata has its own checksum (``chunkkv_sha256``) and may hold a decode budget.
 VERSION = 2
+#: The first format (no header checksum, no decode budget): still read, with a warning.
+LEGACY_VERSION = 1
 _META_KEY = "chunkkv"
 _SUM_KEY = "chunkkv_sha256"
 # Config entries that do not change what the cache means (how the model was loaded, not what it is).
@@ -280,19 +283,21 @@ def _read(path: Path, device) -> tuple[dict, dict[str, torch.Tensor]]:
             f"{path} is not a readable chunkkv context (truncated, corrupted or another file type): {exc}"
         ) from None
     header_sum = metadata.get(_SUM_KEY)
+    legacy = False
     if header_sum is None:
         version = None
         try:
             version = json.loads(raw).get("version")
         except (json.JSONDecodeError, AttributeError):
             pass
-        if isinstance(version, int) and version < VERSION:
-            raise ContextFileError(
-                f"{path} was written in chunkkv context format version {version}, this chunkkv reads "
-                f"version {VERSION}; recompress the document with this version"
-            )
-        raise ContextFileError(f"{path} is corrupted: its header has no '{_SUM_KEY}' checksum")
-    if header_sum != _header_digest(raw):
+        if version != LEGACY_VERSION:
+            raise ContextFileError(f"{path} is corrupted: its header has no '{_SUM_KEY}' checksum")
+        # a context saved by the first format: its tensors are checksummed, its header is not
+        legacy = True
+        warnings.warn(f"{path} was saved in chunkkv context format {LEGACY_VERSION}, whose header carries no "
+                      "checksum: a damaged header cannot be told apart; save it again to get the checked format",
+                      stacklevel=3)
+    elif header_sum != _header_digest(raw):
         raise ContextFileError(
             f"{path} is corrupted: its header (the chunkkv metadata) does not match the checksum written when it was saved")
     try:
@@ -301,7 +306,7 @@ def _read(path: Path, device) -> tuple[dict, dict[str, torch.Tensor]]:
         raise ContextFileError(f"{path}: the chunkkv metadata is not valid JSON (the file is corrupted)") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ContextFileError(f"{path} is not a chunkkv context file (format {meta.get('format') if isinstance(meta, dict) else '?'!r})")
-    if meta.get("version") != VERSION:
+    if meta.get("version") != (LEGACY_VERSION if legacy else VERSION):
         raise ContextFileError(
             f"{path} was written in chunkkv context format version {meta.get('version')}, this chunkkv reads "
             f"version {VERSION}; recompress the document with this version"
