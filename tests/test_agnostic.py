@@ -495,7 +495,7 @@ def test_generate_and_cli_score_question_agnostically(capsys, tmp_path):
                  "--max-new-tokens", "4"])
     out = capsys.readouterr().out
     assert code == 0
-    assert "chunkkv(20% kept, scoring=probe)" in out and "+ probe scoring" in out
+    assert "chunkkv(20% kept, scoring=probe, whole numbers)" in out and "+ probe scoring" in out
     assert main(["generate", "--model", str(folder), "--context-file", str(doc), "--method", "streamingllm",
                  "--keep-fraction", "0.2", "--scoring", "probe"]) == 2
     assert "streamingllm does not score tokens" in capsys.readouterr().err

@@ -238,6 +238,8 @@ def test_segmentation_is_checked_and_defaults_to_the_old_behaviour():
         chunkkv.KVPressChunkKV(remove_fraction=0.5, **SENTENCE, peak_weight=0.2)
     with pytest.raises(ChunkKVError, match="chunk_reduce would be ignored"):
         chunkkv.KVPressChunkKV(remove_fraction=0.5, chunk_reduce="sum")
-    with pytest.raises(ChunkKVError, match="segmentation='sentence'.*one-shot prefill"):
-        chunkkv.compress(tiny_model("llama", num_hidden_layers=2), torch.randint(1, VOCAB, (1, 90)),
-                         method=chunkkv.ChunkKV(keep_tokens=30, window=4, **SENTENCE), prefill_chunk=32)
+    # in chunks, the sentence ends of what each layer holds are read by the held slots' prompt positions
+    ids = torch.randint(1, VOCAB, (1, 90))
+    ctx = chunkkv.compress(tiny_model("llama", num_hidden_layers=2), ids,
+                           method=chunkkv.ChunkKV(keep_tokens=30, window=4, **SENTENCE), prefill_chunk=32)
+    assert ctx.cache.stored_lengths() == [30, 30]

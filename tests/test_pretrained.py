@@ -150,3 +150,129 @@ def test_kept_positions(tiny_gguf, cache_dir):
     assert torch.equal(full.kept_positions(1), torch.arange(90))
     with pytest.raises(ValueError, match="out of range"):
         ctx.kept_positions(9)
+
+
+# --- issue 25 (E, I): the cache folder checked first, damaged entries reconverted, stale temp folders removed ----
+def _no_conversion(monkeypatch):
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the GGUF file was converted before the cache folder was checked")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+
+
+def test_an_unusable_cache_folder_is_refused_before_converting(tiny_gguf, tmp_path, monkeypatch, read_only_folder):
+    _no_conversion(monkeypatch)
+    afile = tmp_path / "a-file"
+    afile.write_text("x")
+    for cache, message in ((afile, "is a file, so no folder can be created"), (read_only_folder, "cannot (write in|create the folder)")):
+        monkeypatch.setenv("CHUNKKV_CACHE_DIR", str(cache))
+        with pytest.raises(ChunkKVError, match=f"the model cache CHUNKKV_CACHE_DIR.*{message}"):
+            pretrained.load_pretrained(tiny_gguf[0], device="cpu")
+
+
+def test_cli_reports_an_unusable_cache_folder_in_one_line(tiny_gguf, tmp_path):
+    afile = tmp_path / "a-file"
+    afile.write_text("x")
+    proc = subprocess.run(
+        [sys.executable, "-m", "chunkkv.cli", "generate", "--model", str(tiny_gguf[0]), "--method", "full",
+         "--question", "q?", "--max-new-tokens", "1"],
+        input="some context", capture_output=True, text=True, cwd=REPO,
+        env={**__import__("os").environ, "CHUNKKV_CACHE_DIR": str(afile), "PYTHONPATH": str(REPO / "src")},
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "the model cache CHUNKKV_CACHE_DIR" in lines[0] and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_a_damaged_cache_entry_is_reconverted_once(tiny_gguf, cache_dir, capsys, damage):
+    path, written = tiny_gguf
+    pretrained.load_pretrained(path, device="cpu")
+    (entry,) = (cache_dir / "gguf").iterdir()
+    weights = entry / "model.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    else:
+        weights.unlink()
+    capsys.readouterr()
+    model, _ = pretrained.load_pretrained(path, device="cpu")
+    err = capsys.readouterr().err
+    assert f"the cached conversion {entry} is damaged" in err and "converting tiny-llama.gguf again" in err
+    state = model.state_dict()
+    assert all(torch.equal(state[name], torch.from_numpy(value)) for name, value in written.items())
+    assert pretrained.folder_problem(entry) is None
+    pretrained.load_pretrained(path, device="cpu")
+    assert "damaged" not in capsys.readouterr().err  # once
+
+
+def test_a_conversion_killed_midway_leaves_nothing_for_long(tiny_gguf, cache_dir):
+    """E: a conversion killed while it writes leaves its temporary folder; the next conversion removes it.
+    A temporary folder another conversion is writing (its lock held) is left alone."""
+    import os
+
+    code = (
+        "import os, signal, sys, transformers\n"
+        "from chunkkv import pretrained\n"
+        "def killed(self, folder, *a, **k):\n"
+        "    open(os.path.join(folder, 'model.safetensors'), 'wb').write(b'half a model')\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "transformers.PreTrainedModel.save_pretrained = killed\n"
+        "pretrained.convert_gguf(pretrained.Path(sys.argv[1]))\n"
+    )
+    env = {**os.environ, "CHUNKKV_CACHE_DIR": str(cache_dir), "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.run([sys.executable, "-c", code, str(tiny_gguf[0])], env=env, capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr
+    left = [p for p in (cache_dir / "gguf").iterdir() if ".tmp-" in p.name]
+    assert len(left) == 1 and (left[0] / "model.safetensors").is_file()
+    # a live conversion's folder (its lock held by another process) stays
+    live = cache_dir / "gguf" / "other-model-0123.tmp-live"
+    live.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'w'); fcntl.flock(f, fcntl.LOCK_EX); "
+         "print('held', flush=True); sys.stdin.read()", str(live / ".chunkkv-converting")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    try:
+        pretrained.load_pretrained(tiny_gguf[0], device="cpu")
+        assert not left[0].exists() and live.is_dir()
+    finally:
+        holder.communicate("")
+
+
+def test_cached_weights_are_readable_like_any_new_file(tiny_gguf, cache_dir):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        pretrained.load_pretrained(tiny_gguf[0], device="cpu")
+    finally:
+        os.umask(old)
+    (entry,) = (cache_dir / "gguf").iterdir()
+    assert entry.stat().st_mode & 0o777 == 0o755
+    assert {p.name: p.stat().st_mode & 0o777 for p in entry.iterdir()} == {p.name: 0o644 for p in entry.iterdir()}
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("no-model-type", "Should have a `model_type` key"),
+    ("truncated-weights", "model.safetensors is truncated"),
+    ("no-tokenizer", "no tokenizer files"),
+])
+def test_model_folder_problems_are_clear_errors(tmp_path, damage, message):
+    """I: a config without model_type, truncated weights, no tokenizer: one clear error, not a traceback."""
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(REPO / "models" / "chunkkv-testbed", folder)
+    if damage == "no-model-type":
+        config = (folder / "config.json").read_text()
+        (folder / "config.json").write_text(config.replace('"model_type": "llama",', ""))
+    elif damage == "truncated-weights":
+        weights = folder / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100_000])
+    else:
+        for p in folder.glob("tokenizer*"):
+            p.unlink()
+    with pytest.raises(ChunkKVError, match=message):
+        pretrained.load_pretrained(folder, device="cpu")

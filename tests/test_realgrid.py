@@ -121,8 +121,9 @@ def test_report_tables_have_n_and_wilson_intervals(tmp_path):
 def test_chunked_rows_run_their_own_prefill_and_equal_one_shot_when_one_chunk(tok):
     from studies.real_grid.grid import chunked_specs
 
-    specs = chunked_specs(tokens=(64,), fractions=(), chunks=(100, 4096))
-    assert [s.key for s in specs] == ["full", "chunkkv/t64/c10/r1", "chunkkv/t64/c10/r1/p100", "chunkkv/t64/c10/r1/p4096"]
+    specs = chunked_specs(tokens=(64,), fractions=(), chunks=(100, 4096), lookahead=(100,), agnostic_fraction=None)
+    assert [s.key for s in specs] == ["full", "chunkkv/t64/c10/r1", "chunkkv/t64/c10/r1/p100", "chunkkv/t64/c10/r1/p4096",
+                                      "chunkkv/t64/c10/r1/p100/la"]
     model = tiny_model("llama", vocab_size=len(tok), num_hidden_layers=4)
     sample = make_samples(tok, "multikey", 400, 1)[0]
     records = {r["spec"]: r for r in run_sample(model, tok, sample, specs, window=16, boundary_ids=frozenset(),
@@ -132,6 +133,7 @@ def test_chunked_rows_run_their_own_prefill_and_equal_one_shot_when_one_chunk(to
     assert one_chunk["prediction"] == one_shot["prediction"] and one_chunk["kept_fraction"] == one_shot["kept_fraction"]
     assert "prefill_seconds" in chunked and "prefill_seconds" not in one_shot
     assert chunked["kept_fraction"] == one_shot["kept_fraction"]  # the same final budget
+    assert records["chunkkv/t64/c10/r1/p100/la"]["kept_fraction"] == one_shot["kept_fraction"]
 
 
 def test_chunked_report_pairs_the_same_samples():
@@ -146,6 +148,8 @@ def test_chunked_report_pairs_the_same_samples():
                 r["prefill_seconds"] = 1.0
             records.append(r)
     text = chunked_markdown(records, "tiny")
-    assert "| KV 128 | C = 512 | 25.0 (n=4, 5–70) |" in text
-    assert "| KV 128 | 3 / 0 (of 4) |" in text and "| 10 % | 0 / 1 (of 4) |" in text
+    assert "| KV 128 | C = 512, chunk's own queries | 25.0 (n=4, 5–70) |" in text
+    # paired against one-shot on the same samples: -75 points at KV 128 (3 lost), +25 at 10 % (1 gained)
+    assert "| KV 128 | C = 512, chunk's own queries | -75.0 pts" in text and "lost 3, gained 0 (of 4)" in text
+    assert "| 10 % | C = 512, chunk's own queries | +25.0 pts" in text and "lost 0, gained 1 (of 4)" in text
     assert "| KV 128 | 512 | 0.50 (n=4) |" in text

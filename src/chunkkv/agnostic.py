@@ -54,6 +54,8 @@ def agnostic_method(
     at the paper's chunking gets :data:`SENTENCE_CHUNKS` with the ``tokenizer``'s sentence ends
     (when a tokenizer is given and ``chunking``). Other methods are returned unchanged.
     """
+    if scoring is not None:
+        resolve_scorer(scoring)  # a misspelled name is an error even for a method that scores nothing
     if method is None or not method.scores_tokens:
         if scoring not in (None, "window") and method is not None:
             return replace(method, scoring=scoring)  # raises the method's own clear error

@@ -26,7 +26,7 @@ import torch
 from .attention import attach, compression_session
 from .cache import ChunkKVCache, PrunedLayer
 from .errors import ChunkKVError, PromptError, UnsupportedModelError
-from .prompt import check_prompt, row_lengths
+from .prompt import check_positions, check_prompt, row_lengths
 from .scorers import Evidence, LayerInputs, Scorer, resolve_scorer
 from .scoring import accumulated_attention_scores, first_token_surprisal, token_surprisal
 from .scoring_pass import run_pass
@@ -171,8 +171,9 @@ def capture_prefill(
     input_ids, attention_mask = check_prompt(input_ids, attention_mask)
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise ChunkKVError(f"window={window!r} must be an int >= 1 (queries to keep per layer)")
-    attach(model)
     lengths = row_lengths(attention_mask)
+    check_positions(model.config, max(lengths))
+    attach(model)
     width = input_ids.shape[1]
     cache = ChunkKVCache(model.config, prompt_length=width)
     if not cache.pruned_layers:

@@ -86,7 +86,7 @@ class RunningScores:
     """
 
     def __init__(self, model: torch.nn.Module, scorer: Scorer, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 instructions: Callable[[str], torch.Tensor] | None, compressed: list[int], block: int = 512) -> None:
+                 instructions: Callable[[str], torch.Tensor] | None, compressed: list[int], block: int = 256) -> None:
         if not chunkable(scorer):
             raise PromptError(
                 f"scoring={scorer.name!r} scores the whole context on the full cache, so it cannot run in chunks; "
@@ -140,8 +140,9 @@ class RunningScores:
             self._last_hidden = hidden[:, -1:]
             targets = self.input_ids[:, first:hi]
             pred = hidden_all[:, : targets.shape[1]]
-            for start in range(0, targets.shape[1], self.block):
-                stop = min(targets.shape[1], start + self.block)
+            step = max(1, self.block // 2)  # [step, vocab] logits at a time: part of one chunk's activations
+            for start in range(0, targets.shape[1], step):
+                stop = min(targets.shape[1], start + step)
                 logits = head(pred[:, start:stop]).float()
                 if softcap:
                     logits = torch.tanh(logits / softcap) * softcap

@@ -99,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ChunkKVError, FileNotFoundError) as exc:
         print(f"chunkkv {name}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # resumable runs have said what they finished (INCOMPLETE ...)
+        print(f"chunkkv {name}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

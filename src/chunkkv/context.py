@@ -8,6 +8,7 @@ loop serves every method.
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -142,7 +143,9 @@ class CompressedContext:
         """Write this context to a safetensors file; returns its size in bytes.
 
         Reload it with :func:`chunkkv.load_context` (same model, dtype and weights). ``model``
-        defaults to the one that compressed it. See :mod:`chunkkv.persist`.
+        defaults to the one that compressed it; another model is refused (the file would fit no
+        model). A decode budget set on the context is saved with it and restored on loading. The
+        file is written under a temporary name and renamed into place. See :mod:`chunkkv.persist`.
         """
         if model is None:
             model = self.source() if self.source is not None else None
@@ -240,6 +243,10 @@ def load_context(path: str | os.PathLike, model: torch.nn.Module) -> CompressedC
     saved for another model, dtype or checkpoint.
     """
     saved = read_context(path, model)
+    try:
+        stats = CompressionStats(**saved.stats)
+    except TypeError as exc:
+        raise ContextFileError(f"{path}: the chunkkv metadata is malformed (stats: {exc})") from None
     attach(model)  # decoding over a pruned cache needs chunkkv's attention
     return CompressedContext(saved.cache, saved.input_ids, saved.attention_mask, saved.next_logits, saved.method,
-                             CompressionStats(**saved.stats))
+                             stats, weakref.ref(model))

@@ -18,7 +18,9 @@ from .pipeline import compress
 from .context import CompressedContext
 from .errors import ChunkKVError, PromptError
 from .methods import ChunkKV, Method
+from .prompt import check_positions
 from .prompting import chat_template_available, render_prompt
+from .scorers import resolve_scorer
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,11 @@ def extend(model: torch.nn.Module, context: CompressedContext, new_ids: torch.Te
     device = context.attention_mask.device
     new_ids = new_ids.to(device)
     n = new_ids.shape[1]
+    # the mask's width is the longest row's length (left padding): no device sync needed
+    end = context.attention_mask.shape[1] + n
+    check_positions(getattr(model, "config", None), end,
+                    what=f"{n} more tokens would take the context to {end} positions",
+                    fix="shorten the prompt or what is appended to it")
     positions = context.attention_mask.sum(-1, keepdim=True) + torch.arange(n, device=device)[None, :]
     mask = torch.cat([context.attention_mask, context.attention_mask.new_ones(batch, n)], dim=-1)
     out = model(
@@ -114,10 +121,10 @@ def set_decode_budget(
         # Re-selection while decoding scores with the recent queries: question-agnostic scoring
         # (chunkkv.agnostic) only ranks the prompt once, after its prefill.
         method = replace(method, scoring="window")
-    if isinstance(method, ChunkKV) and method.chunking != "fixed":
+    if isinstance(method, ChunkKV) and (method.chunking != "fixed" or method.digit_ids):
         # Boundary-aware chunks need the prompt's token ids, which a grown cache no longer lines
         # up with: re-selection cuts the fixed grid of the same chunk size.
-        method = replace(method, segmentation="fixed", boundary_ids=None)
+        method = replace(method, segmentation="fixed", boundary_ids=None, digit_ids=None)
     context._cache.set_decode_budget(method, decode_budget, every)
 
 
@@ -163,6 +170,12 @@ def continue_from(
         pad = getattr(model.generation_config, "pad_token_id", None)
     if pad is None:
         pad = eos[0] if eos else 0
+    fed = 0 if new_ids is None else (new_ids.shape[-1] if new_ids.dim() else 1)
+    end = context.attention_mask.shape[1] + fed + sampling.max_new_tokens - 1
+    check_positions(getattr(model, "config", None), end,
+                    what=(f"the context ({context.attention_mask.shape[1]} tokens), {fed} new tokens and up to "
+                          f"{sampling.max_new_tokens} generated ones reach position {end}"),
+                    fix="lower max_new_tokens or shorten the prompt")
     context = context.fork()  # never change the caller's context (no tensor copies)
     set_decode_budget(context, decode_budget, compress_every)
     warpers = _warpers(sampling)
@@ -282,6 +295,10 @@ def generate(
         raise PromptError("the context is empty: give the text to compress")
     if not qs:
         raise PromptError("give at least one question")
+    if any(not isinstance(q, str) or not q.strip() for q in qs):
+        raise PromptError("a question is empty: give the text of every question")
+    if scoring is not None:
+        resolve_scorer(scoring)  # a misspelled scoring is an error even where no method scores (method=None)
     sampling = sampling or Sampling()
     if sampling.eos_token_id is None and tokenizer.eos_token_id is not None:
         sampling = Sampling(**{**sampling.__dict__, "eos_token_id": tokenizer.eos_token_id})

@@ -67,6 +67,9 @@ class Method:
     scores_tokens: ClassVar[bool] = False
     # What ``scoring="window"`` means for this method (None: it does not score tokens).
     own_scorer: ClassVar[Scorer | None] = None
+    # True when ``select`` reads the token ids of what a layer holds (``LayerInputs.input_ids``); a
+    # prefill gathers them only then. True unless a method says otherwise (a method of your own gets them).
+    needs_token_ids: ClassVar[bool] = True
 
     keep_tokens: int | None = None
     keep_fraction: float | None = None
@@ -130,13 +133,6 @@ class Method:
         return self.own_scorer if self.scoring == "window" else resolve_scorer(self.scoring)
 
     @property
-    def needs_token_ids(self) -> bool:
-        """True when :meth:`select` reads the token ids of what a layer holds (``LayerInputs.input_ids``);
-        a prefill gathers them only then. True unless a method says otherwise (so a method of your own
-        gets them)."""
-        return True
-
-    @property
     def needs_all_queries(self) -> bool:
         """True when scoring uses every prompt query (H2O), not just the window."""
         return self.scores_tokens and self.scorer.needs_all_queries
@@ -186,7 +182,9 @@ class Method:
             if f.name in ("keep_tokens", "keep_fraction", "remove_fraction"):
                 continue
             value = getattr(self, f.name)
-            if value != f.default:
+            if f.name == "digit_ids" and value:
+                parts.append("whole numbers")  # the tokenizer's digits: a chunk never cuts a number
+            elif value != f.default:
                 parts.append(f"{f.name}={len(value)} ids" if isinstance(value, frozenset) else f"{f.name}={value}")
         return f"{self.name}({', '.join(parts)})"
 
@@ -198,6 +196,7 @@ class _Scored(Method):
     uses_window_queries: ClassVar[bool] = True
     scores_tokens: ClassVar[bool] = True
     own_scorer: ClassVar[Scorer] = WindowScorer()
+    needs_token_ids: ClassVar[bool] = False
     pooling: str = "max"
     kernel: int = 7
 
@@ -209,10 +208,6 @@ class _Scored(Method):
             raise ChunkKVError(f"kernel={self.kernel!r} must be an int >= 1 (1 = no pooling)")
         if self.window < 1:
             raise ChunkKVError(f"{self.name} scores with the observation window: window must be >= 1, got {self.window}")
-
-    @property
-    def needs_token_ids(self) -> bool:
-        return False
 
     def scores(self, inputs: LayerInputs) -> torch.Tensor:
         """Row-relative pooled prefix scores ``[B, Hkv, T]`` (``-inf`` outside the prefix)."""
@@ -248,11 +243,9 @@ class StreamingLLM(Method):
     name: ClassVar[str] = "streamingllm"
     shared_across_heads: ClassVar[bool] = True
 
-    n_sink: int = 4
+    needs_token_ids: ClassVar[bool] = False
 
-    @property
-    def needs_token_ids(self) -> bool:
-        return False
+    n_sink: int = 4
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -272,10 +265,7 @@ class H2O(Method):
     scores_tokens: ClassVar[bool] = True
 
     own_scorer: ClassVar[Scorer] = AccumulatedScorer()
-
-    @property
-    def needs_token_ids(self) -> bool:
-        return False
+    needs_token_ids: ClassVar[bool] = False
 
     def select(self, inputs: LayerInputs) -> torch.Tensor:
         raw = self.raw_scores(inputs)

@@ -33,7 +33,7 @@ from .errors import ChunkKVError, PromptError
 from .inline import prefill_inline
 from .methods import FullKV, Method
 from .plan import plan_layers
-from .prompt import as_method, check_prompt, check_window, row_lengths
+from .prompt import as_method, check_positions, check_prompt, check_window, row_lengths
 from .prompting import instructions
 from .scorers import LayerInputs
 
@@ -191,12 +191,14 @@ def compress(
     ):
         raise PromptError(f"prefill_chunk={prefill_chunk!r} must be a positive int (tokens per prefill chunk) or None")
     check_window(method, lengths_host)
+    check_positions(model.config, max(lengths_host))
     width = input_ids.shape[1]
     if not method.inline and prefill_chunk is not None and prefill_chunk < width:
         # Question-agnostic scores kept chunk by chunk (the full cache is never held).
         running = RunningScores(model, method.scorer, input_ids, attention_mask,
                                 _instructions(tokenizer, chat_template, scoring_prompt),
-                                ChunkKVCache(model.config, prompt_length=width).pruned_layers, scoring_block)
+                                ChunkKVCache(model.config, prompt_length=width).pruned_layers,
+                                min(scoring_block, max(64, prefill_chunk // 4)))  # a bounded pass: blocks within a chunk
         return prefill_inline(model, input_ids, attention_mask, method, lengths_host, prefill_chunk=prefill_chunk,
                               measure=measure, running=running)
     if not method.inline:

@@ -9,6 +9,11 @@ an ordinary Hugging Face folder (safetensors + config + tokenizer), keyed by the
 and the dtype; later loads read that folder and take seconds.
 
 Cache directory: ``$CHUNKKV_CACHE_DIR``, else ``$XDG_CACHE_HOME/chunkkv``, else ``~/.cache/chunkkv``.
+It is checked before a conversion starts (a read-only place, or a file, is one clear error, not a
+traceback after the conversion). A conversion writes a temporary folder (``<entry>.tmp-*``,
+holding a lock while it is written) and renames it into place, so concurrent loads never see half
+an entry; a temporary folder left by a killed conversion is removed by the next one. A cache
+entry whose weights are missing or truncated is reported and converted again, once.
 """
 
 from __future__ import annotations
@@ -18,13 +23,21 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .errors import ChunkKVError
+from .outputs import check_output_dir, make_shareable
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not on Linux/macOS
+    fcntl = None
 
 GGUF_MAGIC = b"GGUF"
 
@@ -198,21 +211,135 @@ def converted_folder(path: Path, dtype: torch.dtype, digest: str | None = None) 
     return cache_root() / "gguf" / f"{path.stem}-{digest[:16]}-{str(dtype).removeprefix('torch.')}"
 
 
-def _is_converted(folder: Path) -> bool:
-    return (folder / "config.json").is_file() and bool(list(folder.glob("*.safetensors")))
+def _cache_flag() -> str:
+    """How messages name the cache folder."""
+    if os.environ.get("CHUNKKV_CACHE_DIR"):
+        return "the model cache CHUNKKV_CACHE_DIR"
+    return "the model cache (set CHUNKKV_CACHE_DIR to use another folder)"
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why a ``.safetensors`` file cannot be loaded whole (truncated, not safetensors), or None.
+
+    Reads the header only: the tensors' byte ranges must end exactly at the end of the file.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"{path.name} is empty or truncated ({size} bytes)"
+            n = int.from_bytes(head, "little")
+            if n <= 0 or 8 + n > size:
+                return f"{path.name} is truncated or not a safetensors file (its header runs past the end)"
+            header = json.loads(f.read(n))
+    except OSError as exc:
+        return f"{path.name} cannot be read ({exc.strerror or exc})"
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return f"{path.name} has a damaged header (not a safetensors file?)"
+    if not isinstance(header, dict):
+        return f"{path.name} has a damaged header"
+    ends = [v["data_offsets"][1] for k, v in header.items()
+            if k != "__metadata__" and isinstance(v, dict) and isinstance(v.get("data_offsets"), list)
+            and len(v["data_offsets"]) == 2]
+    data = size - 8 - n
+    if max(ends, default=0) > data:
+        return f"{path.name} is truncated: {size} bytes, its tensors need {8 + n + max(ends)}"
+    return None
+
+
+def folder_problem(folder: Path, tokenizer: bool = True) -> str | None:
+    """Why a model folder (a cache entry or the user's) cannot be loaded, or None: no config, no
+    weights, truncated weights, no tokenizer files."""
+    if not (folder / "config.json").is_file():
+        return "no config.json"
+    shards = sorted(folder.glob("*.safetensors"))
+    if not shards and not list(folder.glob("*.bin")):
+        return "no weights (*.safetensors or *.bin)"
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            wanted = set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values())
+        except (json.JSONDecodeError, OSError, AttributeError):
+            return "model.safetensors.index.json is damaged"
+        missing = sorted(w for w in wanted if not (folder / w).is_file())
+        if missing:
+            return f"weight files listed in model.safetensors.index.json are missing ({', '.join(missing[:3])})"
+    for shard in shards:
+        problem = safetensors_problem(shard)
+        if problem:
+            return problem
+    if tokenizer and not any((folder / name).is_file() for name in (
+            "tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json", "spiece.model")):
+        return "no tokenizer files (tokenizer.json, tokenizer.model, vocab.json ...)"
+    return None
+
+
+_TMP = ".tmp-"
+_TMP_LOCK = ".chunkkv-converting"
+
+
+def remove_stale_conversions(folder: Path, grace: float = 600.0) -> list[Path]:
+    """Remove temporary folders (``*.tmp-*``) that conversions killed midway left in ``folder``.
+
+    A conversion holds a lock on a file inside its temporary folder while it writes; a folder whose
+    lock can be taken belongs to no running process. One without a lock file (a conversion by an
+    older chunkkv, or one a moment after it started) is removed once it is ``grace`` seconds old.
+    Returns the folders removed.
+    """
+    removed = []
+    try:
+        candidates = [p for p in folder.iterdir() if _TMP in p.name and p.is_dir()]
+    except OSError:
+        return removed
+    for tmp in candidates:
+        lock = tmp / _TMP_LOCK
+        stale = False
+        try:
+            if lock.is_file() and fcntl is not None:
+                with open(lock, "a") as f:
+                    try:
+                        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        stale = True
+                    except BlockingIOError:
+                        stale = False  # a conversion is writing it now
+            else:
+                stale = time.time() - tmp.stat().st_mtime > grace
+        except OSError:
+            continue
+        if stale:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not tmp.exists():
+                removed.append(tmp)
+    return removed
 
 
 def convert_gguf(path: Path, dtype: torch.dtype = torch.float32) -> Path:
     """Dequantize a GGUF model once into a cached Hugging Face folder and return that folder.
 
     The folder is written under a temporary name and renamed into place, so concurrent loads never
-    see half a cache entry.
+    see half a cache entry. An entry whose weights are missing or truncated is converted again
+    (once, with a message); a read-only cache folder is refused before converting.
     """
     path = Path(path).expanduser().resolve()
     target = converted_folder(path, dtype)
-    if _is_converted(target):
-        return target
+    if target.parent.is_dir():
+        remove_stale_conversions(target.parent)
+    if target.exists():
+        problem = folder_problem(target)
+        if problem is None:
+            return target
+        print(f"chunkkv: the cached conversion {target} is damaged ({problem}); converting {path.name} again",
+              file=sys.stderr, flush=True)
     check_gguf(path)
+    # the cache must take the entry before 25 s of conversion are spent
+    check_output_dir(target.parent, _cache_flag())
+    if target.exists() and folder_problem(target) is not None:  # not re-made meanwhile by another process
+        try:
+            shutil.rmtree(target)
+        except OSError as exc:
+            raise ChunkKVError(f"{_cache_flag()}: cannot remove the damaged entry {target} "
+                               f"({exc.strerror or exc}); delete it by hand") from None
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -235,21 +362,40 @@ def convert_gguf(path: Path, dtype: torch.dtype = torch.float32) -> Path:
     plain = AutoModelForCausalLM.from_config(plain_config, dtype=dtype)
     plain.load_state_dict(gguf_model.state_dict(), strict=True)
     plain.generation_config = gguf_model.generation_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the cache entry is an ordinary shared folder
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=target.name + _TMP, dir=target.parent))
+    except OSError as exc:
+        raise ChunkKVError(f"{_cache_flag()}: cannot write in {target.parent} ({exc.strerror or exc})") from None
+    lock = None
+    try:
+        lock = open(tmp / _TMP_LOCK, "w")
+        if fcntl is not None:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # this folder is being written (see remove_stale_conversions)
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "chunkkv-source.json").write_text(
             json.dumps({"gguf_file": str(path), "sha256": file_digest(path), "dtype": str(dtype)}, indent=1)
         )
+        lock.close()
+        lock = None
+        (tmp / _TMP_LOCK).unlink(missing_ok=True)
+        for item in tmp.iterdir():  # save_pretrained's safetensors files are private (0600)
+            make_shareable(item)
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache entry is an ordinary shared folder
+        problem = folder_problem(tmp)
+        if problem is not None:
+            raise ChunkKVError(f"{_cache_flag()}: the conversion of {path.name} wrote an unusable folder ({problem})")
         try:
             os.replace(tmp, target)
         except OSError:
-            if not (target / "config.json").is_file():  # not another process's finished entry
+            if folder_problem(target) is not None:  # not another process's finished entry
                 raise
+    except OSError as exc:
+        raise ChunkKVError(f"{_cache_flag()}: cannot write the converted model to {target.parent} "
+                           f"({exc.strerror or exc})") from None
     finally:
+        if lock is not None:
+            lock.close()
         shutil.rmtree(tmp, ignore_errors=True)
     return target
 
@@ -275,6 +421,9 @@ def resolve_source(name_or_path: str | os.PathLike) -> tuple[str, Path | None]:
         weights = list(path.glob("*.safetensors")) + list(path.glob("*.bin")) + list(path.glob("*.safetensors.index.json"))
         if not weights:
             raise ChunkKVError(f"{text} has a config.json but no weights (*.safetensors or *.bin)")
+        problem = folder_problem(path, tokenizer=False)  # the tokenizer is checked when it loads
+        if problem is not None:
+            raise ChunkKVError(f"{text} cannot be loaded: {problem}")
         return "folder", path
     if text.startswith((".", "/", "~")) or text.count("/") > 1 or (path.parts and Path(path.parts[0]).is_dir()):
         # A hub id is "org/name"; a missing path under an existing local folder is a typo, not a hub id.
@@ -290,7 +439,7 @@ def _cached_known_model(name_or_path, dtype: torch.dtype) -> Path | None:
         return None
     _check_wheels(str(name_or_path), entry)
     folder = converted_folder(Path(entry.file), dtype, entry.sha256)
-    return folder if _is_converted(folder) else None
+    return folder if folder.is_dir() and folder_problem(folder) is None else None
 
 
 def load_pretrained(
@@ -330,9 +479,25 @@ def load_pretrained(
         kwargs["device_map"] = device_map
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:  # no model_type, an unknown architecture, unreadable weights
+        raise ChunkKVError(f"could not load model {name_or_path}: {_first_line(exc)}") from None
+    except Exception as exc:  # safetensors' own error for a damaged weights file
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        raise ChunkKVError(f"could not load model {name_or_path}: its weights are damaged ({_first_line(exc)})") from None
+    try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-    except OSError as exc:
-        raise ChunkKVError(f"could not load model {name_or_path}: {exc}") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        if Path(source).is_dir() and folder_problem(Path(source)) is not None:
+            raise ChunkKVError(f"could not load the tokenizer of {name_or_path}: {folder_problem(Path(source))}") from None
+        raise ChunkKVError(f"could not load the tokenizer of {name_or_path}: {_first_line(exc)}") from None
+    if tokenizer is None or isinstance(tokenizer, bool):
+        raise ChunkKVError(f"{name_or_path} has no tokenizer files (tokenizer.json or tokenizer.model)")
     if not device_map:
         model = model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return model.eval(), tokenizer
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

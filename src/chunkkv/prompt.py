@@ -88,12 +88,49 @@ def check_window(method: Method, lengths: list[int]) -> None:
         )
 
 
-def check_positions(config, width: int) -> None:
-    """Raise :class:`PromptError` when a prompt of ``width`` tokens is longer than the model's positions."""
+def _rope_reach(params, limit: int) -> int | None:
+    """Positions a RoPE scaling setting stretches ``limit`` to (None: no fixed end, e.g. dynamic NTK)."""
+    if not isinstance(params, dict):
+        return limit
+    if params and all(isinstance(v, dict) for v in params.values()):  # per layer type (Gemma 3)
+        reaches = [_rope_reach(v, limit) for v in params.values()]
+        return None if any(r is None for r in reaches) else max(reaches, default=limit)
+    kind = params.get("rope_type") or params.get("type") or "default"
+    if kind == "dynamic":
+        return None
+    factor = params.get("factor")
+    if kind == "default" or not isinstance(factor, (int, float)) or factor <= 1:
+        return limit
+    original = params.get("original_max_position_embeddings")
+    base = original if isinstance(original, int) and original > 0 else limit
+    return max(limit, int(base * factor))
+
+
+def position_limit(config) -> int | None:
+    """The positions a model can attend over: ``max_position_embeddings``, stretched by a RoPE
+    scaling setting (YaRN, linear, longrope, llama3: ``original_max_position_embeddings x factor``);
+    None when the config gives no limit."""
+    if config is None:
+        return None
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     limit = getattr(text, "max_position_embeddings", None)
-    if isinstance(limit, int) and 0 < limit < width:
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
+        return None
+    for name in ("rope_parameters", "rope_scaling"):
+        params = getattr(text, name, None)
+        if isinstance(params, dict) and params:
+            return _rope_reach(params, limit)
+    return limit
+
+
+def check_positions(config, width: int, *, what: str | None = None, fix: str = "shorten the prompt") -> None:
+    """Raise :class:`PromptError` when ``width`` tokens (a prompt, or a prompt and what follows it)
+    reach past the model's positions (:func:`position_limit`): past them a model's answers are
+    garbage, and nothing else would say so."""
+    limit = position_limit(config)
+    if limit is not None and width > limit:
+        head = what or f"the prompt has {width} tokens"
         raise PromptError(
-            f"the prompt has {width} tokens but the model was trained on at most {limit} positions "
-            "(max_position_embeddings): its answers past that are garbage; shorten the prompt"
+            f"{head}, but the model was trained on at most {limit} positions (max_position_embeddings): "
+            f"past them its output is garbage; {fix}"
         )

@@ -54,18 +54,22 @@ class ScoringPass:
         depth: run and score only the first ``depth`` share of the compressed layers (rounded up);
             the forward stops after the last of them. None: every layer a method asks for.
         reduce: ``"max"`` (the largest attention a token receives) or ``"sum"``.
+        last_only: with ``depth``, score only the last of those layers (the others run the model's own
+            attention, which is cheaper than computing the scores).
     """
 
     instruction: str
     repeat: bool
     depth: float | None
     reduce: str
+    last_only: bool = False
 
     def layers(self, compressed: list[int], asked: list[int]) -> list[int]:
         """The layers this pass scores: the first ``depth`` share of ``compressed``, else ``asked``."""
         if self.depth is None:
             return list(asked)
-        return list(compressed[: max(1, math.ceil(len(compressed) * self.depth))]) if compressed else []
+        first = list(compressed[: max(1, math.ceil(len(compressed) * self.depth))]) if compressed else []
+        return first[-1:] if self.last_only else first
 
 
 @dataclass
@@ -151,15 +155,10 @@ class Scorer:
     inline: ClassVar[bool] = False
     #: True when the scores need every prompt query, not just the window.
     needs_all_queries: ClassVar[bool] = False
-
-    @property
-    def needs_surprisal(self) -> bool:
-        return False
-
-    @property
-    def shared(self) -> bool:
-        """True when one row of scores serves every layer and head."""
-        return False
+    #: True when the scores need the prefill's final hidden states (each token's surprisal).
+    needs_surprisal: ClassVar[bool] = False
+    #: True when one row of scores serves every layer and head.
+    shared: ClassVar[bool] = False
 
     def passes(self) -> tuple[ScoringPass, ...]:
         """The scoring passes this scorer reads."""
@@ -220,13 +219,8 @@ class SurprisalScorer(Scorer):
     self-information): no extra tokens, one output projection over the prompt, the same scores for
     every layer and head."""
 
-    @property
-    def needs_surprisal(self) -> bool:
-        return True
-
-    @property
-    def shared(self) -> bool:
-        return True
+    needs_surprisal: ClassVar[bool] = True
+    shared: ClassVar[bool] = True
 
     def scores(self, inputs: LayerInputs, window: int) -> torch.Tensor:
         evidence = inputs.need_evidence("scoring='surprisal'")
@@ -246,25 +240,29 @@ class ReconstructionScorer(Scorer):
         sink: the row's first ``sink`` real tokens score the row's maximum (the copy queries ignore
             the prompt's head, and a cache without it loses a chat template's opening).
         instruction: fed before the repeated context.
+        last_only: with ``depth``, the scores of the last of those layers only.
     """
 
     depth: float | None = None
     sink: int = 0
     instruction: str = REPEAT
+    last_only: bool = False
 
     def __post_init__(self) -> None:
         if self.depth is not None and not 0 < self.depth <= 1:
             raise ChunkKVError(f"depth={self.depth} must be in (0, 1] (the share of the layers scored) or None")
         if self.sink < 0:
             raise ChunkKVError(f"sink={self.sink} must be >= 0")
+        if self.last_only and self.depth is None:
+            raise ChunkKVError("last_only needs a depth (the share of the layers the pass runs through)")
 
     @property
-    def shared(self) -> bool:
+    def shared(self) -> bool:  # type: ignore[override]
         return self.depth is not None
 
     @property
     def scoring_pass(self) -> ScoringPass:
-        return ScoringPass(self.instruction, repeat=True, depth=self.depth, reduce="max")
+        return ScoringPass(self.instruction, repeat=True, depth=self.depth, reduce="max", last_only=self.last_only)
 
     def passes(self) -> tuple[ScoringPass, ...]:
         return (self.scoring_pass,)
@@ -336,11 +334,11 @@ class Combined(Scorer):
         return any(s.needs_all_queries for s, _ in self.parts)
 
     @property
-    def needs_surprisal(self) -> bool:
+    def needs_surprisal(self) -> bool:  # type: ignore[override]
         return any(s.needs_surprisal for s, _ in self.parts)
 
     @property
-    def shared(self) -> bool:
+    def shared(self) -> bool:  # type: ignore[override]
         return all(s.shared for s, _ in self.parts)
 
     def passes(self) -> tuple[ScoringPass, ...]:

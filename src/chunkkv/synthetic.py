@@ -41,6 +41,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
+from .errors import ChunkKVError
+
 __all__ = [
     "TASKS",
     "HAYSTACKS",
@@ -308,7 +310,7 @@ class _Counter:
 def _haystack(rng: random.Random, kind: str, budget: int, counter: _Counter) -> tuple[list[str], list[int]]:
     """Sentences whose token counts add up to at most ``budget`` (and as close as possible)."""
     if kind not in HAYSTACKS:
-        raise ValueError(f"haystack must be one of {HAYSTACKS}, got {kind!r}")
+        raise ChunkKVError(f"haystack must be one of {', '.join(HAYSTACKS)}, got {kind!r}")
     sentences: list[str] = []
     counts: list[int] = []
     total = 0

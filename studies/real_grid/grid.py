@@ -36,7 +36,7 @@ from chunkkv.errors import ChunkKVError
 from chunkkv.evaluation.store import read_jsonl
 from chunkkv.generation import Sampling, continue_from
 from chunkkv.methods import make_method
-from chunkkv.agnostic import agnostic_method
+from chunkkv.agnostic import agnostic_method, keep_numbers_whole
 from chunkkv.pipeline import compress, compress_from_capture
 from chunkkv.prompting import instructions
 from chunkkv.pretrained import load_pretrained
@@ -51,7 +51,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ["streamingllm", "h2o", "snapkv", "pyramidkv", "chunkkv"]
 FRACTIONS = [0.05, 0.1, 0.2, 0.3]
 TOKENS = [64, 128, 256, 512]
-MAX_NEW = {"niah_paper": 16, "niah_nl": 10, "multikey": 6, "vt": 6, "icl": 4}
+MAX_NEW = {"niah_paper": 16, "niah_nl": 10, "niah_number": 10, "multikey": 6, "vt": 6, "icl": 4}
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,7 @@ class GridSpec:
     prefill_chunk: int | None = None  # chunked prefill (own forward, not served from the capture)
     lookahead: bool = False  # chunked: each chunk scored by the prompt's last window fed early
     scoring: str | None = None  # a scoring name, or "default": the question-agnostic default
+    numbers: bool = False  # ChunkKV never cuts a number written digit by digit (digit_ids)
 
     @property
     def key(self) -> str:
@@ -91,6 +92,8 @@ class GridSpec:
             parts.append("la")
         if self.scoring is not None:
             parts.append(f"s{self.scoring}")
+        if self.numbers:
+            parts.append("num")
         return "/".join(parts)
 
     def build(self, window: int, boundary_ids: frozenset[int] | None, tokenizer=None):
@@ -103,6 +106,8 @@ class GridSpec:
         if self.boundaries:
             params["boundary_ids"] = boundary_ids
         method = make_method(self.method, **params)
+        if self.numbers:
+            method = keep_numbers_whole(method, tokenizer)
         if self.scoring == "default":  # what question-agnostic generate runs: hybrid, sentence chunks
             return agnostic_method(method, None, tokenizer)
         return method if self.scoring is None else agnostic_method(method, self.scoring)
@@ -149,6 +154,16 @@ def chunked_specs(tokens=(128,), fractions=(0.1,), chunks=(512, 1024), lookahead
         specs += [GridSpec("chunked", "chunkkv", keep_fraction=agnostic_fraction, agnostic=True, scoring="default",
                            prefill_chunk=c) for c in agnostic_chunks]
     return specs
+
+
+def number_specs() -> list[GridSpec]:
+    """Issue 24 item 6: ChunkKV with and without whole numbers, query-aware at KV 128 and
+    question-agnostic (the default) at 20 %."""
+    return [GridSpec("numbers", "full"),
+            GridSpec("numbers", "chunkkv", keep_tokens=128, chunk_size=10, reuse_depth=1),
+            GridSpec("numbers", "chunkkv", keep_tokens=128, chunk_size=10, reuse_depth=1, numbers=True),
+            GridSpec("numbers", "chunkkv", keep_fraction=0.2, agnostic=True, scoring="default"),
+            GridSpec("numbers", "chunkkv", keep_fraction=0.2, agnostic=True, scoring="default", numbers=True)]
 
 
 def _span_tokens(tokenizer, text: str, needle: str | None) -> list[int]:
@@ -265,7 +280,7 @@ def _load_done(path: Path) -> set[tuple]:
 def is_headline(spec: GridSpec) -> bool:
     """The rows run at every length: full, KV 128 and 10 % of every method, fixed ChunkKV at 5 %
     (against boundary-aware chunks), boundary-aware chunks and the question-agnostic row."""
-    if spec.group in ("boundary", "agnostic", "chunked") or spec.method == "full":
+    if spec.group in ("boundary", "agnostic", "chunked", "numbers") or spec.method == "full":
         return True
     if spec.group != "budget":
         return False
@@ -383,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"LENGTH:TASKS:SAMPLES:all|headline;... (default {DEFAULT_PLAN})")
     parser.add_argument("--h2o-lengths", default="1024,2048", help="lengths where H2O runs ('' = none)")
     parser.add_argument("--full-only", action="store_true", help="only the full cache (task calibration)")
-    parser.add_argument("--grid", choices=["budgets", "chunked"], default="budgets",
+    parser.add_argument("--grid", choices=["budgets", "chunked", "chunked-lookahead", "numbers"], default="budgets",
                         help="budgets: every method and budget (issue 10); chunked: ChunkKV one-shot vs chunked "
                              "prefill C=256/512/1024 at KV 128 and 10 %% (issue 11)")
     parser.add_argument("--speedup", type=int, default=0,
@@ -406,7 +421,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.full_only:
         specs = [GridSpec("budget", "full")]
     elif args.grid == "chunked":
-        specs = chunked_specs()
+        specs = chunked_specs(agnostic_chunks=(1024,))
+    elif args.grid == "chunked-lookahead":  # issue 24 without the chunk's-own-queries rows (issue 11's)
+        specs = chunked_specs(chunks=(), agnostic_chunks=(1024,))
+    elif args.grid == "numbers":
+        specs = number_specs()
     else:
         specs = default_specs(num_layers)
     out = Path(args.out)

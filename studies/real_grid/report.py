@@ -349,55 +349,104 @@ def plots(s: dict, out: Path) -> list[str]:
 CHUNKED_BEGIN, CHUNKED_END = "<!-- chunked:begin -->", "<!-- chunked:end -->"
 
 
+def paired_difference(pairs: list[tuple[float, float]]) -> str:
+    """``"-3.3 pts (-9.9 to +3.3); lost 4, gained 2 (of 60)"`` for (reference, other) 0/1 pairs: the
+    difference in accuracy, other minus reference, with a 95 % normal interval on the paired
+    differences, and the discordant counts."""
+    n = len(pairs)
+    if not n:
+        return "–"
+    diffs = [b - a for a, b in pairs]
+    mean = sum(diffs) / n
+    var = sum((d - mean) ** 2 for d in diffs) / max(1, n - 1)
+    half = 1.96 * (var / n) ** 0.5
+    lost, gained = sum(a > b for a, b in pairs), sum(b > a for a, b in pairs)
+    return (f"{100 * mean:+.1f} pts ({100 * (mean - half):+.1f} to {100 * (mean + half):+.1f}); "
+            f"lost {lost}, gained {gained} (of {n})")
+
+
 def chunked_markdown(records: list[dict[str, Any]], model: str) -> str:
-    """Issue 11's quality cost of chunked prefill (``python -m studies.real_grid run --grid chunked``): per task group and
-    budget, one-shot vs chunked ``C`` per length (Wilson intervals), the paired differences, and
-    the prefill time of each chunked run over the one-shot prefill of the same sample."""
+    """The quality cost of chunked prefill (``python -m studies.real_grid run --grid chunked``; issues 11
+    and 24): per task group, budget and length, one-shot against chunked prefill of ``C`` tokens scored
+    by each chunk's own last queries (issue 11) and by the prompt's last window fed early (the
+    look-ahead, issue 24), and the question-agnostic default one-shot and chunked; Wilson intervals,
+    paired differences against one-shot on the same samples, and the prefill time ratios."""
     for r in records:
         r["L"] = _nominal(r["length"])
     lengths = sorted({r["L"] for r in records})
-    groups = {"NIAH (niah_paper + niah_nl)": ["niah_paper", "niah_nl"], "multikey": ["multikey"]}
-    chunks = sorted({int(r["spec"].rsplit("/p", 1)[1]) for r in records if "/p" in r["spec"]}, reverse=True)
+    groups = {"NIAH (niah_paper + niah_nl)": ["niah_paper", "niah_nl"], "multikey": ["multikey"],
+              "all tasks": ["niah_paper", "niah_nl", "multikey"]}
+    specs = {r["spec"] for r in records}
+    chunks = sorted({int(s.split("/p", 1)[1].split("/")[0]) for s in specs if "/p" in s and "/qa" not in s},
+                    reverse=True)
     budgets = [("KV 128", "chunkkv/t128/c10/r1"), ("10 %", "chunkkv/f0.1/c10/r1")]
+    agnostic = [(f"{int(100 * f)} %", f"chunkkv/f{f:g}/qa/sdefault") for f in (0.1, 0.2)
+                if f"chunkkv/f{f:g}/qa/sdefault" in specs]
+    rows = [("full cache", "", "full")]
+    for label, spec in budgets:
+        rows.append((label, "one-shot", spec))
+        for c in chunks:
+            rows.append((label, f"C = {c}, chunk's own queries", f"{spec}/p{c}"))
+            if f"{spec}/p{c}/la" in specs:
+                rows.append((label, f"C = {c}, look-ahead", f"{spec}/p{c}/la"))
+    for label, spec in agnostic:
+        rows.append((label, "question-agnostic default, one-shot", spec))
+        for c in chunks:
+            chunked = spec.replace("/qa/", f"/qa/p{c}/")
+            if chunked in specs:
+                rows.append((label, f"question-agnostic default, C = {c}", chunked))
     by = defaultdict(list)
     for r in records:
         by[(r["spec"], r["task"], r["L"])].append(r)
     head = "| budget | prefill | " + " | ".join(f"{L} tok" for L in lengths) + " | all |"
     rule = "|---|---|" + "---|" * (len(lengths) + 1)
-    lines = [f"Model **{model}**, Paul Graham essays, query-aware (the question ends the prompt), greedy; "
-             "accuracy % (n, 95 % Wilson interval). One-shot and chunked runs see the same samples.", ""]
+    lines = [f"Model **{model}**, Paul Graham essays, chat template, greedy; accuracy % (n, 95 % Wilson interval). "
+             "Query-aware rows: the question ends the compressed prompt; question-agnostic rows: the context is "
+             "compressed alone, then the question is fed. Every row runs on the same samples where it ran at all.", ""]
     for name, tasks in groups.items():
         lines += [f"**{name}**", "", head, rule]
-        rows = [("full cache", "", "full")]
-        for label, spec in budgets:
-            rows.append((label, "one-shot", spec))
-            rows += [(label, f"C = {c}", f"{spec}/p{c}") for c in chunks]
         for label, mode, spec in rows:
             cells = [cell([r["score"] for t in tasks for r in by[(spec, t, L)]]) for L in lengths]
             cells.append(cell([r["score"] for t in tasks for L in lengths for r in by[(spec, t, L)]]))
             lines.append(f"| {label} | {mode} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["**Paired** (same sample, all tasks and lengths): one-shot right and chunked wrong / the reverse.", "",
-              "| budget | " + " | ".join(f"C = {c}" for c in chunks) + " |", "|---|" + "---|" * len(chunks)]
-    index = {(r["spec"], r["task"], r["length"], r["index"]): r["score"] for r in records}
-    for label, spec in budgets:
+    index = {(r["spec"], r["task"], r["length"], r["index"]): r for r in records}
+    lines += ["**Paired against one-shot** (same samples, all tasks): chunked minus one-shot accuracy with a 95 % "
+              "interval on the paired differences, and the samples one-shot answered and chunked lost / the reverse.",
+              "", "| budget | prefill | " + " | ".join(f"{L} tok" for L in lengths) + " | all |", rule]
+    references = {spec: spec for _l, spec in budgets} | {spec: spec for _l, spec in agnostic}
+    for label, mode, spec in rows:
+        base = next((ref for ref in references if spec != ref and spec.startswith(ref.split("/qa")[0]) and
+                     ("/qa" in spec) == ("/qa" in ref)), None)
+        if base is None or spec in references:
+            continue
         cells = []
-        for c in chunks:
-            pairs = [(v, index.get((f"{spec}/p{c}", t, L, i))) for (sp, t, L, i), v in index.items() if sp == spec]
-            pairs = [(a, b) for a, b in pairs if b is not None]
-            cells.append(f"{sum(a > b for a, b in pairs)} / {sum(b > a for a, b in pairs)} (of {len(pairs)})")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", "**Prefill time**, chunked over one-shot (mean over samples of chunked prefill seconds / the "
-              "one-shot prefill of the same sample, one process, 1 thread):", "",
-              "| budget | C | " + " | ".join(f"{L} tok" for L in lengths) + " |", "|---|---|" + "---|" * len(lengths)]
+        for Ls in [[L] for L in lengths] + [lengths]:
+            pairs = [(index[(base, t, L_, i)]["score"], r["score"]) for (sp, t, L_, i), r in index.items()
+                     if sp == spec and _nominal(L_) in Ls and (base, t, L_, i) in index]
+            cells.append(paired_difference(pairs))
+        lines.append(f"| {label} | {mode} | " + " | ".join(cells) + " |")
+    lines += ["", "**Prefill time** (mean over samples of the ratio, same sample and process, 1 thread): chunked over "
+              "the one-shot capture prefill, and the look-ahead over the chunk's own queries at the same C.", "",
+              "| budget | C | " + " | ".join(f"{L} tok: chunked / one-shot" for L in lengths) + " | "
+              + " | ".join(f"{L} tok: look-ahead / own" for L in lengths) + " |",
+              "|---|---|" + "---|" * (2 * len(lengths))]
+
+    def ratio(num_spec: str, den: str | None, L: int) -> str:
+        values = []
+        for t in ("niah_paper", "niah_nl", "multikey"):
+            for r in by[(num_spec, t, L)]:
+                d = r.get("capture_seconds") if den is None else index.get((den, t, r["length"], r["index"]), {}).get(
+                    "prefill_seconds")
+                if r.get("prefill_seconds") and d:
+                    values.append(r["prefill_seconds"] / d)
+        return f"{sum(values) / len(values):.2f} (n={len(values)})" if values else "–"
+
     for label, spec in budgets:
         for c in chunks:
-            cells = []
-            for L in lengths:
-                ratios = [r["prefill_seconds"] / r["capture_seconds"] for t in ("niah_paper", "niah_nl", "multikey")
-                          for r in by[(f"{spec}/p{c}", t, L)] if r.get("prefill_seconds") and r.get("capture_seconds")]
-                cells.append(f"{sum(ratios) / len(ratios):.2f} (n={len(ratios)})" if ratios else "–")
-            lines.append(f"| {label} | {c} | " + " | ".join(cells) + " |")
+            own, ahead = f"{spec}/p{c}", f"{spec}/p{c}/la"
+            lines.append(f"| {label} | {c} | " + " | ".join(ratio(own, None, L) for L in lengths) + " | "
+                         + " | ".join(ratio(ahead, own, L) for L in lengths) + " |")
     return "\n".join(lines)
 
 

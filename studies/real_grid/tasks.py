@@ -8,6 +8,8 @@ examples. Tasks (``REAL_TASKS``):
 
 - ``niah_paper``  the NIAH needle of the paper ("... eat a sandwich and sit in Dolores Park ...");
 - ``niah_nl``     one of several natural-language needles written for chunkkv (``NEEDLES``);
+- ``niah_number`` a needle whose answer is a number of 4–7 digits (``NUMBER_NEEDLES``), which a
+                  tokenizer that writes numbers digit by digit (SmolLM2) cuts into one token per digit;
 - ``multikey``    four facts "<person>'s favorite <thing> is <word>." (four people, four kinds of
                   thing), one asked for; the other three are distractors;
 - ``vt``          variable tracking in words: a number given to one person, then passed on over
@@ -35,7 +37,7 @@ from chunkkv.errors import ChunkKVError
 
 __all__ = ["REAL_TASKS", "NEEDLES", "RealSample", "make_samples", "score_prediction", "context_split"]
 
-REAL_TASKS = ["niah_paper", "niah_nl", "multikey", "vt", "icl"]
+REAL_TASKS = ["niah_paper", "niah_nl", "niah_number", "multikey", "vt", "icl"]
 
 PAPER_NEEDLE = ("The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day.",
                 "What is the best thing to do in San Francisco?", ["sandwich", "Dolores Park"],
@@ -58,6 +60,18 @@ NEEDLES = [
     ("The best time to visit the old library in Prague is on a rainy Tuesday morning.",
      "When is the best time to visit the old library in Prague?", ["Tuesday"],
      "The best time to visit the old library in Prague is"),
+]
+
+#: (needle with {n}, question, answer prefix): the number is drawn per sample (4 to 7 digits)
+NUMBER_NEEDLES = [
+    ("The winning lottery number in Dunmore last spring was {n}.",
+     "What was the winning lottery number in Dunmore last spring?", "The winning lottery number in Dunmore last spring was"),
+    ("The code to open the red safe in the museum basement is {n}.",
+     "What is the code to open the red safe in the museum basement?", "The code to open the red safe in the museum basement is"),
+    ("The old lighthouse on Mercer Point was repainted by {n} volunteers.",
+     "How many volunteers repainted the old lighthouse on Mercer Point?", "The old lighthouse on Mercer Point was repainted by"),
+    ("The membership number of the chess club's founder is {n}.",
+     "What is the membership number of the chess club's founder?", "The membership number of the chess club's founder is"),
 ]
 
 FAVORITES = {
@@ -177,6 +191,17 @@ def make_samples(tokenizer, task: str, length: int, n: int, seed: int = 0) -> li
             context, q = _fit(tokenizer, build, length, prefix)
             out.append(RealSample(task, length, i, context, q, answers, needle, {"depth": depth, "needle": needle},
                                   prefix))
+        elif task == "niah_number":
+            template, question, prefix = NUMBER_NEEDLES[i % len(NUMBER_NEEDLES)]
+            number = str(rng.randrange(10 ** (3 + i % 4), 10 ** (4 + i % 4)))  # 4, 5, 6, 7 digits in turn
+            needle = template.format(n=number)
+
+            def build(k, needle=needle, question=question, start=start, depth=depth):
+                return _insert(_haystack(tokenizer, k, start), needle, depth), f"{question} {INSTRUCTION}"
+
+            context, q = _fit(tokenizer, build, length, prefix)
+            out.append(RealSample(task, length, i, context, q, [number], needle,
+                                  {"depth": depth, "needle": needle, "number": number}, prefix))
         elif task == "multikey":
             people = rng.sample(PEOPLE, 4)
             cats = rng.sample(list(FAVORITES), 4)

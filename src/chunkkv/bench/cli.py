@@ -188,6 +188,7 @@ def run(args: argparse.Namespace) -> int:
     for name in [*cfg.methods, cfg.decode_method]:  # unknown method names, before the model loads
         if name not in ("full", "none"):
             make_method(name, keep_fraction=cfg.budget)
+    _say_short_contexts(cfg)
     out = check_output_dir(args.out)
     with OutputLock(out, what=f"--out {out}"):  # a second bench on this folder is refused here
         if args.threads:
@@ -206,8 +207,14 @@ def run(args: argparse.Namespace) -> int:
         def save_partial(result: dict) -> None:
             partial.write_text(json.dumps(result, indent=1))
 
-        result = run_bench(model, cfg, progress=not args.no_progress, model_label=label, model_dir=folder, log=_log,
-                           on_section=save_partial)
+        try:
+            result = run_bench(model, cfg, progress=not args.no_progress, model_label=label, model_dir=folder,
+                               log=_log, on_section=save_partial)
+        except BaseException:
+            kept = f"; the sections it finished are in {partial}" if partial.exists() else ""
+            print(f"INCOMPLETE: the bench stopped before its end{kept}; run the same command again to measure "
+                  "everything (a bench starts over: its timings belong to one run)", flush=True)
+            raise
         partial.unlink(missing_ok=True)
 
         paths = write_outputs(result, args.out, plots=not args.no_plots)
@@ -216,26 +223,45 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _say_short_contexts(cfg: BenchConfig) -> None:
+    """Say on stdout, before the run, which methods a context too short for their window leaves out."""
+    from .runner import prefill_entries
+
+    entries = [e for e in prefill_entries(cfg, with_presets=cfg.peers) if e.compressed]
+    for context in cfg.contexts:
+        skipped = [e.name for e in entries if context <= e.method.window]
+        if skipped:
+            window = max(e.method.window for e in entries if e.name in skipped)
+            print(f"note: --contexts {context} is not longer than the observation window ({window} tokens), so "
+                  f"{', '.join(skipped)} cannot compress it: at that length only the full cache is measured")
+
+
 def _run_prefill_memory(args: argparse.Namespace, device: torch.device) -> int:
     from pathlib import Path
 
-    from .prefill_memory import plot, report, run_prefill_memory
+    from ..cli_common import resolve_model
+    from .prefill_memory import plot, prefill_memory_store, report, run_prefill_memory
 
     contexts = args.contexts or [8192, 16384, 32768, 65536]
-    if any(c < 1 for c in args.prefill_chunks) or args.kv < 1:
+    if not args.prefill_chunks or any(c < 1 for c in args.prefill_chunks) or args.kv < 1:
         raise ChunkKVError("--prefill-chunks and --kv must be positive token counts")
-    model, label, _ = load(args, max(65536, max(contexts) + 1024))
-    threads = torch.get_num_threads()
-    _log(f"prefill memory: {label}, contexts {contexts}, C {args.prefill_chunks}, KV {args.kv}, "
-         f"{threads} thread{'s' if threads != 1 else ''}")
-    rows = run_prefill_memory(
-        model, contexts, args.prefill_chunks, args.kv, args.out, quadratic_limit=args.quadratic_limit,
-        chunked_limit=args.chunked_limit, seed=args.seed, log=_log,
-    )
-    text = report(rows)
-    out = Path(args.out)
-    (out / "prefill_memory.md").write_text(text + "\n")
-    if not args.no_plots and rows:
-        plot(rows, out / "prefill_memory.png")
-    print(text)
-    return 0
+    if not is_random_model(args.model):
+        resolve_model(args)
+    # the folder is checked, held and its settings compared before the model loads
+    store = prefill_memory_store(args.out, model=ALIASES.get(args.model, args.model), dtype=args.dtype,
+                                 device=device.type, kept=args.kv, seed=args.seed, threads=torch.get_num_threads())
+    with store:
+        model, label, _ = load(args, max(65536, max(contexts) + 1024))
+        _log(f"prefill memory: {label}, contexts {contexts}, C {args.prefill_chunks}, KV {args.kv}, "
+             f"{torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''}")
+        rows = run_prefill_memory(
+            model, contexts, args.prefill_chunks, args.kv, quadratic_limit=args.quadratic_limit,
+            chunked_limit=args.chunked_limit, seed=args.seed, store=store, log=_log,
+        )
+        text = report(rows)
+        out = Path(args.out)
+        (out / "prefill_memory.md").write_text(text + "\n")
+        if not args.no_plots and rows:
+            plot(rows, out / "prefill_memory.png")
+        print(text)
+        return 1 if store.say_incomplete() else 0

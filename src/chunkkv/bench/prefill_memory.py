@@ -10,7 +10,8 @@ to ``quadratic_limit`` tokens; chunked prefill attends over ``kept + C`` keys on
 The computed bound for chunked prefill (:func:`chunked_bound`) is what must be live at the peak:
 every layer's K/V for ``kept + C`` tokens, plus one chunk's prefill activations.
 
-Results are appended to ``prefill_memory.jsonl`` (resumable: finished rows are skipped).
+Results are appended to ``prefill_memory.jsonl`` (resumable: finished rows are skipped), under
+the rule of every resumable store (:class:`chunkkv.outputs.ResumableStore`).
 
 The prefill time each row records is taken in this memory run, after the meter fixed glibc's mmap
 threshold (:mod:`chunkkv.bench.measure`): every large tensor is then fresh pages, which makes CPU
@@ -21,7 +22,6 @@ default allocator.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from ..pipeline import compress
-from ..evaluation.store import read_jsonl
+from ..outputs import ResumableStore
 from ..methods import ChunkKV, FullKV
 from .measure import MiB, MemoryMeter, allocator_state, now
 
@@ -65,16 +65,37 @@ def _modes(chunks: list[int]) -> list[tuple[str, int | None]]:
     return [("full", None), ("one-shot", None)] + [("chunked", c) for c in chunks]
 
 
+#: Report files written beside ``prefill_memory.jsonl``.
+REPORTS = ("prefill_memory.md", "prefill_memory.png")
+
+
+def _row_id(row: dict[str, Any]) -> tuple:
+    return (row["context"], row["mode"], row["chunk"])
+
+
+def prefill_memory_store(out_dir: str | Path, *, model: str, dtype: str, device: str, kept: int, seed: int,
+                         threads: int, overwrite: bool = False) -> ResumableStore:
+    """The folder's ``prefill_memory.jsonl`` (:class:`chunkkv.outputs.ResumableStore`): a rerun with
+    another model, dtype, device, kept size, seed or thread count is refused; more contexts or
+    chunk sizes widen the plan."""
+    settings = {"task": "prefill-memory", "model": model, "dtype": dtype, "device": device, "kept": kept, "seed": seed,
+                "threads": threads}
+    return ResumableStore(out_dir, "prefill_memory.jsonl", settings, key="mode", ident=_row_id, overwrite=overwrite,
+                          outputs=REPORTS, legacy=lambda row: {"kept": row["kept"]} if "kept" in row else None,
+                          restart="delete its prefill_memory.* files to start over")
+
+
 def run_prefill_memory(
     model: torch.nn.Module,
     contexts: list[int],
     chunks: list[int],
     kept: int,
-    out_dir: str | Path,
+    out_dir: str | Path | None = None,
     *,
     quadratic_limit: int = 16384,
     chunked_limit: int | None = None,
     seed: int = 0,
+    store: ResumableStore | None = None,
     log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
     """Measure every (context, mode) once and append it to ``out_dir/prefill_memory.jsonl``.
@@ -85,51 +106,60 @@ def run_prefill_memory(
         quadratic_limit: longest prompt for the full cache and one-shot ChunkKV.
         chunked_limit: longest prompt for chunked prefill with ``C`` other than the middle value
             (None = no limit): saves time at the longest lengths.
+        store: :func:`prefill_memory_store` already open (the CLI opens it before loading the model);
+            default: one for ``out_dir`` with this model's settings.
+
+    Returns the rows of this run's plan, each once.
     """
     device = next(model.parameters()).device
-    path = Path(out_dir) / "prefill_memory.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rows = read_jsonl(path, key="mode")
-    done = {(row["context"], row["mode"], row["chunk"]) for row in rows}
-    meter = MemoryMeter(device)
-    vocab = model.config.get_text_config(decoder=True).vocab_size
+    if store is None:
+        if out_dir is None:
+            raise ValueError("run_prefill_memory needs out_dir (or an open store)")
+        store = prefill_memory_store(
+            out_dir, model=str(getattr(model, "name_or_path", "") or type(model).__name__),
+            dtype=str(next(model.parameters()).dtype).replace("torch.", ""), device=device.type, kept=kept, seed=seed,
+            threads=torch.get_num_threads())
     method = ChunkKV(keep_tokens=kept)
     middle = sorted(chunks)[len(chunks) // 2]
-    for context in contexts:
-        ids = torch.randint(1, vocab, (1, context), generator=torch.Generator().manual_seed(seed + context)).to(device)
-        for mode, chunk in _modes(chunks):
-            if (context, mode, chunk) in done:
+    plan = [(context, mode, chunk) for context in contexts for mode, chunk in _modes(chunks)
+            if not (mode != "chunked" and context > quadratic_limit)
+            and not (mode == "chunked" and chunked_limit is not None and context > chunked_limit and chunk != middle)]
+    with store:
+        todo = set(store.plan(plan))
+        meter = MemoryMeter(device)
+        vocab = model.config.get_text_config(decoder=True).vocab_size
+        for context in contexts:
+            if not any(item[0] == context for item in todo):
                 continue
-            if mode != "chunked" and context > quadratic_limit:
-                continue
-            if mode == "chunked" and chunked_limit is not None and context > chunked_limit and chunk != middle:
-                continue
-            base = meter.current()
-            meter.reset_peak()
-            start = now(device)
-            ctx = compress(
-                model, ids, method=FullKV() if mode == "full" else method,
-                prefill_chunk=chunk if mode == "chunked" else None,
-            )
-            seconds = now(device) - start
-            peak = meter.peak() - base
-            bound = chunked_bound(model.config, kept, chunk) if chunk else None
-            row = {
-                "context": context, "mode": mode, "chunk": chunk, "kept": kept,
-                "peak_mib": round(peak / MiB, 1), "prefill_s": round(seconds, 3),
-                "kv_mib": round(ctx.cache.nbytes() / MiB, 1),
-                "bound_mib": round(bound["total"] / MiB, 1) if bound else None,
-                "bound_kv_mib": round(bound["kv"] / MiB, 1) if bound else None,
-                "meter": meter.method, "time_allocator": allocator_state(), "threads": torch.get_num_threads(),
-                "time": time.time(),
-            }
-            del ctx
-            rows.append(row)
-            with path.open("a") as fh:
-                fh.write(json.dumps(row) + "\n")
-            log(f"{context} {mode}{'' if chunk is None else f' C={chunk}'}: peak {row['peak_mib']} MiB above "
-                f"the weights, prefill {row['prefill_s']} s" + (f", bound {row['bound_mib']} MiB" if bound else ""))
-    return rows
+            ids = torch.randint(1, vocab, (1, context), generator=torch.Generator().manual_seed(seed + context)).to(device)
+            for mode, chunk in _modes(chunks):
+                if (context, mode, chunk) not in todo:
+                    continue
+                base = meter.current()
+                meter.reset_peak()
+                start = now(device)
+                ctx = compress(
+                    model, ids, method=FullKV() if mode == "full" else method,
+                    prefill_chunk=chunk if mode == "chunked" else None,
+                )
+                seconds = now(device) - start
+                peak = meter.peak() - base
+                bound = chunked_bound(model.config, kept, chunk) if chunk else None
+                row = {
+                    "context": context, "mode": mode, "chunk": chunk, "kept": kept,
+                    "peak_mib": round(peak / MiB, 1), "prefill_s": round(seconds, 3),
+                    "kv_mib": round(ctx.cache.nbytes() / MiB, 1),
+                    "bound_mib": round(bound["total"] / MiB, 1) if bound else None,
+                    "bound_kv_mib": round(bound["kv"] / MiB, 1) if bound else None,
+                    "meter": meter.method, "time_allocator": allocator_state(), "threads": torch.get_num_threads(),
+                    "time": time.time(),
+                }
+                del ctx
+                store.append(row)
+                log(f"{context} {mode}{'' if chunk is None else f' C={chunk}'}: peak {row['peak_mib']} MiB above "
+                    f"the weights, prefill {row['prefill_s']} s" + (f", bound {row['bound_mib']} MiB" if bound else ""))
+        wanted = set(plan)
+        return [r for r in store.load() if _row_id(r) in wanted]
 
 
 def report(rows: list[dict[str, Any]]) -> str:

@@ -57,6 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--query-aware", action="store_true",
                    help="compress context + question together, once per question (the question is the "
                         "observation window); default: compress the context once, before any question")
+    g.add_argument("--truncate", action="store_true",
+                   help="when the context, a question and --max-new-tokens do not fit the model's positions, cut "
+                        "the middle of the prompt to fit (said on stdout); default: refuse")
     g.add_argument("--save-context", default=None, metavar="PATH",
                    help="save the compressed context (safetensors: kept K/V, positions, method, model fingerprint) "
                         "to PATH after compressing it, before any question")
@@ -88,10 +91,10 @@ def run(args: argparse.Namespace) -> int:
     context = read_context(args.context_file)
     if any(not q.strip() for q in args.question):
         raise ChunkKVError("--question is empty")
-    if args.save_context is not None:
+    if args.save_context is not None:  # an unwritable path fails now, not after the compression
         from ..outputs import check_output_file
 
-        check_output_file(args.save_context, "--save-context", create_parent=False)
+        check_output_file(args.save_context, "--save-context")
     method = method_from_args(args)  # the method's own checks: fail before loading anything
     bounds = bounds_from_args(args, method)
     sampling_from_args(args)
@@ -110,6 +113,12 @@ def run(args: argparse.Namespace) -> int:
     questions = args.question or [None]
     totals = {"tokens": 0, "decode": 0.0, "prefill": 0.0, "question": 0.0}
     kept_report = None
+
+    def reserve(tok) -> int:
+        """The longest question's tokens, fed after the context compressed before it."""
+        return max((len(tok(prompt_parts(tok, "", q, args.separator, args.chat_template)[1],
+                            add_special_tokens=False)["input_ids"]) for q in questions if q is not None), default=0)
+
     shared = None
     try:
         for qi, question in enumerate(questions):
@@ -118,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
                 head, tail, special = prompt_parts(tokenizer, context, question, args.separator, args.chat_template)
                 text = head + tail if args.query_aware else head
                 ids = _encode(tokenizer, text, special).to(device)
+                ids = _fit(model, ids, reserve(tokenizer) if not args.query_aware else 0, sampling, args.truncate, out)
                 _warn_unknown(tokenizer, ids)
                 if qi == 0:
                     method = method_as_run(method, args, tokenizer, query_aware=args.query_aware)
@@ -141,6 +151,8 @@ def run(args: argparse.Namespace) -> int:
                 if not args.query_aware:
                     shared = ctx
                     if args.save_context is not None:
+                        if bounds["decode_budget"] is not None:  # saved with the context, restored by --load-context
+                            set_decode_budget(ctx, bounds["decode_budget"], bounds["compress_every"])
                         size = ctx.save(args.save_context, model)
                         print(f"saved the compressed context to {args.save_context} ({format_bytes(size)})", file=out)
             work = ctx if args.query_aware else shared.fork()
@@ -168,6 +180,13 @@ def _answer(model, tokenizer, work, question, separator, sampling, device, out, 
         new_ids = _encode(tokenizer, prompt_parts(tokenizer, "", question, separator, chat)[1], False).to(device)
         if new_ids.shape[1] == 0:
             raise ChunkKVError(f"question {question!r} encodes to no tokens")
+    from ..prompt import check_positions
+
+    fed = 0 if new_ids is None else new_ids.shape[1]
+    end = work.attention_mask.shape[1] + fed + sampling.max_new_tokens - 1
+    check_positions(model.config, end, what=(f"the prompt ({work.attention_mask.shape[1]} tokens), the question ({fed}) "
+                                             f"and up to {sampling.max_new_tokens} new tokens reach position {end}"),
+                    fix="lower --max-new-tokens or shorten the context (--truncate cuts its middle)")
     print("A: " if question is not None else "\n", end="", file=out, flush=True)
     with Timer(device) as qt:
         if new_ids is not None:
@@ -191,9 +210,11 @@ def _run_loaded(args: argparse.Namespace) -> int:
     if given:
         raise ChunkKVError(f"--load-context answers on a context compressed when it was saved, with the method "
                            f"saved in it; {', '.join(given)} would be ignored: drop {'it' if len(given) == 1 else 'them'}")
+    if getattr(args, "truncate", False):
+        raise ChunkKVError("--truncate cuts a context before it is compressed; a loaded context is compressed already")
     if any(not q.strip() for q in args.question):
         raise ChunkKVError("--question is empty")
-    bounds_from_args(args)
+    bounds_from_args(args)  # the numbers now; the method's own limits once it is loaded
     sampling_from_args(args)
     from ..context import load_context
     from ..generation import set_decode_budget
@@ -209,11 +230,20 @@ def _run_loaded(args: argparse.Namespace) -> int:
     if ctx.input_ids.shape[0] != 1:
         raise ChunkKVError(f"{args.load_context} holds a batch of {ctx.input_ids.shape[0]} contexts; "
                            "chunkkv generate answers on one (use chunkkv.load_context in Python for batches)")
+    saved = ctx._cache.decode_budget
+    if bounds["decode_budget"] is not None:
+        bounds_from_args(args, ctx.method)  # the method the context was compressed with must re-select
+        set_decode_budget(ctx, bounds["decode_budget"], bounds["compress_every"])
+    budget = ctx._cache.decode_budget
     prompt_len = ctx.input_ids.shape[1]
     kept_report = _kept(ctx, prompt_len)
     print(f"method {ctx.method.describe()} · loaded from {args.load_context} in {lt.seconds:.2f} s "
           "(question-agnostic: compressed before the questions)", file=out)
     print(f"{prompt_len} prompt tokens: {kept_report['line']}", file=out, flush=True)
+    if budget is not None:
+        origin = "saved with the context" if bounds["decode_budget"] is None else (
+            "--decode-budget" + (f", replacing the saved {saved.keep} (every {saved.every})" if saved is not None else ""))
+        print(f"decode budget {budget.keep} tokens per layer, re-selecting every {budget.every} ({origin})", file=out)
     totals = {"tokens": 0, "decode": 0.0, "prefill": 0.0, "question": 0.0}
     try:
         for question in args.question or [None]:
@@ -226,6 +256,31 @@ def _run_loaded(args: argparse.Namespace) -> int:
         return 130
     _summary(kept_report, totals, out)
     return 0
+
+
+def _fit(model, ids: torch.Tensor, after: int, sampling, truncate: bool, out) -> torch.Tensor:
+    """``ids`` when they, ``after`` more tokens (a question) and the answer fit the model's positions;
+    else refused, or with ``truncate`` cut in the middle (the first and last halves kept) with a note."""
+    import torch
+
+    from ..prompt import check_positions, position_limit
+
+    limit = position_limit(model.config)
+    need = after + sampling.max_new_tokens - 1
+    if limit is None or ids.shape[1] + need <= limit:
+        return ids
+    room = limit - need
+    end = ids.shape[1] + need
+    what = (f"the prompt ({ids.shape[1]} tokens), the question ({after}) and up to {sampling.max_new_tokens} new tokens "
+            f"reach position {end}")
+    if not truncate or room < 2:
+        check_positions(model.config, end, what=what, fix=(
+            "lower --max-new-tokens or shorten the question" if room < 2 else
+            "shorten the context, lower --max-new-tokens, or give --truncate to cut the middle of the context"))
+    head = room // 2
+    print(f"note: {what}, past the model's {limit} positions: --truncate kept the first {head} and the last "
+          f"{room - head} of the prompt's {ids.shape[1]} tokens (the middle {ids.shape[1] - room} were cut)", file=out)
+    return torch.cat([ids[:, :head], ids[:, ids.shape[1] - (room - head):]], dim=1)
 
 
 def _summary(rep: dict, totals: dict, out) -> None:

@@ -364,36 +364,58 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _every(args: argparse.Namespace, default: int) -> int:
+    """``--compress-every`` of ppl / recall: the default only when the flag is absent (0 is refused)."""
+    every = getattr(args, "compress_every", None)
+    if every is None:
+        return default
+    if every < 1:
+        raise ChunkKVError(f"--compress-every {every} must be a positive number of tokens")
+    return every
+
+
+def _store_model(args: argparse.Namespace) -> tuple[str, str]:
+    """``(model, dtype)`` as a side-by-side folder records them (before the model loads)."""
+    from ..cli_common import resolve_model
+
+    check_device(args.device)
+    resolve_model(args)  # 'testbed' and its folder are one model
+    return args.model, args.dtype
+
+
 def _run_ppl(args: argparse.Namespace) -> int:
     """``--task ppl``: perplexity per method and KV budget against the full cache (docs/memory.md)."""
-    from .perplexity import PplConfig, plot, run_ppl, summarize, to_markdown
+    from .perplexity import PplConfig, plot, ppl_store, run_ppl, summarize, to_markdown
 
     config = PplConfig(
         texts=args.ppl_texts, length=args.ppl_length, budgets=args.ppl_budgets,
-        methods=parse_method_names(args.ppl_methods, "--ppl-methods"), every=args.compress_every or 64,
+        methods=parse_method_names(args.ppl_methods, "--ppl-methods"), every=_every(args, 64),
     )
     config.validate()
-    model, tokenizer, out = _side_by_side_model(args)
-    rows = run_ppl(model, tokenizer, config, out, log=_log)
-    summary = summarize(rows)
-    plot(rows, out / "ppl_vs_position.png")
-    _write_report(out, "ppl", summary, to_markdown(summary, args.model), extra=("ppl_vs_position.png",))
-    return 0
+    # the folder is checked, held and its settings compared before the model loads
+    with ppl_store(args.out, config, *_store_model(args), overwrite=args.overwrite) as store:
+        model, tokenizer, out = _side_by_side_model(args)
+        rows = run_ppl(model, tokenizer, config, store=store, log=_log)
+        summary = summarize(rows)
+        plot(rows, out / "ppl_vs_position.png")
+        _write_report(out, "ppl", summary, to_markdown(summary, args.model), extra=("ppl_vs_position.png",))
+        return 1 if store.say_incomplete() else 0
 
 
 def _run_recall(args: argparse.Namespace) -> int:
     """``--task recall``: a long output (continue a passage of the context) with decode budgets."""
-    from .recall import RecallConfig, run_recall, summarize, to_markdown
+    from .recall import RecallConfig, recall_store, run_recall, summarize, to_markdown
 
     config = RecallConfig(
         samples=args.recall_samples, length=args.recall_length, new_tokens=args.recall_new_tokens,
         budgets=args.recall_budgets, methods=parse_method_names(args.recall_methods, "--recall-methods"),
-        every=args.compress_every or 32, seed=args.seed,
+        every=_every(args, 32), seed=args.seed,
         agnostic=[s.strip() for s in args.recall_agnostic.split(",") if s.strip()],
     )
     config.validate()
-    model, tokenizer, out = _side_by_side_model(args)
-    rows = run_recall(model, tokenizer, config, out, log=_log)
-    summary = summarize(rows)
-    _write_report(out, "recall", summary, to_markdown(summary, config, args.model))
-    return 0
+    with recall_store(args.out, config, *_store_model(args), overwrite=args.overwrite) as store:
+        model, tokenizer, out = _side_by_side_model(args)
+        rows = run_recall(model, tokenizer, config, store=store, log=_log)
+        summary = summarize(rows)
+        _write_report(out, "recall", summary, to_markdown(summary, config, args.model))
+        return 1 if store.say_incomplete() else 0

@@ -108,6 +108,10 @@ def _check_numbers(config: EvalConfig) -> None:
         raise ChunkKVError(f"--temperature {config.temperature} must be > 0 when sampling")
     if config.top_p is not None and not 0 < config.top_p <= 1:
         raise ChunkKVError(f"--top-p {config.top_p} must be in (0, 1]")
+    from ..synthetic import HAYSTACKS  # torch-free, like this module
+
+    if config.synthetic_haystack not in HAYSTACKS:
+        raise ChunkKVError(f"--synthetic-haystack {config.synthetic_haystack!r} is not one of {', '.join(HAYSTACKS)}")
 
 
 def describe_method(method: Method | None) -> dict[str, Any]:

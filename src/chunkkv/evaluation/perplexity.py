@@ -15,7 +15,6 @@ are treated as independent samples, which they are not quite), exponentiated for
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -29,8 +28,14 @@ from ..pipeline import compress
 from ..errors import ChunkKVError
 from ..generation import extend, set_decode_budget
 from ..methods import make_method
+from ..outputs import ResumableStore
+from ..prompt import check_positions
 from .metrics import mean_interval
-from .store import read_jsonl
+
+#: Report files written beside ``ppl.jsonl`` (removed with the records by ``overwrite``).
+REPORTS = ("ppl.md", "ppl_summary.json", "ppl_vs_position.png")
+#: Settings every row depends on; texts, budgets and methods only widen the plan of a rerun.
+_ROW_SETTINGS = ("length", "every", "bucket", "essay_stride")
 
 
 @dataclass
@@ -47,8 +52,11 @@ class PplConfig:
 
     def validate(self) -> None:
         for name in ("texts", "length", "every", "bucket"):
-            if getattr(self, name) < 1:
-                raise ChunkKVError(f"ppl {name}={getattr(self, name)} must be >= 1")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ChunkKVError(f"ppl {name}={value!r} must be a whole number >= 1")
+        if self.length < 2:
+            raise ChunkKVError(f"ppl length={self.length} must be >= 2 tokens: the first token predicts the second")
         if not self.budgets or min(self.budgets) < 1:
             raise ChunkKVError(f"ppl budgets {self.budgets} must be positive token counts")
         for name in self.methods:
@@ -56,17 +64,48 @@ class PplConfig:
 
 
 def essay_token_texts(tokenizer, n: int, length: int, stride: int = 7) -> list[list[int]]:
-    """``n`` texts of exactly ``length`` tokens: the essays joined, text ``i`` from essay ``i * stride``."""
-    from ..haystack import paul_graham_text
+    """``n`` texts of exactly ``length`` tokens: the essays joined, text ``i`` from essay ``i * stride``.
+    A text never repeats an essay: a length the essays cannot fill is refused (a repeated text
+    would be predicted by copying)."""
+    from ..haystack import paul_graham_essays, paul_graham_text
 
+    everything = sum(len(e) + 2 for e in paul_graham_essays())
     out = []
     for i in range(n):
-        text = paul_graham_text(min_chars=length * 6, start=i * stride)
+        text = paul_graham_text(min_chars=min(length * 6, everything - 2), start=i * stride)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) < length:
-            raise ChunkKVError(f"the essays gave only {len(ids)} tokens for text {i}; lower --ppl-length")
+            raise ChunkKVError(f"--ppl-length {length}: the essays hold only {len(ids)} tokens for text {i} (each "
+                               f"text is the essays joined once, from its own start); give --ppl-length {len(ids)} or less")
         out.append(ids[:length])
     return out
+
+
+def ppl_settings(config: PplConfig, model_name: str, dtype: str) -> dict[str, Any]:
+    """What every row of a perplexity folder depends on: a rerun with other settings is refused."""
+    return {"task": "ppl", "model": model_name, "dtype": dtype, **{k: getattr(config, k) for k in _ROW_SETTINGS}}
+
+
+def _row_id(row: dict[str, Any]) -> tuple:
+    return (row["text"], row["method"], row["budget"])
+
+
+def _legacy(row: dict[str, Any]) -> dict[str, Any] | None:
+    saved = row.get("config")
+    return {k: saved[k] for k in _ROW_SETTINGS if k in saved} if isinstance(saved, dict) else None
+
+
+def ppl_store(out_dir: str | Path, config: PplConfig, model_name: str, dtype: str, *,
+              overwrite: bool = False) -> ResumableStore:
+    """The folder's ``ppl.jsonl`` under the rule of every resumable store
+    (:class:`chunkkv.outputs.ResumableStore`); open it (``with``) before loading the model."""
+    return ResumableStore(out_dir, "ppl.jsonl", ppl_settings(config, model_name, dtype), key="method", ident=_row_id,
+                          overwrite=overwrite, outputs=REPORTS, legacy=_legacy)
+
+
+def _model_label(model: torch.nn.Module) -> tuple[str, str]:
+    name = str(getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "") or "")
+    return name, str(next(model.parameters()).dtype).replace("torch.", "")
 
 
 @torch.inference_mode()
@@ -111,48 +150,59 @@ def run_ppl(
     model: torch.nn.Module,
     tokenizer,
     config: PplConfig,
-    out_dir: str | Path,
+    out_dir: str | Path | None = None,
     *,
+    store: ResumableStore | None = None,
+    overwrite: bool = False,
     log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
     """Run (or resume) every (text, method, budget) and the full cache; rows in ``out_dir/ppl.jsonl``.
 
     Order: per text the full cache first, then budgets from small to large, methods in the given order,
-    so a run cut short still has whole (method, budget) cells for the first texts.
+    so a run cut short still has whole (method, budget) cells for the first texts. The folder follows
+    the rule of every resumable store (:class:`chunkkv.outputs.ResumableStore`: one run at a time,
+    settings compared, torn lines cut, INCOMPLETE said when the run stops early); ``store``: one
+    from :func:`ppl_store` already open (the CLI opens it before loading the model).
+
+    Returns the rows of this run's plan (texts x cells), each once.
     """
     config.validate()
-    path = Path(out_dir) / "ppl.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rows = read_jsonl(path, key="method")
-    done = {(row["text"], row["method"], row["budget"]) for row in rows}
-    texts = essay_token_texts(tokenizer, config.texts, config.length, config.essay_stride)
-    plan = [("full", None)] + [(m, b) for b in sorted(config.budgets) for m in config.methods]
-    for t, token_ids in enumerate(texts):
-        ids = torch.tensor([token_ids])
-        for name, budget in plan:
-            if (t, name, budget) in done:
-                continue
-            method = None if name == "full" else make_method(name, keep_tokens=budget)
-            start = time.perf_counter()
-            result = teacher_forced(model, ids, method, budget, config.every)
-            nll = result["nll"]
-            n_buckets = math.ceil(nll.shape[0] / config.bucket)
-            buckets = [float(nll[i * config.bucket : (i + 1) * config.bucket].mean()) for i in range(n_buckets)]
-            row = {
-                "text": t, "method": name, "budget": budget, "every": config.every, "tokens": int(nll.shape[0]),
-                "nll": float(nll.mean()), "ppl": math.exp(float(nll.mean())), "bucket": config.bucket,
-                "bucket_nll": [round(x, 5) for x in buckets],
-                "at_1k": _near(result["blocks"], 1024 - 256, 1024 + 256),
-                "at_end": _near(result["blocks"], config.length - 512, config.length),
-                "seconds": round(time.perf_counter() - start, 1), "threads": torch.get_num_threads(),
-                "config": asdict(config),
-            }
-            rows.append(row)
-            with path.open("a") as fh:
-                fh.write(json.dumps(row) + "\n")
-            log(f"text {t} {name}{'' if budget is None else f' KV {budget}'}: ppl {row['ppl']:.3f} "
-                f"({row['seconds']} s; {row['at_end']['ms_per_token']} ms/token at the end)")
-    return rows
+    check_positions(model.config, config.length, what=f"--ppl-length {config.length} asks for texts of {config.length} tokens",
+                    fix="give a --ppl-length within the model's positions")
+    if store is None:
+        if out_dir is None:
+            raise ChunkKVError("run_ppl needs out_dir (or an open store)")
+        store = ppl_store(out_dir, config, *_model_label(model), overwrite=overwrite)
+    with store:
+        texts = essay_token_texts(tokenizer, config.texts, config.length, config.essay_stride)
+        cells = [("full", None)] + [(m, b) for b in sorted(config.budgets) for m in config.methods]
+        plan = [(t, name, budget) for t in range(len(texts)) for name, budget in cells]
+        todo = set(store.plan(plan))
+        for t, token_ids in enumerate(texts):
+            ids = torch.tensor([token_ids])
+            for name, budget in cells:
+                if (t, name, budget) not in todo:
+                    continue
+                method = None if name == "full" else make_method(name, keep_tokens=budget)
+                start = time.perf_counter()
+                result = teacher_forced(model, ids, method, budget, config.every)
+                nll = result["nll"]
+                n_buckets = math.ceil(nll.shape[0] / config.bucket)
+                buckets = [float(nll[i * config.bucket : (i + 1) * config.bucket].mean()) for i in range(n_buckets)]
+                row = {
+                    "text": t, "method": name, "budget": budget, "every": config.every, "tokens": int(nll.shape[0]),
+                    "nll": float(nll.mean()), "ppl": math.exp(float(nll.mean())), "bucket": config.bucket,
+                    "bucket_nll": [round(x, 5) for x in buckets],
+                    "at_1k": _near(result["blocks"], 1024 - 256, 1024 + 256),
+                    "at_end": _near(result["blocks"], config.length - 512, config.length),
+                    "seconds": round(time.perf_counter() - start, 1), "threads": torch.get_num_threads(),
+                    "config": asdict(config),
+                }
+                store.append(row)
+                log(f"text {t} {name}{'' if budget is None else f' KV {budget}'}: ppl {row['ppl']:.3f} "
+                    f"({row['seconds']} s; {row['at_end']['ms_per_token']} ms/token at the end)")
+        wanted = set(plan)
+        return [r for r in store.load() if _row_id(r) in wanted]
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -28,7 +28,6 @@ are 95 % normal intervals of the mean over samples (t would be wider at small n;
 
 from __future__ import annotations
 
-import json
 import random
 import re
 import time
@@ -46,8 +45,9 @@ from ..context import stack_contexts
 from ..errors import ChunkKVError
 from ..generation import Sampling, continue_from
 from ..methods import make_method
+from ..outputs import ResumableStore
+from ..prompt import check_positions
 from .metrics import mean_interval, rouge_l_score
-from .store import read_jsonl
 
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 DEFAULT = "default"  # the --recall-agnostic name of question-agnostic generate's own choice
@@ -69,8 +69,9 @@ class RecallConfig:
 
     def validate(self) -> None:
         for name in ("samples", "length", "new_tokens", "head_words", "every"):
-            if getattr(self, name) < 1:
-                raise ChunkKVError(f"recall {name}={getattr(self, name)} must be >= 1")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ChunkKVError(f"recall {name}={value!r} must be a whole number >= 1")
         if not self.budgets or min(self.budgets) < 1:
             raise ChunkKVError(f"recall budgets {self.budgets} must be positive token counts")
         if self.length < 4 * self.new_tokens:
@@ -231,30 +232,72 @@ def run_sample(model, tokenizer, sample: RecallSample, config: RecallConfig, tod
     return rows
 
 
-def run_recall(model, tokenizer, config: RecallConfig, out_dir: str | Path, *,
+#: Report files written beside ``recall.jsonl`` (removed with the records by ``overwrite``).
+REPORTS = ("recall.md", "recall_summary.json")
+#: Settings every row depends on; samples, budgets, methods and scorings only widen the plan.
+_ROW_SETTINGS = ("length", "new_tokens", "head_words", "every", "seed")
+
+
+def recall_settings(config: RecallConfig, model_name: str, dtype: str) -> dict[str, Any]:
+    """What every row of a recall folder depends on: a rerun with other settings is refused."""
+    return {"task": "recall", "model": model_name, "dtype": dtype, **{k: getattr(config, k) for k in _ROW_SETTINGS}}
+
+
+def _row_id(row: dict[str, Any]) -> tuple:
+    return (row["index"], row["config"])
+
+
+def _legacy(row: dict[str, Any]) -> dict[str, Any] | None:
+    saved = row.get("config_run")
+    return {k: saved[k] for k in _ROW_SETTINGS if k in saved} if isinstance(saved, dict) else None
+
+
+def recall_store(out_dir: str | Path, config: RecallConfig, model_name: str, dtype: str, *,
+                 overwrite: bool = False) -> ResumableStore:
+    """The folder's ``recall.jsonl`` under the rule of every resumable store
+    (:class:`chunkkv.outputs.ResumableStore`); open it (``with``) before loading the model."""
+    return ResumableStore(out_dir, "recall.jsonl", recall_settings(config, model_name, dtype), key="config",
+                          ident=_row_id, overwrite=overwrite, outputs=REPORTS, legacy=_legacy)
+
+
+def run_recall(model, tokenizer, config: RecallConfig, out_dir: str | Path | None = None, *,
+               store: ResumableStore | None = None, overwrite: bool = False,
                log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Run (or resume) every sample x configuration; rows in ``out_dir/recall.jsonl``."""
+    """Run (or resume) every sample x configuration; rows in ``out_dir/recall.jsonl``.
+
+    The folder follows the rule of every resumable store (:class:`chunkkv.outputs.ResumableStore`);
+    ``store``: one from :func:`recall_store` already open. Returns the rows of this run's plan, each once.
+    """
     config.validate()
-    path = Path(out_dir) / "recall.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rows = read_jsonl(path, key="config")
-    done = {(r["index"], r["config"]) for r in rows}
-    wanted = config.configs()
-    for sample in make_recall_samples(tokenizer, config):
-        todo = [k for k in wanted if (sample.index, k) not in done]
-        if not todo:
-            continue
-        t0 = time.perf_counter()
-        new = run_sample(model, tokenizer, sample, config, todo)
-        for r in new:
-            r["config_run"] = asdict(config)
-        rows += new
-        with path.open("a") as fh:
-            fh.write("".join(json.dumps(r) + "\n" for r in new))
-        full = next((r for r in new if r["config"] == "full"), None)
-        log(f"recall sample {sample.index} (depth {sample.depth:.0%}): {len(new)} configs in "
-            f"{time.perf_counter() - t0:.0f} s" + ("" if full is None else f"; full copied {full['copied']} tokens"))
-    return rows
+    if store is None:
+        if out_dir is None:
+            raise ChunkKVError("run_recall needs out_dir (or an open store)")
+        name = str(getattr(model, "name_or_path", "") or "")
+        store = recall_store(out_dir, config, name, str(next(model.parameters()).dtype).replace("torch.", ""),
+                             overwrite=overwrite)
+    with store:
+        samples = make_recall_samples(tokenizer, config)
+        longest = max(len(s.ids) for s in samples) + config.new_tokens - 1
+        check_positions(model.config, longest,
+                        what=f"--recall-length {config.length} with {config.new_tokens} new tokens reaches position {longest}",
+                        fix="lower --recall-length or --recall-new-tokens")
+        wanted = config.configs()
+        plan = [(s.index, k) for s in samples for k in wanted]
+        todo = set(store.plan(plan))
+        for sample in samples:
+            keys = [k for k in wanted if (sample.index, k) in todo]
+            if not keys:
+                continue
+            t0 = time.perf_counter()
+            new = run_sample(model, tokenizer, sample, config, keys)
+            for r in new:
+                r["config_run"] = asdict(config)
+            store.append(*new)  # one sample's rows in one write
+            full = next((r for r in new if r["config"] == "full"), None)
+            log(f"recall sample {sample.index} (depth {sample.depth:.0%}): {len(new)} configs in "
+                f"{time.perf_counter() - t0:.0f} s" + ("" if full is None else f"; full copied {full['copied']} tokens"))
+        planned = set(plan)
+        return [r for r in store.load() if _row_id(r) in planned]
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -32,7 +32,10 @@ from ..pipeline import compress, compress_from_capture, prefill
 from ..errors import ChunkKVError
 from ..generation import Sampling, continue_from, extend, set_decode_budget
 from ..methods import FullKV, Method, StreamingLLM
-from ..outputs import LOCK_NAME, OutputLock, check_output_dir
+from ..outputs import (
+    LOCK_NAME, OutputLock, check_output_dir, check_settings, incomplete_line, refuse_other_settings,
+)
+from ..prompt import position_limit
 from .base import EvalSample, Task, mean
 from .config import EvalConfig, describe_method
 from .distributed import Shard
@@ -191,33 +194,15 @@ class Generator:
 
 def _check_run_file(out: Path, fingerprint: dict[str, Any], expected: int | None = None,
                     flags: dict[str, Any] | None = None, limit: int | None = None, ids: list[str] | None = None) -> None:
-    """Refuse to resume a folder written with other settings; record ours (and, for
-    :func:`preload_check`, the settings as the flags gave them, the ``--limit`` and a digest of the
-    sample ids)."""
-    path = out / "run.json"
-    if path.exists():
-        try:
-            saved = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            saved = None
-        if saved is not None and saved.get("config") != fingerprint:
-            _refuse_other_settings(out, saved.get("config", {}), fingerprint)
-    record = {"config": fingerprint, "expected": expected}
-    if flags is not None:
-        record.update(flags=flags, limit=limit, ids=_ids_digest(ids or []))
-    write_json_atomic(path, record)
+    """Refuse to resume a folder written with other settings; record ours (the rule every resumable
+    store follows: :func:`chunkkv.outputs.check_settings`), and, for :func:`preload_check`, the
+    settings as the flags gave them, the ``--limit`` and a digest of the sample ids."""
+    extra = None if flags is None else {"flags": flags, "limit": limit, "ids": _ids_digest(ids or [])}
+    check_settings(out, fingerprint, expected=expected, extra=extra)
 
 
 def _ids_digest(ids) -> str:
     return hashlib.sha256("\n".join(sorted(set(map(str, ids)))).encode()).hexdigest()
-
-
-def _refuse_other_settings(out: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
-    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    raise ChunkKVError(
-        f"{out} holds results of a run with other settings ({', '.join(diff)} differ); "
-        "use another --out, or --overwrite to start over"
-    )
 
 
 def preload_check(config: EvalConfig, method: Method | None, shard: Shard | None = None) -> dict[str, Any] | None:
@@ -239,7 +224,7 @@ def preload_check(config: EvalConfig, method: Method | None, shard: Shard | None
         return None
     flags = config.fingerprint(method)
     if saved["flags"] != flags:
-        _refuse_other_settings(Path(config.out_dir), saved["flags"], flags)
+        refuse_other_settings(config.out_dir, saved["flags"], flags)
     if (shard is not None and shard.world > 1) or saved.get("limit") != config.limit:
         return None
     try:
@@ -253,6 +238,14 @@ def preload_check(config: EvalConfig, method: Method | None, shard: Shard | None
     # added by a run with another --limit: a run with the model sorts it out).
     done = RecordStore(config.out_dir).load()
     return metrics if _ids_digest(done) == saved.get("ids") else None
+
+
+def _check_lengths(config: EvalConfig, model: torch.nn.Module) -> None:
+    """Refuse context lengths the model has no positions for, before any sample runs."""
+    limit = position_limit(getattr(model, "config", None))
+    if limit is not None and config.lengths and max(config.lengths) > limit:
+        raise ChunkKVError(f"--lengths {max(config.lengths)} is longer than the model's {limit} positions "
+                           "(max_position_embeddings): its answers there would be garbage; give lengths within them")
 
 
 def _wait_for(store: RecordStore, ids: list[str], log_every: float = 300.0) -> None:
@@ -321,6 +314,7 @@ def run_eval(
         config.model_name = str(getattr(model, "name_or_path", "") or "")
     if config.model_max_positions is None:
         config.model_max_positions = getattr(model.config, "max_position_embeddings", None)
+    _check_lengths(config, model)
     task = build_task(config)
     with output_locks(config.out_dir, shard) as lock:
         store = RecordStore(config.out_dir, shard.rank, shard.world)
@@ -341,7 +335,8 @@ def run_eval(
             if prepare is not None:
                 prepare(model, tokenizer)
             generator = Generator(model, tokenizer, method, config)
-            _answer_all(task, generator, store, todo, config, shard, len(samples))
+            with _incomplete_on_error(store, ids, shard):
+                _answer_all(task, generator, store, todo, config, shard, len(samples))
         store.close()
         if not shard.is_main:
             return None
@@ -378,6 +373,7 @@ def run_eval_many(
         config = dataclasses.replace(config, model_name=str(getattr(model, "name_or_path", "") or ""))
     if config.model_max_positions is None:
         config = dataclasses.replace(config, model_max_positions=getattr(model.config, "max_position_embeddings", None))
+    _check_lengths(config, model)
     task = build_task(config)
     configs = {n: dataclasses.replace(config, out_dir=str(Path(config.out_dir) / n)) for n in methods}
     with contextlib.ExitStack() as stack:
@@ -406,12 +402,15 @@ def run_eval_many(
             from ..cli_common import track
 
             wanted = [(i, s) for i, s in enumerate(samples) if any(i in t for t in todo.values())]
-            for index, sample in track(wanted, f"{config.task} x {len(methods)} methods",
-                                       config.progress and shard.local_rank == 0):
+            with contextlib.ExitStack() as said:
                 for n in methods:
-                    if index in todo[n]:
-                        out = generators[n](sample, seed=config.seed + index)
-                        stores[n].append(_record(task, sample, index, out, shard))
+                    said.enter_context(_incomplete_on_error(stores[n], ids, shard))
+                for index, sample in track(wanted, f"{config.task} x {len(methods)} methods",
+                                           config.progress and shard.local_rank == 0):
+                    for n in methods:
+                        if index in todo[n]:
+                            out = generators[n](sample, seed=config.seed + index)
+                            stores[n].append(_record(task, sample, index, out, shard))
         results: dict[str, dict[str, Any] | None] = {}
         for n in methods:
             stores[n].close()
@@ -423,6 +422,20 @@ def run_eval_many(
                 locks[n].upgrade()
             results[n] = finalize(stores[n], task, configs[n], methods[n], order=ids)
         return results
+
+
+@contextlib.contextmanager
+def _incomplete_on_error(store: RecordStore, ids: list[str], shard: Shard) -> Iterator[None]:
+    """A run that stops early (interrupted, or an error on some sample) says what it finished."""
+    try:
+        yield
+    except BaseException:
+        store.close()
+        mine = [i for k, i in enumerate(ids) if shard.owns(k)]
+        done = set(store.load())
+        extra = " (every rank, for a sharded run)" if shard.world > 1 else ""
+        print(incomplete_line(sum(1 for i in mine if i in done), len(mine), "samples", store.dir, extra), flush=True)
+        raise
 
 
 def _answer_all(task: Task, generator: Generator, store: RecordStore, todo: list[tuple[int, EvalSample]],

@@ -13,6 +13,8 @@ killed mid-write), so its sample is redone, never counted as done; they skip oth
 not parse and keep the first record of each id. A writer first cuts its own file back to the last
 complete line, so a new record never lands behind a partial one. Only one run writes a folder at a
 time (``chunkkv.outputs.OutputLock``), so a merge never replaces a file another run appends to.
+The pieces (reading, cutting a torn line, the settings check) are :mod:`chunkkv.outputs`'s, shared
+with every other resumable store (:class:`chunkkv.outputs.ResumableStore`).
 """
 
 from __future__ import annotations
@@ -20,54 +22,16 @@ from __future__ import annotations
 import json
 import os
 import re
-import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RecordStore", "read_jsonl", "write_json_atomic"]
+from ..outputs import cut_partial_line, read_jsonl, write_json_atomic, write_text_atomic
+
+__all__ = ["RecordStore", "read_jsonl", "write_json_atomic", "write_text_atomic"]
 
 MAIN = "predictions.jsonl"
 _SHARD = re.compile(r"^predictions\.rank(\d+)-of-(\d+)\.jsonl$")
-
-
-def read_jsonl(path: Path, key: str | None = "id") -> list[dict[str, Any]]:
-    """Records of an append-only JSONL file (every resumable run's store). Only lines that end with
-    a newline count: a last line without one is an interrupted write (even when it parses, its
-    writer may have died before finishing it), so its sample is not done and is redone by a resumed
-    run. Other lines that are not a JSON object (holding ``key``, unless None) are skipped with a
-    warning."""
-    if not path.exists():
-        return []
-    out = []
-    lines = path.read_text(encoding="utf-8").split("\n")
-    # split() leaves the piece after the last newline at the end: "" for a complete file.
-    for n, line in enumerate(lines[:-1]):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            obj = None
-        if not isinstance(obj, dict) or (key is not None and key not in obj):
-            warnings.warn(f"{path}:{n + 1}: skipping a line that is not a JSON record", stacklevel=2)
-            continue
-        out.append(obj)
-    return out
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON through a temporary file and an atomic rename."""
-    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class RecordStore:
@@ -104,7 +68,7 @@ class RecordStore:
     def _open(self):
         if self._file is None:
             if self.path.exists():
-                _cut_partial_line(self.path)
+                cut_partial_line(self.path)
             self._file = open(self.path, "a", encoding="utf-8")
         return self._file
 
@@ -142,28 +106,3 @@ class RecordStore:
             path.unlink(missing_ok=True)
         for name in ("metrics.json", "summary.md", "run.json"):
             (self.dir / name).unlink(missing_ok=True)
-
-
-def _cut_partial_line(path: Path) -> None:
-    """Truncate a file after its last newline (drops an unfinished last record)."""
-    with open(path, "rb+") as f:
-        f.seek(0, os.SEEK_END)
-        size = f.tell()
-        if size == 0:
-            return
-        f.seek(size - 1)
-        if f.read(1) == b"\n":
-            return
-        # Walk back to the last newline.
-        pos = size - 1
-        block = 1 << 16
-        while pos > 0:
-            start = max(0, pos - block)
-            f.seek(start)
-            chunk = f.read(pos - start)
-            i = chunk.rfind(b"\n")
-            if i >= 0:
-                f.truncate(start + i + 1)
-                return
-            pos = start
-        f.truncate(0)

@@ -1,9 +1,9 @@
 """A transcript of ``chunkkv serve`` answering concurrent requests: start, ``/health``, four concurrent
 ``/v1/chat/completions`` of ~0.8k-1.2k tokens, SIGINT; the server's own output included.
 
-Writes ``studies/results/serving/serve_transcript.txt``. About 2 minutes.
+Writes ``studies/serving/results/serve_transcript.txt``. About 2 minutes.
 
-    PYTHONPATH=src python studies/serving_transcript.py
+    python -m studies.serving.transcript
 """
 
 from __future__ import annotations
@@ -18,15 +18,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from serving_quality import OUT, SRC, free_port, post  # noqa: E402
+from .quality import OUT, SRC, free_port, post
 
 
 def main() -> None:
     from transformers import AutoTokenizer
 
     from chunkkv.commands.serve import model_folder
-    from serving_capacity import build_requests
+    from .capacity import build_requests
 
     tokenizer = AutoTokenizer.from_pretrained(model_folder("smollm2"))
     requests = [build_requests(tokenizer, 4, n, offset=120000)[i] for i, n in enumerate((800, 950, 1100, 1250))]

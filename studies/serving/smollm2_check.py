@@ -8,25 +8,23 @@ same prompt positions dropped, greedy, original positions). The same requests al
 through the engine against the plain model, to tell the engine's own float differences from the
 compression's.
 
-Writes ``studies/results/serving/smollm2_check.{json,md}``. One torch thread, about 3 minutes.
+Writes ``studies/serving/results/smollm2_check.{json,md}``. One torch thread, about 3 minutes.
 
-    PYTHONPATH=src python studies/serving_smollm2_check.py
+    python -m studies.serving.smollm2_check
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving_capacity import build_prompts  # noqa: E402
+from .capacity import build_prompts
 
-OUT = Path(__file__).resolve().parent / "results" / "serving"
+OUT = Path(__file__).resolve().parent / "results"
 
 
 def run_engine(model, prompts, new_tokens: int, keep_fraction: float, page_size: int) -> tuple[dict, dict, list]:

@@ -6,23 +6,21 @@ so none is asked where the capacity and quality sets ask it), this measures the 
 tokens whose page is kept at 20 % and 10 % (pages of 32 tokens, window 32) for several ways of
 combining the layers' window scores. It chose ``score_from=0.5`` (the deeper half).
 
-Writes ``studies/results/serving/score_layers.md``. About 3 minutes (two torch threads).
+Writes ``studies/serving/results/score_layers.md``. About 3 minutes (two torch threads).
 
-    PYTHONPATH=src python studies/serving_score_layers.py
+    python -m studies.serving.score_layers
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-import serving_capacity as sc  # noqa: E402
+from . import capacity as sc
 
-OUT = HERE / "results" / "serving"
+OUT = HERE / "results"
 
 
 def layer_scores(model, ids: list[int], window: int) -> torch.Tensor:

@@ -11,9 +11,9 @@ made-up fact, then a question about it; greedy, up to 24 new tokens) are answere
   one page set for all layers.
 
 An answer is correct when it contains the fact's key word. Writes
-``studies/results/serving/quality.{json,md}``. One torch thread; about 10 minutes with the defaults.
+``studies/serving/results/quality.{json,md}``. One torch thread; about 10 minutes with the defaults.
 
-    PYTHONPATH=src python studies/serving_quality.py
+    python -m studies.serving.quality
 """
 
 from __future__ import annotations
@@ -33,11 +33,10 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from serving_capacity import build_requests  # noqa: E402
+from .capacity import build_requests
 
-OUT = HERE / "results" / "serving"
-SRC = HERE.parent / "src"
+OUT = HERE / "results"
+SRC = HERE.parents[1] / "src"
 
 
 def free_port() -> int:

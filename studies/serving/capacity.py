@@ -14,10 +14,10 @@ ran dry (transformers' soft reset: a request that cannot get a page is evicted a
 wall time, generated and prompt tokens per second of the whole batch, peak pages, and whether each
 answer contains its fact (a quality hint on N samples, paired). Pages in use over time: one plot.
 
-Writes ``studies/results/serving/capacity.{json,md}`` and ``capacity_pages.png``. One torch thread;
+Writes ``studies/serving/results/capacity.{json,md}`` and ``capacity_pages.png``. One torch thread;
 about 5 minutes on a shared 2-core CPU with the defaults (``--quick``: 4 requests of 1k tokens).
 
-    PYTHONPATH=src python studies/serving_capacity.py
+    python -m studies.serving.capacity
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-OUT = Path(__file__).resolve().parent / "results" / "serving"
+OUT = Path(__file__).resolve().parent / "results"
 
 FACTS = [
     ("The secret ingredient of the Harbor Cafe's soup is smoked paprika.",

@@ -1,0 +1,1 @@
+"""What ChunkKV buys inside transformers' continuous batching (``chunkkv serve``): see README.md."""
