@@ -248,3 +248,9 @@ def test_chunkkv_keeps_a_number_whole():
         kept = set(method.select(inputs)[0, 0].tolist())
         assert {2, 18, 19} <= kept and len(kept) == 13
         assert {3, 4, 5, 6} <= kept if digits else not {4, 5, 6} <= kept
+
+
+def test_position_segments_follow_the_prompts_grid():
+    positions = torch.tensor([[0, 1, 2, 10, 11, 12, 13, 27, 28, 31, 32, 33]])
+    assert sel.position_segments(positions, 10).tolist() == [[0, 0, 0, 1, 1, 1, 1, 2, 2, 3, 3, 3]]
+    assert sel.position_segments(torch.arange(25)[None], 10).tolist() == [[0] * 10 + [1] * 10 + [2] * 5]
