@@ -62,6 +62,31 @@ def test_look_ahead_scores_every_chunk_with_the_prompts_last_window(llama):
     assert any(not torch.equal(ctx.kept_positions(i), old.kept_positions(i)) for i in ctx.cache.pruned_layers)
 
 
+@pytest.mark.parametrize("lookahead", [True, False])
+def test_chunked_chunkkv_keeps_the_prompts_chunks_whole(llama, lookahead):
+    """Re-selections cut the prompt's chunk grid by position, not the held slots' order, so what is
+    kept at the end is mostly whole chunks (position // 5): partial ones come only from the top-ups of
+    the re-selections (about 2 a layer here; cutting the held slots' order instead leaves about 8)."""
+    partial = []
+    for seed in range(4):
+        ids = _prompt(1, 160, seed=seed)
+        ctx = chunkkv.compress(llama, ids, method=ChunkKV(keep_tokens=43, window=8, chunk_size=5), prefill_chunk=20,
+                               lookahead=lookahead)
+        for layer in ctx.cache.pruned_layers:
+            kept = ctx.kept_positions(layer)
+            sizes = torch.bincount(kept[kept < 152] // 5)
+            partial.append(int(((sizes > 0) & (sizes < 5)).sum()))
+    assert sum(partial) / len(partial) <= 3, partial
+    # a padded batch keeps, row by row, what each row keeps alone (positions are row-relative)
+    rows, ids, mask = left_padded((100, 61, 83))
+    method = ChunkKV(keep_tokens=33, window=8, chunk_size=5)
+    ctx = chunkkv.compress(llama, ids, mask, method=method, prefill_chunk=20, lookahead=lookahead)
+    for b, r in enumerate(rows):
+        alone = chunkkv.compress(llama, r[None], method=method, prefill_chunk=20, lookahead=lookahead)
+        for layer in alone.cache.pruned_layers:
+            assert torch.equal(ctx.kept_positions(layer, b), alone.kept_positions(layer, 0)), (b, layer)
+
+
 @pytest.mark.parametrize("name", list(METHODS))
 def test_one_chunk_is_exactly_one_shot(llama, name):
     method = METHODS[name]

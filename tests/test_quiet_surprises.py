@@ -76,16 +76,14 @@ def test_bench_says_which_contexts_are_too_short_to_compress(tmp_path, capsys, m
     assert "--contexts 256" not in out
 
 
-def test_prefill_chunk_says_when_it_drops_the_question_agnostic_default(files, capsys):
+def test_prefill_chunk_keeps_the_question_agnostic_default(files, capsys):
+    """J: --prefill-chunk no longer drops the question-agnostic default: it runs chunk by chunk, and
+    the method line says which scorer ran."""
     model, doc = files
     argv = ["generate", "--model", str(model), "--device", "cpu", "--context-file", str(doc), "--question",
             QUESTION_TEXT, "--max-new-tokens", "2", "--keep-fraction", "0.2", "--chat-template", "off"]
     capsys.readouterr()
-    assert main([*argv, "--prefill-chunk", "256"]) == 0
-    out = capsys.readouterr().out
-    assert "note: with --prefill-chunk 256, chunkkv keeps its window scoring" in out
-    assert "scoring=hybrid" not in out
-    # a chunk that holds the whole prompt is one pass: the default runs, as without the flag
-    assert main([*argv, "--prefill-chunk", "100000"]) == 0
-    out = capsys.readouterr().out
-    assert "note: with --prefill-chunk" not in out and "scoring=hybrid" in out
+    for chunk in ("256", "100000"):  # in chunks, and one chunk holding the whole prompt
+        assert main([*argv, "--prefill-chunk", chunk]) == 0
+        out = capsys.readouterr().out
+        assert "scoring=hybrid" in out and "window scoring" not in out

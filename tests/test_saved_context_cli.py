@@ -71,7 +71,7 @@ def test_a_missing_folder_for_save_context_is_made_and_the_answers_printed(files
     (["--decode-budget", "-3"], "--decode-budget -3 must be a positive number of tokens"),
     (["--decode-budget", "40", "--compress-every", "0"], "--compress-every 0 must be a positive number of tokens"),
     (["--compress-every", "8"], "--compress-every needs --decode-budget"),
-    (["--prefill-chunk", "64"], "a loaded context is compressed already"),
+    (["--prefill-chunk", "64"], "--prefill-chunk would be ignored: drop it"),
 ], ids=["negative-budget", "every-0", "every-alone", "prefill-chunk"])
 def test_load_context_validates_the_bounds_before_loading(files, tmp_path, capsys, no_model, flags, fragment):
     model, _ = files

@@ -320,3 +320,9 @@ def test_window_scores_with_a_workspace_are_bit_equal():
             query_valid = key_valid[:, -win:] if key_valid is not None else None
             plain = _reduce_queries(torch.softmax(logits, -1), query_valid, groups) / (groups * win)
             assert torch.equal(got, plain), (trial, key_valid is None)
+
+
+def test_position_segments_follow_the_prompts_grid():
+    positions = torch.tensor([[0, 1, 2, 10, 11, 12, 13, 27, 28, 31, 32, 33]])
+    assert sel.position_segments(positions, 10).tolist() == [[0, 0, 0, 1, 1, 1, 1, 2, 2, 3, 3, 3]]
+    assert sel.position_segments(torch.arange(25)[None], 10).tolist() == [[0] * 10 + [1] * 10 + [2] * 5]

@@ -64,6 +64,7 @@ class _Session:
     # The prompt's token ids, for methods that look at tokens (boundary-aware ChunkKV): the held
     # slots' ids are read from it by their prompt positions.
     input_ids: torch.Tensor | None = None
+    pads: torch.Tensor | None = None  # [B] each row's left padding in the prompt
     chosen: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
     # Scratch buffers every layer's scoring reuses (the window logits): no fresh memory per layer.
     workspace: Workspace = field(default_factory=Workspace)
@@ -89,14 +90,17 @@ class _Session:
     def select(self, idx: int, layer: PrunedLayer, query, key, scaling: float, softcap, memo: dict | None = None,
                keep_recent: int | None = None, evidence: Evidence | None = None):
         plan = self.plan
-        # the token ids of what the layer holds, read by their prompt positions (one-shot: the prompt)
+        # what the layer holds, by prompt position: the token ids (for methods that read them) and (once
+        # something was dropped) the row-relative positions that keep ChunkKV's chunks on the prompt's grid
+        slots = layer.slot_positions()[:, 0, :]
         ids = None
         if self.input_ids is not None and self.method.needs_token_ids:
-            ids = self.input_ids.gather(1, layer.slot_positions()[:, 0, :])
+            ids = self.input_ids.gather(1, slots)
+        positions = None if layer.kept_index is None else slots - self.pads[:, None]
         index, valid = reselect(
             self.method, query, key, scaling, softcap, plan.real[idx], plan.counts[idx], plan.slots[idx],
             plan.key_valid[idx], input_ids=ids, layer=idx, memo=memo, keep_recent=keep_recent, evidence=evidence,
-            workspace=self.workspace,
+            positions=positions, workspace=self.workspace,
         )
         self.chosen[idx] = (index, valid if plan.fillers[idx] else None)
         if idx not in self.stats.scored_layers:
@@ -171,7 +175,8 @@ def prefill_inline(
     session = plans = None
     if not isinstance(method, FullKV):
         plans = plan_prefill(method, lengths, width, pruned, device, bounds)
-        session = _Session(method=method, cache=cache, measure=measure, stats=stats, input_ids=input_ids)
+        session = _Session(method=method, cache=cache, measure=measure, stats=stats, input_ids=input_ids,
+                           pads=width - torch.tensor(lengths, device=device))
         final = method.kept_per_layer(lengths, len(pruned))
         touched = {layer for plan in plans for layer in plan.counts}
         stats.kept = {layer: list(final[pos]) for pos, layer in enumerate(pruned) if layer in touched}

@@ -382,7 +382,11 @@ class ChunkKV(_Scored):
         fixed grid, by the fast path)."""
         chunking = self.chunking
         if chunking == "fixed" and not self.digit_ids:
-            return None
+            if inputs.positions is None:
+                return None  # the fixed grid over the slots, by the fast path
+            # held slots of a re-selection: the prompt's chunk grid, by their positions
+            positions = inputs.positions if inputs.key_valid is None else sel.align_rows(inputs.positions, inputs.pad)
+            return sel.position_segments(torch.cummax(positions, dim=1).values, self.chunk_size)
         if inputs.input_ids is None:
             raise ChunkKVError(
                 f"chunks cut at sentence ends or kept whole around numbers need the token ids of what the layer "
@@ -393,12 +397,23 @@ class ChunkKV(_Scored):
             found = torch.isin(inputs.input_ids, torch.tensor(sorted(ids), device=inputs.input_ids.device))
             return found if inputs.key_valid is None else sel.align_rows(found, inputs.pad, fill=False)
 
+        def ends() -> torch.Tensor:
+            is_end = row_relative(self.boundary_ids)
+            if inputs.positions is not None:  # a dropped stretch between two held slots ends a chunk too
+                positions = inputs.positions if inputs.key_valid is None else sel.align_rows(inputs.positions, inputs.pad)
+                is_end = is_end.clone()
+                is_end[:, :-1] |= positions[:, 1:] != positions[:, :-1] + 1
+            return is_end
+
         def compute() -> torch.Tensor:
             batch, length = inputs.input_ids.shape
             if chunking == "sentence":
-                segments = sel.sentence_segments(row_relative(self.boundary_ids), self.chunk_size)
+                segments = sel.sentence_segments(ends(), self.chunk_size)
             elif chunking == "aligned":
-                segments = sel.boundary_segments(row_relative(self.boundary_ids), self.chunk_size)
+                segments = sel.boundary_segments(ends(), self.chunk_size)
+            elif inputs.positions is not None:
+                positions = inputs.positions if inputs.key_valid is None else sel.align_rows(inputs.positions, inputs.pad)
+                segments = sel.position_segments(torch.cummax(positions, dim=1).values, self.chunk_size)
             else:
                 segments = sel.fixed_segments(batch, length, self.chunk_size, inputs.input_ids.device)
             return sel.glue_digits(segments, row_relative(self.digit_ids)) if self.digit_ids else segments

@@ -42,6 +42,7 @@ def reselect(
     memo: dict | None = None,
     keep_recent: int | None = None,
     evidence: Evidence | None = None,
+    positions: torch.Tensor | None = None,
     workspace: Workspace | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose ``kept[b]`` of the held slots of one layer with ``method``'s own scoring.
@@ -59,6 +60,8 @@ def reselect(
         memo: raw scores already computed for these slots (``LayerInputs.memo``), e.g. a look-ahead's.
         keep_recent: most recent slots always kept (None: the method's window).
         evidence: scores of the held slots computed outside the forward (a question-agnostic chunked prefill).
+        positions: ``[B, S]`` each held slot's row-relative prompt position (ChunkKV cuts the prompt's
+            chunk grid by them); None: the slots are the prompt.
         workspace: scratch buffers reused across the layers of one compression (:class:`chunkkv.scoring.Workspace`).
 
     Returns:
@@ -69,7 +72,7 @@ def reselect(
     inputs = LayerInputs(
         queries=queries, keys=keys, scaling=scaling, softcap=softcap, key_valid=key_valid,
         lengths=real, pad=pad, kept=kept, slots=slots, layer=layer, memo=memo, input_ids=input_ids,
-        keep_recent=keep_recent, evidence=evidence, workspace=workspace,
+        keep_recent=keep_recent, evidence=evidence, positions=positions, workspace=workspace,
     )
     return sel.finalize(method.select(inputs), pad)
 

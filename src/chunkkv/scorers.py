@@ -106,6 +106,8 @@ class LayerInputs:
         input_ids: ``[B, T]`` the prompt's token ids (boundary-aware ChunkKV), None when the
             held slots are not the prompt.
         keep_recent: most recent slots always kept (None: the method's window).
+        positions: ``[B, T]`` each held slot's row-relative prompt position, when the slots are not
+            simply the prompt (a re-selection over kept tokens + a chunk); None: slot ``t`` is token ``t``.
         workspace: scratch buffers shared by the layers of one compression
             (:class:`chunkkv.scoring.Workspace`); None allocates per call.
     """
@@ -124,6 +126,7 @@ class LayerInputs:
     evidence: Evidence | None = None
     input_ids: torch.Tensor | None = None
     keep_recent: int | None = None
+    positions: torch.Tensor | None = None
     workspace: Workspace | None = None
 
     def cached(self, key: tuple, compute: Callable[[], torch.Tensor]) -> torch.Tensor:

@@ -274,6 +274,16 @@ def fixed_segments(batch: int, length: int, chunk_size: int, device) -> torch.Te
     return (torch.arange(length, device=device) // chunk_size).expand(batch, length)
 
 
+def position_segments(positions: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Chunk ids ``[B, T]`` (consecutive from 0) of held slots whose row-relative prompt positions are
+    ``positions [B, T]`` (non-decreasing): the paper's fixed chunks of the *prompt* (``p // chunk_size``),
+    so tokens kept from one chunk stay one chunk however many were dropped around them."""
+    grid = positions // chunk_size
+    start = torch.ones_like(grid, dtype=torch.bool)
+    start[:, 1:] = grid[:, 1:] != grid[:, :-1]
+    return torch.cumsum(start.long(), dim=1) - 1
+
+
 def glue_digits(segments: torch.Tensor, is_digit: torch.Tensor) -> torch.Tensor:
     """Chunk ids ``[B, T]`` with no chunk starting inside a run of digits.
 

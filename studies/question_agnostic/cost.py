@@ -18,6 +18,13 @@ import torch
 
 import chunkkv
 from chunkkv.pretrained import load_pretrained
+from chunkkv.scorers import SCORERS, Combined, ReconstructionScorer, SurprisalScorer
+
+#: Scorers measured beside the registry's names.
+VARIANTS = {
+    "shallow_last": ReconstructionScorer(depth=0.25, sink=4, last_only=True),
+    "hybrid_last": Combined(((ReconstructionScorer(depth=0.25, sink=4, last_only=True), 1.0), (SurprisalScorer(), 1.0))),
+}
 
 from .niah import NEEDLES, build_document, encode
 
@@ -40,7 +47,8 @@ def main(argv: list[str] | None = None) -> None:
         for depth in [int(x) for x in args.depths.split(",")]:
             plain = None  # the window run's prefill (no surprisal projection), when "window" comes first
             for scoring in args.scorings.split(","):
-                method = chunkkv.ChunkKV(keep_fraction=0.2, reuse_depth=depth, scoring=scoring)
+                method = chunkkv.ChunkKV(keep_fraction=0.2, reuse_depth=depth,
+                                         scoring=scoring if scoring in SCORERS else VARIANTS[scoring])
                 ctx = chunkkv.compress(model, ids, method=method, tokenizer=tok)  # tokenizes its pass's instruction
                 if scoring == "window":
                     plain = ctx.stats.prefill_seconds

@@ -21,7 +21,7 @@ examples. Tasks (``REAL_TASKS``):
 The assistant's reply starts with an answer prefix that is part of the prompt ("The best thing to
 do in San Francisco is"), as RULER and the NIAH scripts do, so the answer comes first and decoding
 is short. Scoring: ``score`` is 1 when every required answer string appears in the generated text
-(case insensitive); ``rouge1`` is ROUGE-1 F of prefix + generation against the reference sentence
+(case insensitive; for ``niah_number`` the number must stand whole, no digit before or after it); ``rouge1`` is ROUGE-1 F of prefix + generation against the reference sentence
 where the task has one.
 Lengths are whole-prompt token counts (template included), matched to within about a sentence.
 """
@@ -264,7 +264,10 @@ def score_prediction(sample: RealSample, prediction: str) -> dict[str, float]:
     """``{"score": 0/1, "rouge1": F}``: every answer present (case-insensitive); for ``icl`` the
     prediction must name the right label and no other. ROUGE-1 against the reference sentence."""
     text = prediction.lower()
-    hit = all(a.lower() in text for a in sample.answers)
+    if sample.task == "niah_number":  # the number whole: no digit may come right before or after it
+        hit = all(re.search(rf"(?<!\d){re.escape(a)}(?!\d)", text) for a in sample.answers)
+    else:
+        hit = all(a.lower() in text for a in sample.answers)
     if sample.task == "icl":
         others = [lab for lab in sample.meta["labels"] if lab not in sample.answers]
         hit = hit and not any(re.search(rf"\b{o}\b", text) for o in others)

@@ -245,6 +245,8 @@ def _run_prefill_memory(args: argparse.Namespace, device: torch.device) -> int:
     contexts = args.contexts or [8192, 16384, 32768, 65536]
     if not args.prefill_chunks or any(c < 1 for c in args.prefill_chunks) or args.kv < 1:
         raise ChunkKVError("--prefill-chunks and --kv must be positive token counts")
+    import torch
+
     if not is_random_model(args.model):
         resolve_model(args)
     # the folder is checked, held and its settings compared before the model loads
