@@ -360,3 +360,18 @@ def test_allocator_state_names_the_setting_timings_run_under():
     assert before == "glibc default (dynamic mmap threshold)"
     if fixed == "True":  # glibc
         assert "fixed at 128 KiB by an earlier memory measurement" in after
+
+
+def test_timings_only_run_makes_no_meter_and_still_reports(monkeypatch, tmp_path):
+    from chunkkv.bench import runner
+    from chunkkv.bench.report import to_markdown
+
+    def refuse(device):
+        raise AssertionError("no memory meter in a timings-only run")
+
+    monkeypatch.setattr(runner, "MemoryMeter", refuse)
+    result = run_bench(_tiny(), _config(contexts=[96], batch_sizes=[1], e2e=[], memory=False), progress=False)
+    assert result["meta"]["memory_method"].startswith("not measured")
+    assert all("prefill_peak_bytes_above_weights" not in r for r in result["prefill"])
+    assert "## Scaling" in to_markdown(result)
+    write_outputs(result, tmp_path)

@@ -82,6 +82,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--kvpress-python", help="python of the kvpress env (default: $KVPRESS_PYTHON or .venv-kvpress)")
     o = parser.add_argument_group("run and output")
     o.add_argument("--threads", type=int, help="torch threads (CPU default 2)")
+    o.add_argument("--no-memory", action="store_true",
+                   help="skip the memory phase (timings only; it runs after every timed run and costs one more "
+                        "prefill per configuration)")
     o.add_argument("--out", default="bench-results", help="output folder (bench-results)")
     o.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -122,6 +125,7 @@ def config_from_args(args: argparse.Namespace, device: torch.device) -> BenchCon
         peer_contexts=args.peer_contexts,
         kvpress_python=args.kvpress_python,
         threads=args.threads or (2 if not gpu else None),
+        memory=not args.no_memory,
     )
 
 

@@ -76,6 +76,7 @@ class BenchConfig:
             doubling to at least three points).
         peers: run kvpress side by side (needs ``kvpress_python``).
         threads: ``torch.set_num_threads`` (None = leave as is).
+        memory: run the memory phase (False: timings only, e.g. for a peer comparison).
     """
 
     contexts: list[int] = field(default_factory=lambda: [2048, 4096, 8192])
@@ -98,6 +99,7 @@ class BenchConfig:
     kvpress_python: str | None = None
     threads: int | None = None
     seed: int = 0
+    memory: bool = True
 
     def validate(self) -> None:
         if not self.contexts or any(c < 2 for c in self.contexts):
@@ -401,7 +403,7 @@ class Bench:
         prefill = sum(runnable(entries, c) * (1 + cfg.repeats) for c in cfg.contexts)
         decode = len(cfg.contexts) * len(cfg.batch_sizes) * (1 + len(cfg.decode_fractions))
         e2e = sum(runnable(_e2e_plan(cfg), n_in) * (1 + (cfg.e2e_repeats or cfg.repeats)) for n_in, _ in cfg.e2e)
-        memory = len(cfg.contexts) + 1  # one step per context, one for the scaling points
+        memory = len(cfg.contexts) + 1 if cfg.memory else 0  # one step per context, one for the scaling points
         # warm-up, prefill, decode, e2e, scaling, peers, memory
         return 1 + prefill + decode + e2e + 1 + (1 if cfg.peers else 0) + memory
 
@@ -446,8 +448,11 @@ class Bench:
                 self.result["peers"] = run_peers(self, self.log)
                 self.progress.step("peers")
                 self.on_section(self.result)
-            self._memory_section(entries)  # last: nothing is timed after the meter fixes the allocator
-            self.on_section(self.result)
+            if cfg.memory:
+                self._memory_section(entries)  # last: nothing is timed after the meter fixes the allocator
+                self.on_section(self.result)
+            else:
+                self.result["meta"]["memory_method"] = "not measured (memory phase off)"
         finally:
             self.progress.close()
             self._bounds.clear()
