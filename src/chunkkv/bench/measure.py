@@ -138,15 +138,16 @@ def _fix_mmap_threshold(libc, threshold: int = MMAP_THRESHOLD) -> bool:
     return fixed
 
 
-def allocator_state() -> str:
+def allocator_state(fresh_process: bool = False) -> str:
     """The allocator setting that timings taken now run under, in words (for the record).
 
     ``"glibc default (dynamic mmap threshold)"`` as users run, unless a :class:`MemoryMeter` fixed
-    the threshold earlier in this process or the environment sets glibc's malloc tunables."""
+    the threshold earlier in this process or the environment sets glibc's malloc tunables.
+    ``fresh_process``: the setting of a child process started now with this environment (kvpress)."""
     tunables = sorted(k for k in os.environ if k.startswith("MALLOC_") and k.endswith("_"))
     if "GLIBC_TUNABLES" in os.environ:
         tunables.append("GLIBC_TUNABLES")
-    if _FIXED_IN_THIS_PROCESS:
+    if _FIXED_IN_THIS_PROCESS and not fresh_process:
         return (f"glibc mmap threshold fixed at {MMAP_THRESHOLD // 1024} KiB by an earlier memory measurement in "
                 "this process: timings are slower than a user's (run the bench in a fresh process)")
     if tunables:

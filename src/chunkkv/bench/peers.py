@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from .measure import allocator_state
+
 ROOT = Path(__file__).resolve().parents[3]
 TOOL = ROOT / "tools" / "kvpress_reference.py"
 WINDOW = 64  # kvpress SnapKVPress default window; kvpress asserts the prompt is longer
@@ -118,6 +120,7 @@ def run_peers(bench, log: Callable[[str], None]) -> dict[str, Any]:
         "device": out.get("device"),
         "dtype": out.get("dtype"),
         "num_threads": out.get("num_threads"),
+        "allocator": allocator_state(fresh_process=True),  # its own process, started with our environment
         "cases": [],
         "comparison": [],
     }

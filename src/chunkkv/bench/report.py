@@ -245,8 +245,9 @@ def to_markdown(result: dict[str, Any]) -> str:
                      + (f"stderr: `{' / '.join(peers.get('stderr_tail', [])[-3:])}`" if peers.get("stderr_tail") else ""))
     else:
         lines.append(f"kvpress {peers['kvpress_version']} (transformers {peers['transformers_version']}, torch "
-                     f"{peers['torch_version']}, {peers['dtype']}, {_count(peers['num_threads'], 'thread')}), same weights and "
-                     "token ids. Ratios are chunkkv / kvpress (below 1: chunkkv faster).")
+                     f"{peers['torch_version']}, {peers['dtype']}, {_count(peers['num_threads'], 'thread')}, allocator "
+                     f"{peers.get('allocator', 'not recorded')}), same weights and token ids, timed while this process "
+                     "waits. Ratios are chunkkv / kvpress (below 1: chunkkv faster).")
         lines.append("")
         rows = [[r["context"], r["ours"], r["theirs"], _x(r.get("compress_ms_ours"), 2),
                  _x(r.get("compress_ms_theirs"), 2), _x(r.get("compress_ratio")), _x(r.get("compress_speedup"), 2),
