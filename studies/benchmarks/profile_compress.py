@@ -10,7 +10,9 @@ Runs on either side, in its own environment, on the same saved model and the sam
     .venv-kvpress/bin/python studies/benchmarks/profile_compress.py --side kvpress --model-dir /tmp/m100 \\
         --context 2048 --threads 1 --methods chunkkv,snapkv --out kvpress.json
 
-``--save-model DIR`` (chunkkv side) writes the random 100M Llama the bench uses to ``DIR`` first.
+``--model-dir DIR`` on the chunkkv side loads ``DIR`` when it holds a model and otherwise writes the
+random 100M Llama the bench uses there first. ``profile_compress.py report A.json B.json ...`` prints
+the runs side by side (markdown).
 
 What is measured, per method, over ``--repeats`` prefills after one untimed one:
 
@@ -205,7 +207,29 @@ def summary(name, what, steps, prefill, cpu, faults, ops) -> dict:
     }
 
 
+def report(paths: list[str], top: int = 8) -> str:
+    """Markdown: one row per (file, method) with the step and its per-layer CPU time and page faults,
+    then each one's heaviest operators."""
+    runs = [(Path(p).stem, json.loads(Path(p).read_text())) for p in paths]
+    lines = ["| run | side | context | method | step ms (all layers, median) | CPU ms / layer | page faults / layer | "
+             "prefill ms |", "|---|---|---|---|---|---|---|---|"]
+    for label, r in runs:
+        for name, m in r["methods"].items():
+            lines.append(f"| {label} | {r['side']} | {r['context']} | {name} | {m['step_ms']:.1f} | "
+                         f"{m['cpu_ms_per_layer']:.2f} | {m['faults_per_layer']:.0f} | {m['prefill_ms']:.0f} |")
+    for label, r in runs:
+        for name, m in r["methods"].items():
+            ops = ", ".join(f"{o['op'].replace('aten::', '')} {o['self_ms']:.1f}" for o in m["ops"][:top])
+            lines.append(f"\n*{label}, {name}* (self ms over all layers, profiler on): {ops}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv and argv[0] == "report":
+        print(report(argv[1:]))
+        return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--side", choices=("chunkkv", "kvpress"), required=True)
     p.add_argument("--model-dir", help="saved model folder (kvpress side: required)")
