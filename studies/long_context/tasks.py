@@ -14,7 +14,16 @@ so every fact kind visits every depth):
 Five questions per document, each asked of the base model completion-style (no chat template)
 with an answer prefix, as RULER and the NIAH scripts do::
 
-    <bos><document>\\n\\nQuestion: What is Tom's favorite fruit?\\nAnswer: Tom's favorite fruit is
+    <bos><document>\\n\\nQuestion: What is Tom's favorite fruit?\\nAnswer: Tom's favorite fruit
+
+The prefix stops one word short of the answer (``real_grid``'s prefixes without their last word:
+"... fruit", not "... fruit is"). In the query-aware setting the question ends the compressed prompt
+and every layer is pruned only after its own attention, so the first generated token comes from
+the exact (full-cache) prefill whatever the method; with Gemma's 262k-token vocabulary every
+multi-key value and several needle answers ("Biscuit", "yellow" after "bright") are one token, and
+with the full prefix the answer would be that exact token for every method. Stopping one word
+short makes the first token the prefix's own last word (" is", " painted") and the answer come
+from the compressed cache.
 
 The document's tokens are the same for every question (``context_ids``; the question's own tokens
 ``question_ids`` follow them exactly: the split is checked against tokenizing the whole prompt),
@@ -38,7 +47,7 @@ TASKS = ["niah_paper", "niah_nl", "multikey"]
 #: depth slots of the seven facts (fraction of the essay text before the fact)
 SLOTS = [k / 6 for k in range(7)]
 #: new tokens decoded per task (the answers follow the prefix at once)
-MAX_NEW = {"niah_paper": 16, "niah_nl": 10, "multikey": 6}
+MAX_NEW = {"niah_paper": 16, "niah_nl": 14, "multikey": 6}
 
 
 @dataclass
@@ -72,22 +81,28 @@ class Document:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+def _shorter(prefix: str) -> str:
+    """The answer prefix without its last word ("... soup is" -> "... soup"): the model's first token
+    is then that word, not the answer (see the module docstring)."""
+    return prefix.rsplit(" ", 1)[0]
+
+
 def _facts(index: int, rng: random.Random) -> list[tuple[str, Question | None]]:
     """The seven facts in slot order k = 0..6 (k-th fact goes to slot ``(3k + index) % 7``), each
     with its question (None for a distractor)."""
     out: list[tuple[str, Question | None]] = []
     needle, question, answers, prefix = PAPER_NEEDLE
-    out.append((needle, Question("niah_paper", 0, question, prefix, answers, needle, 0.0)))
+    out.append((needle, Question("niah_paper", 0, question, _shorter(prefix), answers, needle, 0.0)))
     for j in range(2):
         needle, question, answers, prefix = NEEDLES[(2 * index + j) % len(NEEDLES)]
-        out.append((needle, Question("niah_nl", 1 + j, question, prefix, answers, needle, 0.0)))
+        out.append((needle, Question("niah_nl", 1 + j, question, _shorter(prefix), answers, needle, 0.0)))
     people = rng.sample(PEOPLE, 4)
     cats = rng.sample(list(FAVORITES), 4)
     values = [rng.choice(FAVORITES[c]) for c in cats]
     for j, (p, c, v) in enumerate(zip(people, cats, values)):
         fact = f"{p}'s favorite {c} is {v}."
         asked = j < 2
-        q = Question("multikey", 3 + j, f"What is {p}'s favorite {c}?", f"{p}'s favorite {c} is", [v], fact, 0.0)
+        q = Question("multikey", 3 + j, f"What is {p}'s favorite {c}?", f"{p}'s favorite {c}", [v], fact, 0.0)
         out.append((fact, q if asked else None))
     return out
 
