@@ -5,7 +5,9 @@ Each (length, mode) runs in a fresh process (``cost --one LENGTH MODE``), so one
 memory or allocator state never shows in another's peak; the parent appends one JSON line per run
 to ``results/cost.jsonl`` (resumable: finished rows are skipped) and writes the table into the
 README's block between ``<!-- cost:begin -->`` and ``<!-- cost:end -->``. The prompt is the Paul
-Graham essays (``<bos>`` + text, cut to the length). Modes:
+Graham essays (``<bos>`` + text, cut to the length). ``studies/long_context/cost_paused.sh`` runs it
+with every other study job on the machine paused (``kill -STOP``, resumed on exit); each row
+records whether that was so and the load average when it started. Modes:
 
 - ``full``: the stock full cache, one forward (sdpa runs every sliding layer over the whole prompt);
 - ``full-chunked``: the full cache prefilled ``C`` tokens at a time (the sliding layers then attend
@@ -18,10 +20,10 @@ Graham essays (``<bos>`` + text, cut to the length). Modes:
   chunked prefill ``C`` (its scores kept chunk by chunk).
 
 Peak memory: :class:`chunkkv.bench.MemoryMeter` (CPU peak RSS, VmHWM reset) above what is live
-after the model is loaded and warmed up. Decode: after ``full``, ``chunkkv`` and
-``kv512-chunked``, ``--warmup`` untimed then ``--steps`` timed greedy steps; the bound is a full
-cache of exactly the compressed cache's longest layer (a prefill of that many tokens), its steps
-timed interleaved with the compressed cache's.
+after the model is loaded and warmed up. Decode: after the chunked modes (the full cache, ChunkKV
+10 %, KV 512: the same caches as one-shot would leave, made faster), ``--warmup`` untimed then
+``--steps`` timed greedy steps; the bound is a full cache of exactly the compressed cache's longest
+layer (a prefill of that many tokens), its steps timed interleaved with the compressed cache's.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from ..real_grid.report import write_block
 
 STUDY = Path(__file__).resolve().parent
 MODES = ["full", "full-chunked", "chunkkv", "chunkkv-chunked", "kv512-chunked", "agnostic-chunked"]
-DECODED = {"full", "chunkkv", "kv512-chunked"}
+DECODED = {"full-chunked", "chunkkv-chunked", "kv512-chunked"}
 BEGIN, END = "<!-- cost:begin -->", "<!-- cost:end -->"
 
 
@@ -67,6 +69,7 @@ def measure_one(length: int, mode: str, chunk: int, steps: int, warmup: int, thr
     from chunkkv.pretrained import load_pretrained
 
     torch.set_num_threads(threads)
+    load = round(os.getloadavg()[0], 2)
     t0 = time.perf_counter()
     model, tok = load_pretrained("gemma3-270m", dtype=torch.float32, device="cpu")
     load_s = time.perf_counter() - t0
@@ -94,6 +97,7 @@ def measure_one(length: int, mode: str, chunk: int, steps: int, warmup: int, thr
         "kv_full_layers_mib": round(kinds.get("full_attention", {}).get("bytes", 0) / 2**20, 2),
         "kv_sliding_mib": round(kinds.get("sliding_attention", {}).get("bytes", 0) / 2**20, 2),
         "stored": ctx.cache.stored_lengths(), "meter": meter.method, "time": time.time(),
+        "others_paused": os.environ.get("COST_OTHERS_PAUSED") == "1", "load_at_start": load,
     }
     if mode in DECODED:
         def step(c) -> float:
@@ -102,7 +106,7 @@ def measure_one(length: int, mode: str, chunk: int, steps: int, warmup: int, thr
             return time.perf_counter() - s
 
         bound = None
-        if mode != "full":
+        if mode != "full-chunked":
             kept = max(ctx.cache.stored_lengths())
             bound = compress(model, ids[:, :kept], method=_method("full", tok))
             row["bound_stored"] = bound.cache.stored_lengths()
@@ -133,16 +137,16 @@ def table(rows: list[dict[str, Any]]) -> str:
              "agnostic-chunked": "question-agnostic default 10 %, chunked prefill"}
     threads = sorted({r["threads"] for r in rows})
     chunks = sorted({r["chunk"] for r in rows if r["chunk"]})
-    lines = [f"Gemma 3 270M, float32, CPU ({', '.join(map(str, threads))} torch thread(s), every other job on the "
-             f"machine paused), Paul Graham essays; chunked prefill C = {', '.join(map(str, chunks))}; one run per "
+    lines = [f"Gemma 3 270M, float32, CPU ({', '.join(map(str, threads))} torch thread(s); the last column says whether "
+             "every other study job on the machine was paused), Paul Graham essays; chunked prefill C = {', '.join(map(str, chunks))}; one run per "
              "cell, each in a fresh process. KV = the cache after prefill (3 full-attention layers + 15 sliding "
              "layers); peak = peak RSS during the prefill above what was live before it (weights excluded). "
              "Compression step = scoring + selection + gather summed over the compressed layers (`measure=True`); "
              "for the question-agnostic default, + its scoring (surprisal, shallow reconstruction). Decode: median "
              "ms per token; bound = a full cache of the compressed cache's longest layer, timed interleaved.", "",
              "| tokens | configuration | KV MiB (full layers + sliding) | peak prefill MiB | prefill s | compression "
-             "step (share of prefill) | decode ms/token | same-size bound ms/token |",
-             "|---|---|---|---|---|---|---|---|"]
+             "step (share of prefill) | decode ms/token | same-size bound ms/token | run |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for L in lengths:
         for mode in MODES:
             r = by.get((L, mode))
@@ -151,11 +155,13 @@ def table(rows: list[dict[str, Any]]) -> str:
             step = r["compress_step_seconds"] + (r["scoring_seconds"] if mode.startswith("agnostic") else 0.0)
             share = "–" if mode.startswith("full") else f"{step:.2f} s ({100 * step / r['prefill_seconds']:.1f} %)"
             bound = r.get("bound_decode_ms")
+            run = (f"{r['threads']} thr, " + ("others paused" if r.get("others_paused")
+                                              else f"under load (load avg {r.get('load_at_start')})"))
             bound_text = "–" if bound is None else f"{bound} (bound holds {max(r['bound_stored'])} tokens)"
             lines.append(
                 f"| {L} | {names[mode]} | {r['kv_mib']:.1f} ({r['kv_full_layers_mib']:.1f} + {r['kv_sliding_mib']:.1f}) | "
                 f"{r['peak_mib']:.0f} | {r['prefill_seconds']:.1f} | {share} | "
-                f"{r.get('decode_ms', '–')} | {bound_text} |")
+                f"{r.get('decode_ms', '–')} | {bound_text} | {run} |")
     return "\n".join(lines)
 
 
