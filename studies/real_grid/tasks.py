@@ -134,9 +134,18 @@ def _haystack(tokenizer, n_tokens: int, start: int) -> str:
     return cut[: ends[-1]].rstrip() if ends else cut
 
 
-def render(tokenizer, context: str, question: str, prefix: str = "") -> str:
+def render(tokenizer, context: str, question: str, prefix: str = "", chat: bool = True) -> str:
     """The chat prompt text for ``context`` followed by ``question`` in one user message, the
-    generation prompt, and the answer ``prefix`` the assistant's reply starts with."""
+    generation prompt, and the answer ``prefix`` the assistant's reply starts with.
+
+    ``chat=False``: the completion-style prompt a base model (no chat template) is asked with,
+    ``"<bos>context\n\nQuestion: question\nAnswer: prefix"`` (the BOS token's text first when the
+    tokenizer adds one by itself, so tokenizing without special tokens gives it).
+    """
+    if not chat:
+        plain = tokenizer("", add_special_tokens=True)["input_ids"]
+        bos = tokenizer.bos_token if plain and plain[0] == tokenizer.bos_token_id and tokenizer.bos_token else ""
+        return f"{bos}{context}\n\nQuestion: {question}\nAnswer: {prefix}".rstrip(" ")
     messages = [{"role": "user", "content": f"{context}\n\n{question}"}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + prefix
 
