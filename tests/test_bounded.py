@@ -87,6 +87,37 @@ def test_chunked_chunkkv_keeps_the_prompts_chunks_whole(llama, lookahead):
             assert torch.equal(ctx.kept_positions(layer, b), alone.kept_positions(layer, 0)), (b, layer)
 
 
+@pytest.mark.parametrize("prefill_chunk", [None, 20])
+def test_numbers_are_kept_or_dropped_whole(llama, prefill_chunk):
+    """With ``digit_ids`` no chunk edge falls inside a run of digit tokens, one-shot and chunked: a
+    number is kept whole or dropped whole, but for the one top-up chunk a selection may cut (per
+    re-selection). Without ``digit_ids`` the fixed grid splits numbers."""
+    digits = frozenset(range(10, 20))
+    split = {True: [], False: []}
+    for seed in range(4):
+        ids = _prompt(1, 160, seed=seed)
+        g = torch.Generator().manual_seed(seed)
+        # plant 12 numbers of 3-6 digit tokens across the prompt, astride the 5-token grid
+        for start in torch.randperm(140, generator=g)[:12].tolist():
+            n = int(torch.randint(3, 7, (1,), generator=g))
+            ids[0, 4 + start: 4 + start + n] = torch.randint(10, 20, (n,), generator=g)
+        is_digit = torch.isin(ids[0], torch.tensor(sorted(digits)))
+        runs = torch.cumsum(torch.cat([torch.tensor([1]), (~(is_digit[1:] & is_digit[:-1])).long()]), 0)
+        for glue in (True, False):
+            method = ChunkKV(keep_tokens=43, window=8, chunk_size=5, digit_ids=digits if glue else None)
+            ctx = chunkkv.compress(llama, ids, method=method, prefill_chunk=prefill_chunk)
+            for layer in ctx.cache.pruned_layers:
+                kept = torch.zeros(ids.shape[1], dtype=torch.bool)
+                kept[ctx.kept_positions(layer)] = True
+                # a digit run (with the token before it) is split when some of it is kept and some not
+                part = torch.zeros(int(runs.max()) + 1).index_add_(0, runs[is_digit], kept[is_digit].float())
+                size = torch.bincount(runs[is_digit], minlength=int(runs.max()) + 1).float()
+                split[glue].append(int(((part > 0) & (part < size)).sum()))
+    top_ups = 1 if prefill_chunk is None else 160 // prefill_chunk
+    assert max(split[True]) <= top_ups, split[True]
+    assert sum(split[False]) > sum(split[True]), split
+
+
 @pytest.mark.parametrize("name", list(METHODS))
 def test_one_chunk_is_exactly_one_shot(llama, name):
     method = METHODS[name]
