@@ -182,7 +182,7 @@ ERRORS = [
     (["generate", "--context-file", "{ctx}", "--keep-fraction", "1.5"], "keep_fraction=1.5 is out of range"),
     (["generate", "--context-file", "{ctx}", "--remove-fraction", "1"], "REMOVED"),
     (["generate", "--context-file", "{ctx}", "--keep-tokens", "0"], "keeps nothing"),
-    (["generate", "--context-file", "{ctx}", "--chunk-size", "0"], "chunk_size=0 must be a positive int"),
+    (["generate", "--context-file", "{ctx}", "--chunk-size", "0"], "--chunk-size 0 must be an integer >= 1"),
     (["generate", "--context-file", "{ctx}", "--keep-fraction", "0.1", "--model", "{noweights}"], "no weights"),
     (["generate", "--context-file", "{ctx}", "--keep-fraction", "0.1", "--model", "/no/such/model"], "no such folder"),
     (["generate", "--keep-fraction", "0.1", "--model", "{tiny}"], "no context"),

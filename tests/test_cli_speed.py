@@ -63,6 +63,9 @@ def test_usage_errors_are_refused_before_torch_is_imported(tmp_path):
         (["inspect", *ctx, "--methods", "chunkkv,snapq"], "unknown method 'snapq'"),
         (["bench", "--methods", "full,nope", "--out", out], "unknown method 'nope'"),
         (["bench", "--repeats", "0"], "--repeats 0 must be >= 1"),
+        (["generate", *ctx, "--chunk-size", "0"], "--chunk-size 0 must be an integer >= 1"),
+        (["eval", "--model", "testbed", "--task", "niah", "--kernel", "0", "--out", out], "--kernel 0 must be an integer >= 1"),
+        (["demo", "--window", "-1"], "--window -1 must be an integer >= 0"),
     ]
     for argv, message in cases:
         code, _, err, heavy = _run(argv, tmp_path)

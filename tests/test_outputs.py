@@ -237,7 +237,7 @@ CLI_ERRORS = [
     (["bench", "--model", "/no/such/model", "--out", "{tmp}/b", "--device", "tpu"], "--device 'tpu' is not a device"),
     # budget and task before the model loads (the model path does not exist)
     (["eval", "--model", "/no/such/model", "--task", "niah", "--out", "{tmp}/e", "--chunk-size", "0"],
-     "chunk_size=0 must be a positive int"),
+     "--chunk-size 0 must be an integer >= 1"),
     ([*EVAL, "--task", "nope", "--out", "{tmp}/e"], "unknown task 'nope'"),
     ([*EVAL[:4], "snapkv", "--keep-fraction", "3", "--task", "niah", "--out", "{tmp}/e"], "keep_fraction=3.0 is out of range"),
 ]

@@ -149,6 +149,13 @@ def check_method_flags(args: argparse.Namespace, names: Sequence[str] | None = N
             ok = False
         if not ok:
             raise ChunkKVError(f"--reuse-depth {depth!r} must be an integer >= 1 or 'all'")
+    for flag, name, least, what in (("--chunk-size", "chunk_size", 1, "tokens per chunk (the paper uses 10)"),
+                                    ("--kernel", "kernel", 1, "1 = no pooling"),
+                                    ("--window", "window", 0, "tokens of the observation window"),
+                                    ("--n-sink", "n_sink", 0, "StreamingLLM's sink tokens")):
+        value = getattr(args, name, None)
+        if value is not None and value < least:
+            raise ChunkKVError(f"{flag} {value} must be an integer >= {least} ({what})")
     bounds_from_args(args)
 
 
