@@ -87,6 +87,29 @@ def test_chunked_chunkkv_keeps_the_prompts_chunks_whole(llama, lookahead):
             assert torch.equal(ctx.kept_positions(layer, b), alone.kept_positions(layer, 0)), (b, layer)
 
 
+def test_reserve_holds_more_before_the_last_chunk_and_ends_at_the_budget(llama):
+    """``reserve``: re-selections before the last chunk keep up to ceil(reserve x budget) tokens, the
+    last cuts to the budget; a reserve that never drops anything early is one-shot exactly."""
+    ids = _prompt(1, 160, seed=5)
+    method = ChunkKV(keep_tokens=24, window=8, chunk_size=5)
+    held = []
+    hook = llama.model.register_forward_pre_hook(
+        lambda m, a, k: held.append(k["cache"].stored_lengths()[0] if k.get("cache") is not None else None),
+        with_kwargs=True)
+    try:
+        ctx = chunkkv.compress(llama, ids, method=method, prefill_chunk=40, reserve=1.5)
+    finally:
+        hook.remove()
+    assert ctx.cache.stored_lengths() == [24] * len(ctx.cache.stored_lengths())
+    # what layer 0 holds before each chunk's forward: 0, then 36 (= 1.5 x 24) after each early cut
+    assert held[0::2] == [0, 36, 36, 36], held
+    one_shot = chunkkv.compress(llama, ids, method=method)
+    wide = chunkkv.compress(llama, ids, method=method, prefill_chunk=40, reserve=160 / 24)
+    for layer in one_shot.cache.pruned_layers:
+        assert torch.equal(wide.kept_positions(layer), one_shot.kept_positions(layer)), layer
+    assert torch.allclose(wide.next_logits, one_shot.next_logits, atol=1e-5)
+
+
 @pytest.mark.parametrize("prefill_chunk", [None, 20])
 def test_numbers_are_kept_or_dropped_whole(llama, prefill_chunk):
     """With ``digit_ids`` no chunk edge falls inside a run of digit tokens, one-shot and chunked: a

@@ -143,6 +143,7 @@ def prefill_inline(
     *,
     prefill_chunk: int | None = None,
     lookahead: bool = True,
+    reserve: float = 1.0,
     measure: bool = False,
     running: RunningScores | None = None,
 ) -> CompressedContext:
@@ -174,7 +175,7 @@ def prefill_inline(
     stats = CompressionStats(prompt_lengths=lengths)
     session = plans = None
     if not isinstance(method, FullKV):
-        plans = plan_prefill(method, lengths, width, pruned, device, bounds)
+        plans = plan_prefill(method, lengths, width, pruned, device, bounds, reserve=reserve)
         session = _Session(method=method, cache=cache, measure=measure, stats=stats, input_ids=input_ids,
                            pads=width - torch.tensor(lengths, device=device))
         final = method.kept_per_layer(lengths, len(pruned))

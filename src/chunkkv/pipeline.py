@@ -149,6 +149,7 @@ def compress(
     measure: bool = False,
     prefill_chunk: int | None = None,
     lookahead: bool = True,
+    reserve: float = 1.0,
     tokenizer=None,
     chat_template: bool | None = None,
     scoring_prompt: torch.Tensor | None = None,
@@ -167,14 +168,17 @@ def compress(
             off outside benchmarks).
         prefill_chunk: run the prompt ``C`` tokens at a time (chunks counted back from the end, so
             the first may be shorter); after each chunk every prunable layer re-selects over what
-            it holds plus the chunk, scored by the chunk's queries, so no layer ever holds more than
-            its final budget + ``C`` tokens. The final kept count is the one-shot count for the
+            it holds plus the chunk, so no layer ever holds more than its final budget (times
+            ``reserve``) + ``C`` tokens. The final kept count is the one-shot count for the
             whole prompt. None or ``C >= T``: one pass. Window scorers score each chunk with the look-ahead
             (below); surprisal, shallow reconstruction and hybrid are kept up to date chunk by chunk
             (:mod:`chunkkv.chunk_scoring`); the other scorers need the full cache and are refused.
         lookahead: in chunks, score each re-selection of a window scorer (SnapKV, PyramidKV, ChunkKV)
             with the prompt's last ``window`` tokens fed early (the question, when it ends the prompt),
             not with the chunk's own last queries (:mod:`chunkkv.inline`).
+        reserve: in chunks, the re-selections before the last chunk keep up to ``reserve`` x the
+            budget (a token must rank that high to survive an early cut); the last one keeps the
+            budget. Peak K/V grows to ``reserve`` x budget + ``C`` tokens a layer.
         tokenizer: tokenizes the instruction of a scorer that runs a scoring pass
             (reconstruction, probe, hybrid); ``chat_template``: whether the prompt was rendered with
             the tokenizer's chat template (None: when it has one), so the instruction is asked the same
@@ -190,6 +194,9 @@ def compress(
         isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1
     ):
         raise PromptError(f"prefill_chunk={prefill_chunk!r} must be a positive int (tokens per prefill chunk) or None")
+    if isinstance(reserve, bool) or not isinstance(reserve, (int, float)) or not reserve >= 1:
+        raise PromptError(f"reserve={reserve!r} must be a number >= 1 (early re-selections of a chunked prefill "
+                          "keep up to reserve x the budget; 1 = the budget)")
     check_window(method, lengths_host)
     check_positions(model.config, max(lengths_host))
     width = input_ids.shape[1]
@@ -209,4 +216,4 @@ def compress(
         ctx.source = weakref.ref(model)
         return ctx
     return prefill_inline(model, input_ids, attention_mask, method, lengths_host, prefill_chunk=prefill_chunk,
-                          lookahead=lookahead, measure=measure)
+                          lookahead=lookahead, reserve=reserve, measure=measure)

@@ -9,6 +9,7 @@ exactly the one-shot budget. Everything here is host-side integer arithmetic.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -55,12 +56,16 @@ def chunk_bounds(width: int, chunk: int | None) -> list[int]:
 
 
 def plan_prefill(
-    method: Method, lengths: list[int], width: int, layers: list[int], device, bounds: list[int] | None = None
+    method: Method, lengths: list[int], width: int, layers: list[int], device, bounds: list[int] | None = None,
+    reserve: float = 1.0,
 ) -> list[LayerPlan]:
     """One :class:`LayerPlan` per chunk of ``bounds`` (default: one chunk, the whole prompt) for rows
-    of ``lengths`` real tokens padded to ``width``, over the prunable ``layers`` (depth order)."""
+    of ``lengths`` real tokens padded to ``width``, over the prunable ``layers`` (depth order).
+    ``reserve``: the re-selections before the last chunk keep up to ``ceil(reserve * final)`` tokens
+    (a token must rank that high to survive an early cut; the last chunk cuts to the final count)."""
     bounds = bounds or [0, width]
     final = method.kept_per_layer(lengths, len(layers))
+    early = [[math.ceil(reserve * f) for f in row] for row in final]
     pads = [width - n for n in lengths]
     stored = {layer: 0 for layer in layers}
     held = {layer: [0] * len(lengths) for layer in layers}
@@ -80,7 +85,7 @@ def plan_prefill(
         for pos, layer in enumerate(layers):
             size = stored[layer] + hi - lo
             real = [h + c for h, c in zip(held[layer], chunk_real)]
-            kept = [min(f, r) for f, r in zip(final[pos], real)]
+            kept = [min(f, r) for f, r in zip((final if k == len(bounds) - 2 else early)[pos], real)]
             if all(k_ == size for k_ in kept):
                 stored[layer], held[layer] = size, real  # nothing to drop on this layer yet
                 continue

@@ -72,6 +72,7 @@ class GridSpec:
     lookahead: bool = False  # chunked: each chunk scored by the prompt's last window fed early
     scoring: str | None = None  # a scoring name, or "default": the question-agnostic default
     numbers: bool = False  # ChunkKV never cuts a number written digit by digit (digit_ids)
+    reserve: float | None = None  # chunked: early re-selections keep up to reserve x the budget
 
     @property
     def key(self) -> str:
@@ -94,6 +95,8 @@ class GridSpec:
             parts.append(f"s{self.scoring}")
         if self.numbers:
             parts.append("num")
+        if self.reserve is not None:
+            parts.append(f"res{self.reserve:g}")
         return "/".join(parts)
 
     def build(self, window: int, boundary_ids: frozenset[int] | None, tokenizer=None):
@@ -233,7 +236,7 @@ def run_sample(model, tokenizer, sample: RealSample, specs: list[GridSpec], *, w
             # a question-agnostic row compresses the context alone; the question is fed after it
             prompt = ids[:, :len(context_ids)] if spec.agnostic else ids
             ctx = compress(model, prompt, method=method, prefill_chunk=spec.prefill_chunk, lookahead=spec.lookahead,
-                           tokenizer=tokenizer, chat_template=True)
+                           reserve=spec.reserve or 1.0, tokenizer=tokenizer, chat_template=True)
             prefill_s = time.perf_counter() - t2
         else:
             ctx = compress_from_capture(prefix if spec.agnostic else capture, method, share_scores=not spec.timed)
@@ -398,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"LENGTH:TASKS:SAMPLES:all|headline;... (default {DEFAULT_PLAN})")
     parser.add_argument("--h2o-lengths", default="1024,2048", help="lengths where H2O runs ('' = none)")
     parser.add_argument("--full-only", action="store_true", help="only the full cache (task calibration)")
-    parser.add_argument("--grid", choices=["budgets", "chunked", "chunked-lookahead", "numbers"], default="budgets",
+    parser.add_argument("--grid", choices=["budgets", "chunked", "chunked-lookahead", "numbers", "reserve"], default="budgets",
                         help="budgets: every method and budget (issue 10); chunked: ChunkKV one-shot vs chunked "
                              "prefill C=256/512/1024 at KV 128 and 10 %% (issue 11)")
     parser.add_argument("--speedup", type=int, default=0,
@@ -426,6 +429,11 @@ def main(argv: list[str] | None = None) -> int:
         specs = chunked_specs(chunks=(), agnostic_chunks=(1024,))
     elif args.grid == "numbers":
         specs = number_specs()
+    elif args.grid == "reserve":  # issue 24: look-ahead with early re-selections kept at reserve x the budget
+        specs = [s for s in chunked_specs(chunks=(), lookahead=(), agnostic_fraction=None)]
+        specs += [GridSpec("chunked", "chunkkv", chunk_size=10, reuse_depth=1, prefill_chunk=c, lookahead=True,
+                           reserve=r, **b) for r in (1.5,) for c in (1024,)
+                  for b in ({"keep_tokens": 128}, {"keep_fraction": 0.1})]
     else:
         specs = default_specs(num_layers)
     out = Path(args.out)
