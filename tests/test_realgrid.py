@@ -123,7 +123,7 @@ def test_chunked_rows_run_their_own_prefill_and_equal_one_shot_when_one_chunk(to
 
     specs = chunked_specs(tokens=(64,), fractions=(), chunks=(100, 4096), lookahead=(100,), agnostic_fraction=None)
     assert [s.key for s in specs] == ["full", "chunkkv/t64/c10/r1", "chunkkv/t64/c10/r1/p100", "chunkkv/t64/c10/r1/p4096",
-                                      "chunkkv/t64/c10/r1/p100/la"]
+                                      "chunkkv/t64/c10/r1/p100/lamax"]
     model = tiny_model("llama", vocab_size=len(tok), num_hidden_layers=4)
     sample = make_samples(tok, "multikey", 400, 1)[0]
     records = {r["spec"]: r for r in run_sample(model, tok, sample, specs, window=16, boundary_ids=frozenset(),
@@ -133,7 +133,7 @@ def test_chunked_rows_run_their_own_prefill_and_equal_one_shot_when_one_chunk(to
     assert one_chunk["prediction"] == one_shot["prediction"] and one_chunk["kept_fraction"] == one_shot["kept_fraction"]
     assert "prefill_seconds" in chunked and "prefill_seconds" not in one_shot
     assert chunked["kept_fraction"] == one_shot["kept_fraction"]  # the same final budget
-    assert records["chunkkv/t64/c10/r1/p100/la"]["kept_fraction"] == one_shot["kept_fraction"]
+    assert records["chunkkv/t64/c10/r1/p100/lamax"]["kept_fraction"] == one_shot["kept_fraction"]
 
 
 def test_chunked_report_pairs_the_same_samples():

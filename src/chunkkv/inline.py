@@ -5,7 +5,7 @@ selected tokens, so peak memory holds one layer's full prompt K/V, not every lay
 
 In chunks (``prefill_chunk=C``): the prompt goes through ``C`` tokens at a time and every prunable
 layer re-selects over what it holds plus the chunk (:mod:`chunkkv.recompress`), so no layer holds
-more than its final budget + ``C`` tokens. What scores each re-selection:
+more than its final budget (times ``reserve``) + ``C`` tokens. What scores each re-selection:
 
 * **question-agnostic scores kept chunk by chunk** (surprisal, shallow reconstruction, hybrid:
   :mod:`chunkkv.chunk_scoring`): after each chunk's forward and its reconstruction pass, every
@@ -16,7 +16,11 @@ more than its final budget + ``C`` tokens. What scores each re-selection:
   fork of what the layers hold, at their final positions; their queries score every layer as they
   will at the end, and their keys are thrown away. The chunk's layers are pruned after that pass,
   not during the chunk's forward (every layer then holds budget + ``C`` at once, as the bound
-  allows). So an early chunk is judged by the question, not by what the document finds salient;
+  allows). So an early chunk is judged by the question, not by what the document finds salient.
+  A kept slot carries the best look-ahead score it has had into every later re-selection, the last
+  one included (a running max): the window's queries drift as the cache is cut, and a token the
+  question attended to strongly early on should not lose its place to a weaker score later.
+  ``reserve`` > 1 lets the re-selections before the last keep more than the budget;
 * **the chunk's own last queries** (``lookahead=False``, and H2O's accumulated attention, and
   StreamingLLM, which needs no scores): each layer re-selects right after the chunk's attention.
 
@@ -66,6 +70,10 @@ class _Session:
     input_ids: torch.Tensor | None = None
     pads: torch.Tensor | None = None  # [B] each row's left padding in the prompt
     chosen: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+    # With the look-ahead: the best score each slot a leader layer kept has had so far, carried into
+    # its next re-selection (the window's queries drift as the cache is cut; a token the question
+    # once attended to strongly is not dropped for a weaker score under a later, cut context).
+    carried: dict[int, torch.Tensor] = field(default_factory=dict)
     # Scratch buffers every layer's scoring reuses (the window logits): no fresh memory per layer.
     workspace: Workspace = field(default_factory=Workspace)
 
@@ -82,7 +90,15 @@ class _Session:
             return
         start = now(key.device) if self.measure else 0.0
         if plan.is_leader(idx):
-            self.select(idx, layer, query, key, _scaling(module, key, kwargs), kwargs.get("softcap"))
+            scaling, softcap, memo = _scaling(module, key, kwargs), kwargs.get("softcap"), None
+            prev = self.carried.get(idx)
+            if prev is not None:
+                win = min(self.method.window, query.shape[2])
+                scores = window_attention_scores(query[:, :, -win:], key, scaling, plan.key_valid[idx], softcap,
+                                                 self.workspace)
+                held = prev.shape[-1]
+                memo = {("window", win): torch.cat([torch.maximum(scores[..., :held], prev), scores[..., held:]], -1)}
+            self.select(idx, layer, query, key, scaling, softcap, memo=memo)
         layer.prune(*self.chosen[plan.leaders[idx]])
         if self.measure:
             self.stats.select_seconds += now(key.device) - start
@@ -251,9 +267,20 @@ def _look_ahead(model, session: _Session, input_ids, attention_mask, position_id
         layer = cache.layers[idx]
         if plan.is_leader(idx):
             scores, query, scaling, softcap = scoring.found[idx]
+            prev = session.carried.get(idx)
+            if prev is not None:  # the slots held before this chunk come first
+                held = prev.shape[-1]
+                prev = torch.cat([prev, prev.new_zeros(*prev.shape[:-1], scores.shape[-1] - held)], dim=-1)
+                scores = torch.maximum(scores, prev)
             # the window is not held yet: the whole budget goes to what it scores, nothing is kept by force
             session.select(idx, layer, query, layer.keys, scaling, softcap, memo={("window", query.shape[2]): scores},
                            keep_recent=0)
+            # carried on only for rows this pass cut: a row of a batch that keeps everything here
+            # would have had no look-ahead run alone (zeros: no score yet)
+            cut = (plan.counts[idx] < plan.real[idx])[:, None, None]
+            carry = torch.where(cut, scores, prev if prev is not None else torch.zeros_like(scores))
+            index = session.chosen[idx][0]
+            session.carried[idx] = carry.gather(-1, index.expand(-1, carry.shape[1], -1))
         layer.prune(*session.chosen[plan.leaders[idx]])
     if session.measure:
         session.stats.select_seconds += now(input_ids.device) - start

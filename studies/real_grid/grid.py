@@ -90,7 +90,9 @@ class GridSpec:
         if self.prefill_chunk is not None:
             parts.append(f"p{self.prefill_chunk}")
         if self.lookahead:
-            parts.append("la")
+            # "la": records of the first look-ahead (each re-selection by its own pass's scores);
+            # "lamax": the look-ahead whose kept slots carry their best score so far (the library's now)
+            parts.append("lamax")
         if self.scoring is not None:
             parts.append(f"s{self.scoring}")
         if self.numbers:
@@ -432,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.grid == "reserve":  # issue 24: look-ahead with early re-selections kept at reserve x the budget
         specs = [s for s in chunked_specs(chunks=(), lookahead=(), agnostic_fraction=None)]
         specs += [GridSpec("chunked", "chunkkv", chunk_size=10, reuse_depth=1, prefill_chunk=c, lookahead=True,
-                           reserve=r, **b) for r in (1.5,) for c in (1024,)
+                           reserve=r, **b) for r in (None, 1.5) for c in (1024,)
                   for b in ({"keep_tokens": 128}, {"keep_fraction": 0.1})]
     else:
         specs = default_specs(num_layers)

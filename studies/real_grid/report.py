@@ -365,6 +365,14 @@ def paired_difference(pairs: list[tuple[float, float]]) -> str:
             f"lost {lost}, gained {gained} (of {n})")
 
 
+LOOKAHEAD_NAMES = {
+    "la": "look-ahead, first version (each cut by its own pass's scores)",
+    "lamax": "look-ahead, best score carried",
+    "lamax/res1.5": "look-ahead, best score carried, reserve 1.5",
+    "la/res1.5": "look-ahead, first version, reserve 1.5",
+}
+
+
 def chunked_markdown(records: list[dict[str, Any]], model: str) -> str:
     """The quality cost of chunked prefill (``python -m studies.real_grid run --grid chunked``; issues 11
     and 24): per task group, budget and length, one-shot against chunked prefill of ``C`` tokens scored
@@ -386,9 +394,10 @@ def chunked_markdown(records: list[dict[str, Any]], model: str) -> str:
     for label, spec in budgets:
         rows.append((label, "one-shot", spec))
         for c in chunks:
-            rows.append((label, f"C = {c}, chunk's own queries", f"{spec}/p{c}"))
-            if f"{spec}/p{c}/la" in specs:
-                rows.append((label, f"C = {c}, look-ahead", f"{spec}/p{c}/la"))
+            if f"{spec}/p{c}" in specs:
+                rows.append((label, f"C = {c}, chunk's own queries", f"{spec}/p{c}"))
+            for variant in sorted(x for x in specs if x.startswith(f"{spec}/p{c}/la")):
+                rows.append((label, f"C = {c}, " + LOOKAHEAD_NAMES.get(variant.split(f"/p{c}/", 1)[1], variant), variant))
     for label, spec in agnostic:
         rows.append((label, "question-agnostic default, one-shot", spec))
         for c in chunks:
@@ -444,7 +453,7 @@ def chunked_markdown(records: list[dict[str, Any]], model: str) -> str:
 
     for label, spec in budgets:
         for c in chunks:
-            own, ahead = f"{spec}/p{c}", f"{spec}/p{c}/la"
+            own, ahead = f"{spec}/p{c}", f"{spec}/p{c}/lamax"
             lines.append(f"| {label} | {c} | " + " | ".join(ratio(own, None, L) for L in lengths) + " | "
                          + " | ".join(ratio(ahead, own, L) for L in lengths) + " |")
     return "\n".join(lines)
