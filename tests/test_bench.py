@@ -375,3 +375,18 @@ def test_timings_only_run_makes_no_meter_and_still_reports(monkeypatch, tmp_path
     assert all("prefill_peak_bytes_above_weights" not in r for r in result["prefill"])
     assert "## Scaling" in to_markdown(result)
     write_outputs(result, tmp_path)
+
+
+def test_contexts_past_the_models_positions_are_refused_before_anything_runs():
+    """A context that decoding would take past the model's positions (SmolLM2: 8192 tokens) is refused
+    at once, naming the flags, instead of minutes in at that context's first decode step."""
+    from chunkkv.errors import PromptError
+
+    model = random_llama("random-tiny", max_positions=98)
+    for over, named in (({"contexts": [96]}, "--contexts 96 plus 3 decode steps"),
+                        ({"contexts": [90], "e2e": [(90, 10)]}, "--e2e 90:10")):
+        cfg = _config(**{"e2e": [], **over})
+        sections = []
+        with pytest.raises(PromptError, match="at most 98 positions") as err:
+            run_bench(model, cfg, progress=False, on_section=sections.append)
+        assert not sections and named in str(err.value)

@@ -295,8 +295,9 @@ def test_take_slots_equals_gather():
 
 def test_window_scores_with_a_workspace_are_bit_equal():
     """A reused workspace (logits written into it, softmax in place) changes nothing, for every layer
-    that reuses it, with padding, with a non-power-of-two scale and with soft-capping."""
-    from chunkkv.scoring import Workspace, _grouped_logits, _mask_future, _reduce_queries
+    that reuses it, with padding, with a non-power-of-two scale and with soft-capping; the sum over the
+    window queries (a matrix-vector product) equals the plain middle-axis sum up to rounding."""
+    from chunkkv.scoring import Workspace, _grouped_logits, _mask_future, _reduce_queries, _sum_queries
 
     g = torch.Generator().manual_seed(33)
     ws = Workspace()
@@ -318,8 +319,12 @@ def test_window_scores_with_a_workspace_are_bit_equal():
             if key_valid is not None:
                 logits.masked_fill_(~key_valid[:, None, None, :], torch.finfo(logits.dtype).min)
             query_valid = key_valid[:, -win:] if key_valid is not None else None
-            plain = _reduce_queries(torch.softmax(logits, -1), query_valid, groups) / (groups * win)
+            probs = torch.softmax(logits, -1)
+            plain = _sum_queries(probs, query_valid, groups) / (groups * win)
             assert torch.equal(got, plain), (trial, key_valid is None)
+            # the sum over the queries as a matrix-vector product: the middle-axis sum up to rounding
+            summed = _reduce_queries(probs, query_valid, groups) / (groups * win)
+            torch.testing.assert_close(got, summed, rtol=1e-6, atol=1e-9)
 
 
 def test_position_segments_follow_the_prompts_grid():

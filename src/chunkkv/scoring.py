@@ -116,7 +116,9 @@ def _mask_future(logits: torch.Tensor, first: int, q_len: int, groups: int) -> N
     stacked ``groups`` times as :func:`_grouped_logits` stacks them) the keys after it. Keys before
     ``first`` are seen by every query, so only the trailing slice is touched."""
     future = torch.ones(q_len, logits.shape[-1] - first, dtype=torch.bool, device=logits.device).triu(1)
-    logits[..., first:].masked_fill_(future.repeat(groups, 1), torch.finfo(logits.dtype).min)
+    # the stacked rows split into (groups, q_len): one mask broadcast over the groups, not repeated
+    tail = logits[..., first:]
+    tail.view(*tail.shape[:-2], groups, q_len, tail.shape[-1]).masked_fill_(future, torch.finfo(logits.dtype).min)
 
 
 def attend_and_score(
@@ -211,7 +213,22 @@ def window_attention_scores(
     _mask_future(logits, length - win, win, groups)  # every window query sees the whole prefix
     query_valid = key_valid[:, -win:] if key_valid is not None else None
     # the logits are this call's own (or the workspace's): the probabilities overwrite them
-    return _finish(logits, key_valid, query_valid, groups, in_place=True) / (groups * win)
+    probs = _softmax(logits, key_valid, in_place=True)
+    return _sum_queries(probs, query_valid, groups) / (groups * win)
+
+
+def _sum_queries(probs: torch.Tensor, query_valid: torch.Tensor | None, groups: int) -> torch.Tensor:
+    """``[B, Hkv, R, T] -> [B, Hkv, T]``: the sum over the stacked queries, padding queries' rows left out,
+    as one matrix-vector product per KV head (a row of weights, 0 at padding queries, times the
+    probabilities). Equal to :func:`_reduce_queries` up to the order of the additions (a reduction over
+    the middle axis reads the probabilities twice as slowly on CPU: 0.22 against 0.11 ms for 4 x 192 x
+    2048), and it never writes a masked copy of them."""
+    batch, _, rows, _ = probs.shape
+    if query_valid is None:
+        weights = probs.new_ones(1, 1, 1, rows)
+    else:
+        weights = query_valid.to(probs.dtype).repeat(1, groups)[:, None, None, :]  # [B, 1, 1, R]
+    return torch.matmul(weights, probs)[:, :, 0, :]
 
 
 def accumulated_attention_scores(

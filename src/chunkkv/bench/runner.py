@@ -51,6 +51,7 @@ from ..pipeline import compress
 from ..context import CompressedContext
 from ..generation import extend
 from ..methods import ChunkKV, FullKV, LayerInputs, Method, make_method
+from ..prompt import check_positions
 from ..scoring import Workspace
 from .measure import MemoryMeter, allocator_state, expected_kv_bytes, kv_bytes_per_layer, now, stats_dict
 from .models import DEFAULT_METHODS
@@ -407,10 +408,23 @@ class Bench:
         # warm-up, prefill, decode, e2e, scaling, peers, memory
         return 1 + prefill + decode + e2e + 1 + (1 if cfg.peers else 0) + memory
 
+    def _check_positions(self) -> None:
+        """Refuse, before anything runs, a context that decoding would take past the model's positions
+        (SmolLM2: 8192): otherwise the bench stops minutes in, at the first decode step of that context."""
+        cfg = self.cfg
+        decoded = max(1, cfg.decode_warmup) + cfg.decode_steps
+        widths = [(c + decoded, f"--contexts {c} plus {decoded} decode steps ({max(1, cfg.decode_warmup)} untimed)")
+                  for c in cfg.contexts]
+        widths += [(n_in + n_out, f"--e2e {n_in}:{n_out}") for n_in, n_out in cfg.e2e]
+        width, what = max(widths)
+        check_positions(getattr(self.model, "config", None), width, what=f"{what} need {width} positions",
+                        fix="use shorter --contexts / --e2e or fewer --decode-steps")
+
     def _run(self) -> dict[str, Any]:
         cfg = self.cfg
         peers_on = cfg.peers
         entries = prefill_entries(cfg, with_presets=peers_on)
+        self._check_positions()
         total = self._steps(entries)
         self.progress = _Progress(total, self.progress_enabled)
         started = time.time()
