@@ -138,7 +138,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     threads = sorted({r["threads"] for r in rows})
     chunks = sorted({r["chunk"] for r in rows if r["chunk"]})
     lines = [f"Gemma 3 270M, float32, CPU ({', '.join(map(str, threads))} torch thread(s); the last column says whether "
-             "every other study job on the machine was paused), Paul Graham essays; chunked prefill C = {', '.join(map(str, chunks))}; one run per "
+             f"every other study job on the machine was paused), Paul Graham essays; chunked prefill C = {', '.join(map(str, chunks))}; one run per "
              "cell, each in a fresh process. KV = the cache after prefill (3 full-attention layers + 15 sliding "
              "layers); peak = peak RSS during the prefill above what was live before it (weights excluded). "
              "Compression step = scoring + selection + gather summed over the compressed layers (`measure=True`); "
