@@ -171,6 +171,14 @@ class Scorer:
         """``[B, Hkv, T]`` float32 scores of one layer (padded coordinates)."""
         raise NotImplementedError
 
+    def _pass_scores(self, inputs: LayerInputs) -> tuple[Evidence, dict[int, torch.Tensor]]:
+        """The evidence and the per-layer scores of this scorer's own ``scoring_pass``."""
+        evidence = inputs.need_evidence(f"scoring={self.name!r}")
+        per_layer = evidence.passes.get(self.scoring_pass)  # type: ignore[attr-defined]
+        if per_layer is None:
+            raise ChunkKVError(f"scoring={self.name!r}: its scoring pass has not run for this prompt")
+        return evidence, per_layer
+
     @property
     def name(self) -> str:
         """The registry name of this scorer, or a description of it."""
@@ -271,10 +279,7 @@ class ReconstructionScorer(Scorer):
         return (self.scoring_pass,)
 
     def scores(self, inputs: LayerInputs, window: int) -> torch.Tensor:
-        evidence = inputs.need_evidence(f"scoring={self.name!r}")
-        per_layer = evidence.passes.get(self.scoring_pass)
-        if per_layer is None:
-            raise ChunkKVError(f"scoring={self.name!r}: its scoring pass has not run for this prompt")
+        evidence, per_layer = self._pass_scores(inputs)
         if self.depth is None:
             return per_layer[inputs.layer]
         if self not in evidence.memo:
@@ -306,11 +311,7 @@ class ProbeScorer(Scorer):
         return (self.scoring_pass,)
 
     def scores(self, inputs: LayerInputs, window: int) -> torch.Tensor:
-        evidence = inputs.need_evidence(f"scoring={self.name!r}")
-        per_layer = evidence.passes.get(self.scoring_pass)
-        if per_layer is None:
-            raise ChunkKVError(f"scoring={self.name!r}: its scoring pass has not run for this prompt")
-        return per_layer[inputs.layer]
+        return self._pass_scores(inputs)[1][inputs.layer]
 
 
 @dataclass(frozen=True)
