@@ -96,8 +96,7 @@ class _Session:
                 win = min(self.method.window, query.shape[2])
                 scores = window_attention_scores(query[:, :, -win:], key, scaling, plan.key_valid[idx], softcap,
                                                  self.workspace)
-                held = prev.shape[-1]
-                memo = {("window", win): torch.cat([torch.maximum(scores[..., :held], prev), scores[..., held:]], -1)}
+                memo = {("window", win): _with_carried(scores, prev)}
             self.select(idx, layer, query, key, scaling, softcap, memo=memo)
         layer.prune(*self.chosen[plan.leaders[idx]])
         if self.measure:
@@ -143,6 +142,13 @@ class _Lookahead:
         scaling, softcap = _scaling(module, key, kwargs), kwargs.get("softcap")
         scores = window_attention_scores(query, key, scaling, key_valid, softcap, self.workspace)[..., :held]
         self.found[idx] = (scores, query, scaling, softcap)
+
+
+def _with_carried(scores: torch.Tensor, carried: torch.Tensor) -> torch.Tensor:
+    """``scores [B, H, S]`` with its first ``carried.shape[-1]`` slots (those held before the chunk)
+    raised to the best score they carried."""
+    held = carried.shape[-1]
+    return torch.cat([torch.maximum(scores[..., :held], carried), scores[..., held:]], dim=-1)
 
 
 def _uses_lookahead(method: Method) -> bool:
@@ -268,9 +274,8 @@ def _look_ahead(model, session: _Session, input_ids, attention_mask, position_id
         if plan.is_leader(idx):
             scores, query, scaling, softcap = scoring.found[idx]
             prev = session.carried.get(idx)
-            if prev is not None:  # the slots held before this chunk come first
-                held = prev.shape[-1]
-                prev = torch.cat([prev, prev.new_zeros(*prev.shape[:-1], scores.shape[-1] - held)], dim=-1)
+            if prev is not None:
+                prev = _with_carried(torch.zeros_like(scores), prev)  # zeros for the chunk's new slots
                 scores = torch.maximum(scores, prev)
             # the window is not held yet: the whole budget goes to what it scores, nothing is kept by force
             session.select(idx, layer, query, layer.keys, scaling, softcap, memo={("window", query.shape[2]): scores},

@@ -377,6 +377,15 @@ class ChunkKV(_Scored):
         """Chunks cut at sentence ends or kept whole around numbers read the token ids."""
         return self.chunking != "fixed" or bool(self.digit_ids)
 
+    @staticmethod
+    def _row_positions(inputs: LayerInputs) -> torch.Tensor:
+        """The held slots' prompt positions ``[B, T]``, row-relative like the chunk ids."""
+        return inputs.positions if inputs.key_valid is None else sel.align_rows(inputs.positions, inputs.pad)
+
+    def _grid_segments(self, inputs: LayerInputs) -> torch.Tensor:
+        """Chunk ids of held slots on the prompt's fixed grid (``position // chunk_size``)."""
+        return sel.position_segments(torch.cummax(self._row_positions(inputs), dim=1).values, self.chunk_size)
+
     def segments(self, inputs: LayerInputs) -> torch.Tensor | None:
         """Row-relative chunk ids ``[B, T]`` for boundary-aware chunks or whole numbers (None: the
         fixed grid, by the fast path)."""
@@ -384,9 +393,7 @@ class ChunkKV(_Scored):
         if chunking == "fixed" and not self.digit_ids:
             if inputs.positions is None:
                 return None  # the fixed grid over the slots, by the fast path
-            # held slots of a re-selection: the prompt's chunk grid, by their positions
-            positions = inputs.positions if inputs.key_valid is None else sel.align_rows(inputs.positions, inputs.pad)
-            return sel.position_segments(torch.cummax(positions, dim=1).values, self.chunk_size)
+            return self._grid_segments(inputs)  # held slots of a re-selection: the prompt's chunk grid
         if inputs.input_ids is None:
             raise ChunkKVError(
                 f"chunks cut at sentence ends or kept whole around numbers need the token ids of what the layer "
@@ -400,7 +407,7 @@ class ChunkKV(_Scored):
         def ends() -> torch.Tensor:
             is_end = row_relative(self.boundary_ids)
             if inputs.positions is not None:  # a dropped stretch between two held slots ends a chunk too
-                positions = inputs.positions if inputs.key_valid is None else sel.align_rows(inputs.positions, inputs.pad)
+                positions = self._row_positions(inputs)
                 is_end = is_end.clone()
                 is_end[:, :-1] |= positions[:, 1:] != positions[:, :-1] + 1
             return is_end
@@ -412,8 +419,7 @@ class ChunkKV(_Scored):
             elif chunking == "aligned":
                 segments = sel.boundary_segments(ends(), self.chunk_size)
             elif inputs.positions is not None:
-                positions = inputs.positions if inputs.key_valid is None else sel.align_rows(inputs.positions, inputs.pad)
-                segments = sel.position_segments(torch.cummax(positions, dim=1).values, self.chunk_size)
+                segments = self._grid_segments(inputs)
             else:
                 segments = sel.fixed_segments(batch, length, self.chunk_size, inputs.input_ids.device)
             return sel.glue_digits(segments, row_relative(self.digit_ids)) if self.digit_ids else segments

@@ -95,6 +95,12 @@ def _mean(xs) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
+def _paired_cell(g: Grid, spec: str, **where) -> str:
+    """Accuracy of ``spec`` over the calibrated questions ``where`` selects, with its paired counts."""
+    scores = g.scores(spec, **where)
+    return cell(list(scores.values())) + g.paired(spec, **where) if scores else "–"
+
+
 def markdown(g: Grid, records_path: str) -> str:
     lines: list[str] = []
     add = lines.append
@@ -129,13 +135,8 @@ def markdown(g: Grid, records_path: str) -> str:
     add("|---|---|" + "---|" * (len(g.lengths) + 1))
     for spec in g.specs:
         method, budget = label(spec)
-        cells = []
-        for L in g.lengths:
-            sc = g.scores(spec, lengths=[L])
-            cells.append(cell(list(sc.values())) + g.paired(spec, lengths=[L]) if sc else "–")
-        allsc = g.scores(spec)
-        add(f"| {LABEL.get(method, method)} | {budget} | " + " | ".join(cells) + " | "
-            + (cell(list(allsc.values())) + g.paired(spec) if allsc else "–") + " |")
+        cells = [_paired_cell(g, spec, lengths=[L]) for L in g.lengths] + [_paired_cell(g, spec)]
+        add(f"| {LABEL.get(method, method)} | {budget} | " + " | ".join(cells) + " |")
     add("")
     add("### Per task (all lengths pooled over calibrated cells)")
     add("")
@@ -143,10 +144,7 @@ def markdown(g: Grid, records_path: str) -> str:
     add("|---|---|" + "---|" * len(g.tasks))
     for spec in g.specs:
         method, budget = label(spec)
-        cells = []
-        for t in g.tasks:
-            sc = g.scores(spec, tasks=[t])
-            cells.append(cell(list(sc.values())) + g.paired(spec, tasks=[t]) if sc else "–")
+        cells = [_paired_cell(g, spec, tasks=[t]) for t in g.tasks]
         add(f"| {LABEL.get(method, method)} | {budget} | " + " | ".join(cells) + " |")
     add("")
     add("### By depth of the fact (all calibrated cells)")
