@@ -15,7 +15,6 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from chunkkv.evaluation.metrics import wilson_interval as wilson
 from chunkkv.evaluation.store import read_jsonl
 
 from .. import shown
