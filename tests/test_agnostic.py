@@ -14,7 +14,7 @@ from chunkkv.boundaries import boundary_token_ids
 from chunkkv.capture import capture_prefill, layer_scores
 from chunkkv.pipeline import compress_from_capture
 from chunkkv.plan import leader_layers
-from chunkkv.scorers import Evidence, ReconstructionScorer, ScoringPass
+from chunkkv.scorers import Evidence, ReconstructionScorer
 from chunkkv.scoring import attend_and_score, max_attention_scores
 from chunkkv.scoring_pass import auto_chunk
 from chunkkv.scoring_pass import segments as _segments

@@ -112,7 +112,7 @@ def test_generate_streams_answers_and_reports_the_kept_cache(capsys, tiny, conte
     for answer in expected.answers:
         assert f"Q: {answer.question}\nA: {answer.texts[0]}\n" in out
     assert f"kept cache: layers 0-3: {kept} each (of {n_prompt} prompt tokens)" in out
-    assert f"KV memory: " in out and f"({expected.cache_bytes:,} bytes)" in out
+    assert "KV memory: " in out and f"({expected.cache_bytes:,} bytes)" in out
     assert re.search(r"times: compression prefill [\d.]+ s; decode [\d.]+ tok/s \(12 tokens", out)
     assert "Traceback" not in err
 

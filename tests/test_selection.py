@@ -297,7 +297,7 @@ def test_window_scores_with_a_workspace_are_bit_equal():
     """A reused workspace (logits written into it, softmax in place) changes nothing, for every layer
     that reuses it, with padding, with a non-power-of-two scale and with soft-capping; the sum over the
     window queries (a matrix-vector product) equals the plain middle-axis sum up to rounding."""
-    from chunkkv.scoring import Workspace, _grouped_logits, _mask_future, _reduce_queries, _sum_queries
+    from chunkkv.scoring import Workspace, _mask_future, _reduce_queries, _sum_queries
 
     g = torch.Generator().manual_seed(33)
     ws = Workspace()

@@ -164,8 +164,8 @@ def plot(results: list[dict], path: Path, pool: int) -> None:
 
 def table(results: list[dict], args) -> str:
     lines = [
-        f"| run | requests decoding at once (max) | prefills restarted (pool ran dry) | peak pages / pool | wall s | "
-        f"generated tok/s | prompt tok/s | facts answered |",
+        "| run | requests decoding at once (max) | prefills restarted (pool ran dry) | peak pages / pool | wall s | "
+        "generated tok/s | prompt tok/s | facts answered |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
