@@ -62,6 +62,29 @@ def test_look_ahead_scores_every_chunk_with_the_prompts_last_window(llama):
     assert any(not torch.equal(ctx.kept_positions(i), old.kept_positions(i)) for i in ctx.cache.pruned_layers)
 
 
+def test_look_ahead_holds_one_grown_layer_at_a_time(llama, monkeypatch):
+    """The look-ahead's fork drops each layer's grown K/V once the layer has attended: while a layer
+    attends, every other layer of the fork holds the held tensors, so the pass adds one layer's K/V
+    to the peak, not the whole cache's."""
+    from chunkkv import inline
+
+    seen = []
+    original = inline._Lookahead.on_attention
+
+    def checked(self, module, layer, query, key, kwargs):
+        idx = module.layer_idx
+        grown = [j for j, (f, s) in enumerate(zip(self.fork.layers, self.source.layers)) if f.keys is not s.keys]
+        seen.append((idx, grown))
+        original(self, module, layer, query, key, kwargs)
+        assert self.fork.layers[idx].keys is self.source.layers[idx].keys
+
+    monkeypatch.setattr(inline._Lookahead, "on_attention", checked)
+    ctx = chunkkv.compress(llama, _prompt(seed=3), method=ChunkKV(keep_tokens=40, window=8, chunk_size=5),
+                           prefill_chunk=25)
+    assert seen and all(grown == [idx] for idx, grown in seen)
+    assert len(seen) == 3 * len(ctx.cache.pruned_layers)  # three look-ahead passes (after chunks 2, 3, 4)
+
+
 @pytest.mark.parametrize("lookahead", [True, False])
 def test_chunked_chunkkv_keeps_the_prompts_chunks_whole(llama, lookahead):
     """Re-selections cut the prompt's chunk grid by position, not the held slots' order, so what is

@@ -345,6 +345,11 @@ class ChunkKVCache(Cache):
         return clone
 
 
+    def restore_layer(self, idx: int, source: ChunkKVCache) -> None:
+        """Point layer ``idx`` of this fork back at ``source``'s tensors, freeing what it appended."""
+        self.layers[idx] = _shallow_copy(source.layers[idx])
+
+
 def _shallow_copy(layer):
     copy = object.__new__(type(layer))
     copy.__dict__.update(layer.__dict__)

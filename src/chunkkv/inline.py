@@ -126,22 +126,27 @@ class _Lookahead:
     """The session of a look-ahead pass: the window's queries score what each leader layer holds
     (window attention over the held slots and the window itself, as at the end of the prompt)."""
 
-    def __init__(self, fork: ChunkKVCache, plan: LayerPlan, workspace: Workspace | None = None) -> None:
-        self.fork = fork
+    def __init__(self, fork: ChunkKVCache, source: ChunkKVCache, plan: LayerPlan,
+                 workspace: Workspace | None = None) -> None:
+        self.fork, self.source = fork, source
         self.plan = plan
         self.workspace = workspace
         self.found: dict[int, tuple[torch.Tensor, torch.Tensor, float, float | None]] = {}
 
     def on_attention(self, module, layer: PrunedLayer, query, key, kwargs) -> None:
         idx = module.layer_idx
-        if not self.plan.is_leader(idx) or layer is not self.fork.layers[idx]:
+        if layer is not self.fork.layers[idx]:
             return
-        held = key.shape[2] - query.shape[2]
-        valid = self.plan.key_valid[idx]
-        key_valid = None if valid is None else torch.cat([valid, valid.new_ones(valid.shape[0], query.shape[2])], 1)
-        scaling, softcap = _scaling(module, key, kwargs), kwargs.get("softcap")
-        scores = window_attention_scores(query, key, scaling, key_valid, softcap, self.workspace)[..., :held]
-        self.found[idx] = (scores, query, scaling, softcap)
+        if self.plan.is_leader(idx):
+            held = key.shape[2] - query.shape[2]
+            valid = self.plan.key_valid[idx]
+            key_valid = None if valid is None else torch.cat([valid, valid.new_ones(valid.shape[0], query.shape[2])], 1)
+            scaling, softcap = _scaling(module, key, kwargs), kwargs.get("softcap")
+            scores = window_attention_scores(query, key, scaling, key_valid, softcap, self.workspace)[..., :held]
+            self.found[idx] = (scores, query, scaling, softcap)
+        # The pass is one forward whose keys are thrown away: once a layer has attended, its grown
+        # copy (held + window) is dropped, so the pass adds one layer's K/V to the peak, not all of them.
+        self.fork.restore_layer(idx, self.source)
 
 
 def _with_carried(scores: torch.Tensor, carried: torch.Tensor) -> torch.Tensor:
@@ -263,7 +268,7 @@ def _look_ahead(model, session: _Session, input_ids, attention_mask, position_id
     plan, cache = session.plan, session.cache
     win = session.method.window
     fork = cache.fork()
-    scoring = _Lookahead(fork, plan, session.workspace)
+    scoring = _Lookahead(fork, cache, plan, session.workspace)
     mask = torch.cat([attention_mask[:, :seen], attention_mask[:, -win:]], dim=1)
     with compression_session(scoring):
         model(input_ids=input_ids[:, -win:], attention_mask=mask, position_ids=position_ids[:, -win:], cache=fork,

@@ -406,6 +406,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grid", choices=["budgets", "chunked", "chunked-lookahead", "numbers", "reserve"], default="budgets",
                         help="budgets: every method and budget (issue 10); chunked: ChunkKV one-shot vs chunked "
                              "prefill C=256/512/1024 at KV 128 and 10 %% (issue 11)")
+    parser.add_argument("--lookahead-chunks", default="512,1024",
+                        help="chunked-lookahead grid: look-ahead prefill chunk sizes ('' = none; default 512,1024)")
+    parser.add_argument("--agnostic-chunks", default="1024",
+                        help="chunked-lookahead grid: question-agnostic chunk sizes ('' = none; default 1024)")
     parser.add_argument("--speedup", type=int, default=0,
                         help="first measure the one-prefill speed-up on N samples (first task and length of the plan)")
     parser.add_argument("--minutes", type=float, default=None, help="start no new sample after this many minutes")
@@ -414,8 +418,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         plan = parse_plan(args.plan)
         h2o = {int(x) for x in args.h2o_lengths.split(",") if x}
+        lookahead_chunks = tuple(int(x) for x in args.lookahead_chunks.split(",") if x)
+        agnostic_chunks = tuple(int(x) for x in args.agnostic_chunks.split(",") if x)
     except ValueError as exc:
-        print(f"real_grid: error: bad number in --h2o-lengths: {exc}", file=sys.stderr)
+        print(f"real_grid: error: bad number in --h2o-lengths, --lookahead-chunks or --agnostic-chunks: {exc}",
+              file=sys.stderr)
         return 2
     except ChunkKVError as exc:
         print(f"real_grid: error: {exc}", file=sys.stderr)
@@ -428,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.grid == "chunked":
         specs = chunked_specs(agnostic_chunks=(1024,))
     elif args.grid == "chunked-lookahead":  # issue 24 without the chunk's-own-queries rows (issue 11's)
-        specs = chunked_specs(chunks=(), agnostic_chunks=(1024,))
+        specs = chunked_specs(chunks=(), lookahead=lookahead_chunks, agnostic_chunks=agnostic_chunks)
     elif args.grid == "numbers":
         specs = number_specs()
     elif args.grid == "reserve":  # issue 24: look-ahead with early re-selections kept at reserve x the budget
