@@ -38,7 +38,7 @@ from chunkkv.context import stack_contexts
 from chunkkv.evaluation.store import read_jsonl
 from chunkkv.generation import Sampling, continue_from
 from chunkkv.methods import make_method
-from chunkkv.pipeline import compress_from_capture
+from chunkkv.pipeline import compress, compress_from_capture
 from chunkkv.pretrained import load_pretrained
 from chunkkv.prompting import instructions
 
@@ -62,6 +62,7 @@ class Spec:
     keep_fraction: float | None = None
     reuse_depth: int | None = None
     agnostic: bool = False
+    prefill_chunk: int | None = None  # agnostic only: the document compressed by a chunked prefill of C tokens
 
     @property
     def key(self) -> str:
@@ -74,6 +75,8 @@ class Spec:
             parts.append(f"r{self.reuse_depth}")
         if self.agnostic:
             parts.append("qa")
+        if self.prefill_chunk is not None:
+            parts.append(f"p{self.prefill_chunk}")
         return "/".join(parts)
 
     def build(self, tokenizer):
@@ -91,6 +94,8 @@ SPECS = ([Spec("full")]
          + [Spec(m, **b) for m in METHODS for b in ({"keep_tokens": 128}, {"keep_tokens": 512}, {"keep_fraction": 0.1})]
          + [Spec("chunkkv", keep_tokens=128, reuse_depth=2), Spec("chunkkv", keep_fraction=0.1, reuse_depth=2)]
          + [Spec("chunkkv", keep_fraction=f, agnostic=True) for f in (0.1, 0.2)])
+#: Issue 24 item 4: the question-agnostic default compressed by a chunked prefill (never the full cache).
+CHUNKED_SPECS = [Spec("chunkkv", keep_fraction=0.1, agnostic=True, prefill_chunk=2048)]
 
 
 def _spans(tokenizer, doc: Document) -> dict[int, dict[str, list[int]]]:
@@ -159,12 +164,16 @@ def run_document(model, tokenizer, doc: Document, specs: list[Spec], *, chunk: i
     questions = [q for q in doc.questions if todo_questions is None or q.qid in todo_questions]
     spans = _spans(tokenizer, doc)
     t0 = time.perf_counter()
-    capture = capture_document(model, doc.context_ids, chunk=chunk, window=2 * WINDOW,
-                               accumulated=any(s.method == "h2o" for s in aware), surprisal=bool(agnostic),
-                               instructions=instructions(tokenizer, chat=False))
-    doc_info = {"doc_tokens": len(doc.context_ids), "prefill_seconds": round(capture.prefill_seconds, 2),
-                "surprisal_seconds": round(capture.surprisal_seconds, 2), "capture_chunk": chunk,
-                "capture_seconds": round(time.perf_counter() - t0, 2)}
+    captured = aware or full or any(s.prefill_chunk is None for s in agnostic)
+    capture = None
+    doc_info: dict[str, Any] = {"doc_tokens": len(doc.context_ids)}
+    if captured:  # a grid of chunked-prefill rows alone never holds the full cache
+        capture = capture_document(model, doc.context_ids, chunk=chunk, window=2 * WINDOW,
+                                   accumulated=any(s.method == "h2o" for s in aware), surprisal=bool(agnostic),
+                                   instructions=instructions(tokenizer, chat=False))
+        doc_info.update({"prefill_seconds": round(capture.prefill_seconds, 2),
+                         "surprisal_seconds": round(capture.surprisal_seconds, 2), "capture_chunk": chunk,
+                         "capture_seconds": round(time.perf_counter() - t0, 2)})
     records: list[dict[str, Any]] = []
 
     def record(q, spec, pred, info):
@@ -177,7 +186,11 @@ def run_document(model, tokenizer, doc: Document, specs: list[Spec], *, chunk: i
     built = []
     for spec in agnostic:
         t1 = time.perf_counter()
-        ctx = compress_from_capture(capture, spec.build(tokenizer))
+        if spec.prefill_chunk is None:
+            ctx = compress_from_capture(capture, spec.build(tokenizer))
+        else:
+            ctx = compress(model, torch.tensor([doc.context_ids]), method=spec.build(tokenizer),
+                           prefill_chunk=spec.prefill_chunk, tokenizer=tokenizer, chat_template=False)
         built.append((spec, ctx, {"select_seconds": round(ctx.stats.select_seconds, 3),
                                   "scoring_seconds": round(ctx.stats.scoring_seconds, 2),
                                   "compress_seconds": round(time.perf_counter() - t1, 2),
@@ -190,7 +203,7 @@ def run_document(model, tokenizer, doc: Document, specs: list[Spec], *, chunk: i
             for (spec, ctx, info), pred in zip(built, preds):
                 record(q, spec, pred, {**info, **_kept(ctx, spans.get(q.qid, {})), "decode_seconds": dt})
     del built
-    for q in questions:
+    for q in questions if aware or full else ():
         t1 = time.perf_counter()
         ext = extend_capture(model, capture, q.question_ids)
         extend_s = round(time.perf_counter() - t1, 2)
@@ -210,7 +223,7 @@ def run_document(model, tokenizer, doc: Document, specs: list[Spec], *, chunk: i
                 record(q, spec, pred, {**info, **_kept(ctx, spans.get(q.qid, {})), "decode_seconds": dt,
                                        "extend_seconds": extend_s})
         del ext, rows, groups
-    pass_s = sum(v for v in capture.pass_seconds.values())
+    pass_s = sum(v for v in capture.pass_seconds.values()) if capture is not None else 0.0
     for r in records:
         r["pass_seconds"] = round(pass_s, 2)
         r["doc_seconds"] = round(time.perf_counter() - t0, 1)
@@ -269,7 +282,7 @@ def run_grid(model, tokenizer, out: Path, plan: list[PlanItem], specs: list[Spec
             ran += 1
             full = [x["score"] for x in records if x["spec"] == "full"]
             print(f"long_context: {L} doc {r}: {len(records)} records in {time.perf_counter() - t0:.0f} s "
-                  f"(full {sum(full):g}/{len(full)}; prefill {records[0]['prefill_seconds'] if records else '-'} s)",
+                  f"(full {sum(full):g}/{len(full)}; prefill {records[0].get('prefill_seconds', '-') if records else '-'} s)",
                   file=sys.stderr, flush=True)
     return ran
 
@@ -287,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk", type=int, default=1024, help="prefill chunk of the document's capture (0: one forward)")
     parser.add_argument("--minutes", type=float, default=None, help="start no new document after this many minutes")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--chunked-agnostic", action="store_true",
+                        help="only the question-agnostic default compressed by a chunked prefill (C = 2048, issue 24)")
     args = parser.parse_args(argv)
     plan = parse_plan(args.plan)
     h2o = None if args.h2o_lengths is None else {int(x) for x in args.h2o_lengths.split(",") if x}
@@ -296,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_pretrained(args.model, dtype=torch.float32, device="cpu")
     print(f"long_context: loaded {args.model} in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     deadline = time.time() + 60 * args.minutes if args.minutes else None
-    run_grid(model, tokenizer, Path(args.out), plan, SPECS, chunk=args.chunk or None, h2o_lengths=h2o,
+    run_grid(model, tokenizer, Path(args.out), plan, CHUNKED_SPECS if args.chunked_agnostic else SPECS, chunk=args.chunk or None, h2o_lengths=h2o,
              full_only=full_only, deadline=deadline)
     return 0
 

@@ -22,7 +22,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +39,15 @@ from chunkkv.methods import make_method
 from chunkkv.agnostic import agnostic_method, keep_numbers_whole
 from chunkkv.pipeline import compress, compress_from_capture
 from chunkkv.prompting import instructions
+from chunkkv.scorers import SHALLOW_DEPTH, SHALLOW_SINK, Combined, ReconstructionScorer, SurprisalScorer
 from chunkkv.pretrained import load_pretrained
 
 from .. import shown
+#: Issue 24 item 5's candidate: the default (hybrid) with the shallow pass scoring only its last layer
+#: (the quarter's last; the layers below it run the model's own fused attention).
+HYBRID_LAST = Combined(((ReconstructionScorer(depth=SHALLOW_DEPTH, sink=SHALLOW_SINK, last_only=True), 1.0),
+                        (SurprisalScorer(), 1.0)))
+
 from .tasks import REAL_TASKS, RealSample, context_split, make_samples, render, score_prediction
 
 __all__ = ["GridSpec", "chunked_specs", "default_specs", "run_grid"]
@@ -115,6 +121,8 @@ class GridSpec:
             method = keep_numbers_whole(method, tokenizer)
         if self.scoring == "default":  # what question-agnostic generate runs: hybrid, sentence chunks
             return agnostic_method(method, None, tokenizer)
+        if self.scoring == "default-last":  # the same, the shallow pass scored at its last layer only
+            return replace(agnostic_method(method, None, tokenizer), scoring=HYBRID_LAST)
         return method if self.scoring is None else agnostic_method(method, self.scoring)
 
 
@@ -403,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"LENGTH:TASKS:SAMPLES:all|headline;... (default {DEFAULT_PLAN})")
     parser.add_argument("--h2o-lengths", default="1024,2048", help="lengths where H2O runs ('' = none)")
     parser.add_argument("--full-only", action="store_true", help="only the full cache (task calibration)")
-    parser.add_argument("--grid", choices=["budgets", "chunked", "chunked-lookahead", "numbers", "reserve"], default="budgets",
+    parser.add_argument("--grid", choices=["budgets", "chunked", "chunked-lookahead", "numbers", "reserve",
+                                           "agnostic-last"], default="budgets",
                         help="budgets: every method and budget (issue 10); chunked: ChunkKV one-shot vs chunked "
                              "prefill C=256/512/1024 at KV 128 and 10 %% (issue 11)")
     parser.add_argument("--lookahead-chunks", default="512,1024",
@@ -443,6 +452,10 @@ def main(argv: list[str] | None = None) -> int:
         specs += [GridSpec("chunked", "chunkkv", chunk_size=10, reuse_depth=1, prefill_chunk=c, lookahead=True,
                            reserve=r, **b) for r in (None, 1.5) for c in (1024,)
                   for b in ({"keep_tokens": 128}, {"keep_fraction": 0.1})]
+    elif args.grid == "agnostic-last":  # issue 24 item 5: the default vs its last-layer-only shallow pass
+        specs = [GridSpec("chunked", "full")] + [
+            GridSpec("chunked", "chunkkv", keep_fraction=f, agnostic=True, scoring=s)
+            for f in (0.2,) for s in ("default", "default-last")]
     else:
         specs = default_specs(num_layers)
     out = Path(args.out)
