@@ -49,6 +49,12 @@ def chunkable(scorer: Scorer) -> bool:
                for s in _leaves(scorer))
 
 
+#: Copy queries (and surprisal's tokens) scored at a time: their attention weights (vocabulary
+#: logits) are materialised, so a block keeps them within one chunk's activations, the memory bound's
+#: window-score term, whatever the chunk size.
+SCORE_QUERIES = 32
+
+
 class _CopySession:
     """The attention wrapper's session during one chunk's reconstruction pass: each scored layer's
     copy queries score the slots it held before the pass (under the layer's own mask)."""
@@ -64,13 +70,18 @@ class _CopySession:
         if idx not in self.layers or layer is not self.fork.layers[idx]:
             return
         scaling = kwargs.get("scaling") or getattr(module, "scaling", key.shape[-1] ** -0.5)
-        mask = kwargs.get("attention_mask")
+        mask, softcap, held = kwargs.get("attention_mask"), kwargs.get("softcap"), self.held[idx]
         if mask is None:  # no padding, no fillers: plain causal attention
-            block = max_attention_scores(query, key, scaling, self.held[idx], None, self.query_valid,
-                                         kwargs.get("softcap"))
+            block = max_attention_scores(query, key, scaling, held, None, self.query_valid, softcap,
+                                         block=SCORE_QUERIES)
         else:
-            block = masked_attention_scores(query, key, scaling, mask, self.held[idx], self.query_valid,
-                                            kwargs.get("softcap"))
+            block = None
+            for lo in range(0, query.shape[2], SCORE_QUERIES):  # blocks of queries: bounds the weights
+                hi = min(lo + SCORE_QUERIES, query.shape[2])
+                valid = None if self.query_valid is None else self.query_valid[:, lo:hi]
+                part = masked_attention_scores(query[:, :, lo:hi], key, scaling,
+                                               mask[:, :, lo:hi] if mask.shape[2] > 1 else mask, held, valid, softcap)
+                block = part if block is None else torch.maximum(block, part)
         previous = self.scores.get(idx)
         self.scores[idx] = block if previous is None else torch.maximum(previous, block)
         if idx == self.stop_after:
@@ -140,7 +151,7 @@ class RunningScores:
             self._last_hidden = hidden[:, -1:]
             targets = self.input_ids[:, first:hi]
             pred = hidden_all[:, : targets.shape[1]]
-            step = max(1, self.block // 2)  # [step, vocab] logits at a time: part of one chunk's activations
+            step = SCORE_QUERIES  # [step, vocab] logits at a time
             for start in range(0, targets.shape[1], step):
                 stop = min(targets.shape[1], start + step)
                 logits = head(pred[:, start:stop]).float()
