@@ -135,6 +135,22 @@ def test_chunked_rows_run_their_own_prefill_and_equal_one_shot_when_one_chunk(to
     assert records["chunkkv/t64/c10/r1/p100/lamax"]["kept_fraction"] == one_shot["kept_fraction"]
 
 
+def test_refed_row_feeds_the_last_token_after_compressing(tok):
+    """A refed row compresses the prompt without its last token and feeds it after: with a budget
+    that keeps everything it answers as the full cache does; under a budget its first token comes
+    from the compressed cache."""
+    model = tiny_model("llama", vocab_size=len(tok), num_hidden_layers=4)
+    sample = make_samples(tok, "multikey", 400, 1)[0]
+    specs = [GridSpec("chunked", "full"),
+             GridSpec("chunked", "chunkkv", keep_tokens=4096, chunk_size=10, reuse_depth=1, refed=True),
+             GridSpec("chunked", "chunkkv", keep_tokens=64, chunk_size=10, reuse_depth=1, refed=True)]
+    assert specs[1].key == "chunkkv/t4096/c10/r1/refed"
+    records = {r["spec"]: r for r in run_sample(model, tok, sample, specs, window=16, boundary_ids=frozenset(),
+                                                h2o=False, jaccard_keys=set())}
+    assert records["chunkkv/t4096/c10/r1/refed"]["prediction"] == records["full"]["prediction"]
+    assert records["chunkkv/t64/c10/r1/refed"]["kept_fraction"] < 0.25
+
+
 def test_chunked_report_pairs_the_same_samples():
     from studies.real_grid.report import chunked_markdown
 
