@@ -393,6 +393,8 @@ def chunked_markdown(records: list[dict[str, Any]], model: str) -> str:
     rows = [("full cache", "", "full")]
     for label, spec in budgets:
         rows.append((label, "one-shot", spec))
+        if f"{spec}/refed" in specs:
+            rows.append((label, "one-shot, first answer token from the compressed cache", f"{spec}/refed"))
         for c in chunks:
             if f"{spec}/p{c}" in specs:
                 rows.append((label, f"C = {c}, chunk's own queries", f"{spec}/p{c}"))
@@ -400,6 +402,9 @@ def chunked_markdown(records: list[dict[str, Any]], model: str) -> str:
                 rows.append((label, f"C = {c}, " + LOOKAHEAD_NAMES.get(variant.split(f"/p{c}/", 1)[1], variant), variant))
     for label, spec in agnostic:
         rows.append((label, "question-agnostic default, one-shot", spec))
+        if f"{spec}-last" in specs:
+            rows.append((label, "question-agnostic default, shallow pass scored at its last layer, one-shot",
+                         f"{spec}-last"))
         for c in chunks:
             chunked = spec.replace("/qa/", f"/qa/p{c}/")
             if chunked in specs:
@@ -435,6 +440,22 @@ def chunked_markdown(records: list[dict[str, Any]], model: str) -> str:
                      if sp == spec and _nominal(L_) in Ls and (base, t, L_, i) in index]
             cells.append(paired_difference(pairs))
         lines.append(f"| {label} | {mode} | " + " | ".join(cells) + " |")
+    refed = [(label, f"{spec}/refed") for label, spec in budgets if f"{spec}/refed" in specs]
+    if refed:
+        lines += ["", "**Paired against one-shot with its first answer token from the compressed cache** (the "
+                  "prompt's last token fed after the compression, as a chunked prefill must: its last chunk "
+                  "attends over the kept tokens only).", "",
+                  "| budget | prefill | " + " | ".join(f"{L} tok" for L in lengths) + " | all |", rule]
+        for label, base in refed:
+            for lab, mode, spec in rows:
+                if lab != label or "/p" not in spec or "/qa" in spec:
+                    continue
+                cells = []
+                for Ls in [[L] for L in lengths] + [lengths]:
+                    pairs = [(index[(base, t, L_, i)]["score"], r["score"]) for (sp, t, L_, i), r in index.items()
+                             if sp == spec and _nominal(L_) in Ls and (base, t, L_, i) in index]
+                    cells.append(paired_difference(pairs))
+                lines.append(f"| {label} | {mode} | " + " | ".join(cells) + " |")
     lines += ["", "**Prefill time** (mean over samples of the ratio, same sample and process, 1 thread): chunked over "
               "the one-shot capture prefill, and the look-ahead over the chunk's own queries at the same C.", "",
               "| budget | C | " + " | ".join(f"{L} tok: chunked / one-shot" for L in lengths) + " | "
