@@ -106,3 +106,19 @@ def test_the_runner_writes_every_question_and_configuration_once(gemma, tmp_path
     text = markdown(Grid(records), "records.jsonl")
     assert "Calibration" in text and "−" in text
     assert label("chunkkv/f0.1/qa") == ("chunkkv", "10 %, question-agnostic default")
+
+
+def test_the_chunked_agnostic_row_never_captures_the_full_document(gemma, tmp_path, monkeypatch):
+    """A grid of the chunked question-agnostic row alone compresses each document by a chunked
+    prefill (no full capture, no question fed on a full cache) and answers every question on it."""
+    import studies.long_context.grid as grid
+
+    model, tok = gemma
+    monkeypatch.setattr(grid, "capture_document", lambda *a, **k: pytest.fail("the full document was captured"))
+    spec = Spec("chunkkv", keep_fraction=0.2, agnostic=True, prefill_chunk=256)
+    assert spec.key == "chunkkv/f0.2/qa/p256"
+    assert run_grid(model, tok, tmp_path, parse_plan("700:1"), [spec]) == 1
+    records = [json.loads(x) for x in (tmp_path / "records.jsonl").read_text().splitlines()]
+    assert sorted(r["qid"] for r in records) == list(range(5))
+    assert all(r["spec"] == spec.key and "scoring=hybrid" in r["method_describe"] for r in records)
+    assert all(r["kept_tokens"][0] < r["prompt_tokens"] for r in records)
