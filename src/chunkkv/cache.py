@@ -344,7 +344,6 @@ class ChunkKVCache(Cache):
         clone.layers = [_shallow_copy(layer) for layer in self.layers]
         return clone
 
-
     def restore_layer(self, idx: int, source: ChunkKVCache) -> None:
         """Point layer ``idx`` of this fork back at ``source``'s tensors, freeing what it appended."""
         self.layers[idx] = _shallow_copy(source.layers[idx])
