@@ -168,3 +168,20 @@ def test_chunked_report_pairs_the_same_samples():
     assert "| KV 128 | C = 512, chunk's own queries | -75.0 pts" in text and "lost 3, gained 0 (of 4)" in text
     assert "| 10 % | C = 512, chunk's own queries | +25.0 pts" in text and "lost 0, gained 1 (of 4)" in text
     assert "| KV 128 | 512 | 0.50 (n=4) |" in text
+
+
+def test_numbers_report_pairs_rows_and_counts_cut_numbers():
+    from studies.real_grid.report import numbers_markdown
+
+    records = []
+    for i, (plain, whole) in enumerate([(" 74.", " 7421."), (" 7421.", " 7421."), (" blue.", " 21.")]):
+        records += [{"length": 2048, "index": i, "spec": "full", "score": 1.0, "prediction": " 7421."},
+                    {"length": 2048, "index": i, "spec": "chunkkv/t128/c10/r1", "score": float(plain == " 7421."),
+                     "prediction": plain},
+                    {"length": 2048, "index": i, "spec": "chunkkv/t128/c10/r1/num", "score": float(whole == " 7421."),
+                     "prediction": whole}]
+    text = numbers_markdown(records, "tiny")
+    assert "| query-aware KV 128 | 33.3 (n=3, 6–79) | – | 1 of 2 |" in text  # "74" is cut, "blue" is not a number
+    assert "| query-aware KV 128, numbers whole | 66.7 (n=3, 21–94) | +33.3 pts" in text and "lost 0, gained 1" in text
+    assert text.rstrip().endswith("| 1 of 1 |")  # "21" is part of 7421
+    assert "| full cache | 100.0 (n=3" in text and "question-agnostic" not in text

@@ -480,6 +480,48 @@ def chunked_markdown(records: list[dict[str, Any]], model: str) -> str:
     return "\n".join(lines)
 
 
+NUMBERS_BEGIN, NUMBERS_END = "<!-- numbers:begin -->", "<!-- numbers:end -->"
+
+
+def numbers_markdown(records: list[dict[str, Any]], model: str) -> str:
+    """Issue 24 item 6 (``run --grid numbers``): needles whose answer is a number, ChunkKV with and
+    without whole numbers (``digit_ids``), paired on the same samples; a wrong answer whose digits
+    are part of the full cache's right answer is counted as a cut number."""
+    index = {(r["length"], r["index"]): {} for r in records}
+    for r in records:
+        index[(r["length"], r["index"])][r["spec"]] = r
+    rows = [("full cache", "full", None),
+            ("query-aware KV 128", "chunkkv/t128/c10/r1", None),
+            ("query-aware KV 128, numbers whole", "chunkkv/t128/c10/r1/num", "chunkkv/t128/c10/r1"),
+            ("question-agnostic default 20 %", "chunkkv/f0.2/qa/sdefault", None),
+            ("question-agnostic default 20 %, numbers whole", "chunkkv/f0.2/qa/sdefault/num", "chunkkv/f0.2/qa/sdefault")]
+    lengths = sorted({r["length"] for r in records})
+    lines = [f"Model **{model}**, Paul Graham essays, `niah_number` (a needle whose answer is a 4–7 digit "
+             f"number), prompts of {', '.join(map(str, lengths))} tokens; right = the number whole in the "
+             "answer. Accuracy % (n, 95 % Wilson interval); paired against the same row without whole numbers.", "",
+             "| configuration | accuracy | paired vs without | wrong answers that are part of the number |",
+             "|---|---|---|---|"]
+    for name, spec, base in rows:
+        got = [d[spec] for d in index.values() if spec in d]
+        if not got:
+            continue
+        paired = "–"
+        if base is not None:
+            paired = paired_difference([(d[base]["score"], d[spec]["score"]) for d in index.values()
+                                        if spec in d and base in d])
+        cut = 0
+        for d in index.values():
+            full, r = d.get("full"), d.get(spec)
+            if r is None or full is None or full["score"] != 1.0 or r["score"] == 1.0:
+                continue
+            answer = "".join(ch for ch in full["prediction"] if ch.isdigit())
+            digits = "".join(ch for ch in r["prediction"].split("\n")[0] if ch.isdigit())
+            cut += bool(digits) and digits != answer and digits in answer
+        wrong = sum(r["score"] != 1.0 for r in got)
+        lines.append(f"| {name} | {cell([r['score'] for r in got])} | {paired} | {cut} of {wrong} |")
+    return "\n".join(lines)
+
+
 def write_block(report: Path, body: str, begin: str = BEGIN, end: str = END) -> None:
     text = report.read_text(encoding="utf-8") if report.exists() else ""
     block = f"{begin}\n{body}\n{end}"
@@ -500,12 +542,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)")
     parser.add_argument("--chunked", action="store_true",
                         help="the chunked-prefill grid (run --grid chunked): its block in --report")
+    parser.add_argument("--numbers", action="store_true",
+                        help="the whole-numbers grid (run --grid numbers): its block in --report")
     args = parser.parse_args(argv)
     out = Path(args.out)
     records = load(out / "records.jsonl")
     if not records:
         print(f"real_grid report: error: no records in {out / 'records.jsonl'}")
         return 2
+    if args.numbers:
+        body = numbers_markdown(records, args.model)
+        if args.report:
+            write_block(Path(args.report), body, NUMBERS_BEGIN, NUMBERS_END)
+        print(body)
+        return 0
     if args.chunked:
         body = chunked_markdown(records, args.model)
         if args.report:
