@@ -57,6 +57,11 @@ def phase(kind: str, contexts: list[int], chunk: int, kv: int, repeats: int, out
     path = out / f"{kind}.jsonl"
     done = {(r["context"], r["mode"], r.get("repeat", 0)) for r in read_jsonl(path, key="mode")}
     meter = MemoryMeter(torch.device("cpu")) if kind == "memory" else None
+    # warm-up: every mode once on a short prompt, so one-time allocations (kernels' buffers, thread
+    # pools) do not land in the first measured row's peak (they added 12-17 MiB to it)
+    warm = torch.randint(1, vocab, (1, 2 * chunk), generator=torch.Generator().manual_seed(0))
+    for mode in MODES:
+        _run(model, warm, mode, kv, chunk)
     for context in contexts:
         ids = torch.randint(1, vocab, (1, context), generator=torch.Generator().manual_seed(context))
         for repeat in range(repeats if kind == "time" else 1):
