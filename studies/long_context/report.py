@@ -19,7 +19,7 @@ from chunkkv.evaluation.store import read_jsonl
 
 from .. import shown
 from ..real_grid.report import cell, write_block
-from .grid import SPECS
+from .grid import CHUNKED_SPECS, SPECS
 from .tasks import TASKS
 
 STUDY = Path(__file__).resolve().parent
@@ -48,6 +48,8 @@ def label(spec: str) -> tuple[str, str]:
             budget.append(f"reuse {p[1:]}")
         elif p == "qa":
             budget.append("question-agnostic default")
+        elif p.startswith("p"):
+            budget.append(f"chunked prefill C = {p[1:]}")
     return method, ", ".join(budget) or "–"
 
 
@@ -61,7 +63,7 @@ class Grid:
             self.by[(r["spec"], r["task"], r["length"])][(r["doc"], r["qid"])] = r["score"]
         self.lengths = sorted({r["length"] for r in records})
         self.tasks = [t for t in TASKS if any(r["task"] == t for r in records)]
-        self.specs = [s.key for s in SPECS if any(r["spec"] == s.key for r in records)]
+        self.specs = [s.key for s in SPECS + CHUNKED_SPECS if any(r["spec"] == s.key for r in records)]
         # calibration: a (task, length) cell enters the averages when the full cache is right >= 85 %
         self.kept_cells = set()
         for t in self.tasks:
@@ -204,12 +206,12 @@ def markdown(g: Grid, records_path: str) -> str:
     for L in g.lengths:
         per_doc = {}
         for r in g.records:
-            if r["length"] == L:
+            if r["length"] == L and "prefill_seconds" in r:  # rows of the captured document (not chunked ones)
                 per_doc[r["doc"]] = r
         rs = list(per_doc.values())
         agn = {}
         for r in g.records:
-            if r["length"] == L and r.get("compress_seconds") is not None:
+            if r["length"] == L and r.get("compress_seconds") is not None and "prefill_seconds" in r:
                 agn[(r["doc"], r["spec"])] = r["compress_seconds"]
         comp = _mean([sum(v for (d, _s), v in agn.items() if d == doc) for doc in per_doc]) if agn else None
         add(f"| {L} | {len(rs)} | {_mean(r['prefill_seconds'] for r in rs):.0f} | "
