@@ -373,6 +373,16 @@ LOOKAHEAD_NAMES = {
 }
 
 
+def _paired_cells(index: dict, spec: str, base: str, lengths: list[int]) -> list[str]:
+    """Paired differences of ``spec`` against ``base`` on the same samples: per length, then pooled."""
+    cells = []
+    for Ls in [[L] for L in lengths] + [lengths]:
+        pairs = [(index[(base, t, L_, i)]["score"], r["score"]) for (sp, t, L_, i), r in index.items()
+                 if sp == spec and _nominal(L_) in Ls and (base, t, L_, i) in index]
+        cells.append(paired_difference(pairs))
+    return cells
+
+
 def chunked_markdown(records: list[dict[str, Any]], model: str) -> str:
     """The quality cost of chunked prefill (``python -m studies.real_grid run --grid chunked``; issues 11
     and 24): per task group, budget and length, one-shot against chunked prefill of ``C`` tokens scored
@@ -434,12 +444,7 @@ def chunked_markdown(records: list[dict[str, Any]], model: str) -> str:
                      ("/qa" in spec) == ("/qa" in ref)), None)
         if base is None or spec in references:
             continue
-        cells = []
-        for Ls in [[L] for L in lengths] + [lengths]:
-            pairs = [(index[(base, t, L_, i)]["score"], r["score"]) for (sp, t, L_, i), r in index.items()
-                     if sp == spec and _nominal(L_) in Ls and (base, t, L_, i) in index]
-            cells.append(paired_difference(pairs))
-        lines.append(f"| {label} | {mode} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label} | {mode} | " + " | ".join(_paired_cells(index, spec, base, lengths)) + " |")
     refed = [(label, f"{spec}/refed") for label, spec in budgets if f"{spec}/refed" in specs]
     if refed:
         lines += ["", "**Paired against one-shot with its first answer token from the compressed cache** (the "
@@ -450,12 +455,7 @@ def chunked_markdown(records: list[dict[str, Any]], model: str) -> str:
             for lab, mode, spec in rows:
                 if lab != label or "/p" not in spec or "/qa" in spec:
                     continue
-                cells = []
-                for Ls in [[L] for L in lengths] + [lengths]:
-                    pairs = [(index[(base, t, L_, i)]["score"], r["score"]) for (sp, t, L_, i), r in index.items()
-                             if sp == spec and _nominal(L_) in Ls and (base, t, L_, i) in index]
-                    cells.append(paired_difference(pairs))
-                lines.append(f"| {label} | {mode} | " + " | ".join(cells) + " |")
+                lines.append(f"| {label} | {mode} | " + " | ".join(_paired_cells(index, spec, base, lengths)) + " |")
     lines += ["", "**Prefill time** (mean over samples of the ratio, same sample and process, 1 thread): chunked over "
               "the one-shot capture prefill, and the look-ahead over the chunk's own queries at the same C.", "",
               "| budget | C | " + " | ".join(f"{L} tok: chunked / one-shot" for L in lengths) + " | "
