@@ -550,18 +550,15 @@ def main(argv: list[str] | None = None) -> int:
     if not records:
         print(f"real_grid report: error: no records in {out / 'records.jsonl'}")
         return 2
-    if args.numbers:
-        body = numbers_markdown(records, args.model)
-        if args.report:
-            write_block(Path(args.report), body, NUMBERS_BEGIN, NUMBERS_END)
-        print(body)
-        return 0
-    if args.chunked:
-        body = chunked_markdown(records, args.model)
-        if args.report:
-            write_block(Path(args.report), body, CHUNKED_BEGIN, CHUNKED_END)
-        print(body)
-        return 0
+    # the issue-specific grids: one table each, in its own block of --report
+    for wanted, make, begin, end in ((args.numbers, numbers_markdown, NUMBERS_BEGIN, NUMBERS_END),
+                                     (args.chunked, chunked_markdown, CHUNKED_BEGIN, CHUNKED_END)):
+        if wanted:
+            body = make(records, args.model)
+            if args.report:
+                write_block(Path(args.report), body, begin, end)
+            print(body)
+            return 0
     speed = [json.loads(x) for x in (out / "speedup.jsonl").read_text().splitlines()] if (out / "speedup.jsonl").exists() else []
     s = summarise(records)
     body = markdown(s, speed, args.model, records=shown(out / "records.jsonl"))
