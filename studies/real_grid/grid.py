@@ -43,14 +43,14 @@ from chunkkv.scorers import SHALLOW_DEPTH, SHALLOW_SINK, Combined, Reconstructio
 from chunkkv.pretrained import load_pretrained
 
 from .. import shown
+from .tasks import REAL_TASKS, RealSample, context_split, make_samples, render, score_prediction
+
+__all__ = ["GridSpec", "chunked_specs", "default_specs", "run_grid"]
+
 #: Issue 24 item 5's candidate: the default (hybrid) with the shallow pass scoring only its last layer
 #: (the quarter's last; the layers below it run the model's own fused attention).
 HYBRID_LAST = Combined(((ReconstructionScorer(depth=SHALLOW_DEPTH, sink=SHALLOW_SINK, last_only=True), 1.0),
                         (SurprisalScorer(), 1.0)))
-
-from .tasks import REAL_TASKS, RealSample, context_split, make_samples, render, score_prediction
-
-__all__ = ["GridSpec", "chunked_specs", "default_specs", "run_grid"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -425,7 +425,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grid", choices=["budgets", "chunked", "chunked-lookahead", "numbers", "reserve",
                                            "agnostic-last", "refed"], default="budgets",
                         help="budgets: every method and budget (issue 10); chunked: ChunkKV one-shot vs chunked "
-                             "prefill C=256/512/1024 at KV 128 and 10 %% (issue 11)")
+                             "prefill C=256/512/1024 at KV 128 and 10 %% (issue 11); issue 24: chunked-lookahead "
+                             "(the look-ahead and the question-agnostic default in chunks), reserve, numbers "
+                             "(whole numbers), refed (one-shot, first answer token from the compressed cache), "
+                             "agnostic-last (the default with a last-layer-only shallow pass)")
     parser.add_argument("--lookahead-chunks", default="512,1024",
                         help="chunked-lookahead grid: look-ahead prefill chunk sizes ('' = none; default 512,1024)")
     parser.add_argument("--agnostic-chunks", default="1024",
