@@ -122,6 +122,8 @@ def test_masked_scores_equal_the_plain_scores_under_a_causal_mask_and_honour_a_w
         torch.testing.assert_close(masked_attention_scores(queries, keys, 0.3, mask, context, reduce=reduce), want)
         additive = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
         torch.testing.assert_close(masked_attention_scores(queries, keys, 0.3, additive, context, reduce=reduce), want)
+        torch.testing.assert_close(masked_attention_scores(queries, keys, 0.3, mask, context, reduce=reduce, block=4),
+                                   want)  # blocks of queries change nothing
     window = mask & (torch.arange(context + q_len)[None, :] > torch.arange(context, context + q_len)[:, None] - 8)
     scores = masked_attention_scores(queries, keys, 0.3, window, context)
     assert bool((scores[..., : context - 7] == 0).all()) and bool((scores[..., context - 7:] > 0).all())

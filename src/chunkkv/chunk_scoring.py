@@ -75,13 +75,8 @@ class _CopySession:
             block = max_attention_scores(query, key, scaling, held, None, self.query_valid, softcap,
                                          block=SCORE_QUERIES)
         else:
-            block = None
-            for lo in range(0, query.shape[2], SCORE_QUERIES):  # blocks of queries: bounds the weights
-                hi = min(lo + SCORE_QUERIES, query.shape[2])
-                valid = None if self.query_valid is None else self.query_valid[:, lo:hi]
-                part = masked_attention_scores(query[:, :, lo:hi], key, scaling,
-                                               mask[:, :, lo:hi] if mask.shape[2] > 1 else mask, held, valid, softcap)
-                block = part if block is None else torch.maximum(block, part)
+            block = masked_attention_scores(query, key, scaling, mask, held, self.query_valid, softcap,
+                                            block=SCORE_QUERIES)
         previous = self.scores.get(idx)
         self.scores[idx] = block if previous is None else torch.maximum(previous, block)
         if idx == self.stop_after:

@@ -328,17 +328,29 @@ def masked_attention_scores(
     query_valid: torch.Tensor | None = None,
     softcap: float | None = None,
     reduce: str = "max",
+    block: int | None = None,
 ) -> torch.Tensor:
     """:func:`max_attention_scores` under the layer's own 4-D attention mask (a sliding window, say).
 
     Args:
-        mask: ``[B, 1 or Hq, q, S]``, bool (True = attend) or additive float, as the model's attention
-            function received it.
-        queries, keys, scaling, context_len, query_valid, softcap, reduce: as in :func:`max_attention_scores`.
+        mask: ``[B, 1 or Hq, q or 1, S]``, bool (True = attend) or additive float, as the model's
+            attention function received it.
+        queries, keys, scaling, context_len, query_valid, softcap, reduce, block: as in
+            :func:`max_attention_scores`.
 
     Returns:
         ``[B, Hkv, context_len]`` float32.
     """
+    q_len = queries.shape[2]
+    if block is not None and block < q_len:  # blocks of queries, not tokens: bounds memory
+        total = None
+        for lo in range(0, q_len, max(1, block)):
+            hi = min(q_len, lo + max(1, block))
+            part = masked_attention_scores(
+                queries[:, :, lo:hi], keys, scaling, mask[:, :, lo:hi] if mask.shape[2] > 1 else mask, context_len,
+                None if query_valid is None else query_valid[:, lo:hi], softcap, reduce)
+            total = part if total is None else (torch.maximum(total, part) if reduce == "max" else total + part)
+        return total
     batch, n_q_heads, q_len, _ = queries.shape
     n_kv = keys.shape[1]
     groups = n_q_heads // n_kv
