@@ -370,6 +370,8 @@ LOOKAHEAD_NAMES = {
     "lamax": "look-ahead, best score carried",
     "lamax/res1.5": "look-ahead, best score carried, reserve 1.5",
     "la/res1.5": "look-ahead, first version, reserve 1.5",
+    "lamax/tail": "look-ahead, best score carried, the question's window a chunk of its own",
+    "lamax/shared": "look-ahead, best score carried, one kept set for every layer (all layers' scores)",
 }
 
 
