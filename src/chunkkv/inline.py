@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
@@ -48,9 +48,6 @@ from .scorers import Evidence, WindowScorer
 from .scoring import Workspace, window_attention_scores
 
 __all__ = ["prefill_inline"]
-
-QUESTION_TAIL = False
-SHARED_LAYERS = False
 
 
 def _scaling(module, key, kwargs) -> float:
@@ -79,8 +76,6 @@ class _Session:
     carried: dict[int, torch.Tensor] = field(default_factory=dict)
     # Scratch buffers every layer's scoring reuses (the window logits): no fresh memory per layer.
     workspace: Workspace = field(default_factory=Workspace)
-    shared: bool = False
-    recorded: dict[int, tuple] = field(default_factory=dict)
 
     def on_attention(self, module, layer: PrunedLayer, query, key, kwargs) -> None:
         idx = module.layer_idx
@@ -92,12 +87,6 @@ class _Session:
             # A copy: a view would keep the whole prompt's query states alive with the context.
             layer.recent_queries = query[:, :, -self.method.window :].clone()
         if self.deferred:
-            if self.shared and plan.last:
-                win = min(self.method.window, query.shape[2])
-                scaling, softcap = _scaling(module, key, kwargs), kwargs.get("softcap")
-                scores = window_attention_scores(query[:, :, -win:], key, scaling, plan.key_valid[idx], softcap,
-                                                 self.workspace)
-                self.recorded[idx] = (scores, query[:, :, -win:], scaling, softcap)
             return
         start = now(key.device) if self.measure else 0.0
         if plan.is_leader(idx):
@@ -143,13 +132,12 @@ class _Lookahead:
         self.plan = plan
         self.workspace = workspace
         self.found: dict[int, tuple[torch.Tensor, torch.Tensor, float, float | None]] = {}
-        self.shared = False
 
     def on_attention(self, module, layer: PrunedLayer, query, key, kwargs) -> None:
         idx = module.layer_idx
         if layer is not self.fork.layers[idx]:
             return
-        if self.plan.is_leader(idx) or self.shared:
+        if self.plan.is_leader(idx):
             held = key.shape[2] - query.shape[2]
             valid = self.plan.key_valid[idx]
             key_valid = None if valid is None else torch.cat([valid, valid.new_ones(valid.shape[0], query.shape[2])], 1)
@@ -185,16 +173,12 @@ def prefill_inline(
     reserve: float = 1.0,
     measure: bool = False,
     running: RunningScores | None = None,
-    tail: bool | None = None,
 ) -> CompressedContext:
     """Prefill checked ``input_ids`` with ``method`` (see the module docstring): an inline scorer,
     or ``running`` question-agnostic scores kept chunk by chunk."""
     attach(model)
     width = input_ids.shape[1]
-    if tail is None:
-        tail = QUESTION_TAIL
-    ahead = running is None and lookahead and not isinstance(method, FullKV) and _uses_lookahead(method)
-    bounds = chunk_bounds(width, prefill_chunk, method.window if ahead and tail else 0)
+    bounds = chunk_bounds(width, prefill_chunk)
     if len(bounds) > 2 and not isinstance(method, FullKV):
         check_bounded_method(method, "prefill_chunk")
     # Sliding-window layers whose window holds the whole prompt are compressed too (FullKV keeps
@@ -217,17 +201,14 @@ def prefill_inline(
     device = input_ids.device
     stats = CompressionStats(prompt_lengths=lengths)
     session = plans = None
-    shared = SHARED_LAYERS and ahead and len(bounds) > 2
-    if shared:
-        method = replace(method, reuse_depth=len(pruned))
     if not isinstance(method, FullKV):
         plans = plan_prefill(method, lengths, width, pruned, device, bounds, reserve=reserve)
         session = _Session(method=method, cache=cache, measure=measure, stats=stats, input_ids=input_ids,
-                           pads=width - torch.tensor(lengths, device=device), shared=shared)
+                           pads=width - torch.tensor(lengths, device=device))
         final = method.kept_per_layer(lengths, len(pruned))
         touched = {layer for plan in plans for layer in plan.counts}
         stats.kept = {layer: list(final[pos]) for pos, layer in enumerate(pruned) if layer in touched}
-    ahead = session is not None and ahead and len(bounds) > 2
+    ahead = session is not None and lookahead and len(bounds) > 2 and _uses_lookahead(method)
 
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     start = now(device)
@@ -238,7 +219,7 @@ def prefill_inline(
             planned = session is not None and bool(plans[k].counts)
             if session is not None:
                 session.plan = plans[k]
-                session.deferred = planned and (running is not None or (ahead and (shared or not plans[k].last)))
+                session.deferred = planned and (running is not None or (ahead and not plans[k].last))
             if running is not None:
                 running.expect(lo, hi)
             out = model(
@@ -253,8 +234,6 @@ def prefill_inline(
                 running.after_chunk(cache, lo, hi, position_ids)  # every chunk's tokens get their scores
                 if planned:
                     _select_running(session, running, hi)
-            elif planned and session.deferred and plans[k].last:
-                _select_recorded(session)
             elif planned and session.deferred:
                 _look_ahead(model, session, input_ids, attention_mask, position_ids, hi)
     stats.prefill_seconds = now(device) - start
@@ -283,21 +262,6 @@ def _select_running(session: _Session, running: RunningScores, seen: int) -> Non
         session.stats.select_seconds += now(layer.keys.device) - start
 
 
-def _select_recorded(session: _Session) -> None:
-    """The last chunk of a layer-shared look-ahead: one selection by every layer's window scores."""
-    plan, cache = session.plan, session.cache
-    total = sum(session.recorded[i][0] for i in plan.counts)
-    for idx in plan.counts:
-        layer = cache.layers[idx]
-        if plan.is_leader(idx):
-            _s, query, scaling, softcap = session.recorded[idx]
-            prev = session.carried.get(idx)
-            scores = total if prev is None else _with_carried(total, prev)
-            session.select(idx, layer, query, layer.keys, scaling, softcap, memo={("window", query.shape[2]): scores})
-        layer.prune(*session.chosen[plan.leaders[idx]])
-    session.recorded.clear()
-
-
 def _look_ahead(model, session: _Session, input_ids, attention_mask, position_ids, seen: int) -> None:
     """Feed the prompt's last ``window`` tokens on a fork of what the layers hold after ``seen``
     tokens, then prune every planned layer with the scores their queries give."""
@@ -305,7 +269,6 @@ def _look_ahead(model, session: _Session, input_ids, attention_mask, position_id
     win = session.method.window
     fork = cache.fork()
     scoring = _Lookahead(fork, cache, plan, session.workspace)
-    scoring.shared = session.shared
     mask = torch.cat([attention_mask[:, :seen], attention_mask[:, -win:]], dim=1)
     with compression_session(scoring):
         model(input_ids=input_ids[:, -win:], attention_mask=mask, position_ids=position_ids[:, -win:], cache=fork,
@@ -315,8 +278,6 @@ def _look_ahead(model, session: _Session, input_ids, attention_mask, position_id
         layer = cache.layers[idx]
         if plan.is_leader(idx):
             scores, query, scaling, softcap = scoring.found[idx]
-            if session.shared:
-                scores = sum(scoring.found[i][0] for i in plan.counts)
             prev = session.carried.get(idx)
             if prev is not None:
                 prev = _with_carried(torch.zeros_like(scores), prev)  # zeros for the chunk's new slots

@@ -46,15 +46,11 @@ class LayerPlan:
         return self.leaders.get(layer) == layer
 
 
-def chunk_bounds(width: int, chunk: int | None, tail: int = 0) -> list[int]:
+def chunk_bounds(width: int, chunk: int | None) -> list[int]:
     """Chunk edges over the padded width, counted back from the end (the first chunk is the partial
-    one), so every row of a left-padded batch sees the same row-relative edges as when run alone.
-    ``tail`` > 0: the last ``tail`` tokens are a chunk of their own, the chunks of ``chunk`` tokens
-    counted back from before it."""
+    one), so every row of a left-padded batch sees the same row-relative edges as when run alone."""
     if chunk is None or chunk >= width:
         return [0, width]
-    if 0 < tail < width - 1:
-        return chunk_bounds(width - tail, chunk) + [width]
     first = width - (-(-width // chunk) - 1) * chunk
     return [0] + list(range(first, width + 1, chunk))
 

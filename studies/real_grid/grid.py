@@ -82,8 +82,6 @@ class GridSpec:
     # one-shot, the prompt's last token fed after the compression: the first answer token then comes
     # from the compressed cache, as in a chunked prefill, not from the full prefill's last position
     refed: bool = False
-    tail: bool = False  # chunked look-ahead: the prompt's last window is a chunk of its own
-    shared: bool = False  # chunked look-ahead: one kept set for every layer, by all layers' scores
 
     @property
     def key(self) -> str:
@@ -112,10 +110,6 @@ class GridSpec:
             parts.append(f"res{self.reserve:g}")
         if self.refed:
             parts.append("refed")
-        if self.tail:
-            parts.append("tail")
-        if self.shared:
-            parts.append("shared")
         return "/".join(parts)
 
     def build(self, window: int, boundary_ids: frozenset[int] | None, tokenizer=None):
@@ -259,12 +253,8 @@ def run_sample(model, tokenizer, sample: RealSample, specs: list[GridSpec], *, w
             t2 = time.perf_counter()
             # a question-agnostic row compresses the context alone; the question is fed after it
             prompt = ids[:, :len(context_ids)] if spec.agnostic else ids
-            import chunkkv.inline as _inline
-            _inline.QUESTION_TAIL = spec.tail
-            _inline.SHARED_LAYERS = spec.shared
             ctx = compress(model, prompt, method=method, prefill_chunk=spec.prefill_chunk, lookahead=spec.lookahead,
                            reserve=spec.reserve or 1.0, tokenizer=tokenizer, chat_template=True)
-            _inline.QUESTION_TAIL = _inline.SHARED_LAYERS = False
             prefill_s = time.perf_counter() - t2
         else:
             ctx = compress_from_capture(prefix if spec.agnostic else capture, method, share_scores=not spec.timed)
@@ -433,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--h2o-lengths", default="1024,2048", help="lengths where H2O runs ('' = none)")
     parser.add_argument("--full-only", action="store_true", help="only the full cache (task calibration)")
     parser.add_argument("--grid", choices=["budgets", "chunked", "chunked-lookahead", "numbers", "reserve",
-                                           "agnostic-last", "refed", "tail", "shared"], default="budgets",
+                                           "agnostic-last", "refed"], default="budgets",
                         help="budgets: every method and budget (issue 10); chunked: ChunkKV one-shot vs chunked "
                              "prefill C=256/512/1024 at KV 128 and 10 %% (issue 11); issue 24: chunked-lookahead "
                              "(the look-ahead and the question-agnostic default in chunks), reserve, numbers "
@@ -484,14 +474,6 @@ def main(argv: list[str] | None = None) -> int:
         specs = [GridSpec("chunked", "full")] + [
             GridSpec("chunked", "chunkkv", chunk_size=10, reuse_depth=1, refed=True, **b)
             for b in ({"keep_tokens": 128}, {"keep_fraction": 0.1})]
-    elif args.grid == "tail":  # issue 24: the look-ahead with the prompt's last window as a chunk of its own
-        specs = [GridSpec("chunked", "full")] + [
-            GridSpec("chunked", "chunkkv", chunk_size=10, reuse_depth=1, prefill_chunk=c, lookahead=True, tail=True,
-                     **b) for c in lookahead_chunks for b in ({"keep_tokens": 128}, {"keep_fraction": 0.1})]
-    elif args.grid == "shared":  # issue 24: the look-ahead with one kept set for every layer
-        specs = [GridSpec("chunked", "full")] + [
-            GridSpec("chunked", "chunkkv", chunk_size=10, reuse_depth=1, prefill_chunk=c, lookahead=True, shared=True,
-                     **b) for c in lookahead_chunks for b in ({"keep_tokens": 128}, {"keep_fraction": 0.1})]
     else:
         specs = default_specs(num_layers)
     out = Path(args.out)
