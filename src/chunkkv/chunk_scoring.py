@@ -53,7 +53,6 @@ def chunkable(scorer: Scorer) -> bool:
 #: logits) are materialised, so a block keeps them within one chunk's activations, the memory bound's
 #: window-score term, whatever the chunk size.
 SCORE_QUERIES = 32
-AS_ONE_SHOT = False
 
 
 class _CopySession:
@@ -179,8 +178,6 @@ class RunningScores:
             held = {i: cache.layers[i].stored_length for i in layers}
             session = _CopySession(fork, layers, held)
             seen = positions[:, hi - 1] + 1  # each row's real tokens so far
-            if AS_ONE_SHOT:
-                seen = positions[:, -1] + 1 + seen - real
             padded = bool((mask == 0).any()) or bool((self.attention_mask[:, :hi] == 0).any())
             for start in range(0, ids.shape[1], self.block):
                 stop = min(ids.shape[1], start + self.block)
