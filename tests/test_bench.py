@@ -16,7 +16,7 @@ import torch
 import chunkkv
 from chunkkv.bench import BenchConfig, MemoryMeter, expected_kv_bytes, kv_bytes_per_layer, random_llama, run_bench
 from chunkkv.bench.measure import Stats
-from chunkkv.bench.peers import find_kvpress_python
+from chunkkv.bench.peers import find_kvpress_python, merge_rounds
 from chunkkv.bench.report import PLOTS, write_outputs
 from chunkkv.bench.runner import Bench, _fit_loglog
 from chunkkv.cli import main as cli_main
@@ -230,6 +230,30 @@ def test_stats_and_fit():
     assert _fit_loglog(xs, [5 + 2 * x for x in xs])["linear_r2"] == pytest.approx(1.0)
 
 
+def test_peer_rounds_merge_to_medians_of_their_own_ratios():
+    def row(ours, theirs, decode=None):
+        r = {"context": 128, "ours": "chunkkv", "theirs": "ChunkKVPress", "kept_ours": 12,
+             "compress_ms_ours": ours, "compress_ms_theirs": theirs, "compress_ratio": ours / theirs}
+        return r if decode is None else {**r, "decode_ratio": decode}
+
+    one = [row(1.0, 4.0, 1.1)]
+    assert merge_rounds([one]) is one  # a single round is reported as it ran
+    merged = merge_rounds([[row(1.0, 4.0, 1.1)], [row(3.0, 4.0)], [row(2.0, 10.0, 0.9)]])
+    assert len(merged) == 1
+    m = merged[0]
+    assert m["rounds"] == 3 and m["kept_ours"] == 12
+    assert m["compress_ratio_rounds"] == [0.25, 0.75, 0.2]
+    assert m["compress_ratio"] == 0.25  # the median of the rounds' ratios, not ratio of medians (2 / 4 = 0.5)
+    assert (m["compress_ms_ours"], m["compress_ms_theirs"]) == (2.0, 4.0)
+    assert m["decode_ratio_rounds"] == [1.1, 0.9] and m["decode_ratio"] == 1.0  # only the rounds that decoded
+
+
+def test_peer_rounds_must_be_a_positive_int():
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="peer rounds must be an int >= 1"):
+            _config(peer_rounds=bad).validate()
+
+
 def test_missing_kvpress_environment_is_reported_and_the_run_goes_on(tmp_path):
     cfg = _config(contexts=[96], batch_sizes=[1], methods=["chunkkv"], reuse_depths=[1], decode_fractions=[0.5],
                   e2e=[], peers=True, kvpress_python=str(tmp_path / "no-such-python"))
@@ -262,25 +286,46 @@ def test_cli_rejects_bad_lists(capsys):
     assert "comma-separated integers" in capsys.readouterr().err
 
 
-def test_peers_side_by_side_with_kvpress():
+def test_peers_side_by_side_with_kvpress(tmp_path):
     python = find_kvpress_python()
     if python is None or torch.get_default_device().type != "cpu":
         if os.environ.get("CHUNKKV_REQUIRE_KVPRESS") == "1" and torch.get_default_device().type == "cpu":
             pytest.fail("kvpress environment missing; run tools/kvpress_env.sh")
         pytest.skip("kvpress environment not built (tools/kvpress_env.sh) or not on CPU")
+    from chunkkv.bench import runner
+
+    taken = []  # the progress bar: total and steps taken (the second round's timings are counted)
+
+    class Recorded(runner._Progress):
+        def __init__(self, total, enabled):
+            super().__init__(total, enabled)
+            taken.append(self)
+
     cfg = _config(contexts=[128], batch_sizes=[1], methods=["snapkv", "chunkkv"], reuse_depths=[1, 2],
-                  decode_fractions=[0.1], e2e=[], peers=True)
-    result = run_bench(_tiny(), cfg, progress=False)
+                  decode_fractions=[0.1], e2e=[], peers=True, peer_rounds=2)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runner, "_Progress", Recorded)
+        result = run_bench(_tiny(), cfg, progress=False)
+    assert [(p.steps, p.total) for p in taken] == [(taken[0].total, taken[0].total)]
     peers = result["peers"]
     assert peers["status"] == "ok", peers
-    assert peers["kvpress_version"] == "0.5.5"
+    assert peers["kvpress_version"] == "0.5.5" and peers["rounds"] == 2
     rows = {r["ours"]: r for r in peers["comparison"]}
     assert set(rows) == {"chunkkv", "chunkkv_reuse2", "chunkkv-kvpress", "snapkv", "snapkv-kvpress", "full"}
     for name in ("chunkkv", "chunkkv-kvpress", "snapkv"):
         r = rows[name]
+        assert r["rounds"] == 2
         assert r["compress_ms_ours"] > 0 and r["compress_ms_theirs"] > 0
-        assert r["compress_ratio"] == pytest.approx(r["compress_ms_ours"] / r["compress_ms_theirs"], rel=1e-3)
+        # each round's ratio is that round's own times (ours timed again before kvpress's second process)
+        for ours, theirs, ratio in zip(r["compress_ms_ours_rounds"], r["compress_ms_theirs_rounds"],
+                                       r["compress_ratio_rounds"]):
+            assert ratio == pytest.approx(ours / theirs, rel=1e-3)
         assert r["decode_ms_ours"] > 0 and r["decode_ms_theirs"] > 0
+    assert len(rows["full"]["decode_ratio_rounds"]) == 2
+    report = write_outputs(result, tmp_path)["markdown"].read_text()
+    assert "2 rounds, alternated" in report
+    lo, hi = min(rows["full"]["decode_ratio_rounds"]), max(rows["full"]["decode_ratio_rounds"])
+    assert f"({lo:.3f}–{hi:.3f})" in report
     # same budget on the same input: kvpress keeps whole 20-token chunks, chunkkv the exact count
     assert rows["chunkkv-kvpress"]["kept_theirs"] == 20 and rows["chunkkv"]["kept_ours"] == 12
     case = next(c for c in peers["cases"] if c["press"] == "chunkkv")

@@ -79,6 +79,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = parser.add_argument_group("peers (kvpress 0.5.5 in its own environment)")
     p.add_argument("--no-peers", action="store_true", help="do not run kvpress")
     p.add_argument("--peer-contexts", type=token_counts, help="contexts for kvpress (default: --contexts)")
+    p.add_argument("--peer-rounds", type=int, default=1,
+                   help="run kvpress this many times, alternated with our compared configurations timed again; "
+                        "each ratio is the median of the rounds' (default 1)")
     p.add_argument("--kvpress-python", help="python of the kvpress env (default: $KVPRESS_PYTHON or .venv-kvpress)")
     o = parser.add_argument_group("run and output")
     o.add_argument("--threads", type=int, help="torch threads (CPU default 2)")
@@ -124,6 +127,7 @@ def config_from_args(args: argparse.Namespace, device: torch.device) -> BenchCon
         peers=not args.no_peers,
         peer_contexts=args.peer_contexts,
         kvpress_python=args.kvpress_python,
+        peer_rounds=args.peer_rounds,
         threads=args.threads or (2 if not gpu else None),
         memory=not args.no_memory,
     )

@@ -9,13 +9,16 @@ chunkkv's ``measure=True``) and greedy decoding after compression the way its pi
 
 Peers: ``ChunkKVPress(SnapKVPress(compression_ratio=1-budget), chunk_length=20)`` and
 ``SnapKVPress(compression_ratio=1-budget)`` with kvpress's defaults (window 64, kernel 5).
-Ratios are chunkkv / kvpress (below 1 = chunkkv faster).
+Ratios are chunkkv / kvpress (below 1 = chunkkv faster). With ``peer_rounds`` > 1 kvpress runs that
+many times, each round after our compared configurations are timed again, and every figure is the
+median over the rounds (:func:`merge_rounds`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import tempfile
 from collections.abc import Callable
@@ -82,7 +85,7 @@ def run_peers(bench, log: Callable[[str], None]) -> dict[str, Any]:
         msg = f"{TOOL} not found (chunkkv installed outside its repository); peers skipped"
         log(msg)
         return {"status": "missing", "reason": msg}
-    contexts = [c for c in (cfg.peer_contexts or cfg.contexts) if c > WINDOW]
+    contexts, names = compared(cfg)
     if not contexts:
         return {"status": "skipped", "reason": f"no context longer than kvpress's window ({WINDOW})"}
     ratio = round(1.0 - cfg.budget, 10)
@@ -92,6 +95,7 @@ def run_peers(bench, log: Callable[[str], None]) -> dict[str, Any]:
         for press in ("chunkkv", "snapkv"):
             cases.append({"name": f"{press}-{c}", "press": press, "compression_ratio": ratio, "input_ids": ids})
     info = bench.info
+    rounds: list[list[dict[str, Any]]] = []
     with tempfile.TemporaryDirectory(prefix="chunkkv-bench-peers-") as tmp_name:
         tmp = Path(tmp_name)
         folder = _model_folder(bench, tmp)
@@ -103,36 +107,66 @@ def run_peers(bench, log: Callable[[str], None]) -> dict[str, Any]:
             "--threads", str(torch.get_num_threads()), "--device", str(bench.device),
             "--dtype", info["dtype"], "--keep-going",
         ]
-        log("kvpress: " + " ".join(cmd[:2]) + " ...")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop("PYTHONPATH", None)  # never leak our transformers into the pinned env
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-        if proc.returncode != 0 or not (tmp / "out.json").exists():
-            tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-15:]
-            log("kvpress run failed:\n" + "\n".join(tail))
-            return {"status": "error", "returncode": proc.returncode, "stderr_tail": tail, "command": cmd}
-        out = json.loads((tmp / "out.json").read_text())
+        for k in range(cfg.peer_rounds):
+            if k:  # ours again, right before this round's kvpress process: the two sides alternate
+                ours = {(name, c): row for c in contexts for name, row in bench.peer_round(c, names).items()}
+            else:
+                ours = {(r["config"], r["context"]): r for r in bench.result["prefill"]}
+            log(f"kvpress{f' round {k + 1} of {cfg.peer_rounds}' if cfg.peer_rounds > 1 else ''}: "
+                + " ".join(cmd[:2]) + " ...")
+            (tmp / "out.json").unlink(missing_ok=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+            if proc.returncode != 0 or not (tmp / "out.json").exists():
+                tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-15:]
+                log("kvpress run failed:\n" + "\n".join(tail))
+                return {"status": "error", "returncode": proc.returncode, "stderr_tail": tail, "command": cmd,
+                        "round": k + 1}
+            out = json.loads((tmp / "out.json").read_text())
+            if not k:
+                first = out
+            rounds.append(_compare(ours, _theirs(out, cases), contexts))
     result: dict[str, Any] = {
         "status": "ok",
-        "kvpress_version": out.get("kvpress_version"),
-        "transformers_version": out.get("transformers_version"),
-        "torch_version": out.get("torch_version"),
-        "device": out.get("device"),
-        "dtype": out.get("dtype"),
-        "num_threads": out.get("num_threads"),
+        "kvpress_version": first.get("kvpress_version"),
+        "transformers_version": first.get("transformers_version"),
+        "torch_version": first.get("torch_version"),
+        "device": first.get("device"),
+        "dtype": first.get("dtype"),
+        "num_threads": first.get("num_threads"),
         "allocator": allocator_state(fresh_process=True),  # its own process, started with our environment
+        "rounds": cfg.peer_rounds,
         "cases": [],
-        "comparison": [],
+        "comparison": merge_rounds(rounds),
     }
-    theirs: dict[tuple[str, int], dict[str, Any]] = {}
-    for case in out["cases"]:
-        c = len(next(x for x in cases if x["name"] == case["name"])["input_ids"][0])
+    for case in first["cases"]:  # the first round's raw cases (kept tokens, decode lengths)
         slim = {k: v for k, v in case.items() if k not in ("kept",)}
-        slim["context"] = c
+        slim["context"] = len(next(x for x in cases if x["name"] == case["name"])["input_ids"][0])
         result["cases"].append(slim)
+    return result
+
+
+def compared(cfg) -> tuple[list[int], set[str]]:
+    """The contexts kvpress runs at, and our configurations compared with it (``full`` included)."""
+    contexts = [c for c in (cfg.peer_contexts or cfg.contexts) if c > WINDOW]
+    return contexts, {"full"} | {ours for ours, _press, _what in PAIRS}
+
+
+def _theirs(out: dict[str, Any], cases: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any]]:
+    """kvpress's cases that ran, keyed by (press, context)."""
+    theirs = {}
+    for case in out["cases"]:
         if "error" not in case:
+            c = len(next(x for x in cases if x["name"] == case["name"])["input_ids"][0])
             theirs[(case["press"], c)] = case
-    ours = {(r["config"], r["context"]): r for r in bench.result["prefill"]}
+    return theirs
+
+
+def _compare(ours: dict[tuple[str, int], dict[str, Any]], theirs: dict[tuple[str, int], dict[str, Any]],
+             contexts: list[int]) -> list[dict[str, Any]]:
+    """One round's comparison rows: each pair of :data:`PAIRS`, then the full cache against no press."""
+    rows = []
     for c in contexts:
         for our_name, press, what in PAIRS:
             mine, other = ours.get((our_name, c)), theirs.get((press, c))
@@ -153,7 +187,7 @@ def run_peers(bench, log: Callable[[str], None]) -> dict[str, Any]:
                 "kept_theirs": max(other["kept_len_per_layer"]),
             }
             _add_decode(row, mine, other.get("decode"))
-            result["comparison"].append(row)
+            rows.append(row)
         full, any_case = ours.get(("full", c)), theirs.get(("chunkkv", c)) or theirs.get(("snapkv", c))
         if full is not None and any_case is not None:
             row = {
@@ -163,8 +197,35 @@ def run_peers(bench, log: Callable[[str], None]) -> dict[str, Any]:
                 "prefill_ratio": round(full["prefill_s"]["median"] * 1e3 / any_case["timing"]["prefill_ms_no_press"], 4),
             }
             _add_decode(row, full, any_case.get("decode_no_press"))
-            result["comparison"].append(row)
-    return result
+            rows.append(row)
+    return rows
+
+
+#: The timed fields of a comparison row: with several rounds each becomes the median over the
+#: rounds (ratios: the median of the rounds' own ratios), and ``<field>_rounds`` lists them.
+TIMED = ("compress_ms_ours", "compress_ms_theirs", "compress_ratio", "compress_speedup", "prefill_ms_ours",
+         "prefill_ms_theirs", "prefill_ratio", "decode_ms_ours", "decode_ms_theirs", "decode_ratio")
+
+
+def merge_rounds(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The comparison rows of alternated rounds as one row per pair (see :data:`TIMED`); one round is
+    returned as it is. A pair missing from some round is merged over the rounds that have it."""
+    if len(rounds) == 1:
+        return rounds[0]
+    merged: dict[tuple, dict[str, Any]] = {}
+    for rows in rounds:
+        for row in rows:
+            key = (row["context"], row["ours"], row["theirs"])
+            into = merged.setdefault(key, {**row, **{f"{f}_rounds": [] for f in TIMED if f in row}})
+            for f in TIMED:
+                if f in row:
+                    into[f"{f}_rounds"].append(row[f])
+    for row in merged.values():
+        for f in TIMED:
+            if f"{f}_rounds" in row:
+                row[f] = round(statistics.median(row[f"{f}_rounds"]), 4)
+        row["rounds"] = max(len(v) for k, v in row.items() if k.endswith("_rounds"))
+    return list(merged.values())
 
 
 def _add_decode(row: dict, ours: dict, theirs: dict | None) -> None:

@@ -137,6 +137,15 @@ def _x(x: float | None, digits: int = 3) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
 
 
+def _ranged(row: dict, name: str, digits: int = 3) -> str:
+    """A comparison cell: the value, and the range over the rounds when there were several."""
+    spread = row.get(f"{name}_rounds")
+    cell = _x(row.get(name), digits)
+    if spread and len(spread) > 1:
+        cell += f" ({min(spread):.{digits}f}–{max(spread):.{digits}f})"
+    return cell
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -248,11 +257,15 @@ def to_markdown(result: dict[str, Any]) -> str:
                      f"{peers['torch_version']}, {peers['dtype']}, {_count(peers['num_threads'], 'thread')}, allocator "
                      f"{peers.get('allocator', 'not recorded')}), same weights and token ids, timed while this process "
                      "waits. Ratios are chunkkv / kvpress (below 1: chunkkv faster).")
+        if peers.get("rounds", 1) > 1:
+            lines.append(f"{peers['rounds']} rounds, alternated: before each kvpress process but the first, our "
+                         "compared configurations were timed again. Each cell is the median over the rounds (ratios: "
+                         "of the rounds' own ratios), the range (min–max) beside the ratios.")
         lines.append("")
         rows = [[r["context"], r["ours"], r["theirs"], _x(r.get("compress_ms_ours"), 2),
-                 _x(r.get("compress_ms_theirs"), 2), _x(r.get("compress_ratio")), _x(r.get("compress_speedup"), 2),
-                 _x(r.get("prefill_ratio")), _x(r.get("decode_ms_ours"), 2), _x(r.get("decode_ms_theirs"), 2),
-                 _x(r.get("decode_ratio"))] for r in peers["comparison"]]
+                 _x(r.get("compress_ms_theirs"), 2), _ranged(r, "compress_ratio"), _ranged(r, "compress_speedup", 2),
+                 _ranged(r, "prefill_ratio"), _x(r.get("decode_ms_ours"), 2), _x(r.get("decode_ms_theirs"), 2),
+                 _ranged(r, "decode_ratio")] for r in peers["comparison"]]
         lines += _table(["context", "chunkkv", "kvpress", "compress ms ours", "compress ms kvpress", "ratio",
                          "speed-up", "prefill ratio", "decode ms ours", "decode ms kvpress", "decode ratio"], rows)
 

@@ -76,6 +76,10 @@ class BenchConfig:
         scaling_contexts: lengths for the scaling check (default: the contexts, extended by
             doubling to at least three points).
         peers: run kvpress side by side (needs ``kvpress_python``).
+        peer_rounds: kvpress runs this many times, each after our compared configurations are timed
+            again (the first round uses the prefill section's times), so the two sides alternate and
+            each ratio is the median of the rounds' ratios: one process of either side can be a few
+            per cent off on a shared machine.
         threads: ``torch.set_num_threads`` (None = leave as is).
         memory: run the memory phase (False: timings only, e.g. for a peer comparison).
     """
@@ -97,6 +101,7 @@ class BenchConfig:
     scaling_repeats: int = 5
     peers: bool = True
     peer_contexts: list[int] | None = None
+    peer_rounds: int = 1
     kvpress_python: str | None = None
     threads: int | None = None
     seed: int = 0
@@ -115,6 +120,8 @@ class BenchConfig:
             raise ValueError(f"batch sizes must be >= 1, got {self.batch_sizes}")
         if any(d < 1 for d in self.reuse_depths):
             raise ValueError(f"reuse depths must be >= 1, got {self.reuse_depths}")
+        if isinstance(self.peer_rounds, bool) or not isinstance(self.peer_rounds, int) or self.peer_rounds < 1:
+            raise ValueError(f"peer rounds must be an int >= 1 (kvpress runs, alternated with ours), got {self.peer_rounds!r}")
 
 
 # --- configurations -----------------------------------------------------------------------------
@@ -405,8 +412,15 @@ class Bench:
         decode = len(cfg.contexts) * len(cfg.batch_sizes) * (1 + len(cfg.decode_fractions))
         e2e = sum(runnable(_e2e_plan(cfg), n_in) * (1 + (cfg.e2e_repeats or cfg.repeats)) for n_in, _ in cfg.e2e)
         memory = len(cfg.contexts) + 1 if cfg.memory else 0  # one step per context, one for the scaling points
+        peers = 1 if cfg.peers else 0
+        if cfg.peers and cfg.peer_rounds > 1:  # each later round times our compared configurations again
+            from .peers import compared
+
+            contexts, names = compared(cfg)
+            timed = sum(runnable([e for e in entries if e.name in names], c) for c in contexts if c in cfg.contexts)
+            peers += (cfg.peer_rounds - 1) * cfg.repeats * timed
         # warm-up, prefill, decode, e2e, scaling, peers, memory
-        return 1 + prefill + decode + e2e + 1 + (1 if cfg.peers else 0) + memory
+        return 1 + prefill + decode + e2e + 1 + peers + memory
 
     def _check_positions(self) -> None:
         """Refuse, before anything runs, a context that decoding would take past the model's positions
@@ -528,38 +542,16 @@ class Bench:
                 "kept_per_layer": [ctx.cache.stored_lengths()[i] for i in ctx.cache.pruned_layers],
                 "scored_layers": len(ctx.stats.scored_layers),
                 **cache_summary(ctx.cache, self.info, 1),
-                "_prefill": [],
-                "_compress": [],
             }
             rows[e.name] = row
             del ctx
             self.progress.step(f"prefill {context} {e.name} (untimed)")
-        # 2. timed runs, interleaved; on CUDA prefill time comes from runs without measure (no syncs)
-        separate = self.device.type == "cuda"
-        for r in range(cfg.repeats):
-            for e in runnable:
-                row = rows[e.name]
-                if separate:
-                    ctx = self._compress(ids, e.method, measure=False)
-                    row["_prefill"].append(ctx.stats.prefill_seconds)
-                    del ctx
-                ctx = self._compress(ids, e.method, measure=True)
-                if not separate:
-                    row["_prefill"].append(ctx.stats.prefill_seconds)
-                row["_compress"].append(ctx.stats.select_seconds)
-                if r == cfg.repeats - 1:
-                    row["decode"] = self._decode(ctx, 1, with_bound=e.compressed)
-                del ctx
-                self.progress.step(f"prefill {context} {e.name} #{r + 1}")
-        self._bounds.clear()
+        self._timed_runs(ids, runnable, rows, f"prefill {context}")
         full = rows["full"]
-        full_prefill = stats_dict(full["_prefill"], 1.0, 5)["median"]
+        full_prefill = full["prefill_s"]["median"]
         reuse1 = rows.get("chunkkv")
         for e in runnable:
             row = rows[e.name]
-            row["prefill_s"] = stats_dict(row.pop("_prefill"), 1.0, 5)
-            compress_samples = row.pop("_compress")
-            row["compress_ms"] = stats_dict(compress_samples, 1e3, 4) if e.compressed else None
             row["prefill_vs_full"] = round(row["prefill_s"]["median"] / full_prefill, 4)
             if e.compressed:
                 row["compress_share_of_prefill"] = round(
@@ -583,6 +575,45 @@ class Bench:
                         "compress_share_of_prefill": row["compress_share_of_prefill"],
                         "prefill_s": row["prefill_s"],
                     })
+
+    def _timed_runs(self, ids: torch.Tensor, runnable: list[Entry], rows: dict[str, dict[str, Any]],
+                    label: str) -> None:
+        """Timed prefills of every configuration, interleaved, ``repeats`` times; the last one's cache
+        is decoded (timed with its bound). Sets each row's ``prefill_s``, ``compress_ms`` and ``decode``."""
+        cfg = self.cfg
+        # on CUDA prefill time comes from runs without measure (no syncs)
+        separate = self.device.type == "cuda"
+        samples = {e.name: ([], []) for e in runnable}
+        for r in range(cfg.repeats):
+            for e in runnable:
+                prefill, compress = samples[e.name]
+                if separate:
+                    ctx = self._compress(ids, e.method, measure=False)
+                    prefill.append(ctx.stats.prefill_seconds)
+                    del ctx
+                ctx = self._compress(ids, e.method, measure=True)
+                if not separate:
+                    prefill.append(ctx.stats.prefill_seconds)
+                compress.append(ctx.stats.select_seconds)
+                if r == cfg.repeats - 1:
+                    rows[e.name]["decode"] = self._decode(ctx, 1, with_bound=e.compressed)
+                del ctx
+                self.progress.step(f"{label} {e.name} #{r + 1}")
+        self._bounds.clear()
+        for e in runnable:
+            prefill, compress = samples[e.name]
+            rows[e.name]["prefill_s"] = stats_dict(prefill, 1.0, 5)
+            rows[e.name]["compress_ms"] = stats_dict(compress, 1e3, 4) if e.compressed else None
+
+    def peer_round(self, context: int, names: set[str]) -> dict[str, dict[str, Any]]:
+        """Our side of one more kvpress round: the configurations ``names`` timed again at ``context``
+        as the prefill section times them (rows keyed by configuration, as in ``result["prefill"]``)."""
+        done = {r["config"]: r for r in self.result["prefill"] if r["context"] == context}
+        entries = [e for e in prefill_entries(self.cfg, with_presets=True) if e.name in names and e.name in done]
+        rows = {e.name: {"context": context, "config": e.name, "kept_per_layer": done[e.name]["kept_per_layer"]}
+                for e in entries}
+        self._timed_runs(self.prompts.get(context, 1), entries, rows, f"peer round {context}")
+        return rows
 
     def _decode_section(self) -> None:
         cfg = self.cfg
