@@ -96,6 +96,7 @@ def run_peers(bench, log: Callable[[str], None]) -> dict[str, Any]:
             cases.append({"name": f"{press}-{c}", "press": press, "compression_ratio": ratio, "input_ids": ids})
     info = bench.info
     rounds: list[list[dict[str, Any]]] = []
+    first: dict[str, Any] = {}  # the first round's output: versions and raw cases
     with tempfile.TemporaryDirectory(prefix="chunkkv-bench-peers-") as tmp_name:
         tmp = Path(tmp_name)
         folder = _model_folder(bench, tmp)
@@ -142,7 +143,7 @@ def run_peers(bench, log: Callable[[str], None]) -> dict[str, Any]:
     }
     for case in first["cases"]:  # the first round's raw cases (kept tokens, decode lengths)
         slim = {k: v for k, v in case.items() if k not in ("kept",)}
-        slim["context"] = len(next(x for x in cases if x["name"] == case["name"])["input_ids"][0])
+        slim["context"] = _context_of(case, cases)
         result["cases"].append(slim)
     return result
 
@@ -158,9 +159,13 @@ def _theirs(out: dict[str, Any], cases: list[dict[str, Any]]) -> dict[tuple[str,
     theirs = {}
     for case in out["cases"]:
         if "error" not in case:
-            c = len(next(x for x in cases if x["name"] == case["name"])["input_ids"][0])
-            theirs[(case["press"], c)] = case
+            theirs[(case["press"], _context_of(case, cases))] = case
     return theirs
+
+
+def _context_of(case: dict[str, Any], cases: list[dict[str, Any]]) -> int:
+    """The prompt length of one of kvpress's cases (by its name in the cases we sent)."""
+    return len(next(x for x in cases if x["name"] == case["name"])["input_ids"][0])
 
 
 def _compare(ours: dict[tuple[str, int], dict[str, Any]], theirs: dict[tuple[str, int], dict[str, Any]],
