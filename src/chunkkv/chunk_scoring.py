@@ -53,6 +53,7 @@ def chunkable(scorer: Scorer) -> bool:
 #: logits) are materialised, so a block keeps them within one chunk's activations, the memory bound's
 #: window-score term, whatever the chunk size.
 SCORE_QUERIES = 32
+PER_PASS_MEAN = False
 
 
 class _CopySession:
@@ -193,7 +194,12 @@ class RunningScores:
             for i in layers:  # each held token's best copy score, by its prompt position
                 slots = cache.layers[i].slot_positions()[:, 0, :]
                 # fillers point at position 0 with score 0: harmless under a max
-                self.copy[spec].scatter_reduce_(1, slots, session.scores[i].amax(dim=1), "amax")
+                got = session.scores[i].amax(dim=1)
+                if PER_PASS_MEAN:
+                    own = slots >= lo
+                    mean = (got * own).sum(-1, keepdim=True) / own.sum(-1, keepdim=True).clamp(min=1)
+                    got = got / mean.clamp(min=1e-12)
+                self.copy[spec].scatter_reduce_(1, slots, got, "amax")
         self.seconds += time.perf_counter() - start_time
 
     # --- what a layer's re-selection sees --------------------------------------------------------

@@ -82,6 +82,8 @@ class GridSpec:
     # one-shot, the prompt's last token fed after the compression: the first answer token then comes
     # from the compressed cache, as in a chunked prefill, not from the full prefill's last position
     refed: bool = False
+    # question-agnostic chunked: each copy pass's scores over their mean on the chunk's own tokens (experiment)
+    ppm: bool = False
 
     @property
     def key(self) -> str:
@@ -110,6 +112,8 @@ class GridSpec:
             parts.append(f"res{self.reserve:g}")
         if self.refed:
             parts.append("refed")
+        if self.ppm:
+            parts.append("ppm")
         return "/".join(parts)
 
     def build(self, window: int, boundary_ids: frozenset[int] | None, tokenizer=None):
@@ -253,8 +257,11 @@ def run_sample(model, tokenizer, sample: RealSample, specs: list[GridSpec], *, w
             t2 = time.perf_counter()
             # a question-agnostic row compresses the context alone; the question is fed after it
             prompt = ids[:, :len(context_ids)] if spec.agnostic else ids
+            import chunkkv.chunk_scoring as _cs
+            _cs.PER_PASS_MEAN = spec.ppm
             ctx = compress(model, prompt, method=method, prefill_chunk=spec.prefill_chunk, lookahead=spec.lookahead,
                            reserve=spec.reserve or 1.0, tokenizer=tokenizer, chat_template=True)
+            _cs.PER_PASS_MEAN = False
             prefill_s = time.perf_counter() - t2
         else:
             ctx = compress_from_capture(prefix if spec.agnostic else capture, method, share_scores=not spec.timed)
@@ -423,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--h2o-lengths", default="1024,2048", help="lengths where H2O runs ('' = none)")
     parser.add_argument("--full-only", action="store_true", help="only the full cache (task calibration)")
     parser.add_argument("--grid", choices=["budgets", "chunked", "chunked-lookahead", "numbers", "reserve",
-                                           "agnostic-last", "refed"], default="budgets",
+                                           "agnostic-last", "refed", "ppm"], default="budgets",
                         help="budgets: every method and budget (issue 10); chunked: ChunkKV one-shot vs chunked "
                              "prefill C=256/512/1024 at KV 128 and 10 %% (issue 11); issue 24: chunked-lookahead "
                              "(the look-ahead and the question-agnostic default in chunks), reserve, numbers "
@@ -474,6 +481,10 @@ def main(argv: list[str] | None = None) -> int:
         specs = [GridSpec("chunked", "full")] + [
             GridSpec("chunked", "chunkkv", chunk_size=10, reuse_depth=1, refed=True, **b)
             for b in ({"keep_tokens": 128}, {"keep_fraction": 0.1})]
+    elif args.grid == "ppm":  # issue 24: the chunked default, each copy pass over its chunk's mean
+        specs = [GridSpec("chunked", "full")] + [
+            GridSpec("chunked", "chunkkv", keep_fraction=0.2, agnostic=True, scoring="default", prefill_chunk=c,
+                     ppm=True) for c in agnostic_chunks]
     else:
         specs = default_specs(num_layers)
     out = Path(args.out)
