@@ -450,6 +450,24 @@ def test_agnostic_chunked_surprisal_is_each_tokens_nll_given_what_is_held(llama)
         assert (keep == 100) == torch.allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
+def test_agnostic_chunked_copy_pass_is_taken_over_its_chunks_mean(llama):
+    """Each chunk's copy pass is scaled to mean 1 over the chunk's own real tokens (padded rows
+    included), so the last chunk, scored by its pass alone, averages exactly 1 in every row."""
+    from chunkkv.chunk_scoring import RunningScores
+    from chunkkv.inline import prefill_inline
+
+    _, ids, mask = left_padded((100, 61, 83))
+    method = ChunkKV(keep_tokens=40, window=6, scoring="shallow_reconstruction")
+    running = RunningScores(llama, method.scorer, ids, mask, lambda _text: INSTRUCTION, [0, 1, 2, 3])
+    prefill_inline(llama, ids, mask, method, [100, 61, 83], prefill_chunk=16, running=running)
+    copy = next(iter(running.copy.values()))
+    last = mask.clone()
+    last[:, :-16] = 0  # the last chunk's real tokens
+    mean = (copy * last).sum(-1) / last.sum(-1)
+    torch.testing.assert_close(mean, torch.ones(3), atol=1e-5, rtol=1e-5)
+    assert bool((copy[mask == 0] == 0).all())  # padding never scores
+
+
 def test_agnostic_chunked_padded_batch_equals_rows_alone(llama):
     rows, ids, mask = left_padded((100, 61, 83))
     method = AGNOSTIC["hybrid"]

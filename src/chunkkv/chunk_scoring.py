@@ -10,8 +10,10 @@ bytes a token, not K/V):
   the layers hold — the one-shot value until something is dropped;
 * **shallow reconstruction** runs per chunk, on a fork of what the layers hold (kept tokens + the
   chunk): the instruction, then the chunk's tokens repeated, through the first quarter of the
-  compressed layers. Each held token's copy score is the largest attention it has received in any
-  chunk's pass so far (earlier tokens can still rise when a later chunk copies them).
+  compressed layers. Each pass's attention is taken over its mean on the chunk's own tokens (a pass's
+  level follows what it competes with, not what the tokens are worth), and each held token's copy
+  score is the largest it has received in any chunk's pass so far (earlier tokens can still rise
+  when a later chunk copies them).
 
 After every chunk (the last included) each layer re-selects over everything it holds with these
 scores, normalised over what it holds (Combined's row maximum), so the budget is shared by all the
@@ -53,7 +55,6 @@ def chunkable(scorer: Scorer) -> bool:
 #: logits) are materialised, so a block keeps them within one chunk's activations, the memory bound's
 #: window-score term, whatever the chunk size.
 SCORE_QUERIES = 32
-PER_PASS_MEAN = False
 
 
 class _CopySession:
@@ -193,13 +194,15 @@ class RunningScores:
                         pass
             for i in layers:  # each held token's best copy score, by its prompt position
                 slots = cache.layers[i].slot_positions()[:, 0, :]
-                # fillers point at position 0 with score 0: harmless under a max
                 got = session.scores[i].amax(dim=1)
-                if PER_PASS_MEAN:
-                    own = slots >= lo
-                    mean = (got * own).sum(-1, keepdim=True) / own.sum(-1, keepdim=True).clamp(min=1)
-                    got = got / mean.clamp(min=1e-12)
-                self.copy[spec].scatter_reduce_(1, slots, got, "amax")
+                # Each pass over its mean on the chunk's own real tokens: a pass's level follows what it
+                # competes with (what is held, the chunk's length), not what the tokens are worth, and
+                # unscaled it ranked whole chunks by when they came (studies/memory, issue 24).
+                own = (slots >= lo) & self.attention_mask.gather(1, slots).bool()
+                count = own.sum(-1, keepdim=True)
+                level = torch.where(count > 0, (got * own).sum(-1, keepdim=True) / count.clamp(min=1), 1.0)
+                # fillers point at position 0 with score 0: harmless under a max
+                self.copy[spec].scatter_reduce_(1, slots, got / level.clamp(min=1e-12), "amax")
         self.seconds += time.perf_counter() - start_time
 
     # --- what a layer's re-selection sees --------------------------------------------------------

@@ -482,7 +482,8 @@ def main(argv: list[str] | None = None) -> int:
             GridSpec("chunked", "chunkkv", chunk_size=10, reuse_depth=1, refed=True, **b)
             for b in ({"keep_tokens": 128}, {"keep_fraction": 0.1})]
     elif args.grid == "ppm":  # issue 24: the chunked default, each copy pass over its chunk's mean
-        specs = [GridSpec("chunked", "full")] + [
+        specs = [GridSpec("chunked", "full"),
+                 GridSpec("chunked", "chunkkv", keep_fraction=0.2, agnostic=True, scoring="default")] + [
             GridSpec("chunked", "chunkkv", keep_fraction=0.2, agnostic=True, scoring="default", prefill_chunk=c,
                      ppm=True) for c in agnostic_chunks]
     else:

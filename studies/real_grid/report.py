@@ -375,6 +375,12 @@ LOOKAHEAD_NAMES = {
 }
 
 
+AGNOSTIC_NAMES = {
+    "osp": "copy passes at one-shot's positions",
+    "ppm": "each copy pass over its chunk's mean",
+}
+
+
 def _paired_cells(index: dict, spec: str, base: str, lengths: list[int]) -> list[str]:
     """Paired differences of ``spec`` against ``base`` on the same samples: per length, then pooled."""
     cells = []
@@ -421,6 +427,9 @@ def chunked_markdown(records: list[dict[str, Any]], model: str) -> str:
             chunked = spec.replace("/qa/", f"/qa/p{c}/")
             if chunked in specs:
                 rows.append((label, f"question-agnostic default, C = {c}", chunked))
+            for variant in sorted(x for x in specs if x.startswith(f"{chunked}/")):
+                rows.append((label, f"question-agnostic default, C = {c}, "
+                             + AGNOSTIC_NAMES.get(variant.split(f"{chunked}/", 1)[1], variant), variant))
     by = defaultdict(list)
     for r in records:
         by[(r["spec"], r["task"], r["L"])].append(r)
