@@ -82,7 +82,8 @@ class GridSpec:
     # one-shot, the prompt's last token fed after the compression: the first answer token then comes
     # from the compressed cache, as in a chunked prefill, not from the full prefill's last position
     refed: bool = False
-    # question-agnostic chunked: each copy pass's scores over their mean on the chunk's own tokens (experiment)
+    # question-agnostic chunked, each copy pass over its mean on the chunk's own tokens: the library's scoring
+    # since 8bac4cf; the key keeps these records apart from the chunked ones made before it
     ppm: bool = False
 
     @property
@@ -257,11 +258,8 @@ def run_sample(model, tokenizer, sample: RealSample, specs: list[GridSpec], *, w
             t2 = time.perf_counter()
             # a question-agnostic row compresses the context alone; the question is fed after it
             prompt = ids[:, :len(context_ids)] if spec.agnostic else ids
-            import chunkkv.chunk_scoring as _cs
-            _cs.PER_PASS_MEAN = spec.ppm
             ctx = compress(model, prompt, method=method, prefill_chunk=spec.prefill_chunk, lookahead=spec.lookahead,
                            reserve=spec.reserve or 1.0, tokenizer=tokenizer, chat_template=True)
-            _cs.PER_PASS_MEAN = False
             prefill_s = time.perf_counter() - t2
         else:
             ctx = compress_from_capture(prefix if spec.agnostic else capture, method, share_scores=not spec.timed)
@@ -435,7 +433,8 @@ def main(argv: list[str] | None = None) -> int:
                              "prefill C=256/512/1024 at KV 128 and 10 %% (issue 11); issue 24: chunked-lookahead "
                              "(the look-ahead and the question-agnostic default in chunks), reserve, numbers "
                              "(whole numbers), refed (one-shot, first answer token from the compressed cache), "
-                             "agnostic-last (the default with a last-layer-only shallow pass)")
+                             "agnostic-last (the default with a last-layer-only shallow pass), ppm (the default one-shot "
+                             "and chunked, each chunk's copy pass over its mean: the library's since 8bac4cf)")
     parser.add_argument("--lookahead-chunks", default="512,1024",
                         help="chunked-lookahead grid: look-ahead prefill chunk sizes ('' = none; default 512,1024)")
     parser.add_argument("--agnostic-chunks", default="1024",
@@ -481,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
         specs = [GridSpec("chunked", "full")] + [
             GridSpec("chunked", "chunkkv", chunk_size=10, reuse_depth=1, refed=True, **b)
             for b in ({"keep_tokens": 128}, {"keep_fraction": 0.1})]
-    elif args.grid == "ppm":  # issue 24: the chunked default, each copy pass over its chunk's mean
+    elif args.grid == "ppm":  # issue 24: the question-agnostic default one-shot and chunked, as the library runs it now
         specs = [GridSpec("chunked", "full"),
                  GridSpec("chunked", "chunkkv", keep_fraction=0.2, agnostic=True, scoring="default")] + [
             GridSpec("chunked", "chunkkv", keep_fraction=0.2, agnostic=True, scoring="default", prefill_chunk=c,

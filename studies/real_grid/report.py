@@ -377,7 +377,7 @@ LOOKAHEAD_NAMES = {
 
 AGNOSTIC_NAMES = {
     "osp": "copy passes at one-shot's positions",
-    "ppm": "each copy pass over its chunk's mean",
+    "ppm": "each copy pass over its chunk's mean (the library's now)",
 }
 
 
