@@ -28,7 +28,7 @@ from chunkkv.pipeline import compress_from_capture
 from chunkkv.plan import chunk_bounds
 from chunkkv.pretrained import load_pretrained
 from chunkkv.prompting import instructions
-from chunkkv.scorers import ReconstructionScorer, SurprisalScorer
+from chunkkv.scorers import SHALLOW_SINK, ReconstructionScorer, SurprisalScorer
 from chunkkv.scoring import first_token_surprisal
 
 from ..real_grid.grid import _span_tokens
@@ -36,10 +36,10 @@ from ..real_grid.tasks import context_split, make_samples, render
 
 
 def _per_chunk(row: torch.Tensor, bounds: list[int], needle: list[int]) -> str:
-    """Chunk means and the needle's mean of ``row`` over its maximum (the first 4 tokens, the chat
-    template's head that the default keeps by force, left out of the means)."""
+    """Chunk means and the needle's mean of ``row`` over its maximum (each chunk's first
+    ``SHALLOW_SINK`` tokens left out: in the first chunk, the head the default keeps by force)."""
     top = row.max()
-    means = [f"{float(row[lo + 4:hi].mean() / top):.3f}" for lo, hi in zip(bounds, bounds[1:])]
+    means = [f"{float(row[lo + SHALLOW_SINK:hi].mean() / top):.3f}" for lo, hi in zip(bounds, bounds[1:])]
     return f"chunks {' '.join(means)} | needle {float(row[needle].mean() / top):.3f}" if needle else " ".join(means)
 
 
