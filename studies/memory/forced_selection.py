@@ -1,0 +1,147 @@
+"""Is the chunked prefill's loss at KV 128 its selection or its states? (issue 24)
+
+For each sample of the real-model grid (``task:length:index``, seed 0, the whole prompt: context and
+question, query-aware) three caches answer:
+
+* **one-shot**: ChunkKV compressing the full prefill (the grid's ``chunkkv/t128/c10/r1`` row);
+* **chunked**: the chunked prefill with the look-ahead (``.../p1024/lamax``): its own selection, and
+  keys and values computed over what was held;
+* **forced**: the one-shot prefill's keys and values (and its last logits), pruned on every layer to
+  exactly the positions the chunked run kept.
+
+If *forced* answers as one-shot does, the chunked run chose well and lost the answer in its states
+(each chunk attends over what is held, not the whole prompt), which no selection can fix; if it
+answers as *chunked* does, the loss is in the selection.
+
+    python -m studies.memory.forced_selection --plan "4096:niah_paper,niah_nl,multikey:8" \\
+        --out studies/memory/results/forced_selection.jsonl
+    python -m studies.memory.forced_selection --report studies/memory/results/forced_selection.jsonl
+
+Records are appended per sample; a rerun skips the samples already there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from chunkkv.capture import capture_prefill
+from chunkkv.evaluation.metrics import wilson_interval
+from chunkkv.generation import Sampling, continue_from
+from chunkkv.methods import make_method
+from chunkkv.pipeline import compress, compress_from_capture
+from chunkkv.pretrained import load_pretrained
+from chunkkv.prompting import instructions
+
+from ..real_grid.grid import MAX_NEW, GridSpec, _span_tokens
+from ..real_grid.report import paired_difference
+from ..real_grid.tasks import context_split, make_samples, render, score_prediction
+
+WINDOW = 32
+
+
+def _needle_layers(ctx, needle: list[int]) -> float:
+    """Share of the compressed layers that kept every needle token."""
+    layers = ctx.cache.pruned_layers
+    whole = [all(p in set(ctx.kept_positions(i).tolist()) for p in needle) for i in layers]
+    return round(sum(whole) / len(layers), 3)
+
+
+def run_sample(model, tokenizer, task: str, length: int, index: int, budget: dict, chunk: int) -> dict:
+    sample = make_samples(tokenizer, task, length, index + 1, seed=0)[index]
+    context_ids, question_ids = context_split(tokenizer, sample)
+    ids = torch.tensor([context_ids + question_ids])
+    width = ids.shape[1]
+    needle = _span_tokens(tokenizer, render(tokenizer, sample.context, sample.question, sample.prefix),
+                          sample.reference)
+    one_spec = GridSpec("chunked", "chunkkv", chunk_size=10, reuse_depth=1, **budget)
+    chunk_spec = GridSpec("chunked", "chunkkv", chunk_size=10, reuse_depth=1, prefill_chunk=chunk, lookahead=True,
+                          **budget)
+    t0 = time.perf_counter()
+    chunked = compress(model, ids, method=chunk_spec.build(WINDOW, None, tokenizer), prefill_chunk=chunk,
+                       lookahead=True, tokenizer=tokenizer, chat_template=True)
+    capture = capture_prefill(model, ids, window=WINDOW + len(question_ids), surprisal=False,
+                              instructions=instructions(tokenizer, chat=True))
+    one_shot = compress_from_capture(capture, one_spec.build(WINDOW, None, tokenizer))
+    forced = compress_from_capture(capture, make_method("full"))
+    # the context's own cache (``ctx.cache`` is a fresh fork per access); a full cache's slots are the
+    # prompt positions, so the chunked run's kept positions index it directly
+    held = chunked.cache
+    for i in held.pruned_layers:
+        forced._cache.layers[i].prune(held.layers[i].kept_index, held.layers[i].valid)
+    eos = tokenizer.eos_token_id
+    sampling = Sampling(max_new_tokens=MAX_NEW.get(task, 24), eos_token_id=eos, pad_token_id=eos)
+    record = {"task": task, "length": length, "index": index, "budget": budget, "chunk": chunk,
+              "prompt_tokens": width}
+    for name, ctx in (("one_shot", one_shot), ("chunked", chunked), ("forced", forced)):
+        toks = continue_from(model, ctx, None, sampling)[0].tolist()
+        if eos in toks:
+            toks = toks[: toks.index(eos)]
+        pred = tokenizer.decode(toks, skip_special_tokens=True)
+        record[name] = {"prediction": pred, "score": score_prediction(sample, pred)["score"],
+                        "needle_layers": _needle_layers(ctx, needle)}
+    record["seconds"] = round(time.perf_counter() - t0, 1)
+    return record
+
+
+def report(path: Path) -> str:
+    rows = [json.loads(line) for line in path.open(encoding="utf-8")]
+    lines = []
+    for key in sorted({json.dumps(r["budget"], sort_keys=True) + f" C={r['chunk']} L={r['length']}" for r in rows}):
+        group = [r for r in rows if json.dumps(r["budget"], sort_keys=True) + f" C={r['chunk']} L={r['length']}" == key]
+        n = len(group)
+        lines.append(f"{key}: n = {n}")
+        for name in ("one_shot", "chunked", "forced"):
+            hits = [float(r[name]["score"] >= 1.0) for r in group]
+            lo, hi = wilson_interval(sum(hits), n)
+            layers = sum(r[name]["needle_layers"] for r in group) / n
+            lines.append(f"  {name:8s} {sum(hits):.0f}/{n} = {100 * sum(hits) / n:.1f} % ({100 * lo:.0f}-{100 * hi:.0f}); "
+                         f"needle whole on {layers:.2f} of the layers")
+        for ref, other in (("one_shot", "forced"), ("chunked", "forced"), ("one_shot", "chunked")):
+            pairs = [(float(r[ref]["score"] >= 1.0), float(r[other]["score"] >= 1.0)) for r in group]
+            lines.append(f"  {other} against {ref}: {paired_difference(pairs)}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--plan", default="4096:niah_paper,niah_nl,multikey:8", help="LENGTH:TASKS:N;...")
+    parser.add_argument("--keep-tokens", type=int, default=128)
+    parser.add_argument("--chunk", type=int, default=1024)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="studies/memory/results/forced_selection.jsonl")
+    parser.add_argument("--report", help="print the table of this records file and exit")
+    args = parser.parse_args(argv)
+    if args.report:
+        print(report(Path(args.report)))
+        return 0
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_pretrained("smollm2", dtype=torch.float32, device="cpu")
+    out = Path(args.out)
+    budget = {"keep_tokens": args.keep_tokens}
+    done = set()
+    if out.exists():
+        done = {(r["task"], r["length"], r["index"], json.dumps(r["budget"], sort_keys=True), r["chunk"])
+                for r in map(json.loads, out.open(encoding="utf-8"))}
+    for item in args.plan.split(";"):
+        length, tasks, n = item.split(":")
+        for index in range(int(n)):
+            for task in tasks.split(","):
+                key = (task, int(length), index, json.dumps(budget, sort_keys=True), args.chunk)
+                if key in done:
+                    continue
+                record = run_sample(model, tokenizer, task, int(length), index, budget, args.chunk)
+                with out.open("a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+                print(f"{task} {length} #{index}: " + ", ".join(
+                    f"{k} {record[k]['score']:.2f}" for k in ("one_shot", "chunked", "forced")) +
+                      f" ({record['seconds']} s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
