@@ -91,8 +91,12 @@ def run_sample(model, tokenizer, task: str, length: int, index: int, budget: dic
 def report(path: Path) -> str:
     rows = [json.loads(line) for line in path.open(encoding="utf-8")]
     lines = []
-    for key in sorted({json.dumps(r["budget"], sort_keys=True) + f" C={r['chunk']} L={r['length']}" for r in rows}):
-        group = [r for r in rows if json.dumps(r["budget"], sort_keys=True) + f" C={r['chunk']} L={r['length']}" == key]
+    def cell(r: dict, length: bool) -> str:
+        return json.dumps(r["budget"], sort_keys=True) + f" C={r['chunk']}" + (f" L={r['length']}" if length else " all lengths")
+
+    keys = sorted({cell(r, True) for r in rows} | {cell(r, False) for r in rows})
+    for key in keys:
+        group = [r for r in rows if key in (cell(r, True), cell(r, False))]
         n = len(group)
         lines.append(f"{key}: n = {n}")
         for name in ("one_shot", "chunked", "forced"):
@@ -110,7 +114,9 @@ def report(path: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--plan", default="4096:niah_paper,niah_nl,multikey:8", help="LENGTH:TASKS:N;...")
-    parser.add_argument("--keep-tokens", type=int, default=128)
+    budgets = parser.add_mutually_exclusive_group()
+    budgets.add_argument("--keep-tokens", type=int, help="the budget in tokens a layer (default 128)")
+    budgets.add_argument("--keep-fraction", type=float, help="the budget as the share of the prompt kept")
     parser.add_argument("--chunk", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="studies/memory/results/forced_selection.jsonl")
@@ -122,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     model, tokenizer = load_pretrained("smollm2", dtype=torch.float32, device="cpu")
     out = Path(args.out)
-    budget = {"keep_tokens": args.keep_tokens}
+    budget = ({"keep_fraction": args.keep_fraction} if args.keep_fraction is not None
+              else {"keep_tokens": args.keep_tokens or 128})
     done = set()
     if out.exists():
         done = {(r["task"], r["length"], r["index"], json.dumps(r["budget"], sort_keys=True), r["chunk"])
