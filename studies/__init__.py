@@ -20,3 +20,11 @@ def shown(path: Path) -> str:
         return str(Path(path).resolve().relative_to(ROOT))
     except ValueError:
         return str(path)
+
+
+def emit(lines: list[str], out: str | Path | None = None) -> None:
+    """Print ``lines``, and append them to the file ``out`` when given."""
+    print("\n".join(lines), flush=True)
+    if out:
+        with Path(out).open("a", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")

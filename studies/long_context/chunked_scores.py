@@ -15,7 +15,6 @@ values pruned to exactly the positions the chunked run kept (chunked's selection
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 
@@ -31,6 +30,8 @@ from chunkkv.prompting import instructions
 from chunkkv.scorers import ReconstructionScorer, SurprisalScorer
 from chunkkv.scoring import first_token_surprisal
 
+from .. import emit
+from ..memory.forced_selection import pruned_like
 from .capture import capture_document
 from .grid import Spec, _decode, _spans
 from .tasks import MAX_NEW, make_document, score
@@ -55,7 +56,7 @@ def inspect(model, tokenizer, length: int, index: int, chunk: int) -> list[str]:
     kept_one = set(one_shot.kept_positions(first).tolist())
     copy_one = layer_scores(capture, parts[ReconstructionScorer.__name__], [first])[first][0, 0]
     surprisal_one = layer_scores(capture, parts[SurprisalScorer.__name__], [first])[first][0, 0]
-    forced = compress_from_capture(capture, make_method("full"))
+    full = compress_from_capture(capture, make_method("full"))
     del capture
 
     mask = torch.ones_like(ids)
@@ -65,11 +66,7 @@ def inspect(model, tokenizer, length: int, index: int, chunk: int) -> list[str]:
     kept_chunked = set(chunked.kept_positions(first).tolist())
     copy_chunked = next(iter(running.copy.values()))[0]
     surprisal_chunked = first_token_surprisal(running.nll, mask)[0]
-    # the context's own cache (``ctx.cache`` is a fresh fork per access); a full cache's slots are the
-    # prompt positions, so the chunked run's kept positions index it directly
-    held = chunked.cache
-    for i in held.pruned_layers:
-        forced._cache.layers[i].prune(held.layers[i].kept_index, held.layers[i].valid)
+    forced = pruned_like(full, chunked)
 
     bounds = chunk_bounds(width, chunk)
     lines = [f"Gemma 3 270M, {length} #{index}: {width} context tokens, chunks of {chunk}, question-agnostic default 10 %"]
@@ -109,11 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_pretrained("gemma3-270m", dtype=torch.float32, device="cpu")
     for spec in args.documents:
         length, index = (int(x) for x in spec.split(":"))
-        lines = inspect(model, tokenizer, length, index, args.chunk)
-        print("\n".join(lines), flush=True)
-        if args.out:
-            with Path(args.out).open("a", encoding="utf-8") as f:
-                f.write("\n".join(lines) + "\n")
+        emit(inspect(model, tokenizer, length, index, args.chunk), args.out)
     return 0
 
 

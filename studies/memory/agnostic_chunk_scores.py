@@ -14,7 +14,6 @@ tokens each mode keeps per chunk, the needle's tokens among them.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 
@@ -31,6 +30,7 @@ from chunkkv.prompting import instructions
 from chunkkv.scorers import SHALLOW_SINK, ReconstructionScorer, SurprisalScorer
 from chunkkv.scoring import first_token_surprisal
 
+from .. import emit
 from ..real_grid.grid import _span_tokens
 from ..real_grid.tasks import context_split, make_samples, render
 
@@ -96,11 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_pretrained(args.model, dtype=torch.float32, device="cpu")
     for spec in args.samples:
         task, length, index = spec.split(":")
-        lines = inspect(model, tokenizer, task, int(length), int(index), args.chunk, args.fraction)
-        print("\n".join(lines), flush=True)
-        if args.out:
-            with Path(args.out).open("a", encoding="utf-8") as f:
-                f.write("\n".join(lines) + "\n")
+        emit(inspect(model, tokenizer, task, int(length), int(index), args.chunk, args.fraction), args.out)
     return 0
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from chunkkv.capture import capture_prefill
+from chunkkv.context import CompressedContext
 from chunkkv.evaluation.metrics import wilson_interval
 from chunkkv.generation import Sampling, continue_from
 from chunkkv.methods import make_method
@@ -51,6 +52,16 @@ def _needle_layers(ctx, needle: list[int]) -> float:
     return round(sum(whole) / len(layers), 3)
 
 
+def pruned_like(full: CompressedContext, chosen: CompressedContext) -> CompressedContext:
+    """``full`` (a whole-prompt cache) pruned on every compressed layer to exactly the positions
+    ``chosen`` kept: ``chosen``'s selection over ``full``'s keys, values and last logits."""
+    cache, held = full.cache, chosen.cache  # forks: neither context changes
+    for i in held.pruned_layers:  # a full cache's slots are the prompt positions
+        cache.layers[i].prune(held.layers[i].kept_index, held.layers[i].valid)
+    return CompressedContext(cache, full.input_ids, full.attention_mask, full.next_logits, full.method, full.stats,
+                             full.source)
+
+
 def run_sample(model, tokenizer, task: str, length: int, index: int, budget: dict, chunk: int) -> dict:
     sample = make_samples(tokenizer, task, length, index + 1, seed=0)[index]
     context_ids, question_ids = context_split(tokenizer, sample)
@@ -67,12 +78,7 @@ def run_sample(model, tokenizer, task: str, length: int, index: int, budget: dic
     capture = capture_prefill(model, ids, window=WINDOW + len(question_ids), surprisal=False,
                               instructions=instructions(tokenizer, chat=True))
     one_shot = compress_from_capture(capture, one_spec.build(WINDOW, None, tokenizer))
-    forced = compress_from_capture(capture, make_method("full"))
-    # the context's own cache (``ctx.cache`` is a fresh fork per access); a full cache's slots are the
-    # prompt positions, so the chunked run's kept positions index it directly
-    held = chunked.cache
-    for i in held.pruned_layers:
-        forced._cache.layers[i].prune(held.layers[i].kept_index, held.layers[i].valid)
+    forced = pruned_like(compress_from_capture(capture, make_method("full")), chunked)
     eos = tokenizer.eos_token_id
     sampling = Sampling(max_new_tokens=MAX_NEW.get(task, 24), eos_token_id=eos, pad_token_id=eos)
     record = {"task": task, "length": length, "index": index, "budget": budget, "chunk": chunk,
