@@ -1,9 +1,10 @@
-"""Is the chunked prefill's loss at KV 128 its selection or its states? (issue 24)
+"""Is a chunked prefill's loss its selection or its states? (issue 24)
 
 For each sample of the real-model grid (``task:length:index``, seed 0, the whole prompt: context and
-question, query-aware) three caches answer:
+question, query-aware), at one budget (``--keep-tokens``, default 128, or ``--keep-fraction``) and
+chunk size (``--chunk``, default 1024), three caches answer:
 
-* **one-shot**: ChunkKV compressing the full prefill (the grid's ``chunkkv/t128/c10/r1`` row);
+* **one-shot**: ChunkKV compressing the full prefill (the grid's ``chunkkv/t128/c10/r1`` row at KV 128);
 * **chunked**: the chunked prefill with the look-ahead (``.../p1024/lamax``): its own selection, and
   keys and values computed over what was held;
 * **forced**: the one-shot prefill's keys and values (and its last logits), pruned on every layer to
@@ -48,7 +49,7 @@ WINDOW = 32
 def _needle_layers(ctx, needle: list[int]) -> float:
     """Share of the compressed layers that kept every needle token."""
     layers = ctx.cache.pruned_layers
-    whole = [all(p in set(ctx.kept_positions(i).tolist()) for p in needle) for i in layers]
+    whole = [set(needle) <= set(ctx.kept_positions(i).tolist()) for i in layers]
     return round(sum(whole) / len(layers), 3)
 
 
@@ -97,6 +98,7 @@ def run_sample(model, tokenizer, task: str, length: int, index: int, budget: dic
 def report(path: Path) -> str:
     rows = [json.loads(line) for line in path.open(encoding="utf-8")]
     lines = []
+
     def cell(r: dict, length: bool) -> str:
         return json.dumps(r["budget"], sort_keys=True) + f" C={r['chunk']}" + (f" L={r['length']}" if length else " all lengths")
 
