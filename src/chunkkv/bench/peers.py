@@ -221,10 +221,10 @@ def merge_rounds(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     for rows in rounds:
         for row in rows:
             key = (row["context"], row["ours"], row["theirs"])
-            into = merged.setdefault(key, {**row, **{f"{f}_rounds": [] for f in TIMED if f in row}})
+            into = merged.setdefault(key, dict(row))
             for f in TIMED:
                 if f in row:
-                    into[f"{f}_rounds"].append(row[f])
+                    into.setdefault(f"{f}_rounds", []).append(row[f])
     for row in merged.values():
         for f in TIMED:
             if f"{f}_rounds" in row:

@@ -55,6 +55,7 @@ from ..prompt import check_positions
 from ..scoring import Workspace
 from .measure import MemoryMeter, allocator_state, expected_kv_bytes, kv_bytes_per_layer, now, stats_dict
 from .models import DEFAULT_METHODS
+from .peers import compared, run_peers
 
 
 @dataclass
@@ -414,8 +415,6 @@ class Bench:
         memory = len(cfg.contexts) + 1 if cfg.memory else 0  # one step per context, one for the scaling points
         peers = 1 if cfg.peers else 0
         if cfg.peers and cfg.peer_rounds > 1:  # each later round times our compared configurations again
-            from .peers import compared
-
             contexts, names = compared(cfg)
             timed = sum(runnable([e for e in entries if e.name in names], c) for c in contexts if c in cfg.contexts)
             peers += (cfg.peer_rounds - 1) * cfg.repeats * timed
@@ -471,8 +470,6 @@ class Bench:
             self.progress.step("scaling")
             self.on_section(self.result)
             if peers_on:
-                from .peers import run_peers
-
                 self.result["peers"] = run_peers(self, self.log)
                 self.progress.step("peers")
                 self.on_section(self.result)
