@@ -18,19 +18,14 @@ import argparse
 
 import torch
 
-from chunkkv.cache import ChunkKVCache
-from chunkkv.capture import layer_scores
-from chunkkv.chunk_scoring import RunningScores
-from chunkkv.inline import prefill_inline
 from chunkkv.methods import make_method
 from chunkkv.pipeline import compress_from_capture
 from chunkkv.plan import chunk_bounds
 from chunkkv.pretrained import load_pretrained
 from chunkkv.prompting import instructions
-from chunkkv.scorers import ReconstructionScorer, SurprisalScorer
-from chunkkv.scoring import first_token_surprisal
 
 from .. import emit
+from ..memory.agnostic_chunk_scores import chunked_rows, one_shot_rows
 from ..memory.forced_selection import pruned_like
 from .capture import capture_document
 from .grid import Spec, _decode, _spans
@@ -48,24 +43,16 @@ def inspect(model, tokenizer, length: int, index: int, chunk: int) -> list[str]:
     spans = _spans(tokenizer, doc)
     method = Spec("chunkkv", keep_fraction=0.1, agnostic=True).build(tokenizer)
     asked = instructions(tokenizer, chat=False)
-    parts = {type(p).__name__: p for p, _w in method.scorer.parts}
 
     capture = capture_document(model, doc.context_ids, chunk=1024, window=64, surprisal=True, instructions=asked)
-    first = capture.cache.pruned_layers[0]  # the default's scores are one row for every layer
+    first, copy_one, surprisal_one = one_shot_rows(capture, method)
     one_shot = compress_from_capture(capture, method)
     kept_one = set(one_shot.kept_positions(first).tolist())
-    copy_one = layer_scores(capture, parts[ReconstructionScorer.__name__], [first])[first][0, 0]
-    surprisal_one = layer_scores(capture, parts[SurprisalScorer.__name__], [first])[first][0, 0]
     full = compress_from_capture(capture, make_method("full"))
     del capture
 
-    mask = torch.ones_like(ids)
-    running = RunningScores(model, method.scorer, ids, mask, asked,
-                            ChunkKVCache(model.config, prompt_length=width).pruned_layers, min(512, max(64, chunk // 4)))
-    chunked = prefill_inline(model, ids, mask, method, [width], prefill_chunk=chunk, running=running)
+    chunked, copy_chunked, surprisal_chunked = chunked_rows(model, ids, method, asked, chunk)
     kept_chunked = set(chunked.kept_positions(first).tolist())
-    copy_chunked = next(iter(running.copy.values()))[0]
-    surprisal_chunked = first_token_surprisal(running.nll, mask)[0]
     forced = pruned_like(full, chunked)
 
     bounds = chunk_bounds(width, chunk)

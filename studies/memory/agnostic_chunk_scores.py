@@ -21,6 +21,7 @@ from chunkkv.agnostic import agnostic_method
 from chunkkv.cache import ChunkKVCache
 from chunkkv.capture import capture_prefill, layer_scores
 from chunkkv.chunk_scoring import RunningScores
+from chunkkv.context import CompressedContext
 from chunkkv.inline import prefill_inline
 from chunkkv.methods import make_method
 from chunkkv.pipeline import compress_from_capture
@@ -49,6 +50,29 @@ def _kept(positions: torch.Tensor, bounds: list[int], needle: list[int]) -> str:
     return f"kept per chunk {per}, needle {sum(n in held for n in needle)}/{len(needle)}"
 
 
+def one_shot_rows(capture, method) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """The question-agnostic default's two score rows on a one-shot capture of one unpadded prompt:
+    ``(first compressed layer, copy [T], surprisal [T])`` (one row serves every layer)."""
+    first = capture.cache.pruned_layers[0]
+    parts = {type(p).__name__: p for p, _w in method.scorer.parts}
+    copy = layer_scores(capture, parts[ReconstructionScorer.__name__], [first])[first][0, 0]
+    surprisal = layer_scores(capture, parts[SurprisalScorer.__name__], [first])[first][0, 0]
+    return first, copy, surprisal
+
+
+def chunked_rows(model, ids: torch.Tensor, method, asked, chunk: int) -> tuple[CompressedContext, torch.Tensor,
+                                                                                 torch.Tensor]:
+    """The question-agnostic chunked prefill of one unpadded prompt as ``compress(..., prefill_chunk=chunk)``
+    runs it, with the running scores it ends on: ``(context, copy [T], surprisal [T])``."""
+    width = ids.shape[1]
+    mask = torch.ones_like(ids)
+    block = min(512, max(64, chunk // 4))  # compress's scoring block for this chunk size
+    running = RunningScores(model, method.scorer, ids, mask, asked,
+                            ChunkKVCache(model.config, prompt_length=width).pruned_layers, block)
+    ctx = prefill_inline(model, ids, mask, method, [width], prefill_chunk=chunk, running=running)
+    return ctx, next(iter(running.copy.values()))[0], first_token_surprisal(running.nll, mask)[0]
+
+
 def inspect(model, tokenizer, task: str, length: int, index: int, chunk: int, fraction: float) -> list[str]:
     sample = make_samples(tokenizer, task, length, index + 1, seed=0)[index]
     context_ids, _ = context_split(tokenizer, sample)
@@ -59,18 +83,10 @@ def inspect(model, tokenizer, task: str, length: int, index: int, chunk: int, fr
     method = agnostic_method(make_method("chunkkv", keep_fraction=fraction), None, tokenizer)
     asked = instructions(tokenizer, chat=True)
     capture = capture_prefill(model, ids, window=method.window, surprisal=True, instructions=asked)
-    first = capture.cache.pruned_layers[0]  # the default's scores are one row for every layer
+    first, copy_one, surprisal_one = one_shot_rows(capture, method)
     one_shot = compress_from_capture(capture, method).cache.layers[first].slot_positions()[0, 0]
-    mask = torch.ones_like(ids)
-    running = RunningScores(model, method.scorer, ids, mask, asked,
-                            ChunkKVCache(model.config, prompt_length=width).pruned_layers, 256)
-    chunked = prefill_inline(model, ids, mask, method, [width], prefill_chunk=chunk, running=running)
+    chunked, copy_chunked, surprisal_chunked = chunked_rows(model, ids, method, asked, chunk)
     bounds = chunk_bounds(width, chunk)
-    parts = {type(p).__name__: p for p, _w in method.scorer.parts}
-    copy_one = layer_scores(capture, parts[ReconstructionScorer.__name__], [first])[first][0, 0]
-    surprisal_one = layer_scores(capture, parts[SurprisalScorer.__name__], [first])[first][0, 0]
-    copy_chunked = next(iter(running.copy.values()))[0]
-    surprisal_chunked = first_token_surprisal(running.nll, mask)[0]
     return [
         f"{task} {length} #{index}: {width} context tokens, needle at {needle[0] if needle else '-'}, "
         f"chunks {bounds}, ChunkKV {fraction:.0%} question-agnostic default",
