@@ -429,6 +429,32 @@ def test_agnostic_chunked_prefill_equals_full_forward_masked_over_time(llama, na
     torch.testing.assert_close(got, truth[:, 120:].to(got.dtype), atol=2e-5, rtol=1e-4)
 
 
+def test_hybrid_runs_as_hybrid_chunked_in_chunks_and_the_context_says_so(llama):
+    """In chunks the default's copy part counts CHUNKED_COPY_WEIGHT (one chunk's pass has little
+    contrast): the context's method names ``hybrid_chunked`` and keeps what that scoring keeps when
+    asked for by name; in one chunk ``hybrid`` stays; weights of one's own are kept as given."""
+    from dataclasses import replace
+
+    from chunkkv.scorers import CHUNKED_COPY_WEIGHT, SCORERS, Combined
+
+    ids = _prompt(seed=2)
+    method = AGNOSTIC["hybrid"]
+    ctx = chunkkv.compress(llama, ids, method=method, prefill_chunk=25, scoring_prompt=INSTRUCTION)
+    assert ctx.method.scoring == "hybrid_chunked" and "scoring=hybrid_chunked" in ctx.method.describe()
+    assert [w for _s, w in SCORERS["hybrid_chunked"].parts] == [CHUNKED_COPY_WEIGHT, 1.0]
+    named = chunkkv.compress(llama, ids, method=replace(method, scoring="hybrid_chunked"), prefill_chunk=25,
+                             scoring_prompt=INSTRUCTION)
+    for i in ctx.cache.pruned_layers:
+        assert torch.equal(ctx.kept_positions(i), named.kept_positions(i))
+    whole = chunkkv.compress(llama, ids, method=method, prefill_chunk=120, scoring_prompt=INSTRUCTION)
+    assert whole.method.scoring == "hybrid"  # one chunk: the one-shot pass, equal weights
+    (copy, _), (surprisal, _) = SCORERS["hybrid"].parts
+    own = Combined(((copy, 2.0), (surprisal, 1.0)))
+    mine = chunkkv.compress(llama, ids, method=replace(method, scoring=own), prefill_chunk=25,
+                            scoring_prompt=INSTRUCTION)
+    assert mine.method.scoring == own
+
+
 def test_agnostic_chunked_surprisal_is_each_tokens_nll_given_what_is_held(llama):
     """Surprisal is causal: chunk by chunk it is each token's NLL given what the layers hold, so
     before anything is dropped it is the one-shot value (padded rows included)."""

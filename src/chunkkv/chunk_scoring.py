@@ -15,6 +15,10 @@ bytes a token, not K/V):
   score is the largest it has received in any chunk's pass so far (earlier tokens can still rise
   when a later chunk copies them).
 
+In chunks ``"hybrid"`` runs as ``"hybrid_chunked"`` (:func:`in_chunks`): the copy part counts
+:data:`~chunkkv.scorers.CHUNKED_COPY_WEIGHT`, because one chunk's pass has far less contrast than
+the one-shot pass over the whole context, while surprisal is the same both ways.
+
 After every chunk (the last included) each layer re-selects over everything it holds with these
 scores, normalised over what it holds (Combined's row maximum), so the budget is shared by all the
 chunks seen: an early chunk is never evicted only for being early, and what no later chunk
@@ -32,11 +36,11 @@ import torch
 from .attention import compression_session
 from .cache import ChunkKVCache, PrunedLayer
 from .errors import PromptError, UnsupportedModelError
-from .scorers import Combined, Evidence, ReconstructionScorer, Scorer, ScoringPass, SurprisalScorer
+from .scorers import SCORERS, Combined, Evidence, ReconstructionScorer, Scorer, ScoringPass, SurprisalScorer
 from .scoring import first_token_surprisal, masked_attention_scores, max_attention_scores
 from .scoring_pass import ScoredEnough, scoring_tokens
 
-__all__ = ["RunningScores", "chunkable"]
+__all__ = ["RunningScores", "chunkable", "in_chunks"]
 
 
 def _leaves(scorer: Scorer) -> list[Scorer]:
@@ -49,6 +53,13 @@ def chunkable(scorer: Scorer) -> bool:
     """True when ``scorer`` can be kept chunk by chunk: surprisal, shallow reconstruction, their mix."""
     return all(isinstance(s, SurprisalScorer) or (isinstance(s, ReconstructionScorer) and s.depth is not None)
                for s in _leaves(scorer))
+
+
+def in_chunks(scoring: str | Scorer) -> str | Scorer:
+    """The scoring a chunked prefill runs for ``scoring``: ``"hybrid"`` becomes ``"hybrid_chunked"``
+    (its copy part down-weighted, see the module docstring); anything else stays as given (a
+    :class:`~chunkkv.scorers.Combined` of your own weights keeps them)."""
+    return "hybrid_chunked" if scoring == "hybrid" or scoring is SCORERS["hybrid"] else scoring
 
 
 #: Copy queries (and surprisal's tokens) scored at a time: their attention weights (vocabulary

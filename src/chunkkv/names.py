@@ -17,7 +17,7 @@ METHOD_NAMES = ("full", "streamingllm", "h2o", "snapkv", "pyramidkv", "chunkkv",
 #: Other spellings :func:`chunkkv.make_method` accepts (after lower-casing and dropping ``_`` and spaces).
 METHOD_ALIASES = {"streaming": "streamingllm", "fullkv": "full", "none": "full", "pyramid": "pyramidkv", "snap": "snapkv"}
 #: Every scoring name, in the order of :data:`chunkkv.scorers.SCORERS`.
-SCORING_NAMES = ("window", "reconstruction", "shallow_reconstruction", "probe", "surprisal", "hybrid")
+SCORING_NAMES = ("window", "reconstruction", "shallow_reconstruction", "probe", "surprisal", "hybrid", "hybrid_chunked")
 
 
 def canonical_method(name: str) -> str:

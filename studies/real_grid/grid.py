@@ -85,6 +85,9 @@ class GridSpec:
     # question-agnostic chunked, each copy pass over its mean on the chunk's own tokens: the library's scoring
     # since 8bac4cf; the key keeps these records apart from the chunked ones made before it
     ppm: bool = False
+    # question-agnostic chunked, "hybrid" run as "hybrid_chunked" (its copy part at 0.3): the library's since
+    # this key; keeps these records apart from the ppm ones made at full weight
+    hybrid_chunked: bool = False
 
     @property
     def key(self) -> str:
@@ -115,6 +118,8 @@ class GridSpec:
             parts.append("refed")
         if self.ppm:
             parts.append("ppm")
+        if self.hybrid_chunked:
+            parts.append("hc")
         return "/".join(parts)
 
     def build(self, window: int, boundary_ids: frozenset[int] | None, tokenizer=None):
@@ -268,7 +273,7 @@ def run_sample(model, tokenizer, sample: RealSample, specs: list[GridSpec], *, w
         info["select_seconds"] = round(ctx.stats.select_seconds, 4)
         if ctx.stats.scoring_seconds:
             info["scoring_seconds"] = round(ctx.stats.scoring_seconds, 3)
-        info["method_describe"] = method.describe()
+        info["method_describe"] = ctx.method.describe()  # what ran (a chunked "hybrid" runs as "hybrid_chunked")
         if prefill_s is not None:
             info["prefill_seconds"] = round(prefill_s, 3)
         rows["refed" if spec.refed else spec.agnostic].append((spec, ctx, info))
@@ -428,13 +433,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--h2o-lengths", default="1024,2048", help="lengths where H2O runs ('' = none)")
     parser.add_argument("--full-only", action="store_true", help="only the full cache (task calibration)")
     parser.add_argument("--grid", choices=["budgets", "chunked", "chunked-lookahead", "numbers", "reserve",
-                                           "agnostic-last", "refed", "ppm"], default="budgets",
+                                           "agnostic-last", "refed", "ppm", "hchunked"], default="budgets",
                         help="budgets: every method and budget (issue 10); chunked: ChunkKV one-shot vs chunked "
                              "prefill C=256/512/1024 at KV 128 and 10 %% (issue 11); issue 24: chunked-lookahead "
                              "(the look-ahead and the question-agnostic default in chunks), reserve, numbers "
                              "(whole numbers), refed (one-shot, first answer token from the compressed cache), "
                              "agnostic-last (the default with a last-layer-only shallow pass), ppm (the default one-shot "
-                             "and chunked, each chunk's copy pass over its mean: the library's since 8bac4cf)")
+                             "and chunked, each chunk's copy pass over its mean: the library's since 8bac4cf), hchunked (the same, "
+                             "hybrid in chunks as hybrid_chunked: the library's now)")
     parser.add_argument("--lookahead-chunks", default="512,1024",
                         help="chunked-lookahead grid: look-ahead prefill chunk sizes ('' = none; default 512,1024)")
     parser.add_argument("--agnostic-chunks", default="1024",
@@ -485,6 +491,11 @@ def main(argv: list[str] | None = None) -> int:
                  GridSpec("chunked", "chunkkv", keep_fraction=0.2, agnostic=True, scoring="default")] + [
             GridSpec("chunked", "chunkkv", keep_fraction=0.2, agnostic=True, scoring="default", prefill_chunk=c,
                      ppm=True) for c in agnostic_chunks]
+    elif args.grid == "hchunked":  # issue 24: the same, the copy part down-weighted in chunks (the library's now)
+        specs = [GridSpec("chunked", "full"),
+                 GridSpec("chunked", "chunkkv", keep_fraction=0.2, agnostic=True, scoring="default")] + [
+            GridSpec("chunked", "chunkkv", keep_fraction=0.2, agnostic=True, scoring="default", prefill_chunk=c,
+                     ppm=True, hybrid_chunked=True) for c in agnostic_chunks]
     else:
         specs = default_specs(num_layers)
     out = Path(args.out)
