@@ -48,6 +48,10 @@ def record_rows(model, tokenizer, length: int, index: int, path: Path) -> dict:
     doc = make_document(tokenizer, length, index, question_room=48 if length < 32768 else 256)  # as the grid
     ids = torch.tensor([doc.context_ids])
     method = Spec("chunkkv", keep_fraction=0.1, agnostic=True).build(tokenizer)
+    # equal weights, as before "hybrid_chunked": written (2, 2) so the run keeps them (compress turns the
+    # registered "hybrid" into "hybrid_chunked"); doubling both weights ranks exactly as (1, 1)
+    copy = ReconstructionScorer(depth=SHALLOW_DEPTH, sink=SHALLOW_SINK)
+    method = replace(method, scoring=Combined(((copy, 2.0), (SurprisalScorer(), 2.0))))
     ctx, copy, surprisal = chunked_rows(model, ids, method, instructions(tokenizer, chat=False), 2048)
     rows = {"ids": ids[0], "copy": copy, "surprisal": surprisal, "spans": _spans(tokenizer, doc),
             "kept": ctx.kept_positions(ctx.cache.pruned_layers[0])}
