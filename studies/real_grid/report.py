@@ -377,7 +377,8 @@ LOOKAHEAD_NAMES = {
 
 AGNOSTIC_NAMES = {
     "osp": "copy passes at one-shot's positions",
-    "ppm": "each copy pass over its chunk's mean (the library's now)",
+    "ppm": "each copy pass over its chunk's mean (the library's from 8bac4cf)",
+    "ppm/hc": "the same, run as hybrid_chunked: the copy part at 0.3 (the library's since ce56a16)",
 }
 
 
