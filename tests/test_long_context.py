@@ -120,5 +120,5 @@ def test_the_chunked_agnostic_row_never_captures_the_full_document(gemma, tmp_pa
     assert run_grid(model, tok, tmp_path, parse_plan("700:1"), [spec]) == 1
     records = [json.loads(x) for x in (tmp_path / "records.jsonl").read_text().splitlines()]
     assert sorted(r["qid"] for r in records) == list(range(5))
-    assert all(r["spec"] == spec.key and "scoring=hybrid" in r["method_describe"] for r in records)
+    assert all(r["spec"] == spec.key and "scoring=hybrid_chunked" in r["method_describe"] for r in records)
     assert all(r["kept_tokens"][0] < r["prompt_tokens"] for r in records)

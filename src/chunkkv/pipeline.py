@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import time
 import weakref
-from dataclasses import replace
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import torch
 
