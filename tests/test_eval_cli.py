@@ -58,6 +58,17 @@ def test_niah(model_dir, tmp_path):
     assert all(r["kept_tokens"] == r["context_tokens"] // 2 for r in records)
 
 
+def test_prefill_chunk_says_and_records_the_scoring_run_in_chunks(model_dir, tmp_path, capsys):
+    """Question-agnostic in chunks, "hybrid" runs as "hybrid_chunked": said before the run, kept in
+    metrics.json and summary.md."""
+    out = tmp_path / "chunked"
+    assert _eval(model_dir, out, "--task", "niah", "--lengths", "120", "--depths", "0:100:2",
+                 "--haystack-dir", str(FIXTURES / "haystack"), "--max-new-tokens", "2", "--prefill-chunk", "40") == 0
+    assert "prompts longer than --prefill-chunk 40 run scoring=hybrid_chunked" in capsys.readouterr().out
+    assert _metrics(out)["scoring_in_chunks"] == "hybrid_chunked"
+    assert "ran scoring=hybrid_chunked" in (out / "summary.md").read_text()
+
+
 def test_longbench_all_16_tasks(model_dir, tmp_path):
     out = tmp_path / "lb"
     assert _eval(model_dir, out, "--task", "longbench", "--data-dir", str(FIXTURES / "longbench"),

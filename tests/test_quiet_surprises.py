@@ -83,7 +83,8 @@ def test_prefill_chunk_keeps_the_question_agnostic_default(files, capsys):
     argv = ["generate", "--model", str(model), "--device", "cpu", "--context-file", str(doc), "--question",
             QUESTION_TEXT, "--max-new-tokens", "2", "--keep-fraction", "0.2", "--chat-template", "off"]
     capsys.readouterr()
-    for chunk in ("256", "100000"):  # in chunks, and one chunk holding the whole prompt
+    # in chunks ("hybrid" runs as "hybrid_chunked"), and one chunk holding the whole prompt
+    for chunk, scoring in (("256", "scoring=hybrid_chunked,"), ("100000", "scoring=hybrid,")):
         assert main([*argv, "--prefill-chunk", chunk]) == 0
         out = capsys.readouterr().out
-        assert "scoring=hybrid" in out and "window scoring" not in out
+        assert scoring in out and "window scoring" not in out

@@ -29,6 +29,7 @@ probe: per-layer scores of the whole context) are refused with a clear error.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -40,7 +41,7 @@ from .scorers import SCORERS, Combined, Evidence, ReconstructionScorer, Scorer, 
 from .scoring import first_token_surprisal, masked_attention_scores, max_attention_scores
 from .scoring_pass import ScoredEnough, scoring_tokens
 
-__all__ = ["RunningScores", "chunkable", "in_chunks"]
+__all__ = ["RunningScores", "chunkable", "in_chunks", "run_in_chunks"]
 
 
 def _leaves(scorer: Scorer) -> list[Scorer]:
@@ -60,6 +61,13 @@ def in_chunks(scoring: str | Scorer) -> str | Scorer:
     (its copy part down-weighted, see the module docstring); anything else stays as given (a
     :class:`~chunkkv.scorers.Combined` of your own weights keeps them)."""
     return "hybrid_chunked" if scoring == "hybrid" or scoring is SCORERS["hybrid"] else scoring
+
+
+def run_in_chunks(method):
+    """``method`` as a chunked prefill longer than one chunk runs it (its scoring through
+    :func:`in_chunks`); the same object when nothing changes."""
+    scoring = in_chunks(method.scoring)
+    return method if scoring == method.scoring else replace(method, scoring=scoring)
 
 
 #: Copy queries (and surprisal's tokens) scored at a time: their attention weights (vocabulary

@@ -21,14 +21,13 @@ from __future__ import annotations
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 
 import torch
 
 from . import selection as sel
 from .cache import ChunkKVCache
 from .capture import PrefillCapture, capture_prefill, gather_evidence
-from .chunk_scoring import RunningScores, in_chunks
+from .chunk_scoring import RunningScores, run_in_chunks
 from .context import CompressedContext, CompressionStats, mark_wrapper_layers
 from .errors import ChunkKVError, PromptError
 from .inline import prefill_inline
@@ -204,9 +203,7 @@ def compress(
     if not method.inline and prefill_chunk is not None and prefill_chunk < width:
         # Question-agnostic scores kept chunk by chunk (the full cache is never held); the context's
         # method says which scoring ran ("hybrid" runs as "hybrid_chunked").
-        scoring = in_chunks(method.scoring)
-        if scoring != method.scoring:
-            method = replace(method, scoring=scoring)
+        method = run_in_chunks(method)
         running = RunningScores(model, method.scorer, input_ids, attention_mask,
                                 _instructions(tokenizer, chat_template, scoring_prompt),
                                 ChunkKVCache(model.config, prompt_length=width).pruned_layers,

@@ -121,7 +121,7 @@ def run_methods(
         layers, masks = context_kept_masks(ctx)
         run = MethodRun(
             name=method.name,
-            description="full" if method.name == "full" else method.describe(),
+            description="full" if method.name == "full" else ctx.method.describe(),  # what ran
             masks=masks,
             layers=layers,
             kept_bytes=ctx.cache.nbytes(),

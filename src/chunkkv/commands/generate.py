@@ -143,8 +143,9 @@ def run(args: argparse.Namespace) -> int:
                         "question-agnostic (context compressed once, before the questions)"
                     if method.name == "full":
                         mode = "the full cache, nothing compressed"
-                    print(f"method {method.describe()} · {mode}", file=out)
-                scored = f" + {method.scoring} scoring {ctx.stats.scoring_seconds:.2f} s" if ctx.stats.scoring_seconds else ""
+                    # what ran: in chunks "hybrid" runs as "hybrid_chunked"
+                    print(f"method {ctx.method.describe()} · {mode}", file=out)
+                scored = f" + {ctx.method.scoring} scoring {ctx.stats.scoring_seconds:.2f} s" if ctx.stats.scoring_seconds else ""
                 verb = "prefilled" if method.name == "full" else "compressed"  # the full cache compresses nothing
                 print(f"{verb} {ids.shape[1]} prompt tokens in {ctx.stats.prefill_seconds:.2f} s{scored}: "
                       f"{kept_report['line']}", file=out, flush=True)

@@ -325,6 +325,13 @@ def _say_mode(method, config: EvalConfig) -> None:
     mode = ("query-aware (the question ends the compressed prompt)" if config.query_aware else
             "question-agnostic (the context is compressed before the question)")
     print(f"{method.describe()}: {mode}")
+    if config.prefill_chunk is not None:
+        from ..chunk_scoring import run_in_chunks
+
+        chunked = run_in_chunks(method)
+        if chunked is not method:
+            print(f"prompts longer than --prefill-chunk {config.prefill_chunk} run scoring={chunked.scoring} "
+                  "(the copy part down-weighted in chunks: docs/memory.md)")
 
 
 #: Each task's own headline score first (NIAH: the expected answer found in the output), then ROUGE.

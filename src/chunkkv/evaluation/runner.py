@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from ..capture import PrefillCapture
+from ..chunk_scoring import run_in_chunks
 from ..pipeline import compress, compress_from_capture, prefill
 from ..errors import ChunkKVError
 from ..generation import Sampling, continue_from, extend, set_decode_budget
@@ -510,6 +511,10 @@ def finalize(
         "seconds": round(sum(r.get("seconds", 0.0) for r in records), 1),
     }
     metrics.update(task.aggregate(records) if records else {})
+    if config.prefill_chunk is not None and method is not None:
+        chunked = run_in_chunks(method)
+        if chunked is not method:  # what prompts longer than one chunk ran (docs/memory.md)
+            metrics["scoring_in_chunks"] = chunked.scoring
     write_json_atomic(store.dir / "metrics.json", metrics)
     lines = [
         f"# {config.task}: {metrics['method_label']}",
@@ -521,6 +526,9 @@ def finalize(
         f"- mean prompt tokens {metrics['mean_prompt_tokens']}, mean kept {metrics['mean_kept_tokens']} "
         f"({100 * metrics['mean_kept_fraction']:.1f} % of the compressed part)",
     ]
+    if "scoring_in_chunks" in metrics:
+        lines.append(f"- prompts longer than the prefill chunk ({config.prefill_chunk}) ran scoring="
+                     f"{metrics['scoring_in_chunks']}")
     if metrics["uncompressed"]:
         lines.append(f"- {metrics['uncompressed']} samples were kept whole: their context is not longer than the window")
     lines.append("")
