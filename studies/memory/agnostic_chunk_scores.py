@@ -14,14 +14,13 @@ tokens each mode keeps per chunk, the needle's tokens among them.
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 
 import torch
 
 from chunkkv.agnostic import agnostic_method
 from chunkkv.cache import ChunkKVCache
 from chunkkv.capture import capture_prefill, layer_scores
-from chunkkv.chunk_scoring import RunningScores, in_chunks
+from chunkkv.chunk_scoring import RunningScores, run_in_chunks
 from chunkkv.context import CompressedContext
 from chunkkv.inline import prefill_inline
 from chunkkv.methods import make_method
@@ -67,8 +66,8 @@ def chunked_rows(model, ids: torch.Tensor, method, asked, chunk: int) -> tuple[C
     runs it, with the running scores it ends on: ``(context, copy [T], surprisal [T])``."""
     width = ids.shape[1]
     mask = torch.ones_like(ids)
-    if in_chunks(method.scoring) != method.scoring and width > chunk:  # as compress: "hybrid" runs as "hybrid_chunked"
-        method = replace(method, scoring=in_chunks(method.scoring))
+    if width > chunk:  # as compress: "hybrid" runs as "hybrid_chunked"
+        method = run_in_chunks(method)
     block = min(512, max(64, chunk // 4))  # compress's scoring block for this chunk size
     running = RunningScores(model, method.scorer, ids, mask, asked,
                             ChunkKVCache(model.config, prompt_length=width).pruned_layers, block)
