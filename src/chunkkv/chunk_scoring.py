@@ -60,7 +60,7 @@ def in_chunks(scoring: str | Scorer) -> str | Scorer:
     """The scoring a chunked prefill runs for ``scoring``: ``"hybrid"`` becomes ``"hybrid_chunked"``
     (its copy part down-weighted, see the module docstring); anything else stays as given (a
     :class:`~chunkkv.scorers.Combined` of your own weights keeps them)."""
-    return "hybrid_chunked" if scoring == "hybrid" or scoring is SCORERS["hybrid"] else scoring
+    return "hybrid_chunked" if scoring in ("hybrid", SCORERS["hybrid"]) else scoring
 
 
 def run_in_chunks(method):

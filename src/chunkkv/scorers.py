@@ -376,16 +376,16 @@ class Combined(Scorer):
 
 #: The scorings every API takes by name (``scoring="hybrid"``). ``"window"`` means the method's own
 #: attention scoring: the observation window for SnapKV/PyramidKV/ChunkKV, every query for H2O.
+_SHALLOW = ReconstructionScorer(depth=SHALLOW_DEPTH, sink=SHALLOW_SINK)
 SCORERS: dict[str, Scorer] = {
     "window": WindowScorer(),
     "reconstruction": ReconstructionScorer(),
-    "shallow_reconstruction": ReconstructionScorer(depth=SHALLOW_DEPTH, sink=SHALLOW_SINK),
+    "shallow_reconstruction": _SHALLOW,
     "probe": ProbeScorer(),
     "surprisal": SurprisalScorer(),
-    "hybrid": Combined(((ReconstructionScorer(depth=SHALLOW_DEPTH, sink=SHALLOW_SINK), 1.0), (SurprisalScorer(), 1.0))),
+    "hybrid": Combined(((_SHALLOW, 1.0), (SurprisalScorer(), 1.0))),
     # what "hybrid" runs as in a chunked prefill (chunkkv.chunk_scoring.in_chunks)
-    "hybrid_chunked": Combined(((ReconstructionScorer(depth=SHALLOW_DEPTH, sink=SHALLOW_SINK), CHUNKED_COPY_WEIGHT),
-                                (SurprisalScorer(), 1.0))),
+    "hybrid_chunked": Combined(((_SHALLOW, CHUNKED_COPY_WEIGHT), (SurprisalScorer(), 1.0))),
 }
 SCORINGS = tuple(SCORERS)
 _TYPES = {cls.__name__: cls for cls in (WindowScorer, AccumulatedScorer, SurprisalScorer, ReconstructionScorer,

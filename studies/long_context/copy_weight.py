@@ -32,8 +32,7 @@ import torch
 from chunkkv import selection as sel
 from chunkkv.pretrained import load_pretrained
 from chunkkv.prompting import instructions
-from chunkkv.scorers import (SHALLOW_DEPTH, SHALLOW_SINK, Combined, Evidence, LayerInputs, ReconstructionScorer,
-                             SurprisalScorer)
+from chunkkv.scorers import SCORERS, Combined, Evidence, LayerInputs, ReconstructionScorer, SurprisalScorer
 
 from .. import emit
 from ..memory.agnostic_chunk_scores import chunked_rows
@@ -50,8 +49,7 @@ def record_rows(model, tokenizer, length: int, index: int, path: Path) -> dict:
     method = Spec("chunkkv", keep_fraction=0.1, agnostic=True).build(tokenizer)
     # equal weights, as before "hybrid_chunked": written (2, 2) so the run keeps them (compress turns the
     # registered "hybrid" into "hybrid_chunked"); doubling both weights ranks exactly as (1, 1)
-    copy = ReconstructionScorer(depth=SHALLOW_DEPTH, sink=SHALLOW_SINK)
-    method = replace(method, scoring=Combined(((copy, 2.0), (SurprisalScorer(), 2.0))))
+    method = replace(method, scoring=Combined(((SCORERS["shallow_reconstruction"], 2.0), (SurprisalScorer(), 2.0))))
     ctx, copy, surprisal = chunked_rows(model, ids, method, instructions(tokenizer, chat=False), 2048)
     rows = {"ids": ids[0], "copy": copy, "surprisal": surprisal, "spans": _spans(tokenizer, doc),
             "kept": ctx.kept_positions(ctx.cache.pruned_layers[0])}
@@ -75,7 +73,7 @@ def replay(method, rows: dict) -> set[int]:
 
 
 def weighted(base, w: float):
-    copy = ReconstructionScorer(depth=SHALLOW_DEPTH, sink=SHALLOW_SINK)
+    copy = SCORERS["shallow_reconstruction"]
     return replace(base, scoring=Combined(((copy, w), (SurprisalScorer(), 1.0))) if w > 0 else "surprisal")
 
 
