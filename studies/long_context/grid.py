@@ -302,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--chunked-agnostic", action="store_true",
                         help="only the question-agnostic default compressed by a chunked prefill (C = 2048, issue 24)")
+    parser.add_argument("--specs", default=None,
+                        help="run only these configurations, by record key (e.g. 'full,chunkkv/f0.1/qa')")
     args = parser.parse_args(argv)
     plan = parse_plan(args.plan)
     h2o = None if args.h2o_lengths is None else {int(x) for x in args.h2o_lengths.split(",") if x}
@@ -311,7 +313,15 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_pretrained(args.model, dtype=torch.float32, device="cpu")
     print(f"long_context: loaded {args.model} in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     deadline = time.time() + 60 * args.minutes if args.minutes else None
-    run_grid(model, tokenizer, Path(args.out), plan, CHUNKED_SPECS if args.chunked_agnostic else SPECS, chunk=args.chunk or None, h2o_lengths=h2o,
+    specs = CHUNKED_SPECS if args.chunked_agnostic else SPECS
+    if args.specs is not None:
+        known = {s.key: s for s in SPECS + CHUNKED_SPECS}
+        asked = [k.strip() for k in args.specs.split(",") if k.strip()]
+        unknown = [k for k in asked if k not in known]
+        if unknown:
+            parser.error(f"unknown --specs {', '.join(unknown)}; known: {', '.join(known)}")
+        specs = [known[k] for k in asked]
+    run_grid(model, tokenizer, Path(args.out), plan, specs, chunk=args.chunk or None, h2o_lengths=h2o,
              full_only=full_only, deadline=deadline)
     return 0
 
