@@ -372,6 +372,7 @@ LOOKAHEAD_NAMES = {
     "la/res1.5": "look-ahead, first version, reserve 1.5",
     "lamax/tail": "look-ahead, best score carried, the question's window a chunk of its own",
     "lamax/shared": "look-ahead, best score carried, one kept set for every layer (all layers' scores)",
+    "lamax/ov": "look-ahead, best score carried, C/2 a step, the last step held uncut (the same peak)",
 }
 
 
