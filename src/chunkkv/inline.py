@@ -76,7 +76,6 @@ class _Session:
     carried: dict[int, torch.Tensor] = field(default_factory=dict)
     # Scratch buffers every layer's scoring reuses (the window logits): no fresh memory per layer.
     workspace: Workspace = field(default_factory=Workspace)
-    hold: int = 0  # with overlap: the last step's tokens, held uncut through the next step
 
     def on_attention(self, module, layer: PrunedLayer, query, key, kwargs) -> None:
         idx = module.layer_idx
@@ -172,7 +171,6 @@ def prefill_inline(
     prefill_chunk: int | None = None,
     lookahead: bool = True,
     reserve: float = 1.0,
-    overlap: bool = False,
     measure: bool = False,
     running: RunningScores | None = None,
 ) -> CompressedContext:
@@ -180,10 +178,7 @@ def prefill_inline(
     or ``running`` question-agnostic scores kept chunk by chunk."""
     attach(model)
     width = input_ids.shape[1]
-    hold = 0
-    if overlap and lookahead and running is None and _uses_lookahead(method) and prefill_chunk and prefill_chunk < width:
-        hold = max(1, prefill_chunk // 2)
-    bounds = chunk_bounds(width, hold or prefill_chunk)
+    bounds = chunk_bounds(width, prefill_chunk)
     if len(bounds) > 2 and not isinstance(method, FullKV):
         check_bounded_method(method, "prefill_chunk")
     # Sliding-window layers whose window holds the whole prompt are compressed too (FullKV keeps
@@ -207,9 +202,9 @@ def prefill_inline(
     stats = CompressionStats(prompt_lengths=lengths)
     session = plans = None
     if not isinstance(method, FullKV):
-        plans = plan_prefill(method, lengths, width, pruned, device, bounds, reserve=reserve, hold=hold)
+        plans = plan_prefill(method, lengths, width, pruned, device, bounds, reserve=reserve)
         session = _Session(method=method, cache=cache, measure=measure, stats=stats, input_ids=input_ids,
-                           pads=width - torch.tensor(lengths, device=device), hold=hold)
+                           pads=width - torch.tensor(lengths, device=device))
         final = method.kept_per_layer(lengths, len(pruned))
         touched = {layer for plan in plans for layer in plan.counts}
         stats.kept = {layer: list(final[pos]) for pos, layer in enumerate(pruned) if layer in touched}
@@ -289,7 +284,7 @@ def _look_ahead(model, session: _Session, input_ids, attention_mask, position_id
                 scores = torch.maximum(scores, prev)
             # the window is not held yet: the whole budget goes to what it scores, nothing is kept by force
             session.select(idx, layer, query, layer.keys, scaling, softcap, memo={("window", query.shape[2]): scores},
-                           keep_recent=session.hold)
+                           keep_recent=0)
             # carried on only for rows this pass cut: a row of a batch that keeps everything here
             # would have had no look-ahead run alone (zeros: no score yet)
             cut = (plan.counts[idx] < plan.real[idx])[:, None, None]

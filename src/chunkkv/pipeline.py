@@ -150,7 +150,6 @@ def compress(
     prefill_chunk: int | None = None,
     lookahead: bool = True,
     reserve: float = 1.0,
-    overlap: bool = False,
     tokenizer=None,
     chat_template: bool | None = None,
     scoring_prompt: torch.Tensor | None = None,
@@ -219,4 +218,4 @@ def compress(
         ctx.source = weakref.ref(model)
         return ctx
     return prefill_inline(model, input_ids, attention_mask, method, lengths_host, prefill_chunk=prefill_chunk,
-                          lookahead=lookahead, reserve=reserve, overlap=overlap, measure=measure)
+                          lookahead=lookahead, reserve=reserve, measure=measure)

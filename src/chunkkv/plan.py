@@ -57,7 +57,7 @@ def chunk_bounds(width: int, chunk: int | None) -> list[int]:
 
 def plan_prefill(
     method: Method, lengths: list[int], width: int, layers: list[int], device, bounds: list[int] | None = None,
-    reserve: float = 1.0, hold: int = 0,
+    reserve: float = 1.0,
 ) -> list[LayerPlan]:
     """One :class:`LayerPlan` per chunk of ``bounds`` (default: one chunk, the whole prompt) for rows
     of ``lengths`` real tokens padded to ``width``, over the prunable ``layers`` (depth order).
@@ -65,7 +65,7 @@ def plan_prefill(
     (a token must rank that high to survive an early cut; the last chunk cuts to the final count)."""
     bounds = bounds or [0, width]
     final = method.kept_per_layer(lengths, len(layers))
-    early = [[math.ceil(reserve * f) + hold for f in row] for row in final]
+    early = [[math.ceil(reserve * f) for f in row] for row in final]
     pads = [width - n for n in lengths]
     stored = {layer: 0 for layer in layers}
     held = {layer: [0] * len(lengths) for layer in layers}

@@ -88,8 +88,6 @@ class GridSpec:
     # question-agnostic chunked, "hybrid" run as "hybrid_chunked" (its copy part at 0.3): the library's since
     # this key; keeps these records apart from the ppm ones made at full weight
     hybrid_chunked: bool = False
-    # look-ahead chunked, C/2 tokens a step with the last step held uncut through the next (same peak as C)
-    overlap: bool = False
 
     @property
     def key(self) -> str:
@@ -122,8 +120,6 @@ class GridSpec:
             parts.append("ppm")
         if self.hybrid_chunked:
             parts.append("hc")
-        if self.overlap:
-            parts.append("ov")
         return "/".join(parts)
 
     def build(self, window: int, boundary_ids: frozenset[int] | None, tokenizer=None):
@@ -268,7 +264,7 @@ def run_sample(model, tokenizer, sample: RealSample, specs: list[GridSpec], *, w
             # a question-agnostic row compresses the context alone; the question is fed after it
             prompt = ids[:, :len(context_ids)] if spec.agnostic else ids
             ctx = compress(model, prompt, method=method, prefill_chunk=spec.prefill_chunk, lookahead=spec.lookahead,
-                           reserve=spec.reserve or 1.0, overlap=spec.overlap, tokenizer=tokenizer, chat_template=True)
+                           reserve=spec.reserve or 1.0, tokenizer=tokenizer, chat_template=True)
             prefill_s = time.perf_counter() - t2
         else:
             ctx = compress_from_capture(prefix if spec.agnostic else capture, method, share_scores=not spec.timed)
@@ -436,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"LENGTH:TASKS:SAMPLES:all|headline;... (default {DEFAULT_PLAN})")
     parser.add_argument("--h2o-lengths", default="1024,2048", help="lengths where H2O runs ('' = none)")
     parser.add_argument("--full-only", action="store_true", help="only the full cache (task calibration)")
-    parser.add_argument("--grid", choices=["budgets", "chunked", "chunked-lookahead", "numbers", "reserve", "overlap",
+    parser.add_argument("--grid", choices=["budgets", "chunked", "chunked-lookahead", "numbers", "reserve",
                                            "agnostic-last", "refed", "ppm", "hchunked"], default="budgets",
                         help="budgets: every method and budget (issue 10); chunked: ChunkKV one-shot vs chunked "
                              "prefill C=256/512/1024 at KV 128 and 10 %% (issue 11); issue 24: chunked-lookahead "
@@ -481,11 +477,6 @@ def main(argv: list[str] | None = None) -> int:
         specs = [s for s in chunked_specs(chunks=(), lookahead=(), agnostic_fraction=None)]
         specs += [GridSpec("chunked", "chunkkv", chunk_size=10, reuse_depth=1, prefill_chunk=c, lookahead=True,
                            reserve=r, **b) for r in (None, 1.5) for c in (1024,)
-                  for b in ({"keep_tokens": 128}, {"keep_fraction": 0.1})]
-    elif args.grid == "overlap":  # issue 24: the look-ahead stepping C/2 with the last step held (same peak)
-        specs = [s for s in chunked_specs(chunks=(), lookahead=(), agnostic_fraction=None)]
-        specs += [GridSpec("chunked", "chunkkv", chunk_size=10, reuse_depth=1, prefill_chunk=c, lookahead=True,
-                           overlap=True, **b) for c in lookahead_chunks
                   for b in ({"keep_tokens": 128}, {"keep_fraction": 0.1})]
     elif args.grid == "agnostic-last":  # issue 24 item 5: the default vs its last-layer-only shallow pass
         specs = [GridSpec("chunked", "full")] + [
