@@ -72,6 +72,16 @@ def replay(method, rows: dict) -> set[int]:
     return set(index[0, 0].tolist())
 
 
+def one_shot_facts() -> dict[tuple[int, int, int], bool]:
+    """``(length, document, question) -> fact kept whole`` by the one-shot default at 10 % (the grid's record)."""
+    kept = {}
+    for line in (RESULTS / "records.jsonl").open(encoding="utf-8"):
+        r = json.loads(line)
+        if r["spec"] == "chunkkv/f0.1/qa":
+            kept[(r["length"], r["doc"], r["qid"])] = r["fact_kept_mean"] >= 1.0
+    return kept
+
+
 def weighted(base, w: float):
     copy = SCORERS["shallow_reconstruction"]
     return replace(base, scoring=Combined(((copy, w), (SurprisalScorer(), 1.0))) if w > 0 else "surprisal")
@@ -87,11 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, tokenizer = load_pretrained("gemma3-270m", dtype=torch.float32, device="cpu")
-    one_shot = {}
-    for line in (RESULTS / "records.jsonl").open(encoding="utf-8"):
-        r = json.loads(line)
-        if r["spec"] == "chunkkv/f0.1/qa":
-            one_shot[(r["length"], r["doc"], r["qid"])] = r["fact_kept_mean"] >= 1.0
+    one_shot = one_shot_facts()
     base = Spec("chunkkv", keep_fraction=0.1, agnostic=True).build(tokenizer)
     weights = [float(w) for w in args.weights.split(",")]
     folder = Path(args.rows)

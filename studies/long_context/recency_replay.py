@@ -19,7 +19,6 @@ at 32k the kept tokens per 2,048-token chunk.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -27,8 +26,8 @@ import torch
 from chunkkv.pretrained import load_pretrained
 
 from .. import emit
-from .copy_weight import record_rows, replay, weighted
-from .grid import RESULTS, Spec
+from .copy_weight import one_shot_facts, record_rows, replay, weighted
+from .grid import Spec
 
 RAMPS = (1.0, 0.6, 0.37)
 WEIGHTS = (0.3, 0.5, 1.0)
@@ -49,11 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     model, tokenizer = load_pretrained("gemma3-270m", dtype=torch.float32, device="cpu")
-    one_shot = {}
-    for line in (RESULTS / "records.jsonl").open(encoding="utf-8"):
-        r = json.loads(line)
-        if r["spec"] == "chunkkv/f0.1/qa":
-            one_shot[(r["length"], r["doc"], r["qid"])] = r["fact_kept_mean"] >= 1.0
+    one_shot = one_shot_facts()
     base = Spec("chunkkv", keep_fraction=0.1, agnostic=True).build(tokenizer)
     folder = Path(args.rows)
     folder.mkdir(parents=True, exist_ok=True)
