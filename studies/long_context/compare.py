@@ -1,7 +1,7 @@
 """Two configurations of the long-context grid side by side, paired on the same questions, by length.
 
-Each configuration is ``RECORDS:SPEC`` (a records file and a spec key); the questions both answered
-are compared. For issue 24 item 4, the question-agnostic default one-shot against its chunked
+Each configuration is ``RECORDS:SPEC`` (a records file, or several joined by ``+``, and a spec key);
+the questions both answered are compared. For issue 24 item 4, the question-agnostic default one-shot against its chunked
 prefill (each chunk's copy pass over its chunk's mean):
 
     python -m studies.long_context.compare \\
@@ -21,8 +21,8 @@ from ..real_grid.report import paired_difference
 
 
 def _load(spec: str) -> dict[tuple[int, int, int], float]:
-    path, key = spec.split(":", 1)
-    rows = (json.loads(line) for line in Path(path).open(encoding="utf-8"))
+    paths, key = spec.split(":", 1)
+    rows = (json.loads(line) for path in paths.split("+") for line in Path(path).open(encoding="utf-8"))
     return {(r["length"], r["doc"], r["qid"]): float(r["score"]) for r in rows if r["spec"] == key}
 
 
