@@ -1,8 +1,8 @@
 """Two configurations of the long-context grid side by side, paired on the same questions, by length.
 
 Each configuration is ``RECORDS:SPEC`` (a records file, or several joined by ``+``, and a spec key);
-the questions both answered are compared. For issue 24 item 4, the question-agnostic default one-shot against its chunked
-prefill (each chunk's copy pass over its chunk's mean):
+the questions both answered are compared. For issue 24 item 4, the question-agnostic default
+one-shot against its chunked prefill (each chunk's copy pass over its chunk's mean):
 
     python -m studies.long_context.compare \\
         studies/long_context/results/records.jsonl:chunkkv/f0.1/qa \\

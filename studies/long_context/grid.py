@@ -305,14 +305,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--specs", default=None,
                         help="run only these configurations, by record key (e.g. 'full,chunkkv/f0.1/qa')")
     args = parser.parse_args(argv)
-    plan = parse_plan(args.plan)
-    h2o = None if args.h2o_lengths is None else {int(x) for x in args.h2o_lengths.split(",") if x}
-    full_only = {int(x) for x in args.full_only.split(",") if x}
-    torch.set_num_threads(args.threads)
-    t0 = time.perf_counter()
-    model, tokenizer = load_pretrained(args.model, dtype=torch.float32, device="cpu")
-    print(f"long_context: loaded {args.model} in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-    deadline = time.time() + 60 * args.minutes if args.minutes else None
     specs = CHUNKED_SPECS if args.chunked_agnostic else SPECS
     if args.specs is not None:
         known = {s.key: s for s in SPECS + CHUNKED_SPECS}
@@ -321,6 +313,14 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"unknown --specs {', '.join(unknown)}; known: {', '.join(known)}")
         specs = [known[k] for k in asked]
+    plan = parse_plan(args.plan)
+    h2o = None if args.h2o_lengths is None else {int(x) for x in args.h2o_lengths.split(",") if x}
+    full_only = {int(x) for x in args.full_only.split(",") if x}
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    model, tokenizer = load_pretrained(args.model, dtype=torch.float32, device="cpu")
+    print(f"long_context: loaded {args.model} in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    deadline = time.time() + 60 * args.minutes if args.minutes else None
     run_grid(model, tokenizer, Path(args.out), plan, specs, chunk=args.chunk or None, h2o_lengths=h2o,
              full_only=full_only, deadline=deadline)
     return 0
