@@ -122,3 +122,16 @@ def test_the_chunked_agnostic_row_never_captures_the_full_document(gemma, tmp_pa
     assert sorted(r["qid"] for r in records) == list(range(5))
     assert all(r["spec"] == spec.key and "scoring=hybrid_chunked" in r["method_describe"] for r in records)
     assert all(r["kept_tokens"][0] < r["prompt_tokens"] for r in records)
+
+
+def test_run_refuses_an_unknown_spec_before_loading_the_model(monkeypatch, capsys):
+    """``run --specs`` names configurations by record key; a wrong key is refused with the known
+    ones listed, before minutes go into loading the model."""
+    from studies.long_context import grid
+
+    monkeypatch.setattr(grid, "load_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as exc:
+        grid.main(["--specs", "full,chunkkv/f0.1/nope"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown --specs chunkkv/f0.1/nope" in err and "chunkkv/f0.1/qa/p2048" in err
