@@ -58,6 +58,11 @@ def pruned_like(full: CompressedContext, chosen: CompressedContext) -> Compresse
     ``chosen`` kept: ``chosen``'s selection over ``full``'s keys, values and last logits."""
     cache, held = full.cache, chosen.cache  # forks: neither context changes
     for i in held.pruned_layers:  # a full cache's slots are the prompt positions
+        if not hasattr(cache.layers[i], "prune"):
+            # a full cache keeps the stock sliding layers; one-shot compresses those only when the
+            # window holds the whole prompt, and then there is no whole-prompt layer here to prune
+            raise ValueError(f"layer {i} of the full cache is a stock {type(cache.layers[i]).__name__}, which the "
+                             "chosen run compressed; force only prompts longer than the sliding window")
         cache.layers[i].prune(held.layers[i].kept_index, held.layers[i].valid)
     return CompressedContext(cache, full.input_ids, full.attention_mask, full.next_logits, full.method, full.stats,
                              full.source)
