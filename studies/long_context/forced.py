@@ -28,20 +28,15 @@ from pathlib import Path
 
 import torch
 
-from chunkkv.evaluation.metrics import wilson_interval
 from chunkkv.methods import make_method
 from chunkkv.pipeline import compress, compress_from_capture
 from chunkkv.pretrained import load_pretrained
 from chunkkv.prompting import instructions
 
-from ..memory.forced_selection import pruned_like
-from ..real_grid.report import paired_difference
+from ..memory.forced_selection import CACHES, common_arguments, pruned_like, three_caches
 from .capture import capture_document
 from .grid import CHUNKED_SPECS, WINDOW, Spec, _decode, _kept, _spans
 from .tasks import MAX_NEW, make_document, score
-
-CACHES = ("one_shot", "chunked", "forced")
-
 
 def run_document(model, tokenizer, length: int, index: int, chunk: int) -> list[dict]:
     doc = make_document(tokenizer, length, index, seed=0, question_room=48 if length < 32768 else 256)
@@ -77,27 +72,18 @@ def report(path: Path) -> str:
     lines = []
     for length in sorted({r["length"] for r in rows}):
         group = [r for r in rows if r["length"] == length]
-        n = len(group)
         docs = sorted({r["doc"] for r in group})
-        lines.append(f"L = {length}, documents {', '.join(map(str, docs))}: n = {n} questions")
-        for name in CACHES:
-            hits = sum(r[name]["score"] >= 1.0 for r in group)
-            lo, hi = wilson_interval(hits, n)
-            lines.append(f"  {name:8s} {hits}/{n} = {100 * hits / n:.1f} % ({100 * lo:.0f}-{100 * hi:.0f})")
-        for ref, other in (("one_shot", "forced"), ("chunked", "forced"), ("one_shot", "chunked")):
-            pairs = [(float(r[ref]["score"] >= 1.0), float(r[other]["score"] >= 1.0)) for r in group]
-            lines.append(f"  {other} against {ref}: {paired_difference(pairs)}")
+        lines.append(f"L = {length}, documents {', '.join(map(str, docs))}: n = {len(group)} questions")
+        lines += three_caches(group, lambda name, g=group: "fact whole on "
+                              f"{sum(r[name]['fact_whole_layers'] or 0 for r in g) / len(g):.2f} compressed layers")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--docs", default="32768:0,1", help="LENGTH:INDEX,INDEX;... the documents to run")
-    parser.add_argument("--chunk", type=int, default=2048)
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--model", default="gemma3-270m")
-    parser.add_argument("--out", default="studies/long_context/results/forced.jsonl")
-    parser.add_argument("--report", help="print the table of this records file and exit")
+    common_arguments(parser, 2048, "studies/long_context/results/forced.jsonl")
     args = parser.parse_args(argv)
     if args.report:
         print(report(Path(args.report)))

@@ -89,7 +89,7 @@ def run_sample(model, tokenizer, task: str, length: int, index: int, budget: dic
     sampling = Sampling(max_new_tokens=MAX_NEW.get(task, 24), eos_token_id=eos, pad_token_id=eos)
     record = {"task": task, "length": length, "index": index, "budget": budget, "chunk": chunk,
               "prompt_tokens": width}
-    for name, ctx in (("one_shot", one_shot), ("chunked", chunked), ("forced", forced)):
+    for name, ctx in zip(CACHES, (one_shot, chunked, forced)):
         toks = continue_from(model, ctx, None, sampling)[0].tolist()
         if eos in toks:
             toks = toks[: toks.index(eos)]
@@ -98,6 +98,25 @@ def run_sample(model, tokenizer, task: str, length: int, index: int, budget: dic
                         "needle_layers": _needle_layers(ctx, needle)}
     record["seconds"] = round(time.perf_counter() - t0, 1)
     return record
+
+
+CACHES = ("one_shot", "chunked", "forced")
+
+
+def three_caches(group: list[dict], note=None) -> list[str]:
+    """Table lines for the records ``group``: each cache's answers (Wilson 95 %), then forced against
+    one-shot and chunked, and chunked against one-shot (paired). ``note(name)``: text after a row."""
+    n = len(group)
+    lines = []
+    for name in CACHES:
+        hits = sum(r[name]["score"] >= 1.0 for r in group)
+        lo, hi = wilson_interval(hits, n)
+        lines.append(f"  {name:8s} {hits}/{n} = {100 * hits / n:.1f} % ({100 * lo:.0f}-{100 * hi:.0f})"
+                     + (f"; {note(name)}" if note else ""))
+    for ref, other in (("one_shot", "forced"), ("chunked", "forced"), ("one_shot", "chunked")):
+        pairs = [(float(r[ref]["score"] >= 1.0), float(r[other]["score"] >= 1.0)) for r in group]
+        lines.append(f"  {other} against {ref}: {paired_difference(pairs)}")
+    return lines
 
 
 def report(path: Path) -> str:
@@ -110,18 +129,18 @@ def report(path: Path) -> str:
     keys = sorted({cell(r, True) for r in rows} | {cell(r, False) for r in rows})
     for key in keys:
         group = [r for r in rows if key in (cell(r, True), cell(r, False))]
-        n = len(group)
-        lines.append(f"{key}: n = {n}")
-        for name in ("one_shot", "chunked", "forced"):
-            hits = [float(r[name]["score"] >= 1.0) for r in group]
-            lo, hi = wilson_interval(sum(hits), n)
-            layers = sum(r[name]["needle_layers"] for r in group) / n
-            lines.append(f"  {name:8s} {sum(hits):.0f}/{n} = {100 * sum(hits) / n:.1f} % ({100 * lo:.0f}-{100 * hi:.0f}); "
-                         f"needle whole on {layers:.2f} of the layers")
-        for ref, other in (("one_shot", "forced"), ("chunked", "forced"), ("one_shot", "chunked")):
-            pairs = [(float(r[ref]["score"] >= 1.0), float(r[other]["score"] >= 1.0)) for r in group]
-            lines.append(f"  {other} against {ref}: {paired_difference(pairs)}")
+        lines.append(f"{key}: n = {len(group)}")
+        lines += three_caches(group, lambda name, g=group: "needle whole on "
+                              f"{sum(r[name]['needle_layers'] for r in g) / len(g):.2f} of the layers")
     return "\n".join(lines)
+
+
+def common_arguments(parser: argparse.ArgumentParser, chunk: int, out: str) -> None:
+    """The flags every forced-cache study shares: the chunk, threads, records file and ``--report``."""
+    parser.add_argument("--chunk", type=int, default=chunk)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=out)
+    parser.add_argument("--report", help="print the table of this records file and exit")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,10 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     budgets = parser.add_mutually_exclusive_group()
     budgets.add_argument("--keep-tokens", type=int, help="the budget in tokens a layer (default 128)")
     budgets.add_argument("--keep-fraction", type=float, help="the budget as the share of the prompt kept")
-    parser.add_argument("--chunk", type=int, default=1024)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default="studies/memory/results/forced_selection.jsonl")
-    parser.add_argument("--report", help="print the table of this records file and exit")
+    common_arguments(parser, 1024, "studies/memory/results/forced_selection.jsonl")
     args = parser.parse_args(argv)
     if args.report:
         print(report(Path(args.report)))
