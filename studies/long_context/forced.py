@@ -11,7 +11,8 @@ questions are asked of that cache (as in :mod:`.grid`). Three caches answer ever
 
 If *forced* answers as one-shot does, the chunked run chose well and lost in its states; if it answers
 as *chunked* does, the loss is in what it kept. The SmolLM2 counterpart is
-:mod:`studies.memory.forced_selection`.
+:mod:`studies.memory.forced_selection`; :mod:`.chunked_scores` runs the same three caches on one
+document with its score profiles, and :mod:`.kept_diff` then asks which of the kept tokens matter.
 
     python -m studies.long_context.forced --docs 32768:0,1,3,5,7 --out studies/long_context/results/forced.jsonl
     python -m studies.long_context.forced --report studies/long_context/results/forced.jsonl
@@ -37,6 +38,7 @@ from ..memory.forced_selection import CACHES, common_arguments, pruned_like, thr
 from .capture import capture_document
 from .grid import CHUNKED_SPECS, WINDOW, Spec, _decode, _kept, _spans
 from .tasks import MAX_NEW, make_document, score
+
 
 def run_document(model, tokenizer, length: int, index: int, chunk: int) -> list[dict]:
     doc = make_document(tokenizer, length, index, seed=0, question_room=48 if length < 32768 else 256)

@@ -44,6 +44,7 @@ from ..real_grid.report import paired_difference
 from ..real_grid.tasks import context_split, make_samples, render, score_prediction
 
 WINDOW = 32
+CACHES = ("one_shot", "chunked", "forced")
 
 
 def _needle_layers(ctx, needle: list[int]) -> float:
@@ -98,9 +99,6 @@ def run_sample(model, tokenizer, task: str, length: int, index: int, budget: dic
                         "needle_layers": _needle_layers(ctx, needle)}
     record["seconds"] = round(time.perf_counter() - t0, 1)
     return record
-
-
-CACHES = ("one_shot", "chunked", "forced")
 
 
 def three_caches(group: list[dict], note=None) -> list[str]:
