@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from chunkkv.context import CompressedContext
 from chunkkv.methods import make_method
 from chunkkv.pipeline import compress, compress_from_capture
 from chunkkv.pretrained import load_pretrained
@@ -40,20 +41,26 @@ from .grid import CHUNKED_SPECS, WINDOW, Spec, _decode, _kept, _spans
 from .tasks import MAX_NEW, make_document, score
 
 
-def run_document(model, tokenizer, length: int, index: int, chunk: int) -> list[dict]:
-    doc = make_document(tokenizer, length, index, seed=0, question_room=48 if length < 32768 else 256)
-    spans = _spans(tokenizer, doc)
-    one_spec = Spec("chunkkv", keep_fraction=0.1, agnostic=True)
+def contexts(model, tokenizer, doc, chunk: int) -> tuple[CompressedContext, CompressedContext, CompressedContext]:
+    """``(one_shot, chunked, full)`` for ``doc``: the default at 10 % on the whole prefill and in a
+    chunked prefill of ``chunk`` tokens, and the whole prefill uncompressed (to be forced)."""
     chunk_spec = CHUNKED_SPECS[0] if chunk == CHUNKED_SPECS[0].prefill_chunk else Spec(
         "chunkkv", keep_fraction=0.1, agnostic=True, prefill_chunk=chunk)
-    t0 = time.perf_counter()
     chunked = compress(model, torch.tensor([doc.context_ids]), method=chunk_spec.build(tokenizer),
                        prefill_chunk=chunk, tokenizer=tokenizer, chat_template=False)
     capture = capture_document(model, doc.context_ids, chunk=1024, window=2 * WINDOW, surprisal=True,
                                instructions=instructions(tokenizer, chat=False))
-    caches = {"one_shot": compress_from_capture(capture, one_spec.build(tokenizer)), "chunked": chunked,
-              "forced": pruned_like(compress_from_capture(capture, make_method("full")), chunked)}
-    del capture
+    one_shot = compress_from_capture(capture, Spec("chunkkv", keep_fraction=0.1, agnostic=True).build(tokenizer))
+    return one_shot, chunked, compress_from_capture(capture, make_method("full"))
+
+
+def run_document(model, tokenizer, length: int, index: int, chunk: int) -> list[dict]:
+    doc = make_document(tokenizer, length, index, seed=0, question_room=48 if length < 32768 else 256)
+    spans = _spans(tokenizer, doc)
+    t0 = time.perf_counter()
+    one_shot, chunked, full = contexts(model, tokenizer, doc, chunk)
+    caches = {"one_shot": one_shot, "chunked": chunked, "forced": pruned_like(full, chunked)}
+    del full
     records = []
     for q in doc.questions:
         preds = {name: _decode(model, tokenizer, [ctx], q.question_ids, MAX_NEW[q.task])[0]

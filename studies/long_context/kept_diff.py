@@ -17,25 +17,13 @@ import time
 
 import torch
 
-from chunkkv.context import CompressedContext
-from chunkkv.methods import make_method
-from chunkkv.pipeline import compress, compress_from_capture
 from chunkkv.pretrained import load_pretrained
-from chunkkv.prompting import instructions
 
 from .. import emit
-from .capture import capture_document
-from .grid import CHUNKED_SPECS, WINDOW, Spec, _decode, _spans
+from ..memory.forced_selection import pruned_to
+from .forced import contexts
+from .grid import CHUNKED_SPECS, _decode, _spans
 from .tasks import MAX_NEW, make_document, score
-
-
-def forced(full: CompressedContext, kept: dict[int, torch.Tensor]) -> CompressedContext:
-    """``full``'s keys and values pruned on each layer of ``kept`` to those sorted prompt positions."""
-    cache = full.cache  # a fork: ``full`` is unchanged
-    for i, positions in kept.items():
-        cache.layers[i].prune(positions.sort().values.view(1, 1, -1), None)
-    return CompressedContext(cache, full.input_ids, full.attention_mask, full.next_logits, full.method, full.stats,
-                             full.source)
 
 
 def _mix(base: dict[int, torch.Tensor], other: dict[int, torch.Tensor], lo: int, hi: int) -> dict[int, torch.Tensor]:
@@ -60,14 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = make_document(tokenizer, length, index, seed=0, question_room=48 if length < 32768 else 256)
     spans = _spans(tokenizer, doc)
     t0 = time.perf_counter()
-    spec = CHUNKED_SPECS[0]
-    chunked = compress(model, torch.tensor([doc.context_ids]), method=spec.build(tokenizer),
-                       prefill_chunk=spec.prefill_chunk, tokenizer=tokenizer, chat_template=False)
-    capture = capture_document(model, doc.context_ids, chunk=1024, window=2 * WINDOW, surprisal=True,
-                               instructions=instructions(tokenizer, chat=False))
-    one_shot = compress_from_capture(capture, Spec("chunkkv", keep_fraction=0.1, agnostic=True).build(tokenizer))
-    full = compress_from_capture(capture, make_method("full"))
-    del capture
+    one_shot, chunked, full = contexts(model, tokenizer, doc, CHUNKED_SPECS[0].prefill_chunk)
     layers = chunked.cache.pruned_layers
     kept_one = {i: one_shot.kept_positions(i) for i in layers}
     kept_chunked = {i: chunked.kept_positions(i) for i in layers}
@@ -75,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     edges = [round(total * k / args.regions) for k in range(args.regions + 1)]
     facts = {q.qid: (min(spans[q.qid]["fact"]) if q.qid in spans else None) for q in doc.questions}
     lines = [f"Gemma 3 270M, document {length}:{index} ({total} tokens), the default at 10 %; chunked C = "
-             f"{spec.prefill_chunk}; compressed layers {layers}; facts asked start at "
+             f"{CHUNKED_SPECS[0].prefill_chunk}; compressed layers {layers}; facts asked start at "
              + ", ".join(f"q{k} {v}" for k, v in facts.items()), "",
              "kept per region (one-shot / chunked / both), per compressed layer:"]
     for i in layers:
@@ -93,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     variants[f"one-shot, last {total - edges[-3]} from chunked"] = _mix(kept_one, kept_chunked, edges[-3], total)
     lines += ["", "answers on the whole prefill's keys and values pruned to each choice (1 = right):"]
     for name, kept in variants.items():
-        ctx = forced(full, kept)
+        ctx = pruned_to(full, {i: (v.sort().values.view(1, 1, -1), None) for i, v in kept.items()})
         size = sum(len(v) for v in kept.values()) / len(kept)
         got = []
         for q in doc.questions:

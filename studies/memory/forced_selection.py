@@ -54,19 +54,27 @@ def _needle_layers(ctx, needle: list[int]) -> float:
     return round(sum(whole) / len(layers), 3)
 
 
-def pruned_like(full: CompressedContext, chosen: CompressedContext) -> CompressedContext:
-    """``full`` (a whole-prompt cache) pruned on every compressed layer to exactly the positions
-    ``chosen`` kept: ``chosen``'s selection over ``full``'s keys, values and last logits."""
-    cache, held = full.cache, chosen.cache  # forks: neither context changes
-    for i in held.pruned_layers:  # a full cache's slots are the prompt positions
+def pruned_to(full: CompressedContext, kept: dict[int, tuple[torch.Tensor, torch.Tensor | None]]) -> CompressedContext:
+    """``full`` (a whole-prompt cache) with each layer ``i`` of ``kept`` pruned to ``kept[i]`` =
+    ``(index [B, 1 or Hkv, S], valid [B, S] or None)``: since a full cache's slots are the prompt
+    positions, ``index`` is prompt positions. ``full`` itself is unchanged."""
+    cache = full.cache  # a fork
+    for i, (index, valid) in kept.items():
         if not hasattr(cache.layers[i], "prune"):
             # a full cache keeps the stock sliding layers; one-shot compresses those only when the
             # window holds the whole prompt, and then there is no whole-prompt layer here to prune
             raise ValueError(f"layer {i} of the full cache is a stock {type(cache.layers[i]).__name__}, which the "
                              "chosen run compressed; force only prompts longer than the sliding window")
-        cache.layers[i].prune(held.layers[i].kept_index, held.layers[i].valid)
+        cache.layers[i].prune(index, valid)
     return CompressedContext(cache, full.input_ids, full.attention_mask, full.next_logits, full.method, full.stats,
                              full.source)
+
+
+def pruned_like(full: CompressedContext, chosen: CompressedContext) -> CompressedContext:
+    """``full`` pruned on every compressed layer to exactly the positions ``chosen`` kept:
+    ``chosen``'s selection over ``full``'s keys, values and last logits."""
+    held = chosen.cache  # a fork: ``chosen`` is unchanged
+    return pruned_to(full, {i: (held.layers[i].kept_index, held.layers[i].valid) for i in held.pruned_layers})
 
 
 def run_sample(model, tokenizer, task: str, length: int, index: int, budget: dict, chunk: int) -> dict:
